@@ -1,0 +1,125 @@
+"""Pure-PyTorch kernels for every quant op: the reference the other backends are tested against.
+
+Registered for the CompositeExplicitAutograd key, so they serve any device that has no faster
+kernel. Every step mirrors the format definition in `quant/ops.py` in float32, in the same order
+of operations as bitsandbytes, so that the packed bytes and absmax match it bit for bit.
+"""
+
+from __future__ import annotations
+
+from math import prod
+from typing import Optional, Sequence
+
+import torch
+
+from ..codebooks import get_4bit_bounds, get_4bit_code
+from ..ops import NAMESPACE
+
+
+def _scaled_blocks(
+    A: torch.Tensor, blocksize: int, clamp_tail_absmax: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flatten A to float32, return (values scaled into [-1, 1], absmax per block)."""
+    flat = A.reshape(-1).float()
+    n = flat.numel()
+    rem = n % blocksize
+    full = n - rem
+    full_blocks = flat[:full].reshape(-1, blocksize)
+    absmax = full_blocks.abs().amax(dim=1) if full else flat.new_empty(0)
+    # Full blocks multiply by the reciprocal; bitsandbytes does the same (x * (1 / absmax)).
+    scaled = torch.clamp(full_blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1).reshape(-1)
+    if rem:
+        # The trailing partial block divides, and stores its absmax clamped to 1e-38.
+        tail_absmax = flat[full:].abs().amax()
+        tail_divisor = tail_absmax.clamp(min=1e-38)
+        absmax = torch.cat([absmax, (tail_divisor if clamp_tail_absmax else tail_absmax).reshape(1)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_divisor, -1, 1)])
+    return scaled, absmax
+
+
+def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str, quant_storage: torch.dtype):
+    midpoints, order = get_4bit_bounds(quant_type, A.device)
+    scaled, absmax = _scaled_blocks(A, blocksize)
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))  # 0.0 pads to the zero code
+    # Nearest code: count of midpoints strictly below the value (a tie goes to the lower code;
+    # NaN sorts past every midpoint, to the largest code, as in bitsandbytes).
+    q = order[torch.bucketize(scaled, midpoints)]
+    packed = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
+    if quant_storage != torch.uint8:
+        packed = packed.reshape(-1).view(quant_storage).unsqueeze(1)
+    return packed, absmax
+
+
+def unpack_4bit(A: torch.Tensor, n: int) -> torch.Tensor:
+    """Packed bytes (any storage dtype) -> int64 codes [n], high nibble first."""
+    b = A.reshape(-1).view(torch.uint8)
+    codes = torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)
+    return codes[:n].long()
+
+
+def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """values (float32 [n]) * absmax[i // blocksize], in float32."""
+    n = values.numel()
+    rem = n % blocksize
+    full = n - rem
+    out = (values[:full].reshape(-1, blocksize) * absmax[: full // blocksize].unsqueeze(1)).reshape(-1)
+    if rem:
+        out = torch.cat([out, values[full:] * absmax[full // blocksize]])
+    return out
+
+
+def dequantize_4bit(
+    A: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    n = prod(shape)
+    code = get_4bit_code(quant_type, A.device)
+    values = code[unpack_4bit(A, n)]
+    return _scale_blocks(values, absmax, blocksize).to(dtype).reshape(shape)
+
+
+def gemm_4bit(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    shapeB: Sequence[int],
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    W = dequantize_4bit(B, absmax, blocksize, quant_type, shapeB, A.dtype)
+    return torch.nn.functional.linear(A, W, None if bias is None else bias.to(A.dtype))
+
+
+def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
+    """8-bit: exact nearest entry of the sorted `code` table (ties to the lower entry).
+
+    bitsandbytes' CPU library stores the absmax of every block unclamped here (an all-zero
+    block keeps absmax 0), so the tail block is not clamped either.
+    """
+    scaled, absmax = _scaled_blocks(A, blocksize, clamp_tail_absmax=False)
+    midpoints = (code[:-1] + code[1:]) / 2
+    q = torch.bucketize(scaled, midpoints).to(torch.uint8)
+    return q.reshape(A.shape), absmax
+
+
+def dequantize_blockwise(
+    A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype
+) -> torch.Tensor:
+    values = code[A.reshape(-1).long()]
+    return _scale_blocks(values, absmax, blocksize).to(dtype).reshape(A.shape)
+
+
+for _name, _fn in {
+    "quantize_4bit": quantize_4bit,
+    "dequantize_4bit": dequantize_4bit,
+    "gemm_4bit": gemm_4bit,
+    "quantize_blockwise": quantize_blockwise,
+    "dequantize_blockwise": dequantize_blockwise,
+}.items():
+    torch.library.register_kernel(f"{NAMESPACE}::{_name}", "CompositeExplicitAutograd")(_fn)

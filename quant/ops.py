@@ -1,0 +1,105 @@
+"""The op contract: torch.library schemas and fake (meta) implementations for every quant op.
+
+Backends (`quant/backends/*`) only register kernels for these ops; PyTorch picks the kernel from
+the tensors' device, and torch.compile traces through the fake implementations. Arguments are
+validated in `quant.functional` before an op is called; the `torch._check`s here restate the
+shape contract so that compiled graphs and opcheck see the same rules.
+
+Layout facts shared by all ops (the bitsandbytes format):
+- 4-bit values are packed two per byte, element 2i in the high nibble, 2i+1 in the low nibble;
+  `packed` has shape [(n + 1) // 2 // itemsize, 1] and any dtype (quant_storage), read as bytes.
+- Blocks of `blocksize` consecutive elements run across row boundaries (flat indexing).
+- `absmax` is float32 [ceil(n / blocksize)].
+"""
+
+from __future__ import annotations
+
+from math import prod
+from typing import Optional, Sequence
+
+import torch
+
+NAMESPACE = "quant"
+
+_lib = torch.library.Library(NAMESPACE, "DEF")  # noqa: TOR901 - the one owner of these schemas
+
+_lib.define(
+    "quantize_4bit(Tensor A, int blocksize, str quant_type, ScalarType quant_storage) -> (Tensor, Tensor)"
+)
+_lib.define(
+    "dequantize_4bit(Tensor A, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, "
+    "ScalarType dtype) -> Tensor"
+)
+_lib.define(
+    "gemm_4bit(Tensor A, Tensor B, SymInt[] shapeB, Tensor absmax, int blocksize, str quant_type, "
+    "Tensor? bias=None) -> Tensor"
+)
+_lib.define("quantize_blockwise(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)")
+_lib.define(
+    "dequantize_blockwise(Tensor A, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor"
+)
+
+
+def _num_blocks(n: int, blocksize: int) -> int:
+    return -(-n // blocksize)
+
+
+def packed_rows(n: int, quant_storage: torch.dtype) -> int:
+    """Rows of the [rows, 1] packed tensor holding n 4-bit values in `quant_storage`."""
+    itemsize = torch.empty((), dtype=quant_storage).element_size()
+    return (n + 1) // (2 * itemsize)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::quantize_4bit")
+def _(A: torch.Tensor, blocksize: int, quant_type: str, quant_storage: torch.dtype):
+    torch._check(blocksize > 0, lambda: f"blocksize must be positive, got {blocksize}")
+    n = A.numel()
+    packed = torch.empty((packed_rows(n, quant_storage), 1), device=A.device, dtype=quant_storage)
+    absmax = torch.empty((_num_blocks(n, blocksize),), device=A.device, dtype=torch.float32)
+    return packed, absmax
+
+
+@torch.library.register_fake(f"{NAMESPACE}::dequantize_4bit")
+def _(
+    A: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+):
+    torch._check(absmax.dtype == torch.float32, lambda: f"absmax must be float32, got {absmax.dtype}")
+    torch._check(A.numel() * A.element_size() * 2 >= prod(shape), lambda: "packed data too small for shape")
+    return torch.empty(shape, device=A.device, dtype=dtype)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::gemm_4bit")
+def _(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    shapeB: Sequence[int],
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    bias: Optional[torch.Tensor] = None,
+):
+    torch._check(len(shapeB) == 2, lambda: f"shapeB must be (out_features, in_features), got {shapeB}")
+    torch._check(
+        A.shape[-1] == shapeB[1], lambda: f"A has {A.shape[-1]} input features, the weight {shapeB[1]}"
+    )
+    torch._check(absmax.dtype == torch.float32, lambda: f"absmax must be float32, got {absmax.dtype}")
+    return torch.empty((*A.shape[:-1], shapeB[0]), device=A.device, dtype=A.dtype)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::quantize_blockwise")
+def _(A: torch.Tensor, code: torch.Tensor, blocksize: int):
+    torch._check(blocksize > 0, lambda: f"blocksize must be positive, got {blocksize}")
+    out = torch.empty_like(A, dtype=torch.uint8)
+    absmax = torch.empty((_num_blocks(A.numel(), blocksize),), device=A.device, dtype=torch.float32)
+    return out, absmax
+
+
+@torch.library.register_fake(f"{NAMESPACE}::dequantize_blockwise")
+def _(A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype):
+    torch._check(A.dtype == torch.uint8, lambda: f"A must be uint8, got {A.dtype}")
+    return torch.empty_like(A, dtype=dtype)
