@@ -1,0 +1,33 @@
+"""quant: bitsandbytes-compatible block-wise 4-bit quantization (NF4 / FP4).
+
+Same bytes, same checkpoints as bitsandbytes 0.50; ops dispatched through torch.library to a
+pure-PyTorch reference and native backends.
+
+    import quant
+    packed, state = quant.quantize_4bit(weight, quant_type="nf4")
+    y = quant.matmul_4bit(x, packed, state)
+    report = quant.quantize_model(model, quant.QuantConfig(bnb_4bit_use_double_quant=True))
+"""
+
+from .codebooks import get_4bit_code, get_dynamic_map
+from .config import QuantConfig
+from .convert import ConversionReport, quantize_model
+from .functional import dequantize_4bit, dequantize_absmax, matmul_4bit, quantize_4bit
+from .nn import Linear4bit, Params4bit
+from .state import NestedState, QuantState
+
+__all__ = [
+    "ConversionReport",
+    "Linear4bit",
+    "NestedState",
+    "Params4bit",
+    "QuantConfig",
+    "QuantState",
+    "dequantize_4bit",
+    "dequantize_absmax",
+    "get_4bit_code",
+    "get_dynamic_map",
+    "matmul_4bit",
+    "quantize_4bit",
+    "quantize_model",
+]

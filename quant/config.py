@@ -1,0 +1,164 @@
+"""QuantConfig: transformers' BitsAndBytesConfig fields and meanings, validated once.
+
+A user's existing BitsAndBytesConfig (or the `quantization_config` dict in a prequantized
+model's config.json) carries over unchanged:
+
+    QuantConfig.from_dict(model.config.quantization_config)   # or QuantConfig(**kwargs)
+    QuantConfig(...).to_dict()  -> the config.json "quantization_config" transformers writes
+
+Two deliberate differences in defaults, both about what is unset:
+- `bnb_4bit_quant_type` defaults to "nf4" when constructing QuantConfig directly (what QLoRA
+  users and the Hub's bnb-4bit models use); a config.json dict that omits it means "fp4", as it
+  does for transformers, so a loaded config means what it meant there.
+- `bnb_4bit_compute_dtype=None` means "the dtype of the weights being quantized", not float32:
+  a silent fp32 compute dtype is bitsandbytes' best-known cause of slow inference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import torch
+
+from .codebooks import QUANT_TYPES
+
+_FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_STORAGE_DTYPES = {
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+}
+_TRANSFORMERS_DEFAULT_QUANT_TYPE = "fp4"
+
+
+def _parse_dtype(name: str, value: Any, allowed: Mapping[str, torch.dtype]) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        if value in allowed.values():
+            return value
+    elif isinstance(value, str):
+        key = value.removeprefix("torch.")
+        if key in allowed:
+            return allowed[key]
+    raise ValueError(f"{name} must be one of {sorted(allowed)}, got {value!r}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize a model's Linear layers (field names from BitsAndBytesConfig).
+
+    Attributes:
+        load_in_4bit: quantize Linear weights to 4 bits (the only mode this release implements;
+            load_in_8bit is accepted in dicts but rejected until LLM.int8 lands).
+        bnb_4bit_quant_type: "nf4" or "fp4".
+        bnb_4bit_use_double_quant: double quantization of the absmax statistics (~0.37 bit/param less).
+        bnb_4bit_compute_dtype: dtype the matmul runs in; None = the original weight dtype.
+        bnb_4bit_quant_storage: dtype the packed bytes are stored as (FSDP wants the model's dtype).
+        llm_int8_skip_modules: module names (or name suffixes) kept unquantized. None = transformers'
+            default: the output head (lm_head) and any tied-embedding Linear stay in full precision.
+        blocksize: elements per absmax block, 64 by default (bitsandbytes 0.50 on every backend).
+    """
+
+    load_in_4bit: bool = True
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_use_double_quant: bool = False
+    bnb_4bit_compute_dtype: Optional[torch.dtype] = None
+    bnb_4bit_quant_storage: torch.dtype = torch.uint8
+    llm_int8_skip_modules: Optional[tuple[str, ...]] = None
+    llm_int8_threshold: float = 6.0
+    llm_int8_has_fp16_weight: bool = False
+    llm_int8_enable_fp32_cpu_offload: bool = False
+    blocksize: int = 64
+
+    def __post_init__(self) -> None:
+        for flag in (
+            "load_in_4bit",
+            "load_in_8bit",
+            "bnb_4bit_use_double_quant",
+            "llm_int8_has_fp16_weight",
+            "llm_int8_enable_fp32_cpu_offload",
+        ):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
+        if self.load_in_8bit:
+            raise ValueError("load_in_8bit (LLM.int8) is not supported yet; use load_in_4bit=True")
+        if not self.load_in_4bit:
+            raise ValueError("load_in_4bit must be True (this config describes 4-bit quantization)")
+        if self.bnb_4bit_quant_type not in QUANT_TYPES:
+            raise ValueError(f"bnb_4bit_quant_type must be one of {QUANT_TYPES}, got {self.bnb_4bit_quant_type!r}")
+        if self.bnb_4bit_compute_dtype is not None:
+            object.__setattr__(
+                self,
+                "bnb_4bit_compute_dtype",
+                _parse_dtype("bnb_4bit_compute_dtype", self.bnb_4bit_compute_dtype, _FLOAT_DTYPES),
+            )
+        object.__setattr__(
+            self,
+            "bnb_4bit_quant_storage",
+            _parse_dtype("bnb_4bit_quant_storage", self.bnb_4bit_quant_storage, _STORAGE_DTYPES),
+        )
+        skip = self.llm_int8_skip_modules
+        if skip is not None:
+            if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
+                raise TypeError(f"llm_int8_skip_modules must be a list of module names, got {skip!r}")
+            object.__setattr__(self, "llm_int8_skip_modules", tuple(skip))
+        if isinstance(self.blocksize, bool) or self.blocksize not in tuple(2**i for i in range(5, 13)):
+            raise ValueError(f"blocksize must be a power of two from 32 to 4096, got {self.blocksize!r}")
+        if not isinstance(self.llm_int8_threshold, (int, float)) or isinstance(self.llm_int8_threshold, bool):
+            raise TypeError(f"llm_int8_threshold must be a number, got {self.llm_int8_threshold!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `quantization_config` dict transformers writes into config.json."""
+        return {
+            "quant_method": "bitsandbytes",
+            "_load_in_8bit": self.load_in_8bit,
+            "_load_in_4bit": self.load_in_4bit,
+            "llm_int8_threshold": self.llm_int8_threshold,
+            "llm_int8_skip_modules": None if self.llm_int8_skip_modules is None else list(self.llm_int8_skip_modules),
+            "llm_int8_enable_fp32_cpu_offload": self.llm_int8_enable_fp32_cpu_offload,
+            "llm_int8_has_fp16_weight": self.llm_int8_has_fp16_weight,
+            "bnb_4bit_quant_type": self.bnb_4bit_quant_type,
+            "bnb_4bit_use_double_quant": self.bnb_4bit_use_double_quant,
+            # None stays None (null): "the weights' own dtype"; transformers reads null as float32,
+            # so checkpoint writers resolve it to the real dtype before saving.
+            "bnb_4bit_compute_dtype": None
+            if self.bnb_4bit_compute_dtype is None
+            else _dtype_name(self.bnb_4bit_compute_dtype),
+            "bnb_4bit_quant_storage": _dtype_name(self.bnb_4bit_quant_storage),
+            "load_in_4bit": self.load_in_4bit,
+            "load_in_8bit": self.load_in_8bit,
+        }
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> "QuantConfig":
+        """Read a config.json `quantization_config` (or BitsAndBytesConfig.to_dict()) dict.
+
+        Unknown keys raise ValueError, so a typo does not silently change the quantization.
+        """
+        if not isinstance(config, Mapping):
+            raise TypeError(f"quantization_config must be a dict, got {type(config).__name__}")
+        method = config.get("quant_method", "bitsandbytes")
+        if method != "bitsandbytes":
+            raise ValueError(f"quant_method must be 'bitsandbytes', got {method!r}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {"bnb_4bit_quant_type": _TRANSFORMERS_DEFAULT_QUANT_TYPE}
+        for key, value in config.items():
+            name = key.lstrip("_")
+            if key == "quant_method":
+                continue
+            if name not in fields:
+                raise ValueError(f"unknown quantization_config key {key!r}")
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    @classmethod
+    def from_bnb_config(cls, bnb_config: Any) -> "QuantConfig":
+        """Accept a transformers BitsAndBytesConfig object."""
+        return cls.from_dict(bnb_config.to_dict())

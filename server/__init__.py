@@ -1,0 +1,1 @@
+"""quantserve's server: an OpenAI-compatible HTTP API over a continuous-batching engine."""
