@@ -1,0 +1,106 @@
+"""CPU benchmark: quant vs bitsandbytes 0.50.2 vs dense torch, measured side by side in one run.
+
+    python bench/quant_cpu.py [--size 4096] [--threads N] [--quick]
+
+For an N x N NF4 weight (blocksize 64), with and without double quantization: quantize,
+dequantize, and the 4-bit matmul with 1, 16 and 256 input rows in fp32 and bf16. Each of our
+timings is divided into bitsandbytes' best path for the same case (for matmuls the faster of its
+functional matmul_4bit and its Linear4bit eval-mode forward, which runs its fused AVX-512-BF16
+gemv for one row) and into a dense torch matmul with the same activations. Ratios > 1 mean we
+are faster. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def bench(fn: Callable[[], object], min_time: float = 0.4, max_reps: int = 200) -> float:
+    """Median wall time of fn() in milliseconds, after warm-up."""
+    for _ in range(2):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < min_time and len(times) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=4096, help="the weight is size x size (default 4096)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--quick", action="store_true", help="shorter timing loops")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    min_time = 0.15 if args.quick else 0.5
+
+    import bitsandbytes as bnb
+
+    import quant
+    from quant.backends import backend_report
+
+    n = args.size
+    torch.manual_seed(0)
+    print(f"# quant vs bitsandbytes {bnb.__version__} vs dense torch {torch.__version__}, CPU, "
+          f"{torch.get_num_threads()} threads, {n}x{n} NF4 blocksize 64")
+    for name, status in backend_report().items():
+        print(f"# backend {name}: {status}")
+    print()
+    print("| op | dtype | double quant | rows | ours ms | bnb ms | dense ms | vs bnb | vs dense |")
+    print("|---|---|---|---|---|---|---|---|---|")
+
+    def row(op, dtype, dq, rows, ours, theirs, dense=None):
+        vs_dense = f"{dense / ours:.2f}x" if dense is not None else "-"
+        dense_s = f"{dense:.3f}" if dense is not None else "-"
+        print(f"| {op} | {str(dtype).removeprefix('torch.')} | {'yes' if dq else 'no'} | {rows} | "
+              f"{ours:.3f} | {theirs:.3f} | {dense_s} | {theirs / ours:.2f}x | {vs_dense} |", flush=True)
+
+    for dtype in (torch.float32, torch.bfloat16):
+        W = torch.randn(n, n, dtype=dtype) * 0.02
+        for dq in (False, True):
+            ours_q = bench(lambda: quant.quantize_4bit(W, quant_type="nf4", compress_statistics=dq), min_time)
+            theirs_q = bench(lambda: bnb.functional.quantize_4bit(W, quant_type="nf4", compress_statistics=dq), min_time)
+            row("quantize", dtype, dq, "-", ours_q, theirs_q)
+
+            packed, state = quant.quantize_4bit(W, quant_type="nf4", compress_statistics=dq)
+            b_packed, b_state = bnb.functional.quantize_4bit(W, quant_type="nf4", compress_statistics=dq)
+            ours_d = bench(lambda: quant.dequantize_4bit(packed, state), min_time)
+            theirs_d = bench(lambda: bnb.functional.dequantize_4bit(b_packed, b_state), min_time)
+            row("dequantize", dtype, dq, "-", ours_d, theirs_d)
+
+            linear = torch.nn.Linear(n, n, bias=False, dtype=dtype)
+            with torch.no_grad():
+                linear.weight.copy_(W)
+            ours_layer = quant.Linear4bit.from_linear(
+                linear, quant.QuantConfig(bnb_4bit_use_double_quant=dq, bnb_4bit_compute_dtype=dtype)
+            )
+            bnb_layer = bnb.nn.Linear4bit(
+                n, n, bias=False, compute_dtype=dtype, quant_type="nf4", compress_statistics=dq
+            )
+            bnb_layer.load_state_dict(linear.state_dict())
+            bnb_layer = bnb_layer.to("cpu").eval()
+            W_dense = W.clone()
+            for rows in (1, 16, 256):
+                x = torch.randn(rows, n, dtype=dtype)
+                with torch.inference_mode():
+                    ours_m = bench(lambda: ours_layer(x), min_time)
+                    theirs_fn = bench(lambda: bnb.matmul_4bit(x, b_packed, quant_state=b_state), min_time)
+                    theirs_layer = bench(lambda: bnb_layer(x), min_time)
+                    dense = bench(lambda: torch.nn.functional.linear(x, W_dense), min_time)
+                row("matmul", dtype, dq, rows, ours_m, min(theirs_fn, theirs_layer), dense)
+
+
+if __name__ == "__main__":
+    main()
