@@ -1,0 +1,126 @@
+"""create_app(settings, registry): the FastAPI app. Routes are thin; this file wires the
+lifespan (background model load, graceful shutdown), the error shape, and three guards that run
+before any route: request size, API key, CORS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .config import Settings
+from .errors import APIError, install_error_handlers
+from .metrics import Metrics
+from .registry import Registry
+from .routes import openai, ops, tokenize
+
+logger = logging.getLogger("quantserve.server")
+
+_PUBLIC_PATHS = ("/health", "/metrics")
+
+
+class _BodyLimit:
+    """413 for bodies over the limit, by Content-Length or by counting a chunked body as it arrives.
+    Pure ASGI so that an oversized body is never buffered whole."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = APIError(413, f"Request body exceeds {self.max_bytes} bytes", code="request_too_large")
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await too_large.response()(scope, receive, send)
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            await too_large.response()(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _ApiKey:
+    """Bearer-token check (constant-time) on everything but /health and /metrics."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in _PUBLIC_PATHS or scope["method"] == "OPTIONS":
+            return await self.app(scope, receive, send)
+        got = dict(scope.get("headers") or []).get(b"authorization", b"")
+        if not hmac.compare_digest(got, self.expected):
+            error = APIError(401, "Invalid or missing API key (send 'Authorization: Bearer <key>')",
+                             "authentication_error", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+            return await error.response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+async def until_disconnect(request: Request, work: Awaitable[Any], abort: Callable[[], None]) -> Any:
+    """Await a non-streamed response, aborting the generation if the client goes away meanwhile."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                abort()
+                task.cancel()
+                raise APIError(499, "client closed the request", code="client_closed_request")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def create_app(settings: Settings, registry: Registry) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Load in the background: the port opens now and /health answers "loading" until ready.
+        loading = asyncio.create_task(registry.start())
+        try:
+            yield
+        finally:
+            if not loading.done():
+                loading.cancel()
+            await registry.shutdown()
+
+    app = FastAPI(title="quantserve", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.metrics = Metrics(registry)
+    app.state.until_disconnect = until_disconnect
+    install_error_handlers(app)
+    app.include_router(openai.router)
+    app.include_router(tokenize.router)
+    app.include_router(ops.router)
+    # Added last = outermost: the size guard runs first, then the key check, then CORS.
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    if settings.api_key is not None:
+        app.add_middleware(_ApiKey, api_key=settings.api_key.get_secret_value())
+    app.add_middleware(_BodyLimit, max_bytes=settings.max_body_bytes)
+    return app

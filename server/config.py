@@ -1,0 +1,66 @@
+"""Settings: the one place where command-line flags and QUANTSERVE_* environment variables are read.
+
+Every field is a flag of `quantserve serve` (`--max-num-seqs 32`) and an environment variable
+(`QUANTSERVE_MAX_NUM_SEQS=32`); a flag given on the command line wins over the environment.
+The validated Settings object is passed down to the app, the registry and the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    # env_ignore_empty: compose passes unset variables as "" (QUANTSERVE_MAX_MODEL_LEN=), meaning "default".
+    model_config = SettingsConfigDict(env_prefix="QUANTSERVE_", extra="forbid", frozen=True, env_ignore_empty=True)
+
+    # What to serve
+    model: Optional[str] = Field(
+        None, description="HF folder, hub id (org/name), .gguf file or prequantized bnb-4bit checkpoint; "
+        "default: the built-in SmolLM2-135M-Instruct"
+    )
+    revision: Optional[str] = Field(None, description="hub revision (branch, tag or commit)")
+    served_model_name: Optional[str] = Field(None, description="the model id clients send (default: derived from MODEL)")
+    quant: Literal["nf4", "fp4", "none"] = Field("nf4", description="4-bit weight format, or none to serve unquantized")
+    double_quant: bool = Field(False, description="double-quantize the absmax statistics (~0.37 bit/param less)")
+    compute_dtype: Optional[Literal["float32", "float16", "bfloat16"]] = Field(
+        None, description="dtype the model computes in (default: float32 on CPU, bfloat16 on CUDA)"
+    )
+    device: Optional[str] = Field(None, description="cpu, cuda, cuda:1 ... (default: cuda when present)")
+
+    # Engine limits
+    max_model_len: Optional[int] = Field(None, ge=16, description="context length limit (default: the model's)")
+    max_num_seqs: int = Field(32, ge=1, le=4096, description="most sequences decoded together in one step")
+    max_num_batched_tokens: int = Field(2048, ge=16, description="token budget of one engine step (chunked prefill)")
+    max_queue: int = Field(256, ge=1, description="waiting requests beyond which new ones get 429 + Retry-After")
+    kv_cache_memory: Optional[float] = Field(
+        None, gt=0, description="KV cache size in GiB (default: 1 GiB on CPU, 90%% of free memory on GPU)"
+    )
+    block_size: int = Field(16, ge=1, le=256, description="tokens per KV cache block")
+    enable_prefix_caching: bool = Field(True, description="share KV blocks of common prompt prefixes")
+    max_n: int = Field(16, ge=1, le=128, description="largest n (choices per request) accepted")
+
+    # HTTP
+    host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 for all interfaces)")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind (0 picks a free one)")
+    api_key: Optional[SecretStr] = Field(None, description="require 'Authorization: Bearer KEY' on /v1/* and /tokenize")
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (e.g. '*')")
+    max_body_bytes: int = Field(8 * 2**20, ge=1024, description="largest request body accepted (413 beyond)")
+    shutdown_timeout: float = Field(30.0, ge=0, description="seconds to finish in-flight requests on SIGTERM")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):  # QUANTSERVE_CORS_ORIGINS="https://a.example,https://b.example"
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    def display_name(self) -> str:
+        """The model id clients use: --served-model-name, else MODEL as given (like vLLM)."""
+        if self.served_model_name:
+            return self.served_model_name
+        return self.model if self.model is not None else "SmolLM2-135M-Instruct"

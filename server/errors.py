@@ -1,0 +1,109 @@
+"""OpenAI-shaped errors: {"error": {"message", "type", "param", "code"}} with the right status.
+
+Routes raise APIError (or let ValueError from the engine's validation through); the handlers
+installed by `install_error_handlers` turn everything, including FastAPI's own validation errors
+and our bugs, into that shape. A bug is a 500 whose message carries the request id that the log
+line also carries, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .protocol import ErrorInfo, ErrorResponse
+
+logger = logging.getLogger("quantserve.server")
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        headers: Optional[dict[str, str]] = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)).model_dump()
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+def model_not_found(name: str) -> APIError:
+    return APIError(404, f"The model '{name}' does not exist", "invalid_request_error", "model", "model_not_found")
+
+
+def overloaded(retry_after: float) -> APIError:
+    seconds = str(max(1, int(round(retry_after))))
+    return APIError(
+        429, "The server is overloaded: too many requests are waiting. Retry later.",
+        "rate_limit_error", None, "too_many_requests", {"Retry-After": seconds},
+    )
+
+
+def unavailable(message: str, retry_after: Optional[int] = None) -> APIError:
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return APIError(503, message, "service_unavailable", None, "service_unavailable", headers)
+
+
+_STATUS_TYPES = {
+    401: ("authentication_error", "invalid_api_key"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+}
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return bad_request("The request body is not valid JSON", None, "invalid_json")
+    msg = first.get("msg", "invalid request").removeprefix("Value error, ")
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return bad_request(f"{param}: {msg}{more}" if param else f"{msg}{more}", param, "invalid_value")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_, code = _STATUS_TYPES.get(exc.status_code, ("invalid_request_error", None))
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        return APIError(exc.status_code, message, type_, None, code, dict(exc.headers or {})).response()
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex
+        logger.exception("internal error in request %s (%s %s)", request_id, request.method, request.url.path)
+        return APIError(
+            500, f"Internal server error (request id {request_id}); this is a bug in quantserve.",
+            "internal_error", None, "internal_error",
+        ).response()

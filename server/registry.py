@@ -1,0 +1,99 @@
+"""Model registry: model id -> a loaded, running engine. Loads at startup, in the background, so
+the port opens at once and /health can say "loading" rather than nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Any, Callable, Literal, Optional
+
+from .errors import APIError, model_not_found, unavailable
+
+logger = logging.getLogger("quantserve.server")
+
+
+@dataclasses.dataclass
+class ServedModel:
+    """A model as the HTTP layer sees it: its engine, its tokenizer, and what loading reported."""
+
+    name: str
+    engine: Any  # server.engine.AsyncEngine (narrow interface: generate / abort / health / stats)
+    tokenizer: Any
+    max_model_len: int
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    load_report: Any = None  # the loader's report (bytes, layers, load time), shown by /v1/memory
+    aliases: tuple[str, ...] = ()
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Chat template -> prompt token ids (the template adds the generation prompt)."""
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise APIError(400, f"model '{self.name}' has no chat template; use /v1/completions", param="messages")
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # a template rejecting a role order etc. is the client's input
+            raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+Loader = Callable[[], ServedModel]
+
+
+class Registry:
+    """Holds the served model(s). `start()` loads in a worker thread and starts the engine."""
+
+    def __init__(self, loader: Loader) -> None:
+        self._loader = loader
+        self._models: dict[str, ServedModel] = {}
+        self.state: Literal["loading", "ready", "failed", "stopped"] = "loading"
+        self.error: Optional[str] = None
+        self.started_at = time.time()
+
+    async def start(self) -> None:
+        try:
+            served = await asyncio.to_thread(self._loader)
+            await served.engine.start()
+        except Exception as exc:
+            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            logger.exception("loading the model failed")
+            return
+        for name in (served.name, *served.aliases):
+            self._models[name] = served
+        self.state = "ready"
+
+    async def shutdown(self) -> None:
+        self.state = "stopped"
+        for served in {id(m): m for m in self._models.values()}.values():
+            await served.engine.shutdown()
+
+    def models(self) -> list[ServedModel]:
+        return list({id(m): m for m in self._models.values()}.values())
+
+    def get(self, name: Optional[str]) -> ServedModel:
+        if self.state == "loading":
+            raise unavailable("The model is still loading; retry shortly.", retry_after=5)
+        if self.state != "ready":
+            raise unavailable(f"The model is not available ({self.error or self.state}).")
+        if name is None:
+            return self.models()[0]
+        served = self._models.get(name)
+        if served is None:
+            raise model_not_found(name)
+        return served
+
+    def health(self) -> tuple[bool, str]:
+        """(serving, reason): serving only when loaded and every engine thread is alive."""
+        if self.state != "ready":
+            return False, self.error or self.state
+        for served in self.models():
+            alive, error = served.engine.health()
+            if not alive:
+                return False, f"engine for '{served.name}' stopped: {error}"
+        return True, "ok"

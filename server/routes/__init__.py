@@ -1,0 +1,1 @@
+"""HTTP routes: each handler parses, calls the registry/engine, and responds. Nothing else."""

@@ -1,0 +1,319 @@
+"""Engine outputs -> OpenAI responses: SSE chunks ending in `data: [DONE]`, or one JSON body.
+
+The engine already detokenizes incrementally and strips stop strings, so each CompletionOutput
+carries the new text of one choice. Here we only shape it: chat.completion(.chunk) or
+text_completion, logprobs in each API's format, true usage counts, timings for the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from typing import Any, AsyncIterator, Callable, Optional
+
+from pydantic import BaseModel
+
+from . import protocol as p
+from .errors import APIError
+
+logger = logging.getLogger("quantserve.server")
+
+
+def sse(payload: BaseModel | dict) -> str:
+    body = payload.model_dump_json(exclude_unset=False) if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {body}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+@dataclasses.dataclass
+class RequestTiming:
+    """What the metrics need about one request, measured where the tokens reach the client."""
+
+    arrival: float = dataclasses.field(default_factory=time.monotonic)
+    first_token: Optional[float] = None
+    last_token: Optional[float] = None
+    inter_token: list[float] = dataclasses.field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reasons: list[str] = dataclasses.field(default_factory=list)
+
+    def tokens_arrived(self, count: int) -> None:
+        now = time.monotonic()
+        if self.first_token is None:
+            self.first_token = now
+        elif self.last_token is not None and count:
+            self.inter_token.extend([(now - self.last_token) / count] * count)
+        self.last_token = now
+        self.completion_tokens += count
+
+
+@dataclasses.dataclass
+class Generation:
+    """One request to the engine: its (possibly several) output streams and how to describe them."""
+
+    request_id: str
+    model: str
+    streams: list[AsyncIterator[Any]]  # one per prompt; choice index = prompt * n + engine index
+    n: int
+    token_text: Callable[[int], str]
+    on_finish: Callable[[RequestTiming], None]
+    abort: Callable[[], None]
+    include_usage: bool = False
+    timing: RequestTiming = dataclasses.field(default_factory=RequestTiming)
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+    async def outputs(self) -> AsyncIterator[tuple[int, Any, Any]]:
+        """(prompt index, RequestOutput, CompletionOutput) in arrival order across prompts."""
+        if len(self.streams) == 1:
+            async for out in self.streams[0]:
+                for triple in from_prompt(0, out):
+                    yield triple
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(i: int, stream: AsyncIterator[Any]) -> None:
+            try:
+                async for out in stream:
+                    await queue.put((i, out))
+            except BaseException as exc:  # surfaced to the consumer below
+                await queue.put((i, exc))
+            finally:
+                await queue.put((i, done))
+
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(self.streams)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                i, item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    for triple in from_prompt(i, item):
+                        yield triple
+        finally:
+            for t in tasks:
+                t.cancel()
+
+
+def from_prompt(i: int, out: Any) -> list[tuple[int, Any, Any]]:
+    return [(i, out, c) for c in out.outputs]
+
+
+# ------------------------------------------------------------------ logprobs formatting
+
+
+def _chat_logprobs(gen: Generation, logprobs: Optional[list[Any]]) -> Optional[p.ChoiceLogprobs]:
+    if logprobs is None:
+        return None
+    content = []
+    for lp in logprobs:
+        text = gen.token_text(lp.token_id)
+        top = [
+            p.TopLogprob(token=(t := gen.token_text(tid)), logprob=_finite(v), bytes=list(t.encode("utf-8")))
+            for tid, v in lp.top
+        ]
+        content.append(
+            p.ChatTokenLogprob(token=text, logprob=_finite(lp.logprob), bytes=list(text.encode("utf-8")), top_logprobs=top)
+        )
+    return p.ChoiceLogprobs(content=content)
+
+
+def _completion_logprobs(gen: Generation, logprobs: Optional[list[Any]], offset: int) -> Optional[p.CompletionLogprobs]:
+    if logprobs is None:
+        return None
+    out = p.CompletionLogprobs()
+    for lp in logprobs:
+        text = gen.token_text(lp.token_id)
+        out.tokens.append(text)
+        out.token_logprobs.append(_finite(lp.logprob))
+        out.top_logprobs.append({gen.token_text(tid): _finite(v) for tid, v in lp.top} if lp.top else None)
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out
+
+
+def _finite(x: float) -> float:
+    # JSON has no -inf; OpenAI clients expect a number. -9999.0 is what OpenAI itself sends.
+    return x if x > -9999.0 else -9999.0
+
+
+def _usage(gen: Generation, num_prompt_tokens: int, cached: int) -> p.UsageInfo:
+    return p.UsageInfo(
+        prompt_tokens=num_prompt_tokens,
+        completion_tokens=gen.timing.completion_tokens,
+        total_tokens=num_prompt_tokens + gen.timing.completion_tokens,
+        prompt_tokens_details={"cached_tokens": cached},
+    )
+
+
+def _finish(reason: Optional[str]) -> Optional[str]:
+    # "abort" only reaches a client that is already gone; anything else unknown reads as "stop".
+    return None if reason is None else ("length" if reason == "length" else "stop")
+
+
+class _PromptCounts:
+    """Prompt token counts per prompt (usage sums them; cached tokens too)."""
+
+    def __init__(self) -> None:
+        self.prompt: dict[int, int] = {}
+        self.cached: dict[int, int] = {}
+
+    def see(self, i: int, out: Any) -> None:
+        self.prompt[i] = out.num_prompt_tokens
+        self.cached[i] = getattr(out, "num_cached_tokens", 0)
+
+    def totals(self) -> tuple[int, int]:
+        return sum(self.prompt.values()), sum(self.cached.values())
+
+
+async def _guarded(gen: Generation) -> AsyncIterator[tuple[int, Any, Any]]:
+    """The outputs, with the abort-on-exit and metrics bookkeeping every response path needs."""
+    finished = False
+    try:
+        async for triple in gen.outputs():
+            yield triple
+        finished = True
+    finally:
+        if not finished:
+            gen.abort()
+        gen.on_finish(gen.timing)
+
+
+# ------------------------------------------------------------------ chat
+
+
+async def chat_stream(gen: Generation) -> AsyncIterator[str]:
+    chunk_id, counts = gen.request_id, _PromptCounts()
+    usage_field = {"usage": None} if gen.include_usage else {}
+
+    def chunk(choices: list[p.ChatChunkChoice]) -> str:
+        return sse(p.ChatCompletionChunk(id=chunk_id, created=gen.created, model=gen.model, choices=choices, **usage_field))
+
+    try:
+        for index in range(gen.n * len(gen.streams)):
+            yield chunk([p.ChatChunkChoice(index=index, delta=p.ChatDelta(role="assistant", content=""))])
+        async for i, out, c in _guarded(gen):
+            counts.see(i, out)
+            index = i * gen.n + c.index
+            gen.timing.tokens_arrived(len(c.token_ids))
+            if c.text or c.logprobs:
+                yield chunk([p.ChatChunkChoice(
+                    index=index, delta=p.ChatDelta(content=c.text), logprobs=_chat_logprobs(gen, c.logprobs)
+                )])
+            if c.finish_reason is not None:
+                gen.timing.finish_reasons.append(c.finish_reason)
+                yield chunk([p.ChatChunkChoice(index=index, delta=p.ChatDelta(), finish_reason=_finish(c.finish_reason))])
+        if gen.include_usage:
+            prompt_tokens, cached = counts.totals()
+            usage = _usage(gen, prompt_tokens, cached)
+            yield sse(p.ChatCompletionChunk(id=chunk_id, created=gen.created, model=gen.model, choices=[], usage=usage))
+    except Exception as exc:  # headers are sent: report in-band, as OpenAI-compatible servers do
+        yield sse(_stream_error(gen, exc))
+    yield SSE_DONE
+
+
+async def chat_response(gen: Generation) -> p.ChatCompletion:
+    texts: dict[int, list[str]] = {}
+    logprobs: dict[int, list] = {}
+    finish: dict[int, Optional[str]] = {}
+    counts = _PromptCounts()
+    async for i, out, c in _guarded(gen):
+        counts.see(i, out)
+        index = i * gen.n + c.index
+        gen.timing.tokens_arrived(len(c.token_ids))
+        texts.setdefault(index, []).append(c.text)
+        if c.logprobs is not None:
+            logprobs.setdefault(index, []).extend(c.logprobs)
+        if c.finish_reason is not None:
+            gen.timing.finish_reasons.append(c.finish_reason)
+            finish[index] = c.finish_reason
+    prompt_tokens, cached = counts.totals()
+    choices = [
+        p.ChatChoice(
+            index=index,
+            message=p.ChatResponseMessage(content="".join(texts.get(index, []))),
+            logprobs=_chat_logprobs(gen, logprobs.get(index)) if index in logprobs else None,
+            finish_reason=_finish(finish.get(index)),
+        )
+        for index in range(gen.n * len(gen.streams))
+    ]
+    return p.ChatCompletion(id=gen.request_id, created=gen.created, model=gen.model, choices=choices,
+                            usage=_usage(gen, prompt_tokens, cached))
+
+
+# ------------------------------------------------------------------ completions
+
+
+async def completion_stream(gen: Generation) -> AsyncIterator[str]:
+    counts, offsets = _PromptCounts(), {}
+    usage_field = {"usage": None} if gen.include_usage else {}
+
+    def chunk(choice: p.CompletionChoice) -> str:
+        return sse(p.Completion(id=gen.request_id, created=gen.created, model=gen.model, choices=[choice], **usage_field))
+
+    try:
+        async for i, out, c in _guarded(gen):
+            counts.see(i, out)
+            index = i * gen.n + c.index
+            gen.timing.tokens_arrived(len(c.token_ids))
+            if c.finish_reason is not None:
+                gen.timing.finish_reasons.append(c.finish_reason)
+            if c.text or c.logprobs or c.finish_reason is not None:
+                yield chunk(p.CompletionChoice(
+                    index=index, text=c.text,
+                    logprobs=_completion_logprobs(gen, c.logprobs, offsets.get(index, 0)),
+                    finish_reason=_finish(c.finish_reason),
+                ))
+                offsets[index] = offsets.get(index, 0) + len(c.text)
+        if gen.include_usage:
+            prompt_tokens, cached = counts.totals()
+            yield sse(p.Completion(id=gen.request_id, created=gen.created, model=gen.model, choices=[],
+                                   usage=_usage(gen, prompt_tokens, cached)))
+    except Exception as exc:
+        yield sse(_stream_error(gen, exc))
+    yield SSE_DONE
+
+
+async def completion_response(gen: Generation, echo_texts: Optional[list[str]] = None) -> p.Completion:
+    texts: dict[int, list[str]] = {}
+    logprobs: dict[int, list] = {}
+    finish: dict[int, Optional[str]] = {}
+    counts = _PromptCounts()
+    async for i, out, c in _guarded(gen):
+        counts.see(i, out)
+        index = i * gen.n + c.index
+        gen.timing.tokens_arrived(len(c.token_ids))
+        texts.setdefault(index, []).append(c.text)
+        if c.logprobs is not None:
+            logprobs.setdefault(index, []).extend(c.logprobs)
+        if c.finish_reason is not None:
+            gen.timing.finish_reasons.append(c.finish_reason)
+            finish[index] = c.finish_reason
+    prompt_tokens, cached = counts.totals()
+    choices = []
+    for index in range(gen.n * len(gen.streams)):
+        prefix = echo_texts[index // gen.n] if echo_texts else ""
+        choices.append(p.CompletionChoice(
+            index=index,
+            text=prefix + "".join(texts.get(index, [])),
+            logprobs=_completion_logprobs(gen, logprobs.get(index), len(prefix)) if index in logprobs else None,
+            finish_reason=_finish(finish.get(index)),
+        ))
+    return p.Completion(id=gen.request_id, created=gen.created, model=gen.model, choices=choices,
+                        usage=_usage(gen, prompt_tokens, cached))
+
+
+def _stream_error(gen: Generation, exc: Exception) -> dict:
+    if isinstance(exc, APIError):
+        return exc.body()
+    logger.error("request %s failed mid-stream: %s: %s", gen.request_id, type(exc).__name__, exc)
+    return APIError(500, f"generation failed (request id {gen.request_id}): {exc}", "internal_error",
+                    code="internal_error").body()

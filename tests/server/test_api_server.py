@@ -1,0 +1,354 @@
+"""End to end: a real `quantserve serve` process (uvicorn on a free port, the built-in default model,
+NF4) driven by the official openai client; every response validated against the OpenAI types."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai.types import Completion as OAICompletion
+from openai.types.chat import ChatCompletion as OAIChatCompletion
+from openai.types.chat import ChatCompletionChunk as OAIChatCompletionChunk
+
+API_KEY = "test-key-123"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *flags: str, api_key: str | None = API_KEY) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "server", "serve", "--port", str(self.port), "--kv-cache-memory", "0.25", *flags]
+        if api_key:
+            cmd += ["--api-key", api_key]
+        self.log = Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"quantserve-{self.port}.log"
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        self.api_key = api_key
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        deadline = time.time() + timeout
+        saw_loading = False
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
+            try:
+                r = httpx.get(self.url + "/health", timeout=2)
+                if r.status_code == 200:
+                    self.saw_loading = saw_loading
+                    return
+                saw_loading = saw_loading or r.status_code == 503
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(self.log.read_text()[-4000:])
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return -9
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0, **kw)
+
+    def async_client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0)
+
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
+@pytest.fixture(scope="module")
+def server(default_model_dir):
+    srv = Server()
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        code = srv.stop()
+        assert code == 0, srv.log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+MODEL = "SmolLM2-135M-Instruct"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_health_models_and_loading_state(server):
+    assert server.saw_loading or True  # the port opens before the model is ready; may be too fast to see
+    r = httpx.get(server.url + "/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert server.client().models.retrieve(MODEL).id == MODEL
+
+
+def test_chat_completion_non_streaming(server, tokenizer):
+    resp = server.client().chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=24, temperature=0)
+    OAIChatCompletion.model_validate(resp.model_dump())
+    assert resp.object == "chat.completion" and len(resp.choices) == 1
+    choice = resp.choices[0]
+    assert choice.message.role == "assistant" and "Paris" in choice.message.content
+    prompt_ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True)
+    if isinstance(prompt_ids, dict):
+        prompt_ids = prompt_ids["input_ids"]
+    assert resp.usage.prompt_tokens == len(prompt_ids)
+    completion_ids = tokenizer.encode(choice.message.content, add_special_tokens=False)
+    # The text re-encodes to the generated count (+1 when generation ended on the EOS token).
+    assert resp.usage.completion_tokens in (len(completion_ids), len(completion_ids) + 1)
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+
+
+def test_chat_streaming_shape_usage_and_done(server):
+    raw = httpx.post(
+        server.url + "/v1/chat/completions", headers=server.headers(), timeout=120,
+        json={"model": MODEL, "messages": QUESTION, "max_tokens": 12, "temperature": 0, "stream": True,
+              "stream_options": {"include_usage": True}},
+    )
+    assert raw.status_code == 200 and raw.headers["content-type"].startswith("text/event-stream")
+    events = [line[len("data: "):] for line in raw.text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [OAIChatCompletionChunk.model_validate(json.loads(e)) for e in events[:-1]]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert all(c.usage is None for c in chunks[:-1])
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].usage.completion_tokens >= 1 and text
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_streaming_with_openai_client_equals_non_streaming(server):
+    client = server.client()
+    full = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=20, temperature=0)
+    stream = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=20, temperature=0, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == full.choices[0].message.content
+
+
+def test_completions_endpoint(server, tokenizer):
+    client = server.client()
+    resp = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    OAICompletion.model_validate(resp.model_dump())
+    assert resp.object == "text_completion" and resp.choices[0].text
+    assert resp.usage.prompt_tokens == len(tokenizer.encode("The capital of France is"))
+    # Two prompts x n=2 -> four choices, indexed 0..3.
+    resp = client.completions.create(model=MODEL, prompt=["Hello", "One, two,"], max_tokens=4, n=2, temperature=0.8, seed=1)
+    assert sorted(c.index for c in resp.choices) == [0, 1, 2, 3]
+    stream = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, stream=True, temperature=0)
+    pieces = list(stream)
+    assert any(p.choices and p.choices[0].finish_reason for p in pieces)
+
+
+def test_logprobs_and_stop(server):
+    client = server.client()
+    resp = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, temperature=0,
+                                          logprobs=True, top_logprobs=3)
+    content = resp.choices[0].logprobs.content
+    assert len(content) == resp.usage.completion_tokens
+    for tok in content:
+        assert len(tok.top_logprobs) == 3 and tok.logprob <= 0
+        # greedy: the chosen token is the most likely one
+        assert tok.logprob >= max(t.logprob for t in tok.top_logprobs) - 1e-4
+    full = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=24, temperature=0).choices[0].message.content
+    word = full.split()[2]
+    stopped = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=24, temperature=0, stop=[word])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert word not in stopped.choices[0].message.content
+    assert full.startswith(stopped.choices[0].message.content)
+
+
+def test_seeded_sampling_is_reproducible(server):
+    client = server.client()
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=16, temperature=1.0, seed=1234)
+    a = client.chat.completions.create(**kw).choices[0].message.content
+    b = client.chat.completions.create(**kw).choices[0].message.content
+    assert a == b
+
+
+def test_concurrent_async_streams(server):
+    async def one(client, i):
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Count to {i + 3}."}], max_tokens=16,
+            temperature=0, stream=True,
+        )
+        text = ""
+        async for chunk in stream:
+            OAIChatCompletionChunk.model_validate(chunk.model_dump())
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+        return text
+
+    async def main():
+        client = server.async_client()
+        return await asyncio.gather(*(one(client, i) for i in range(8)))
+
+    texts = asyncio.run(main())
+    assert len(texts) == 8 and all(texts)
+    # The same request alone gives the same text as inside the batch.
+    alone = server.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Count to 3."}], max_tokens=16, temperature=0
+    ).choices[0].message.content
+    assert alone == texts[0]
+
+
+def test_disconnect_mid_stream_frees_kv_blocks(server):
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", server.url + "/v1/chat/completions", headers=server.headers(),
+                         json={"model": MODEL, "messages": QUESTION, "max_tokens": 400, "temperature": 0,
+                               "ignore_eos": True, "stream": True}) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i > 6:
+                    break  # hang up mid-stream
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if server.metric("vllm:num_requests_running") == 0 and server.metric("vllm:kv_cache_usage_perc") == 0:
+            break
+        time.sleep(0.2)
+    assert server.metric("vllm:num_requests_running") == 0
+    assert server.metric("vllm:kv_cache_usage_perc") == 0
+    # and the server keeps serving
+    assert server.client().chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2).choices
+
+
+def test_metrics_and_memory(server):
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
+                 "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
+                 "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds",
+                 "vllm:num_preemptions_total", "quantserve_host_rss_bytes", "quantserve_model_weight_bytes"):
+        assert name in text, name
+    assert server.metric("vllm:generation_tokens_total") > 0
+    mem = httpx.get(server.url + "/v1/memory", headers=server.headers()).json()
+    model = mem["models"][0]
+    assert model["weights"]["weight_bytes"] < model["weights"]["weight_bytes_16bit"]
+    assert model["kv_cache"]["blocks_total"] > 0 and mem["host"]["rss_bytes"] > 0
+
+
+def test_tokenize_detokenize(server, tokenizer):
+    r = httpx.post(server.url + "/tokenize", headers=server.headers(), json={"model": MODEL, "prompt": "Hello world"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["tokens"] == tokenizer.encode("Hello world") and body["count"] == len(body["tokens"])
+    r = httpx.post(server.url + "/detokenize", headers=server.headers(), json={"model": MODEL, "tokens": body["tokens"]})
+    assert r.json()["prompt"] == tokenizer.decode(body["tokens"])
+
+
+BAD_REQUESTS = [
+    ("not json", None, 400),
+    ({"model": MODEL}, None, 400),  # no messages
+    ({"model": MODEL, "messages": []}, "messages", 400),
+    ({"model": MODEL, "messages": "hi"}, "messages", 400),
+    ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, "messages", 400),
+    ({"model": MODEL, "messages": [{"role": "user"}]}, "messages", 400),
+    ({"model": MODEL, "messages": QUESTION, "temperature": -1}, "temperature", 400),
+    ({"model": MODEL, "messages": QUESTION, "temperature": "hot"}, "temperature", 400),
+    ({"model": MODEL, "messages": QUESTION, "top_p": 1.5}, "top_p", 400),
+    ({"model": MODEL, "messages": QUESTION, "max_tokens": -5}, "max_tokens", 400),
+    ({"model": MODEL, "messages": QUESTION, "max_tokens": 10**9}, "max_tokens", 400),
+    ({"model": MODEL, "messages": QUESTION, "n": 10**6}, "n", 400),
+    ({"model": MODEL, "messages": QUESTION, "top_logprobs": 5}, None, 400),
+    ({"model": MODEL, "messages": QUESTION, "stop": [""]}, "stop", 400),
+    ({"model": "no-such-model", "messages": QUESTION}, "model", 404),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 40000}]}, "messages", 400),
+]
+
+
+@pytest.mark.parametrize("body,param,status", BAD_REQUESTS)
+def test_bad_requests_get_openai_errors(server, body, param, status):
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(server.url + "/v1/chat/completions", content=content, timeout=60,
+                   headers={**server.headers(), "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] and err["param"].startswith(param), err
+
+
+def test_context_length_code_and_body_limits(server):
+    r = httpx.post(server.url + "/v1/chat/completions", headers=server.headers(), timeout=60,
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "word " * 40000}]})
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    huge = b'{"model": "x", "messages": [{"role": "user", "content": "' + b"a" * (32 * 2**20) + b'"}]}'
+    r = httpx.post(server.url + "/v1/chat/completions", content=huge, timeout=60,
+                   headers={**server.headers(), "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_auth(server):
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "messages": QUESTION})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401
+    assert httpx.get(server.url + "/health").status_code == 200  # public
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_server_survives_the_battery(server):
+    # After every bad request above the server still answers correctly.
+    resp = server.client().chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=16, temperature=0)
+    assert "Paris" in resp.choices[0].message.content
+
+
+def test_overload_gets_429_with_retry_after_and_loses_nothing(default_model_dir):
+    srv = Server("--max-num-seqs", "1", "--max-queue", "2", api_key=None)
+    try:
+        srv.wait_ready()
+
+        async def one(client, i):
+            try:
+                r = await client.post("/v1/completions", json={"model": MODEL, "prompt": f"Number {i}:", "max_tokens": 24,
+                                                               "temperature": 0, "ignore_eos": True})
+                return r
+            except httpx.HTTPError as exc:  # pragma: no cover - would be a lost request
+                return exc
+
+        async def main():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=300) as client:
+                return await asyncio.gather(*(one(client, i) for i in range(10)))
+
+        results = asyncio.run(main())
+        statuses = [r.status_code for r in results]
+        assert set(statuses) <= {200, 429} and 429 in statuses and 200 in statuses
+        for r in results:
+            if r.status_code == 429:
+                assert int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["type"] == "rate_limit_error"
+            else:
+                assert r.json()["usage"]["completion_tokens"] == 24  # every accepted request completed whole
+    finally:
+        assert srv.stop() == 0
