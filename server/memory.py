@@ -1,92 +1,82 @@
-"""Process and device memory: current RSS, and the peaks reached inside a `with` block.
+"""Memory, measured: devices, host, model weights as loaded vs their 16-bit size, KV cache.
 
-    with PeakMemory(device) as mem:
-        ...
-    mem.rss_before, mem.peak_rss, mem.rss_after, mem.device_peak   (bytes; None when unknown)
-
-On Linux the kernel's RSS high-water mark (VmHWM) is reset on entry (/proc/self/clear_refs), so
-the peak is exact and covers only the block; elsewhere the peak is the process lifetime's
-(getrusage), which is flagged by `peak_rss_is_lifetime`.
+Saving memory is what this project is for, so /v1/memory and the quantserve_* gauges show where
+every byte goes. All figures are read live; nothing is estimated except the 16-bit reference size.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import resource
-import sys
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
-
-def current_rss() -> Optional[int]:
-    """Resident set size of this process in bytes (None where /proc is unavailable)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except OSError:
-        return None
-
-
-def _vm_hwm() -> Optional[int]:
+def _proc_status_bytes(field: str) -> Optional[int]:
     try:
         with open("/proc/self/status") as f:
-            match = re.search(r"VmHWM:\s+(\d+) kB", f.read())
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         return None
-    return int(match.group(1)) * 1024 if match else None
+    return None
 
 
-def _reset_vm_hwm() -> bool:
+def host_memory() -> dict[str, Optional[int]]:
+    """Resident set size now and at its peak, and the machine's total / available memory."""
+    peak = _proc_status_bytes("VmHWM")
+    if peak is None:  # not Linux: ru_maxrss is KiB on Linux, bytes on macOS
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if os.uname().sysname == "Darwin" else 1024)
+    info: dict[str, Optional[int]] = {"rss_bytes": _proc_status_bytes("VmRSS"), "peak_rss_bytes": peak}
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # "5": reset the peak RSS counter (Linux >= 4.0)
-        return True
+        with open("/proc/meminfo") as f:
+            mem = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        info["total_bytes"] = mem.get("MemTotal")
+        info["available_bytes"] = mem.get("MemAvailable")
     except OSError:
-        return False
+        info["total_bytes"] = info["available_bytes"] = None
+    return info
 
 
-def _lifetime_peak_rss() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+def device_memory() -> list[dict[str, Any]]:
+    """One entry per visible CUDA device (an empty list on a CPU-only machine)."""
+    devices = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            devices.append({
+                "device": f"cuda:{i}",
+                "name": torch.cuda.get_device_name(i),
+                "total_bytes": total,
+                "free_bytes": free,
+                "allocated_bytes": torch.cuda.memory_allocated(i),
+                "reserved_bytes": torch.cuda.memory_reserved(i),
+                "peak_allocated_bytes": torch.cuda.max_memory_allocated(i),
+            })
+    return devices
 
 
-class PeakMemory:
-    """Measure peak RSS (and peak CUDA memory when `device` is a CUDA device) over a block."""
-
-    def __init__(self, device: Optional[torch.device] = None) -> None:
-        self.device = device
-        self.rss_before: Optional[int] = None
-        self.rss_after: Optional[int] = None
-        self.peak_rss: Optional[int] = None
-        self.peak_rss_is_lifetime = False
-        self.device_before: Optional[int] = None
-        self.device_after: Optional[int] = None
-        self.device_peak: Optional[int] = None
-
-    def _cuda(self) -> bool:
-        return self.device is not None and self.device.type == "cuda" and torch.cuda.is_available()
-
-    def __enter__(self) -> "PeakMemory":
-        if self._cuda():
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.device_before = torch.cuda.memory_allocated(self.device)
-        self.peak_rss_is_lifetime = not _reset_vm_hwm()
-        self.rss_before = current_rss()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.rss_after = current_rss()
-        hwm = None if self.peak_rss_is_lifetime else _vm_hwm()
-        if hwm is None:
-            self.peak_rss_is_lifetime = True
-            hwm = _lifetime_peak_rss()
-        self.peak_rss = hwm
-        if self._cuda():
-            torch.cuda.synchronize(self.device)
-            self.device_after = torch.cuda.memory_allocated(self.device)
-            self.device_peak = torch.cuda.max_memory_allocated(self.device)
+def model_memory(served: Any) -> dict[str, Any]:
+    """Weights as loaded vs 16-bit, from the loader's report; KV cache and prefix cache from the engine."""
+    report = served.load_report
+    weights = {
+        "weight_bytes": getattr(report, "weight_bytes", None),
+        "weight_bytes_16bit": getattr(report, "weight_bytes_16bit", None),
+        "quantized_layers": len(getattr(report, "quantized", []) or []),
+        "kept_layers": len(getattr(report, "skipped", {}) or {}),
+    }
+    if weights["weight_bytes"] and weights["weight_bytes_16bit"]:
+        weights["saving_ratio"] = round(weights["weight_bytes_16bit"] / weights["weight_bytes"], 3)
+    stats = served.engine.stats()
+    kv = {
+        "blocks_total": stats.num_kv_blocks,
+        "blocks_used": round(stats.kv_cache_usage * stats.num_kv_blocks),
+        "usage": stats.kv_cache_usage,
+        "bytes_total": getattr(stats, "kv_cache_bytes", None),
+        "prefix_cache_hit_rate": stats.prefix_cache_hit_rate,
+    }
+    if kv["bytes_total"] is not None:
+        kv["bytes_used"] = int(kv["bytes_total"] * stats.kv_cache_usage)
+    return {"model": served.name, "weights": weights, "kv_cache": kv}
