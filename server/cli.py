@@ -25,6 +25,144 @@ def _cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+_MODEL_HELP = (
+    "local Hugging Face folder, .gguf file, Hub id (org/name), or prequantized bitsandbytes 4-bit "
+    "checkpoint; omitted: the built-in default model SmolLM2-135M-Instruct"
+)
+
+
+def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and quantization options shared by `quantize` and `inspect` (server.loader.LoadConfig)."""
+    group = parser.add_argument_group("model and quantization")
+    group.add_argument("--revision", help="Hub branch, tag or commit (Hub ids only)")
+    group.add_argument(
+        "--quant", choices=["nf4", "fp4", "none"], default="nf4",
+        help="4-bit format of the Linear weights, or none to keep them unquantized (default: nf4)",
+    )
+    group.add_argument(
+        "--double-quant", action="store_true",
+        help="double quantization: store each block's absmax in 8 bits (~4.13 instead of 4.5 bits/param)",
+    )
+    group.add_argument("--blocksize", type=int, default=64, help="weights per absmax block, 32..4096 (default: 64)")
+    group.add_argument(
+        "--compute-dtype", choices=["float32", "float16", "bfloat16"],
+        help="dtype the 4-bit matmuls run in (default: --dtype)",
+    )
+    group.add_argument(
+        "--quant-storage", choices=["uint8", "int8", "float16", "bfloat16", "float32"], default="uint8",
+        help="dtype the packed 4-bit bytes are stored as (default: uint8)",
+    )
+    group.add_argument(
+        "--skip-modules", metavar="NAME[,NAME...]",
+        help="comma-separated modules kept unquantized: full names or dotted parts such as "
+        "lm_head,mlp.down_proj (default: the output head and any layer tied to the embeddings)",
+    )
+    group.add_argument(
+        "--dtype", choices=["float32", "float16", "bfloat16"],
+        help="dtype the weights are loaded and quantized in; unquantized tensors stay in it "
+        "(default: float32 on CPU, where it is faster than bf16; bfloat16 on CUDA)",
+    )
+    group.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
+
+
+def _load_from_args(args: argparse.Namespace):
+    import logging
+
+    import quant
+
+    from .loader import LoadConfig, load_model
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quant_config = None
+    if args.quant != "none":
+        quant_config = quant.QuantConfig(
+            bnb_4bit_quant_type=args.quant,
+            bnb_4bit_use_double_quant=args.double_quant,
+            bnb_4bit_compute_dtype=args.compute_dtype,
+            bnb_4bit_quant_storage=args.quant_storage,
+            llm_int8_skip_modules=None if args.skip_modules is None else [
+                name.strip() for name in args.skip_modules.split(",") if name.strip()
+            ],
+            blocksize=args.blocksize,
+        )
+    config = LoadConfig(
+        model=args.model, revision=args.revision, device=args.device, dtype=args.dtype, quant=quant_config,
+        progress=not args.no_progress,
+    )
+    return load_model(config)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    """Load MODEL quantized and write it as a transformers+bitsandbytes prequantized checkpoint."""
+    from .export import save_quantized
+
+    if args.quant == "none":
+        raise ValueError("quantize needs a 4-bit format: --quant nf4 or fp4")
+    result = _load_from_args(args)
+    out = save_quantized(result, args.out_dir, max_shard_bytes=args.max_shard_mib * 2**20)
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    print(f"wrote {out} ({size / 2**20:.1f} MiB): {len(result.report.quantized)} layers "
+          f"{result.report.quant.bnb_4bit_quant_type}, {len(result.report.skipped)} kept")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    """Load MODEL as it would be served and print what it is made of."""
+    from .inspection import format_inspection
+
+    print(format_inspection(_load_from_args(args), per_layer=not args.totals_only))
+    return 0
+
+
+def _run_reporting_errors(func):
+    """Run a command; a bad model or setting is one line on stderr and exit status 1."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except (ValueError, OSError) as exc:
+            print(f"quantserve {args.command}: error: {exc}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def _add_loader_commands(sub) -> None:
+    quantize = sub.add_parser(
+        "quantize",
+        help="write a 4-bit checkpoint that transformers + bitsandbytes (and quantserve) load as is",
+        description=(
+            "Load MODEL, quantizing its Linear layers to 4 bits while the weights stream in, and write "
+            "OUT_DIR as a prequantized checkpoint in the transformers + bitsandbytes format (safetensors "
+            "with bitsandbytes' keys, config.json with quantization_config, tokenizer): "
+            "AutoModelForCausalLM.from_pretrained(OUT_DIR) loads it without requantizing."
+        ),
+    )
+    quantize.add_argument("model", nargs="?", metavar="MODEL", help=_MODEL_HELP)
+    quantize.add_argument("out_dir", metavar="OUT_DIR", help="folder to create (must not exist, or be empty)")
+    quantize.add_argument(
+        "--max-shard-mib", type=int, default=4096, help="largest safetensors shard in MiB (default: 4096)"
+    )
+    _add_load_arguments(quantize)
+    quantize.set_defaults(func=_run_reporting_errors(_cmd_quantize))
+
+    inspect = sub.add_parser(
+        "inspect",
+        help="load a model as it would be served and report its layers, sizes and memory",
+        description=(
+            "Load MODEL with the given quantization and print, per layer, its type, whether it was "
+            "quantized or kept (and why), its shape and bytes; then totals: the quantized footprint "
+            "against the 16-bit size, the bits per parameter against the theory (4.5 for blocksize 64 "
+            "with fp32 absmax, ~4.13 with double quantization), and the memory the load used."
+        ),
+    )
+    inspect.add_argument("model", nargs="?", metavar="MODEL", help=_MODEL_HELP)
+    inspect.add_argument("--totals-only", action="store_true", help="skip the per-layer table")
+    _add_load_arguments(inspect)
+    inspect.set_defaults(func=_run_reporting_errors(_cmd_inspect))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quantserve",
@@ -36,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     env = sub.add_parser("env", help="show versions, devices and active kernel backends")
     env.set_defaults(func=_cmd_env)
+    _add_loader_commands(sub)
     return parser
 
 

@@ -1,0 +1,153 @@
+"""What a loaded model is made of: per layer (type, quantized or kept and why, shape, bytes) and
+totals against the 16-bit size and the format's theoretical bits per parameter.
+
+    print(format_inspection(load_model(LoadConfig("folder"))))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from quant import Linear4bit, QuantConfig
+
+from .loader import LoadResult
+from .peak_memory import current_rss
+from .weight_stream import linear_like_modules
+
+_STAT_KEYS = ("weight", "weight.absmax", "weight.nested_absmax")  # the per-weight data, not tables/metadata
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRow:
+    name: str
+    type: str
+    status: str  # "quantized" | "kept" | "tied"
+    why: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def theory_bits_per_param(quant: QuantConfig) -> float:
+    """4 bits per weight plus its share of the block statistics: one float32 absmax per block,
+    or with double quantization one 8-bit code per block plus one float32 per 256 blocks."""
+    bs = quant.blocksize
+    if quant.bnb_4bit_use_double_quant:
+        return 4 + 8 / bs + 32 / (bs * 256)
+    return 4 + 32 / bs
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def layer_rows(result: LoadResult) -> list[LayerRow]:
+    """One row per module that holds tensors of its own, in model order. Tied tensors count once."""
+    model, report = result.model, result.report
+    linears = linear_like_modules(model)
+    seen: dict[int, str] = {}
+    rows = []
+    for name, module in model.named_modules():
+        own = {k: v for k, v in module._parameters.items() if v is not None}
+        own.update({k: v for k, v in module._buffers.items() if v is not None and k not in module._non_persistent_buffers_set})
+        if not own:
+            continue
+        if isinstance(module, Linear4bit) and module.quant_state is not None:
+            state = module.quant_state
+            tensors = {}
+            module._save_to_state_dict(tensors, "", keep_vars=True)
+            dq = ", double quant" if state.nested is not None else ""
+            why = f"{state.quant_type}, blocksize {state.blocksize}{dq}"
+            if name in report.transposed:
+                why += ", Conv1D weight transposed"
+            nbytes = sum(_tensor_bytes(t) for t in tensors.values())
+            rows.append(LayerRow(name, "Linear4bit", "quantized", why, tuple(state.shape), nbytes))
+            continue
+        weight = own.get("weight", next(iter(own.values())))
+        tied_to = seen.get(id(weight))
+        for tensor in own.values():
+            seen.setdefault(id(tensor), name)
+        if tied_to is not None:
+            why = f"shares its weight with {tied_to}"
+            if name in report.skipped:
+                why = f"{report.skipped[name]}; {why}"
+            rows.append(LayerRow(name, type(module).__name__, "tied", why, tuple(weight.shape), 0))
+            continue
+        why = report.skipped.get(name) if name in linears else f"not a Linear layer (stays in {str(report.dtype).removeprefix('torch.')})"
+        nbytes = sum(_tensor_bytes(t) for t in own.values())
+        rows.append(LayerRow(name, type(module).__name__, "kept", why or "", tuple(weight.shape), nbytes))
+    return rows
+
+
+def _mib(n: Optional[int]) -> str:
+    return "?" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def format_inspection(result: LoadResult, per_layer: bool = True) -> str:
+    report = result.report
+    rows = layer_rows(result)
+    lines = [f"model      {report.source}", f"folder     {report.folder}"]
+    q = report.quant
+    if q is None:
+        how = "none (unquantized)"
+    else:
+        compute = str(q.bnb_4bit_compute_dtype or report.dtype).removeprefix("torch.")
+        storage = str(q.bnb_4bit_quant_storage).removeprefix("torch.")
+        how = (
+            f"{q.bnb_4bit_quant_type}, blocksize {q.blocksize}, double quant {'on' if q.bnb_4bit_use_double_quant else 'off'}, "
+            f"compute {compute}, storage {storage}" + (" (prequantized checkpoint)" if report.prequantized else "")
+        )
+    lines += [
+        f"checkpoint {report.checkpoint_format}",
+        f"device     {report.device}, dtype {str(report.dtype).removeprefix('torch.')}",
+        f"quant      {how}",
+    ]
+    if per_layer:
+        width = max([len(r.name) for r in rows] + [5])
+        lines.append("")
+        lines.append(f"{'layer':<{width}}  {'type':<14} {'status':<9} {'shape':<14} {'bytes':>12}  why")
+        for r in rows:
+            shape = "x".join(str(d) for d in r.shape)
+            lines.append(f"{r.name:<{width}}  {r.type:<14} {r.status:<9} {shape:<14} {r.nbytes:>12,}  {r.why}")
+        lines.append("")
+    quantized = [r for r in rows if r.status == "quantized"]
+    n_q = sum(torch.Size(r.shape).numel() for r in quantized)
+    core = 0
+    for name in (r.name for r in quantized):
+        tensors: dict = {}
+        result.model.get_submodule(name)._save_to_state_dict(tensors, "", keep_vars=True)
+        core += sum(_tensor_bytes(tensors[k]) for k in _STAT_KEYS if k in tensors)
+    q_bytes = sum(r.nbytes for r in quantized)
+    kept_bytes = sum(r.nbytes for r in rows if r.status == "kept")
+    lines.append(f"parameters {report.num_params:,} (16-bit size {_mib(report.weight_bytes_16bit)})")
+    if quantized and q is not None:
+        bits = 8 * core / n_q
+        theory = theory_bits_per_param(q)
+        stats = "8-bit absmax + fp32 per 256 blocks" if q.bnb_4bit_use_double_quant else "fp32 absmax"
+        lines.append(
+            f"quantized  {len(quantized)} layers, {n_q:,} params in {_mib(q_bytes)}: {bits:.3f} bits/param "
+            f"(theory {theory:.3f} for blocksize {q.blocksize} with {stats}: {bits / theory:.4f}x); "
+            f"code tables and metadata {q_bytes - core:,} bytes"
+        )
+    lines.append(f"kept       {sum(r.status == 'kept' for r in rows)} layers in {_mib(kept_bytes)}")
+    ratio = report.weight_bytes_16bit / report.weight_bytes if report.weight_bytes else float("nan")
+    lines.append(
+        f"footprint  {_mib(report.weight_bytes)} vs 16-bit {_mib(report.weight_bytes_16bit)}: {ratio:.2f}x smaller"
+    )
+    if report.device.type == "cuda":
+        now = torch.cuda.memory_allocated(report.device)
+        lines.append(
+            f"device     {report.device}: load allocated {_mib(report.device_bytes)} (peak {_mib(report.device_peak_bytes)}); "
+            f"allocated now {_mib(now)}"
+        )
+    if report.rss_before is not None and report.rss_after is not None and report.peak_rss is not None:
+        scope = "process lifetime" if report.peak_rss_is_lifetime else "during load"
+        lines.append(
+            f"host RSS   grew {_mib(report.rss_after - report.rss_before)} during load "
+            f"(peak {_mib(report.peak_rss)} {scope}, {_mib(report.peak_rss - report.rss_before)} above the start); "
+            f"now {_mib(current_rss())}"
+        )
+    lines.append(f"load time  {report.load_seconds:.1f} s")
+    return "\n".join(lines)

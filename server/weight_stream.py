@@ -1,0 +1,330 @@
+"""Stream a checkpoint into a model skeleton, quantizing Linear weights on the way.
+
+The model is built with its parameters on the meta device (no memory), each Linear (and GPT-2's
+Conv1D, transposed, as transformers+bitsandbytes does) that will be quantized is swapped for an
+empty `quant.Linear4bit`, then the checkpoint is read one tensor at a time: cast to the load
+dtype, moved to the device, quantized there, placed. A prequantized bitsandbytes checkpoint's
+layers are gathered key by key and wrapped as stored (no dequantize/requantize).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quant import Linear4bit, Params4bit, QuantConfig
+
+from .checkpoint import CheckpointReader
+from .peak_memory import release_free_memory
+from .sources import first_line
+
+logger = logging.getLogger("quantserve.loader")
+
+_QUANT_STATE_KEY = ".weight.quant_state.bitsandbytes__"
+_DEFAULT_QUANT = QuantConfig()
+_TRIM_EVERY_BYTES = 4 * 2**20  # return freed read buffers to the OS after every few MiB read
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules with their parameters on the meta device (no memory, no init cost) and
+    their buffers normally: buffers such as rotary tables are computed in __init__, are small and
+    are usually not in checkpoints. (accelerate's init_empty_weights(include_buffers=False).)
+    Patches nn.Module.register_parameter for the duration: don't build other models meanwhile."""
+    original = nn.Module.register_parameter
+
+    def register_parameter(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register_parameter
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def linear_like_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """nn.Linear and transformers' Conv1D (GPT-2: a Linear with its weight stored transposed)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return {n: m for n, m in model.named_modules() if type(m) is nn.Linear or isinstance(m, Conv1D)}
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> Optional[str]:
+    # The same rule as quant.quantize_model: a pattern matches a whole dotted run of the name.
+    parts = name.split(".")
+    for pattern in patterns:
+        width = len(pattern.split("."))
+        if any(parts[i : i + width] == pattern.split(".") for i in range(len(parts) - width + 1)):
+            return pattern
+    return None
+
+
+def plan_quantization(model: nn.Module, quant: QuantConfig) -> tuple[list[str], dict[str, str]]:
+    """(Linear-like modules to quantize, {module kept: why}), with quant.quantize_model's rules:
+    llm_int8_skip_modules when given, else the output head and Linears tied to an embedding; plus
+    the architecture's _keep_in_fp32_modules, as transformers does."""
+    linears = linear_like_modules(model)
+    kept: dict[str, str] = {}
+    if quant.llm_int8_skip_modules is None:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        for name, module in linears.items():
+            if module is head:
+                kept[name] = "output head (kept in full precision by default, as transformers does)"
+            elif id(module.weight) in embeddings:
+                kept[name] = "weight tied to an input embedding"
+    else:
+        for name in linears:
+            matched = _matches(name, quant.llm_int8_skip_modules)
+            if matched is not None:
+                kept[name] = f"in llm_int8_skip_modules ({matched!r})"
+    fp32_modules = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name in linears:
+        matched = _matches(name, fp32_modules)
+        if matched is not None and name not in kept:
+            kept[name] = f"kept in fp32 by the architecture ({matched!r})"
+    return [n for n in linears if n not in kept], kept
+
+
+class WeightStreamer:
+    """One load: the model skeleton on the meta device, the quantization plan, and the
+    tensor-by-tensor placement of a checkpoint (`run`). Afterwards: `model`, `quant` (as applied),
+    `quantized`, `skipped`, `transposed`, `unexpected`, `prequantized`."""
+
+    def __init__(
+        self,
+        hf_config: Any,
+        folder: Path,
+        device: torch.device,
+        dtype: torch.dtype,
+        quant: Optional[QuantConfig],
+        checkpoint_quant: Optional[QuantConfig] = None,
+        progress: bool = True,
+    ):
+        import transformers
+
+        self.device = device
+        self.dtype = dtype
+        self.requested_quant = quant
+        self.progress = progress
+        self.folder = folder
+        self.prequantized = checkpoint_quant is not None
+        if hasattr(hf_config, "quantization_config"):
+            hf_config = copy.copy(hf_config)
+            del hf_config.quantization_config  # we place the quantized layers ourselves
+        with parameters_on_meta():
+            try:
+                self.model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=self.dtype)
+            except (ValueError, TypeError, ImportError) as exc:
+                raise ValueError(f"cannot build the {hf_config.model_type} model of {folder}: {first_line(exc)}") from None
+        self.quant = self._effective_quant(checkpoint_quant)
+        names = [n for n, _ in self.model.named_parameters(remove_duplicate=False)]
+        by_param: dict[int, list[str]] = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            by_param.setdefault(id(param), []).append(name)
+        # Tied parameters (lm_head.weight is embed_tokens.weight): one checkpoint tensor, all names.
+        self.tied = {n: group for group in by_param.values() if len(group) > 1 for n in group}
+        self.expected = set(self.model.state_dict(keep_vars=True)) | set(names)
+        self.base_prefix = getattr(self.model, "base_model_prefix", "") or ""
+        self.placed: set[str] = set()  # names filled from the checkpoint so far
+        self.transposed: set[str] = set()
+        self.quantized: list[str] = []
+        self.skipped: dict[str, str] = {}
+
+    def _effective_quant(self, checkpoint_quant: Optional[QuantConfig]) -> Optional[QuantConfig]:
+        requested = self.requested_quant
+        if checkpoint_quant is None:
+            if requested is None:
+                return None
+            return dataclasses.replace(requested, bnb_4bit_compute_dtype=requested.bnb_4bit_compute_dtype or self.dtype)
+        if requested is None:
+            raise ValueError(f"{self.folder} is a prequantized bitsandbytes 4-bit checkpoint; it cannot be loaded unquantized")
+
+        def settings(q: QuantConfig) -> tuple:
+            return (q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant, q.blocksize, q.bnb_4bit_quant_storage, q.llm_int8_skip_modules)
+
+        if settings(requested) not in (settings(_DEFAULT_QUANT), settings(checkpoint_quant)):
+            raise ValueError(
+                f"{self.folder} is already quantized ({checkpoint_quant.bnb_4bit_quant_type}, double quant "
+                f"{checkpoint_quant.bnb_4bit_use_double_quant}); requantizing with other settings is not supported"
+            )
+        compute = requested.bnb_4bit_compute_dtype or checkpoint_quant.bnb_4bit_compute_dtype
+        return dataclasses.replace(checkpoint_quant, bnb_4bit_compute_dtype=compute)
+
+    def model_name(self, key: str) -> Optional[str]:
+        """The model's name for a checkpoint key (GPT-2 checkpoints omit the `transformer.` prefix)."""
+        if key in self.expected:
+            return key
+        prefix = self.base_prefix
+        if prefix and f"{prefix}.{key}" in self.expected:
+            return f"{prefix}.{key}"
+        if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1 :] in self.expected:
+            return key[len(prefix) + 1 :]
+        return None
+
+    def tie_targets(self, target: str, tensor: torch.Tensor) -> list[str]:
+        """The names a checkpoint tensor goes to: its tied group, except names an earlier key of
+        the group already filled. A checkpoint that stores a tied pair with different values
+        (config.json says tied, the weights disagree) is untied, as transformers does."""
+        group = self.tied.get(target, [target])
+        if target not in self.placed:
+            names = [n for n in group if n not in self.placed]
+        else:
+            module_name, _, attr = target.rpartition(".")
+            current = self.model.get_submodule(module_name)._parameters.get(attr)
+            same = (
+                current is not None and not isinstance(current, Params4bit) and current.shape == tensor.shape
+                and torch.equal(current, tensor.to(device=current.device, dtype=current.dtype))
+            )
+            if same:
+                return []
+            logger.warning("%s differs from the weight it is tied to in config.json; keeping them separate", target)
+            names = [target]
+        self.placed.update(names)
+        return names
+
+    def swap_in_linear4bit(self, names: list[str]) -> None:
+        from transformers.pytorch_utils import Conv1D
+
+        q = self.quant
+        assert q is not None
+        for name in names:
+            module = self.model.get_submodule(name)
+            if isinstance(module, Conv1D):
+                in_features, out_features = module.weight.shape  # Conv1D stores (in, out)
+                self.transposed.add(name)
+            else:
+                in_features, out_features = module.in_features, module.out_features
+            with torch.device("meta"):
+                new = Linear4bit(
+                    in_features, out_features, bias=module.bias is not None,
+                    compute_dtype=q.bnb_4bit_compute_dtype, compress_statistics=q.bnb_4bit_use_double_quant,
+                    quant_type=q.bnb_4bit_quant_type, quant_storage=q.bnb_4bit_quant_storage, blocksize=q.blocksize,
+                )
+            new.requires_grad_(False)
+            self.model.set_submodule(name, new)
+            self.quantized.append(name)
+
+    def place(self, names: list[str], tensor: torch.Tensor) -> None:
+        """Put one checkpoint tensor at `names` (several when tied): quantized where the name is a
+        Linear4bit's weight, else one shared Parameter (or buffer) in the load dtype."""
+        shared: Optional[nn.Parameter] = None
+        for name in names:
+            module_name, _, attr = name.rpartition(".")
+            module = self.model.get_submodule(module_name)
+            if isinstance(module, Linear4bit) and attr == "weight":
+                weight = tensor.T if module_name in self.transposed else tensor
+                expected = (module.out_features, module.in_features)
+                if tuple(weight.shape) != expected:
+                    raise ValueError(f"checkpoint tensor {name} has shape {list(weight.shape)}, the model expects {list(expected)}")
+                weight = weight.to(device=self.device, dtype=self.dtype).contiguous()
+                module.weight = Params4bit(weight, requires_grad=False, **module.weight._settings()).quantize()
+                continue
+            is_param = attr in module._parameters
+            current = module._parameters[attr] if is_param else module._buffers.get(attr)
+            if current is not None and tuple(current.shape) != tuple(tensor.shape):
+                raise ValueError(f"checkpoint tensor {name} has shape {list(tensor.shape)}, the model expects {list(current.shape)}")
+            if is_param:
+                if shared is None:
+                    value = tensor.to(device=self.device, dtype=self.dtype if tensor.is_floating_point() else None)
+                    shared = nn.Parameter(value, requires_grad=False)
+                module._parameters[attr] = shared
+            else:
+                dtype = current.dtype if current is not None and tensor.is_floating_point() else None
+                module._buffers[attr] = tensor.to(device=self.device, dtype=dtype)
+
+    def place_prequantized(self, module_name: str, weight_key: str, tensors: dict[str, torch.Tensor]) -> None:
+        module = self.model.get_submodule(module_name)
+        data = tensors.pop(weight_key)
+        try:
+            weight = Params4bit.from_prequantized(data, tensors, device=self.device)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{weight_key}: bad quantization state in the checkpoint: {exc}") from None
+        expected = (module.out_features, module.in_features)
+        if tuple(weight.quant_state.shape) != expected:
+            raise ValueError(f"{weight_key} is quantized with shape {list(weight.quant_state.shape)}, the model expects {list(expected)}")
+        module.weight = weight
+
+    def run(self, reader: CheckpointReader) -> None:
+        keys = reader.names
+        groups: dict[str, list[str]] = {}  # prequantized module (model name) -> its checkpoint keys
+        group_of: dict[str, tuple[str, str]] = {}  # checkpoint key -> (module, weight key)
+        if self.prequantized:
+            prefixes = {k.split(_QUANT_STATE_KEY)[0] for k in keys if _QUANT_STATE_KEY in k}
+            for key in keys:
+                base = key.rpartition(".weight.")[0] if ".weight." in key else key.removesuffix(".weight")
+                if base in prefixes:
+                    target = self.model_name(base + ".weight")
+                    if target is None:
+                        raise ValueError(f"checkpoint has quantized weights for {base}, which the model does not have")
+                    groups.setdefault(target.removesuffix(".weight"), []).append(key)
+                    group_of[key] = (target.removesuffix(".weight"), base + ".weight")
+            self.swap_in_linear4bit(list(groups))
+            linears = linear_like_modules(self.model)
+            self.skipped = {n: "stored unquantized in the checkpoint" for n in linears}
+        elif self.quant is not None:
+            to_quantize, self.skipped = plan_quantization(self.model, self.quant)
+            self.swap_in_linear4bit(to_quantize)
+        else:
+            self.skipped = {n: "quantization off (quant=None)" for n in linear_like_modules(self.model)}
+        pending: dict[str, dict[str, torch.Tensor]] = {}
+        unexpected: list[str] = []
+        transient_bytes = 0  # read since the last release_free_memory()
+        bar = tqdm(keys, desc="loading", unit="tensor", disable=not self.progress, leave=False)
+        for key in bar:
+            if key in group_of:
+                module_name, weight_key = group_of[key]
+                tensors = pending.setdefault(module_name, {})
+                tensors[key] = reader.read(key)
+                if len(tensors) == len(groups[module_name]):
+                    self.place_prequantized(module_name, weight_key, pending.pop(module_name))
+                continue
+            target = self.model_name(key)
+            if target is None:
+                unexpected.append(key)
+                continue
+            tensor = reader.read(key)
+            transient_bytes += tensor.numel() * tensor.element_size()
+            names = self.tie_targets(target, tensor)
+            if names:
+                self.place(names, tensor)
+            del tensor
+            if transient_bytes > _TRIM_EVERY_BYTES:
+                release_free_memory()
+                transient_bytes = 0
+        bar.close()
+        release_free_memory()
+        missing = [n for n, p in self.model.named_parameters() if p.device.type == "meta"]
+        if missing:
+            raise ValueError(
+                f"{self.folder}: the checkpoint has no tensor for {len(missing)} of the model's weights, e.g. "
+                f"{missing[:3]} (does config.json describe this checkpoint?)"
+            )
+        for module in self.model.modules():
+            for attr, buffer in module._buffers.items():
+                if buffer is not None and buffer.device != self.device:
+                    module._buffers[attr] = buffer.to(self.device)
+        if unexpected:
+            logger.info("ignored %d checkpoint tensors the model has no place for, e.g. %s", len(unexpected), unexpected[:3])
+        self.unexpected = unexpected
+        self.model.eval()
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of the original model (a 4-bit weight counts its unpacked elements), tied once."""
+    total = 0
+    for param in model.parameters():
+        state = getattr(param, "quant_state", None)
+        total += state.shape.numel() if state is not None else param.numel()
+    return total
