@@ -6,7 +6,7 @@ import argparse
 import platform
 import sys
 from importlib import metadata
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
@@ -163,6 +163,38 @@ def _add_loader_commands(sub) -> None:
     inspect.set_defaults(func=_run_reporting_errors(_cmd_inspect))
 
 
+def _add_serve_command(sub: Any) -> None:
+    from .serve import add_serve_arguments
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description=(
+            "Load MODEL quantized to 4 bits (the built-in SmolLM2-135M-Instruct when omitted) and serve "
+            "the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), /tokenize, "
+            "/detokenize, /health, /metrics and /v1/memory. The port opens at once; /health answers "
+            "503 until the model is loaded. Every flag can also be set as a QUANTSERVE_* variable."
+        ),
+    )
+    add_serve_arguments(serve)
+    serve.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from .serve import run, settings_from_args
+
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            print(f"quantserve serve: --{where.replace('_', '-')}: {err['msg']}", file=sys.stderr)
+        return 2
+    return run(settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quantserve",
@@ -172,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_serve_command(sub)
     env = sub.add_parser("env", help="show versions, devices and active kernel backends")
     env.set_defaults(func=_cmd_env)
     _add_loader_commands(sub)

@@ -86,6 +86,31 @@ def run(settings: Settings) -> int:
     app = create_app(settings, registry)
     logger.info("quantserve: serving %s on http://%s:%d (OpenAI API at /v1, health at /health)",
                 settings.display_name(), settings.host, settings.port)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=settings.shutdown_timeout)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=settings.shutdown_timeout)
+    _graceful_server_class()(config).run()
     return 0
+
+
+def _graceful_server_class() -> type:
+    import uvicorn  # imported only when serving
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, so the process dies by the
+        signal (exit 143). A server that drained its requests on SIGTERM has succeeded: exit 0."""
+
+        def capture_signals(self):  # type: ignore[override]
+            context = super().capture_signals()
+
+            class _NoReraise:
+                def __enter__(inner):
+                    return context.__enter__()
+
+                def __exit__(inner, *exc):
+                    self._captured_signals.clear()
+                    return context.__exit__(*exc)
+
+            return _NoReraise()
+
+    return GracefulServer
+

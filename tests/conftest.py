@@ -25,3 +25,11 @@ def bnb():
     import bitsandbytes
 
     return bitsandbytes
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    """The built-in default model converted to a cached HF folder (the first call pays ~30 s)."""
+    from server.default_model import default_model_folder
+
+    return default_model_folder()

@@ -25,13 +25,15 @@ def log_unknown_fields(body: Any) -> None:
         logger.debug("ignoring unknown request fields: %s", ", ".join(unknown))
 
 
-def resolve_max_tokens(requested: Optional[int], prompt_len: int, max_model_len: int, param: str) -> int:
+def resolve_max_tokens(
+    requested: Optional[int], prompt_len: int, max_model_len: int, param: str, prompt_param: str
+) -> int:
     """The completion budget: what was asked, or the rest of the context. Never truncates a prompt."""
     if prompt_len >= max_model_len:
         raise bad_request(
             f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
             f"{prompt_len} tokens. Shorten the prompt.",
-            "messages" if param == "max_completion_tokens" else "prompt",
+            prompt_param,
             "context_length_exceeded",
         )
     room = max_model_len - prompt_len

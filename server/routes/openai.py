@@ -22,7 +22,9 @@ async def create_chat_completion(body: p.ChatCompletionRequest, request: Request
     check_n(request, body.n)
     prompt = await to_thread(served.render_chat, body.chat_messages())
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    max_tokens = resolve_max_tokens(body.requested_max_tokens(), len(prompt), served.max_model_len, param)
+    max_tokens = resolve_max_tokens(
+        body.requested_max_tokens(), len(prompt), served.max_model_len, param, "messages"
+    )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     gen = submit(request, served, p.random_id("chatcmpl"), [prompt], [body.to_sampling_params(max_tokens)],
                  body.n, include_usage)
@@ -51,7 +53,8 @@ async def create_completion(body: p.CompletionRequest, request: Request):
             texts.append(served.tokenizer.decode(raw) if body.echo else "")
     if len(prompts) * body.n > request.app.state.settings.max_n:
         raise bad_request(f"prompts x n must be at most {request.app.state.settings.max_n}", "prompt")
-    params = [body.to_sampling_params(resolve_max_tokens(body.max_tokens, len(ids), served.max_model_len, "max_tokens"))
+    params = [body.to_sampling_params(resolve_max_tokens(
+        body.max_tokens, len(ids), served.max_model_len, "max_tokens", "prompt"))
               for ids in prompts]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     gen = submit(request, served, p.random_id("cmpl"), prompts, params, body.n, include_usage)

@@ -120,9 +120,7 @@ def test_chat_completion_non_streaming(server, tokenizer):
     assert resp.object == "chat.completion" and len(resp.choices) == 1
     choice = resp.choices[0]
     assert choice.message.role == "assistant" and "Paris" in choice.message.content
-    prompt_ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True)
-    if isinstance(prompt_ids, dict):
-        prompt_ids = prompt_ids["input_ids"]
+    prompt_ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert resp.usage.prompt_tokens == len(prompt_ids)
     completion_ids = tokenizer.encode(choice.message.content, add_special_tokens=False)
     # The text re-encodes to the generated count (+1 when generation ended on the EOS token).
