@@ -152,7 +152,13 @@ def matmul_4bit(
         raise ValueError(f"A has {A.shape[-1]} input features, the weight expects {quant_state.shape[1]}")
     if bias is not None and bias.shape != (quant_state.shape[0],):
         raise ValueError(f"bias must have shape ({quant_state.shape[0]},), got {tuple(bias.shape)}")
+    nested = quant_state.nested
+    if nested is not None:
+        # GPU kernels decode the 8-bit absmax in registers; elsewhere the op decodes, then gemm_4bit.
+        return torch.ops.quant.gemm_4bit_nested(
+            A, packed, list(quant_state.shape), quant_state.absmax, nested.absmax, nested.code, nested.offset,
+            quant_state.blocksize, nested.blocksize, quant_state.quant_type, bias,
+        )
     return torch.ops.quant.gemm_4bit(
-        A, packed, list(quant_state.shape), dequantize_absmax(quant_state), quant_state.blocksize,
-        quant_state.quant_type, bias,
+        A, packed, list(quant_state.shape), quant_state.absmax, quant_state.blocksize, quant_state.quant_type, bias
     )

@@ -103,3 +103,97 @@ def _(A: torch.Tensor, code: torch.Tensor, blocksize: int):
 def _(A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype):
     torch._check(A.dtype == torch.uint8, lambda: f"A must be uint8, got {A.dtype}")
     return torch.empty_like(A, dtype=dtype)
+
+
+# The op for a 4-bit matmul whose absmax is double-quantized, decoded inside the kernel.
+#
+#     gemm_4bit_nested(A, B, shapeB, absmax, nested_absmax, nested_code, offset, blocksize,
+#                      nested_blocksize, quant_type, bias) -> Tensor
+#
+# is, by definition, `gemm_4bit(A, B, shapeB, decoded, blocksize, quant_type, bias)` with
+# `decoded = dequantize_blockwise(absmax, nested_absmax, nested_code, nested_blocksize) + offset`
+# (float32): `absmax` holds the uint8 codes [num_blocks], `nested_absmax` float32
+# [ceil(num_blocks / nested_blocksize)], `nested_code` the 256-entry float32 map, `offset` the mean
+# that was subtracted before quantizing. GPU kernels decode absmax per tile in registers, reading one
+# byte per block instead of four and skipping the separate decode launch and its float32 buffer.
+#
+# Its reference kernel (quant.backends.default, every device) is that definition, calling the two
+# ops so that each runs on its device's best kernel.
+_lib.define(
+    "gemm_4bit_nested"
+    "(Tensor A, Tensor B, SymInt[] shapeB, Tensor absmax, Tensor nested_absmax, Tensor nested_code, float offset, "
+    "int blocksize, int nested_blocksize, str quant_type, Tensor? bias=None) -> Tensor"
+)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::gemm_4bit_nested")
+def _(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    shapeB: Sequence[int],
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor,
+    nested_code: torch.Tensor,
+    offset: float,
+    blocksize: int,
+    nested_blocksize: int,
+    quant_type: str,
+    bias: Optional[torch.Tensor] = None,
+):
+    torch._check(len(shapeB) == 2, lambda: f"shapeB must be (out_features, in_features), got {shapeB}")
+    torch._check(
+        A.shape[-1] == shapeB[1], lambda: f"A has {A.shape[-1]} input features, the weight {shapeB[1]}"
+    )
+    torch._check(absmax.dtype == torch.uint8, lambda: f"nested absmax codes must be uint8, got {absmax.dtype}")
+    torch._check(
+        nested_absmax.dtype == torch.float32, lambda: f"nested_absmax must be float32, got {nested_absmax.dtype}"
+    )
+    torch._check(nested_code.numel() == 256, lambda: f"nested_code must have 256 entries, got {nested_code.numel()}")
+    return torch.empty((*A.shape[:-1], shapeB[0]), device=A.device, dtype=A.dtype)
+
+
+# The paged-attention decode op for the engine's KV cache layout, with its pure-PyTorch reference.
+#
+#     paged_attention_decode(query, key_cache, value_cache, block_tables, context_lens, scale) -> out
+#
+# - query [num_seqs, num_heads, head_dim]: one new token per sequence.
+# - key_cache, value_cache [num_blocks, block_size, num_kv_heads, head_dim]: token t of a sequence
+#   lives in page block_tables[s, t // block_size], slot t % block_size.
+# - block_tables int32 [num_seqs, max_blocks_per_seq]; entries past a sequence's last page are
+#   ignored (may hold anything). context_lens int32 [num_seqs]: tokens to attend to, including the
+#   current one (its K/V are already written to the cache).
+# - GQA: num_heads % num_kv_heads == 0; query head h reads KV head h // (num_heads // num_kv_heads).
+# - out [num_seqs, num_heads, head_dim] in query's dtype: softmax(q . k * scale) . v over the first
+#   context_lens[s] tokens, computed in float32; a sequence with context length 0 gets zeros.
+#
+# Its reference kernel (quant.backends.default) gathers every sequence's pages into a contiguous
+# [max_blocks * block_size] window and masks past the context length.
+_lib.define(
+    "paged_attention_decode"
+    "(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor context_lens, "
+    "float scale) -> Tensor"
+)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::paged_attention_decode")
+def _(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+):
+    torch._check(query.dim() == 3, lambda: f"query must be [num_seqs, num_heads, head_dim], got {tuple(query.shape)}")
+    torch._check(key_cache.dim() == 4, lambda: f"key_cache must be 4-D, got {tuple(key_cache.shape)}")
+    torch._check(value_cache.shape == key_cache.shape, lambda: "key_cache and value_cache shapes differ")
+    torch._check(key_cache.shape[3] == query.shape[2], lambda: "head_dim of query and cache differ")
+    torch._check(
+        query.shape[1] % key_cache.shape[2] == 0,
+        lambda: f"num_heads ({query.shape[1]}) must be a multiple of num_kv_heads ({key_cache.shape[2]})",
+    )
+    torch._check(block_tables.dtype == torch.int32, lambda: f"block_tables must be int32, got {block_tables.dtype}")
+    torch._check(context_lens.dtype == torch.int32, lambda: f"context_lens must be int32, got {context_lens.dtype}")
+    torch._check(block_tables.shape[0] == query.shape[0], lambda: "block_tables needs one row per sequence")
+    torch._check(context_lens.shape == (query.shape[0],), lambda: "context_lens needs one entry per sequence")
+    return torch.empty_like(query)

@@ -2,6 +2,8 @@
 
 - default: pure PyTorch, every device; the reference.
 - cpu: native C++ kernels (built on first use, cached), falling back to the reference.
+- triton: Triton kernels for the "cuda" key (NVIDIA and ROCm), registered only when a GPU is present.
+- cuda: the CUDA/HIP C++ batch-1 GEMV the Triton backend calls first (built on first use).
 """
 
 from __future__ import annotations
@@ -12,15 +14,17 @@ import functools
 @functools.cache
 def load_backends() -> None:
     """Register every available backend once (idempotent)."""
-    from . import cpu, default  # noqa: F401 - registration happens at import
+    from . import cpu, cuda, default, triton  # noqa: F401 - registration happens at import
 
 
 def backend_report() -> dict[str, str]:
     """Backend name -> one line on whether it is active and why not."""
-    from . import cpu
+    from . import cpu, cuda, triton
 
     load_backends()
-    report = {"default": "pure PyTorch reference (all devices)"}
-    status = getattr(cpu, "status", None)
-    report["cpu"] = status() if callable(status) else "not built"
-    return report
+    return {
+        "default": "pure PyTorch reference (all devices)",
+        "cpu": cpu.status(),
+        "triton": triton.status(),
+        "cuda": cuda.status(),
+    }

@@ -1,0 +1,335 @@
+"""Every Triton kernel on CPU under TRITON_INTERPRET=1, small shapes, fp32/fp16, against the reference.
+
+The interpreter's bf16 arithmetic is wrong, so bf16 runs only on a GPU (test_gpu.py). The new ops'
+pure-PyTorch references (quant.backends.default) are checked here too, against
+the existing reference ops and torch's scaled_dot_product_attention.
+
+Triton decides when a function is decorated whether it is interpreted, its own standard library
+(tl.zeros, tl.sum, ...) included, so TRITON_INTERPRET=1 must be set before triton is first imported.
+On a machine without a GPU this module sets it at import (collection), before any test can import
+triton; elsewhere run `TRITON_INTERPRET=1 pytest tests/kernels/test_triton_interpret.py` in its own
+process. The `kt` fixture skips when the kernels would not be interpreted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # the interpreter is the only way to run Triton here
+
+import quant  # noqa: E402
+from quant.backends import default as ops_attention  # noqa: E402
+from quant.backends import default as ops_nested  # noqa: E402
+from quant.backends import default as ref  # noqa: E402
+from quant.codebooks import get_4bit_code, get_dynamic_map  # noqa: E402
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+@pytest.fixture(scope="module")
+def kt():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 from the start of the process (automatic on machines without a GPU)")
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl.standard.zeros, InterpretedFunction):
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this module in its own process")
+    try:
+        from kernels.triton import ops
+    except ImportError as exc:  # pragma: no cover - triton too old, or a foreign "kernels" package
+        pytest.skip(f"kernels.triton not importable: {exc}")
+    return ops
+
+
+def _quantize(N, K, blocksize, quant_type, nested=False, dtype=torch.float32):
+    W = torch.randn(N, K, dtype=dtype)
+    packed, state = quant.quantize_4bit(W, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
+    return packed, state
+
+
+def _nested_args(kt, state):
+    n = state.nested
+    return kt.Nested(n.absmax, n.code, n.offset, n.blocksize) if n is not None else None
+
+
+def _ref_weight(packed, state, dtype):
+    """The reference's dequantized weight in `dtype` (what gemm_4bit multiplies with)."""
+    absmax = quant.functional.dequantize_absmax(state)
+    return ref.dequantize_4bit(packed, absmax, state.blocksize, state.quant_type, list(state.shape), dtype)
+
+
+def _ref_matmul(A, packed, state, bias):
+    W = _ref_weight(packed, state, A.dtype)
+    out = A.double() @ W.double().T
+    if bias is not None:
+        out += bias.to(A.dtype).double()
+    return out
+
+
+def _assert_matmul_close(out, expected, dtype, K):
+    assert out.dtype == dtype
+    # fp32: summation order only. fp16: the output rounding (~2^-11 relative) dominates.
+    tol = 1e-5 * math.sqrt(K) if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out.double(), expected, atol=tol * max(1.0, expected.abs().max().item()), rtol=tol)
+
+
+# --------------------------------------------------------------------------------------------
+# dequantize
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "shape, blocksize, block_bytes",
+    [((48, 96), 64, 1024), ((33, 65), 32, 64), ((7, 129), 128, 16), ((3, 500), 4096, 256), ((1, 1), 64, 64)],
+)
+@pytest.mark.parametrize("nested", [False, True])
+def test_dequantize_matches_reference_exactly(kt, quant_type, dtype, shape, blocksize, block_bytes, nested):
+    packed, state = _quantize(*shape, blocksize, quant_type, nested)
+    n = shape[0] * shape[1]
+    out = kt.dequantize_4bit(packed.reshape(-1), n, get_4bit_code(quant_type), state.absmax, blocksize, dtype,
+                             _nested_args(kt, state), block_bytes=block_bytes)
+    expected = _ref_weight(packed, state, dtype)
+    if nested:  # the kernel may fuse the absmax decode's multiply-add: last-bit differences only
+        torch.testing.assert_close(out.reshape(shape), expected, atol=0, rtol=2e-6 if dtype == torch.float32 else 1e-3)
+    else:
+        assert torch.equal(out.reshape(shape), expected)
+
+
+# --------------------------------------------------------------------------------------------
+# fused matmul: GEMV (M <= 4) and tl.dot GEMM, every tile-shape branch, split-K, nested absmax
+
+GEMV_CONFIGS = {
+    "default": "default",
+    "heuristic": "heuristic",
+    "tile_in_block": dict(BLOCK_N=4, BLOCK_KB=16, SPLIT_K=1, num_warps=4, num_stages=1),  # BLOCK_KB <= bs/2
+    "split2": dict(BLOCK_N=8, BLOCK_KB=16, SPLIT_K=2, num_warps=4, num_stages=1),
+    "split4_wide": dict(BLOCK_N=16, BLOCK_KB=64, SPLIT_K=4, num_warps=4, num_stages=1),
+}
+GEMM_CONFIGS = {
+    "default": "default",
+    "heuristic": "heuristic",
+    "tile_in_block": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_KB=16, SPLIT_K=1, num_warps=4, num_stages=1),
+    "split3": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_KB=16, SPLIT_K=3, num_warps=4, num_stages=1),
+    "wide": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_KB=64, SPLIT_K=1, num_warps=4, num_stages=1),
+}
+
+# (N, K, blocksize): K a multiple of the blocksize; K a divisor of it (blocks span rows); N odd.
+WEIGHTS = [(64, 128, 64), (40, 96, 32), (24, 64, 256), (33, 256, 128)]
+
+
+@pytest.mark.parametrize("config", list(GEMV_CONFIGS))
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("weight", WEIGHTS, ids=str)
+def test_gemv_matches_reference(kt, config, M, weight):
+    N, K, blocksize = weight
+    cases = [("nf4", torch.float16, False, True), ("fp4", torch.float32, True, False)]
+    for quant_type, dtype, nested, with_bias in cases:
+        packed, state = _quantize(N, K, blocksize, quant_type, nested)
+        A = torch.randn(M, K, dtype=dtype)
+        bias = torch.randn(N, dtype=dtype) if with_bias else None
+        out = kt.gemm_4bit(A, packed.reshape(-1), N, K, get_4bit_code(quant_type), state.absmax, blocksize, bias,
+                           _nested_args(kt, state), config=GEMV_CONFIGS[config])
+        _assert_matmul_close(out, _ref_matmul(A, packed, state, bias), dtype, K)
+
+
+@pytest.mark.parametrize("config", list(GEMM_CONFIGS))
+@pytest.mark.parametrize("M", [5, 37])
+@pytest.mark.parametrize("weight", WEIGHTS, ids=str)
+def test_gemm_matches_reference(kt, config, M, weight):
+    N, K, blocksize = weight
+    cases = [("fp4", torch.float16, True, True), ("nf4", torch.float32, False, False)]
+    for quant_type, dtype, nested, with_bias in cases:
+        packed, state = _quantize(N, K, blocksize, quant_type, nested)
+        A = torch.randn(M, K, dtype=dtype)
+        bias = torch.randn(N, dtype=dtype) if with_bias else None
+        out = kt.gemm_4bit(A, packed.reshape(-1), N, K, get_4bit_code(quant_type), state.absmax, blocksize, bias,
+                           _nested_args(kt, state), config=GEMM_CONFIGS[config])
+        _assert_matmul_close(out, _ref_matmul(A, packed, state, bias), dtype, K)
+
+
+def test_split_k_leaves_counters_zeroed_and_strided_rows(kt):
+    """A split-K launch resets the tile counters it used (the next launch and graph replays need zeros)."""
+    N, K, blocksize = 48, 128, 64
+    packed, state = _quantize(N, K, blocksize, "nf4")
+    big = torch.randn(2, 2 * K)
+    A = big[:, :K]  # rows strided by 2K
+    counters = torch.zeros(64, dtype=torch.int32)
+    for config in (GEMV_CONFIGS["split2"], GEMV_CONFIGS["split2"]):  # twice: the second relies on the reset
+        out = kt.gemm_4bit(A, packed.reshape(-1), N, K, get_4bit_code("nf4"), state.absmax, blocksize,
+                           config=config, counters=counters)
+        assert torch.count_nonzero(counters) == 0
+        _assert_matmul_close(out, _ref_matmul(A, packed, state, None), torch.float32, K)
+
+
+def test_gemm_rejects_unsupported_weights(kt):
+    assert not kt.matmul_supported(8, 96, 64) and not kt.matmul_supported(8, 33, 32)
+    assert kt.matmul_supported(8, 128, 64) and kt.matmul_supported(8, 32, 64)
+    with pytest.raises(ValueError, match="unsupported"):
+        kt.gemm_4bit(torch.randn(1, 96), torch.zeros(8 * 48, dtype=torch.uint8), 8, 96, get_4bit_code("nf4"),
+                     torch.ones(12), 64)
+
+
+# --------------------------------------------------------------------------------------------
+# the "cuda"-key kernels of quant/backends/triton.py, called directly on CPU tensors
+
+
+@pytest.fixture()
+def backend(kt, monkeypatch):
+    from quant.backends import cuda as native
+    from quant.backends import triton as backend
+
+    monkeypatch.setattr(native, "_loaded", lambda: False)  # no GPU toolkit here: the Triton path
+    backend._code.cache_clear()
+    return backend
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("lead_shape", [(1,), (2, 3), (6,)], ids=str)
+def test_backend_gemm_and_nested(backend, monkeypatch, quant_type, lead_shape):
+    monkeypatch.setattr(backend, "DEQUANT_GEMM_MIN_ROWS", 6)  # 6 rows take the dequantize + F.linear path
+    N, K = 40, 128
+    for nested in (False, True):
+        packed, state = _quantize(N, K, 64, quant_type, nested)
+        A = torch.randn(*lead_shape, K, dtype=torch.float16)
+        bias = torch.randn(N, dtype=torch.float32)  # cast to A's dtype, as the reference does
+        expected = _ref_matmul(A.reshape(-1, K), packed, state, bias).reshape(*lead_shape, N)
+        if nested:
+            nst = state.nested
+            out = backend.gemm_4bit_nested(A, packed, [N, K], state.absmax, nst.absmax, nst.code, nst.offset, 64,
+                                           nst.blocksize, quant_type, bias)
+        else:
+            out = backend.gemm_4bit(A, packed, [N, K], state.absmax, 64, quant_type, bias)
+        assert out.shape == (*lead_shape, N)
+        _assert_matmul_close(out, expected, torch.float16, K)
+
+
+def test_backend_unsupported_weight_and_storage(backend):
+    """K = 96 with blocksize 64 is not fusable: dequantize + F.linear; a bf16 quant_storage is read as bytes."""
+    packed, state = quant.quantize_4bit(torch.randn(16, 96), blocksize=64, quant_storage=torch.bfloat16)
+    A = torch.randn(3, 96)
+    out = backend.gemm_4bit(A, packed, [16, 96], state.absmax, 64, "nf4")
+    _assert_matmul_close(out, _ref_matmul(A, packed, state, None), torch.float32, 96)
+    deq = backend.dequantize_4bit(packed, state.absmax, 64, "nf4", [16, 96], torch.float16)
+    assert torch.equal(deq, ref.dequantize_4bit(packed, state.absmax, 64, "nf4", [16, 96], torch.float16))
+
+
+def test_triton_ops_eager(kt):
+    N, K = 32, 64
+    packed, state = _quantize(N, K, 64, "nf4", nested=True)
+    nst = state.nested
+    A = torch.randn(2, K)
+    out = torch.ops.quant_triton.gemm_4bit(A, packed.reshape(-1), N, K, get_4bit_code("nf4"), state.absmax, 64,
+                                           None, nst.absmax, nst.code, nst.offset, nst.blocksize)
+    _assert_matmul_close(out, _ref_matmul(A, packed, state, None), torch.float32, K)
+    deq = torch.ops.quant_triton.dequantize_4bit(packed.reshape(-1), N * K, get_4bit_code("nf4"), state.absmax, 64,
+                                                 torch.float32, nst.absmax, nst.code, nst.offset, nst.blocksize)
+    torch.testing.assert_close(deq.reshape(N, K), _ref_weight(packed, state, torch.float32), atol=0, rtol=2e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# paged attention
+
+
+def _paged_case(num_seqs, num_heads, num_kv_heads, head_dim, page_size, context_lens, dtype, max_pages=None):
+    """Random cache with shuffled, non-contiguous pages; unused block-table entries hold -1."""
+    pages_needed = [math.ceil(c / page_size) for c in context_lens]
+    max_pages = max_pages or max(1, max(pages_needed))
+    num_blocks = sum(pages_needed) + 3
+    key_cache = torch.randn(num_blocks, page_size, num_kv_heads, head_dim, dtype=dtype)
+    value_cache = torch.randn(num_blocks, page_size, num_kv_heads, head_dim, dtype=dtype)
+    perm = torch.randperm(num_blocks).tolist()
+    block_tables = torch.full((num_seqs, max_pages), -1, dtype=torch.int32)
+    for s, need in enumerate(pages_needed):
+        block_tables[s, :need] = torch.tensor([perm.pop() for _ in range(need)], dtype=torch.int32)
+    query = torch.randn(num_seqs, num_heads, head_dim, dtype=dtype)
+    return query, key_cache, value_cache, block_tables, torch.tensor(context_lens, dtype=torch.int32)
+
+
+def _sdpa_reference(query, key_cache, value_cache, block_tables, context_lens, scale):
+    """torch SDPA per sequence on its gathered, contiguous K/V."""
+    outs = []
+    page_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = query.shape[1] // num_kv_heads
+    for s in range(query.shape[0]):
+        n = int(context_lens[s])
+        if n == 0:
+            outs.append(torch.zeros_like(query[s]))
+            continue
+        pages = block_tables[s, : math.ceil(n / page_size)].long()
+        k = key_cache[pages].reshape(-1, num_kv_heads, query.shape[2])[:n].float()
+        v = value_cache[pages].reshape(-1, num_kv_heads, query.shape[2])[:n].float()
+        k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, n, D]
+        v = v.repeat_interleave(group, dim=1).transpose(0, 1)
+        q = query[s].float()[:, None, :]  # [H, 1, D]
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+        outs.append(o[:, 0, :].to(query.dtype))
+    return torch.stack(outs)
+
+
+PAGED_CASES = [
+    # num_seqs, num_heads, num_kv_heads, head_dim, page_size, context_lens
+    (3, 4, 2, 32, 16, [1, 17, 40]),
+    (2, 8, 8, 64, 8, [9, 0]),
+    (2, 6, 1, 80, 4, [33, 5]),  # MQA, head_dim not a power of two
+]
+
+
+@pytest.mark.parametrize("case", PAGED_CASES, ids=str)
+def test_paged_attention_reference_matches_sdpa(case):
+    query, kc, vc, bt, cl = _paged_case(*case, dtype=torch.float32)
+    scale = case[3] ** -0.5
+    out = ops_attention.paged_attention_decode(query, kc, vc, bt, cl, scale)
+    torch.testing.assert_close(out, _sdpa_reference(query, kc, vc, bt, cl, scale), atol=1e-5, rtol=1e-5)
+    torch.library.opcheck(torch.ops.quant.paged_attention_decode.default, (query, kc, vc, bt, cl, scale))
+
+
+@pytest.mark.parametrize("case", PAGED_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("partition_size", [None, 16])
+def test_paged_attention_kernel_matches_reference(kt, case, dtype, partition_size):
+    query, kc, vc, bt, cl = _paged_case(*case, dtype=dtype, max_pages=12)
+    scale = case[3] ** -0.5
+    out = kt.paged_attention_decode(query, kc, vc, bt, cl, scale, partition_size=partition_size, block_t=8)
+    expected = ops_attention.paged_attention_decode(query, kc, vc, bt, cl, scale)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+
+
+def test_paged_attention_backend_and_triton_op(kt):
+    from quant.backends import triton as backend
+
+    query, kc, vc, bt, cl = _paged_case(2, 4, 2, 32, 16, [20, 3], dtype=torch.float32)
+    expected = ops_attention.paged_attention_decode(query, kc, vc, bt, cl, 0.2)
+    torch.testing.assert_close(backend.paged_attention_decode(query, kc, vc, bt, cl, 0.2), expected)
+    torch.testing.assert_close(torch.ops.quant_triton.paged_attention_decode(query, kc, vc, bt, cl, 0.2), expected)
+
+
+# --------------------------------------------------------------------------------------------
+# the nested-absmax op's reference
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_gemm_4bit_nested_reference(quant_type):
+    W = torch.randn(48, 128)
+    packed, state = quant.quantize_4bit(W, blocksize=64, quant_type=quant_type, compress_statistics=True)
+    nst = state.nested
+    A = torch.randn(3, 128)
+    bias = torch.randn(48)
+    out = torch.ops.quant.gemm_4bit_nested(A, packed, [48, 128], state.absmax, nst.absmax, nst.code, nst.offset, 64,
+                                           nst.blocksize, quant_type, bias)
+    torch.testing.assert_close(out, quant.matmul_4bit(A, packed, state, bias))
+    decoded = ops_nested.decode_absmax(state.absmax, nst.absmax, nst.code, nst.offset, nst.blocksize)
+    assert torch.equal(decoded, quant.functional.dequantize_absmax(state))
+    torch.library.opcheck(
+        torch.ops.quant.gemm_4bit_nested.default,
+        (A, packed, [48, 128], state.absmax, nst.absmax, get_dynamic_map(), nst.offset, 64, 256, quant_type, bias),
+    )
