@@ -84,9 +84,6 @@ class Metrics:
         self.queue = Histogram("vllm:request_queue_time_seconds", "Time waiting before the first engine step",
                                labels, buckets=_E2E_BUCKETS, registry=self.registry)
 
-    def request_started(self, model: str) -> None:
-        pass  # running/waiting counts come from the engine itself
-
     def request_finished(self, model: str, timing: Any) -> None:
         if timing.first_token is not None:
             self.ttft.labels(model).observe(timing.first_token - timing.arrival)

@@ -83,7 +83,6 @@ def submit(
             engine.abort(rid)
         raise APIError(400, str(exc), code="invalid_value") from None
     metrics = request.app.state.metrics
-    metrics.request_started(served.name)
 
     def abort() -> None:
         for rid in ids:

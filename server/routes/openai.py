@@ -7,7 +7,7 @@ from fastapi.responses import StreamingResponse
 
 from .. import protocol as p
 from .. import streaming
-from ..errors import bad_request, model_not_found
+from ..errors import bad_request
 from .common import check_n, log_unknown_fields, registry, resolve_max_tokens, submit, to_thread
 
 router = APIRouter()
@@ -79,8 +79,4 @@ async def list_models(request: Request) -> p.ModelList:
 
 @router.get("/v1/models/{model_id:path}")
 async def retrieve_model(model_id: str, request: Request) -> p.ModelCard:
-    reg = registry(request)
-    served = reg.get(model_id)
-    if served is None:
-        raise model_not_found(model_id)
-    return _card(served)
+    return _card(registry(request).get(model_id))
