@@ -187,6 +187,34 @@ async def _guarded(gen: Generation) -> AsyncIterator[tuple[int, Any, Any]]:
         gen.on_finish(gen.timing)
 
 
+@dataclasses.dataclass
+class _Collected:
+    """Everything a non-streamed response needs, gathered from the outputs by choice index."""
+
+    texts: dict[int, list[str]] = dataclasses.field(default_factory=dict)
+    logprobs: dict[int, list] = dataclasses.field(default_factory=dict)
+    finish: dict[int, Optional[str]] = dataclasses.field(default_factory=dict)
+    counts: _PromptCounts = dataclasses.field(default_factory=_PromptCounts)
+
+    def text(self, index: int) -> str:
+        return "".join(self.texts.get(index, []))
+
+
+async def _collect(gen: Generation) -> _Collected:
+    got = _Collected()
+    async for i, out, c in _guarded(gen):
+        got.counts.see(i, out)
+        index = i * gen.n + c.index
+        gen.timing.tokens_arrived(len(c.token_ids))
+        got.texts.setdefault(index, []).append(c.text)
+        if c.logprobs is not None:
+            got.logprobs.setdefault(index, []).extend(c.logprobs)
+        if c.finish_reason is not None:
+            gen.timing.finish_reasons.append(c.finish_reason)
+            got.finish[index] = c.finish_reason
+    return got
+
+
 # ------------------------------------------------------------------ chat
 
 
@@ -221,32 +249,18 @@ async def chat_stream(gen: Generation) -> AsyncIterator[str]:
 
 
 async def chat_response(gen: Generation) -> p.ChatCompletion:
-    texts: dict[int, list[str]] = {}
-    logprobs: dict[int, list] = {}
-    finish: dict[int, Optional[str]] = {}
-    counts = _PromptCounts()
-    async for i, out, c in _guarded(gen):
-        counts.see(i, out)
-        index = i * gen.n + c.index
-        gen.timing.tokens_arrived(len(c.token_ids))
-        texts.setdefault(index, []).append(c.text)
-        if c.logprobs is not None:
-            logprobs.setdefault(index, []).extend(c.logprobs)
-        if c.finish_reason is not None:
-            gen.timing.finish_reasons.append(c.finish_reason)
-            finish[index] = c.finish_reason
-    prompt_tokens, cached = counts.totals()
+    got = await _collect(gen)
     choices = [
         p.ChatChoice(
             index=index,
-            message=p.ChatResponseMessage(content="".join(texts.get(index, []))),
-            logprobs=_chat_logprobs(gen, logprobs.get(index)) if index in logprobs else None,
-            finish_reason=_finish(finish.get(index)),
+            message=p.ChatResponseMessage(content=got.text(index)),
+            logprobs=_chat_logprobs(gen, got.logprobs.get(index)) if index in got.logprobs else None,
+            finish_reason=_finish(got.finish.get(index)),
         )
         for index in range(gen.n * len(gen.streams))
     ]
     return p.ChatCompletion(id=gen.request_id, created=gen.created, model=gen.model, choices=choices,
-                            usage=_usage(gen, prompt_tokens, cached))
+                            usage=_usage(gen, *got.counts.totals()))
 
 
 # ------------------------------------------------------------------ completions
@@ -283,32 +297,18 @@ async def completion_stream(gen: Generation) -> AsyncIterator[str]:
 
 
 async def completion_response(gen: Generation, echo_texts: Optional[list[str]] = None) -> p.Completion:
-    texts: dict[int, list[str]] = {}
-    logprobs: dict[int, list] = {}
-    finish: dict[int, Optional[str]] = {}
-    counts = _PromptCounts()
-    async for i, out, c in _guarded(gen):
-        counts.see(i, out)
-        index = i * gen.n + c.index
-        gen.timing.tokens_arrived(len(c.token_ids))
-        texts.setdefault(index, []).append(c.text)
-        if c.logprobs is not None:
-            logprobs.setdefault(index, []).extend(c.logprobs)
-        if c.finish_reason is not None:
-            gen.timing.finish_reasons.append(c.finish_reason)
-            finish[index] = c.finish_reason
-    prompt_tokens, cached = counts.totals()
+    got = await _collect(gen)
     choices = []
     for index in range(gen.n * len(gen.streams)):
         prefix = echo_texts[index // gen.n] if echo_texts else ""
         choices.append(p.CompletionChoice(
             index=index,
-            text=prefix + "".join(texts.get(index, [])),
-            logprobs=_completion_logprobs(gen, logprobs.get(index), len(prefix)) if index in logprobs else None,
-            finish_reason=_finish(finish.get(index)),
+            text=prefix + got.text(index),
+            logprobs=_completion_logprobs(gen, got.logprobs.get(index), len(prefix)) if index in got.logprobs else None,
+            finish_reason=_finish(got.finish.get(index)),
         ))
     return p.Completion(id=gen.request_id, created=gen.created, model=gen.model, choices=choices,
-                        usage=_usage(gen, prompt_tokens, cached))
+                        usage=_usage(gen, *got.counts.totals()))
 
 
 def _stream_error(gen: Generation, exc: Exception) -> dict:
