@@ -1,6 +1,6 @@
 """GPU kernel benchmark: our 4-bit matmul vs bitsandbytes' CUDA path vs cuBLAS dense, one run.
 
-    python bench/kernels.py [--rows 1 4 16 64 256] [--dtype bfloat16] [--quant-type nf4]
+    python bench/gpu_kernels.py [--rows 1 4 16 64 256] [--dtype bfloat16] [--quant-type nf4]
                             [--absmax both|fp32|double] [--replays 30] [--no-graph] [--out FILE]
 
 For the Llama-3-8B layer shapes (in_features K -> out_features N: q/o_proj 4096 -> 4096, k/v_proj
@@ -30,12 +30,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-# This file is bench/kernels.py: when run as a script its folder comes first on sys.path and would
-# shadow the `kernels` package, so drop it.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
-import torch  # noqa: E402
+import torch
 
 DEVICE = "cuda"
 SHAPES = [  # (layer, K in_features, N out_features)
@@ -252,7 +247,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the tables to this file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench/kernels.py needs a CUDA or ROCm GPU")
+        sys.exit("bench/gpu_kernels.py needs a CUDA or ROCm GPU")
 
     import bitsandbytes as bnb
     import triton
