@@ -34,7 +34,8 @@ class Settings(BaseSettings):
     # Engine limits
     max_model_len: Optional[int] = Field(None, ge=16, description="context length limit (default: the model's)")
     max_num_seqs: int = Field(32, ge=1, le=4096, description="most sequences decoded together in one step")
-    max_num_batched_tokens: int = Field(2048, ge=16, description="token budget of one engine step (chunked prefill)")
+    # 512: on a CPU a bigger prefill chunk stalls every running stream for seconds.
+    max_num_batched_tokens: int = Field(512, ge=16, description="token budget of one engine step (chunked prefill)")
     max_queue: int = Field(256, ge=1, description="waiting requests beyond which new ones get 429 + Retry-After")
     kv_cache_memory: Optional[float] = Field(
         None, gt=0, description="KV cache size in GiB (default: 1 GiB on CPU, 90%% of free memory on GPU)"

@@ -1,0 +1,126 @@
+"""Paged attention over a flattened batch: decode tokens first, then prefill chunks (no padding).
+
+The KV cache of one layer is a pair of tensors: keys [num_blocks, num_kv_heads, head_dim,
+block_size] (transposed within a block, so that the native decode kernel computes a block's
+scores as whole-vector FMAs; `keys_view` gives the [num_blocks, block_size, heads, dim] view) and
+values [num_blocks, block_size, num_kv_heads, head_dim]. Token p of a sequence lives in slot
+block_table[p // block_size] * block_size + p % block_size.
+Per layer, the keys/values of every new token of the step are written first, then every
+attention reads the cache (so a block registered for prefix sharing during scheduling is filled
+before anyone reads it in the same step).
+
+- Decode tokens (one new token per sequence) are batched: their blocks are gathered into a
+  [num_decodes, max_blocks * block_size] view and masked beyond each context length.
+- A prefill chunk with no earlier context is causal attention over its own keys, computed
+  exactly as transformers' sdpa path computes a prompt; a chunk that continues a sequence
+  (chunked prefill, prefix cache hit) reads its earlier keys from the cache with an offset mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import native
+
+
+@dataclasses.dataclass
+class PrefillChunk:
+    start: int  # first row in the flattened batch
+    num_tokens: int
+    context_len: int  # tokens of the sequence in the cache after this step (earlier + these)
+    block_ids: Optional[torch.Tensor]  # [blocks] int64, when there is earlier context
+    mask: Optional[torch.Tensor]  # [num_tokens, context_len] bool, when there is earlier context
+
+
+@dataclasses.dataclass
+class AttentionMetadata:
+    """Everything attention needs about one step's batch, built once per step by the runner."""
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of every new token
+    slot_blocks: torch.Tensor  # [T] int64: slot // block_size
+    slot_offsets: torch.Tensor  # [T] int64: slot % block_size
+    num_decodes: int  # rows [0, num_decodes) are decode tokens
+    decode_block_tables: Optional[torch.Tensor]  # [num_decodes, max_blocks] int64 (0-padded)
+    decode_context_lens: Optional[torch.Tensor]  # [num_decodes] int64
+    decode_mask: Optional[torch.Tensor]  # [num_decodes, 1, 1, max_blocks * block_size] bool (PyTorch path)
+    prefills: list[PrefillChunk]
+    num_tokens: int
+    native_decode: bool = False  # native kernels: decode attention reading the cache in place, cache writes
+
+
+def keys_view(k_cache: torch.Tensor) -> torch.Tensor:
+    """The key cache [blocks, KVH, D, block_size] seen as [blocks, block_size, KVH, D] (strided)."""
+    return k_cache.permute(0, 3, 1, 2)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             meta: AttentionMetadata) -> None:
+    """k, v: [T, num_kv_heads, head_dim] -> their slots of the cache."""
+    if meta.native_decode and native.write_kv(k, v, k_cache, v_cache, meta.slot_mapping):
+        return
+    kvh, d = v_cache.shape[-2:]
+    keys_view(k_cache).index_put_((meta.slot_blocks, meta.slot_offsets), k)
+    v_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, v)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, KVH, D] (the step's new tokens). Returns [T, H * D]."""
+    write_kv(k_cache, v_cache, k, v, meta)
+    T, H, D = q.shape
+    kvh = v_cache.shape[-2]
+    gqa = H != kvh
+    nd = meta.num_decodes
+    out = q.new_empty(T, H, D) if nd < T else None
+    if nd:
+        o = None
+        if meta.native_decode:
+            o = native.decode_attention(q[:nd].contiguous(), k_cache, v_cache, meta.decode_block_tables,
+                                        meta.decode_context_lens, scale)  # [nd, H, D]
+        if o is None:
+            o = _decode_attention_torch(q[:nd], k_cache, v_cache, meta, scale, gqa)
+        if nd == T:
+            return o.reshape(T, H * D)
+        out[:nd] = o
+    for chunk in meta.prefills:
+        rows = slice(chunk.start, chunk.start + chunk.num_tokens)
+        qc = q[rows].unsqueeze(0).transpose(1, 2)  # [1, H, n, D]
+        if chunk.block_ids is None:
+            keys = k[rows].unsqueeze(0).transpose(1, 2)
+            values = v[rows].unsqueeze(0).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qc, keys, values, scale=scale, is_causal=True, enable_gqa=gqa)
+        else:
+            n = chunk.context_len
+            keys = keys_view(k_cache).index_select(0, chunk.block_ids).view(-1, kvh, D)[:n].transpose(0, 1).unsqueeze(0)
+            values = v_cache.index_select(0, chunk.block_ids).view(-1, kvh, D)[:n].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qc, keys, values, attn_mask=chunk.mask, scale=scale, enable_gqa=gqa)
+        out[rows] = o[0].transpose(0, 1)
+    return out.view(T, H * D)
+
+
+def _decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            meta: AttentionMetadata, scale: float, gqa: bool) -> torch.Tensor:
+    """q [nd, H, D] -> [nd, H, D]: gather each sequence's blocks, masked sdpa over them."""
+    nd, _, D = q.shape
+    kvh = v_cache.shape[-2]
+    tables = meta.decode_block_tables.view(-1)
+    # [nd * max_blocks, bs, KVH, D] -> [nd, KVH, L, D] (a strided view, as sdpa accepts)
+    keys = keys_view(k_cache).index_select(0, tables).view(nd, -1, kvh, D).transpose(1, 2)
+    values = v_cache.index_select(0, tables).view(nd, -1, kvh, D).transpose(1, 2)
+    mask = meta.decode_mask
+    if mask is None:
+        L = keys.shape[2]
+        mask = (torch.arange(L, device=q.device).unsqueeze(0) < meta.decode_context_lens.unsqueeze(1)).view(nd, 1, 1, L)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return o.squeeze(2)  # [nd, H, D]

@@ -1,0 +1,168 @@
+"""Paged KV cache bookkeeping: fixed-size blocks, a free list, reference counts and prefix caching.
+
+Pure Python (no torch): the model runner owns the tensors, this owns which block holds what.
+
+Prefix caching: every full block is named by a hash of its tokens and of the hash of the block
+before it (so a hash names the whole prefix up to the block's end). A sequence starting with
+the same tokens finds those blocks and skips their prefill; blocks are shared by reference count.
+A block's hash is registered when the step that computes it is scheduled: within one forward
+pass the model writes every new key/value of a layer before any attention of that layer reads
+the cache, so a sequence scheduled later in the same step may already share it.
+
+Freed blocks keep their hash and stay findable until reused: the free list is kept in eviction
+order (least recently freed first; a sequence's tail blocks before its head, so that shared
+prefixes stay longest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from typing import Optional
+
+from .sequence import Sequence
+
+
+def hash_block(parent: Optional[bytes], token_ids: list[int]) -> bytes:
+    """A collision-resistant name for a full block given the name of the block before it."""
+    h = hashlib.blake2b(digest_size=16)
+    if parent is not None:
+        h.update(parent)
+    h.update(array("q", token_ids).tobytes())
+    return h.digest()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[Optional[bytes]] = [None] * num_blocks
+        self.hash_to_block: dict[bytes, int] = {}
+        # Blocks with ref count 0, in eviction order (first = next to reuse).
+        self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        # Prefix cache statistics, in prompt tokens.
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+    # -------------------------------------------------------------------------------- queries
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks held by sequences (cached free blocks count as free)."""
+        return 1.0 - len(self.free_blocks) / self.num_blocks
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _update_hashes(self, seq: Sequence, num_tokens: int) -> None:
+        """Extend seq.block_hashes to cover the full blocks among its first num_tokens tokens."""
+        bs = self.block_size
+        hashes = seq.block_hashes
+        for i in range(len(hashes), num_tokens // bs):
+            hashes.append(hash_block(hashes[-1] if hashes else None, seq.token_ids[i * bs : (i + 1) * bs]))
+
+    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+        """Blocks holding the longest cached prefix of seq's tokens (not yet referenced).
+
+        At least the last token is always left to compute: its logits pick the next token.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        self._update_hashes(seq, max_blocks * self.block_size)
+        blocks = []
+        for h in seq.block_hashes[:max_blocks]:
+            block = self.hash_to_block.get(h)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    # -------------------------------------------------------------------------------- changes
+
+    def allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: Optional[list[int]] = None) -> bool:
+        """Give seq the blocks for `num_new_tokens` more tokens (after `cached_blocks`, the prefix
+        found by find_cached_prefix, for a sequence being admitted). False, changing nothing, if
+        there are not enough free blocks."""
+        cached_blocks = cached_blocks or []
+        if cached_blocks and seq.block_table:
+            raise ValueError("cached prefix blocks can only be given to a sequence without blocks")
+        num_computed = seq.num_computed_tokens + len(cached_blocks) * self.block_size
+        total = num_computed + num_new_tokens
+        num_new_blocks = self.blocks_needed(total) - len(seq.block_table) - len(cached_blocks)
+        # Cached blocks that sit in the free list are taken out of it by this allocation.
+        num_revived = sum(1 for b in cached_blocks if self.ref_counts[b] == 0)
+        if num_new_blocks + num_revived > len(self.free_blocks):
+            return False
+        for block in cached_blocks:
+            if self.ref_counts[block] == 0:
+                del self.free_blocks[block]
+            self.ref_counts[block] += 1
+            seq.block_table.append(block)
+        if cached_blocks:
+            seq.num_computed_tokens = num_computed
+            self.prefix_hits += num_computed
+        for _ in range(max(num_new_blocks, 0)):
+            block, _ = self.free_blocks.popitem(last=False)
+            old = self.block_hash[block]
+            if old is not None:  # evict its cached content
+                self.block_hash[block] = None
+                if self.hash_to_block.get(old) == block:
+                    del self.hash_to_block[old]
+            self.ref_counts[block] = 1
+            seq.block_table.append(block)
+        if self.enable_prefix_caching:
+            self._register_full_blocks(seq, total)
+        return True
+
+    def record_prefix_query(self, num_tokens: int) -> None:
+        self.prefix_queries += num_tokens
+
+    def _register_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
+        self._update_hashes(seq, num_tokens)
+        for i in range(num_tokens // self.block_size):
+            block = seq.block_table[i]
+            if self.block_hash[block] is not None:
+                continue
+            h = seq.block_hashes[i]
+            if h in self.hash_to_block:  # the same content is already cached in another block
+                continue
+            self.block_hash[block] = h
+            self.hash_to_block[h] = block
+
+    def free(self, seq: Sequence) -> None:
+        """Drop seq's references; blocks nobody holds go to the free list (tail first)."""
+        for block in reversed(seq.block_table):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks[block] = None
+            elif self.ref_counts[block] < 0:  # pragma: no cover - a bookkeeping bug
+                raise RuntimeError(f"block {block} freed more often than allocated")
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+
+    def evict_free_cached(self) -> int:
+        """Forget the content of every free block (after a failed step whose KV writes may not
+        have happened). Returns how many blocks were forgotten."""
+        count = 0
+        for block in self.free_blocks:
+            h = self.block_hash[block]
+            if h is not None:
+                self.block_hash[block] = None
+                if self.hash_to_block.get(h) == block:
+                    del self.hash_to_block[h]
+                count += 1
+        return count

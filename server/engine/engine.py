@@ -1,0 +1,439 @@
+"""AsyncEngine: one thread owns the model and the device; asyncio callers submit and stream.
+
+The engine thread loops: take new requests and aborts from the inbox -> scheduler.schedule()
+-> runner.run(batch) -> scheduler.postprocess() -> detokenize / stop strings -> push each
+request's news to its own output collector (one loop.call_soon_threadsafe per event loop per
+step carries them all). A collector merges deltas its consumer has not read yet, so the engine
+never waits on a slow client. When there is no work the thread sleeps on an event (no polling).
+
+Failures: an exception in a step fails the requests of that step (their streams raise) and the
+engine goes on; if the thread itself dies, health() says so and every pending stream raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import copy
+import logging
+import threading
+import time
+from typing import Any, Optional
+
+from torch import nn
+
+from . import native
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .model_runner import ModelRunner, model_max_len, vocab_size
+from .outputs import CompletionOutput, EngineStats, RequestOutput
+from .scheduler import ScheduledBatch, Scheduler
+from .sequence import FinishReason, SamplingParams, Sequence
+from .streams import Collector, RequestStream, deliver
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AsyncEngine", "EngineConfig", "EngineDeadError", "EngineOverloadedError", "EngineStats"]
+
+
+class EngineOverloadedError(RuntimeError):
+    """Too many requests are waiting; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped (it failed, or the engine was shut down)."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed this request (an error in a step it was part of)."""
+
+
+class _Request:
+    __slots__ = ("request_id", "seqs", "detokenizers", "collector", "loop", "num_prompt_tokens", "arrival")
+
+    def __init__(self, request_id: str, seqs: list[Sequence], detokenizers: list[Optional[IncrementalDetokenizer]],
+                 collector: Collector, loop: asyncio.AbstractEventLoop) -> None:
+        self.request_id = request_id
+        self.seqs = seqs
+        self.detokenizers = detokenizers
+        self.collector = collector
+        self.loop = loop
+        self.num_prompt_tokens = seqs[0].num_prompt_tokens
+        self.arrival = time.monotonic()
+
+
+# ---------------------------------------------------------------------------------- engine
+
+
+class AsyncEngine:
+    """Continuous batching over a paged KV cache; see the module docstring.
+
+    Attributes: max_model_len (context length limit), tokenizer, model_name.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, config: Optional[EngineConfig] = None) -> None:
+        config = EngineConfig() if config is None else config
+        if not isinstance(config, EngineConfig):
+            raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
+        self.config = config
+        self.tokenizer = tokenizer
+        # The engine thread decodes with its own copy: a fast tokenizer used from two threads at
+        # once (the HTTP layer encoding with padding/truncation) can fail with "Already borrowed".
+        try:
+            self._detok_tokenizer = copy.deepcopy(tokenizer)
+        except Exception:  # noqa: BLE001 - an uncopyable tokenizer is shared as is
+            self._detok_tokenizer = tokenizer
+        self.model_name = config.model_name or getattr(model.config, "_name_or_path", None) or type(model).__name__
+        self.runner = ModelRunner(model, config)
+        capacity = self.runner.capacity_tokens
+        if config.max_model_len is not None:
+            if config.max_model_len > capacity:
+                raise ValueError(
+                    f"max_model_len ({config.max_model_len}) is more than the KV cache holds ({capacity} tokens): "
+                    "give the KV cache more memory or lower max_model_len"
+                )
+            self.max_model_len = config.max_model_len
+        else:
+            self.max_model_len = min(model_max_len(model, tokenizer), capacity)
+        self.vocab_size = vocab_size(model)
+        self.eos_token_ids = _eos_token_ids(model, tokenizer)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+
+        self._inbox: collections.deque = collections.deque()
+        self._wake = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = False
+        self._dead_error: Optional[str] = None
+        self._requests: dict[str, _Request] = {}  # engine thread only
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Request, Any]]] = {}  # engine thread only
+        # Requests submitted and not yet taken from the inbox = submitted - admitted; each
+        # counter is written by one side only (submitters under a lock, the engine thread).
+        self._submit_lock = threading.Lock()
+        self._num_submitted = 0
+        self._num_admitted = 0
+        # Statistics (written by the engine thread, read anywhere).
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        self._num_requests_finished = 0
+        self._num_steps = 0
+        self._recent_finishes: collections.deque = collections.deque(maxlen=64)  # monotonic times
+        self._release_cpu_threads()  # this thread (the loader's) is done with parallel CPU work
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start the engine thread (warms the model up first; raises if that fails)."""
+        if self._thread is not None:
+            return
+        ready: concurrent.futures.Future = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._thread_main, args=(ready,), name="quantserve-engine",
+                                        daemon=True)
+        self._thread.start()
+        await asyncio.wrap_future(ready)
+        self._release_cpu_threads()  # the event loop's thread computes nothing
+
+    async def shutdown(self) -> None:
+        """Stop the thread; unfinished requests end with finish_reason "abort"."""
+        thread = self._thread
+        self._stopping = True
+        self._wake.set()
+        if thread is not None and thread.is_alive():
+            await asyncio.to_thread(thread.join)
+
+    def _release_cpu_threads(self) -> None:
+        # Only the engine thread should keep OpenMP workers (see native.release_openmp_threads).
+        if self.runner.device.type == "cpu":
+            native.release_openmp_threads()
+
+    def health(self) -> tuple[bool, Optional[str]]:
+        if self._dead_error is not None:
+            return False, self._dead_error
+        if self._thread is None:
+            return False, "engine not started"
+        if not self._thread.is_alive():
+            return False, "engine thread stopped"
+        return True, None
+
+    # ------------------------------------------------------------------------------ requests
+
+    def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str) -> RequestStream:
+        """Submit a request; iterate the result for its outputs (must be called on an event loop).
+
+        Raises ValueError for an invalid request, EngineOverloadedError when too many are
+        waiting, EngineDeadError when the engine is not running.
+        """
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        alive, error = self.health()
+        if not alive or self._stopping:
+            raise EngineDeadError(error or "engine is shutting down")
+        prompt = list(prompt_token_ids)
+        if not prompt:
+            raise ValueError("the prompt must have at least one token")
+        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        wanted = params.max_tokens if params.max_tokens is not None else 1
+        if len(prompt) + wanted > self.max_model_len:
+            what = f"max_tokens ({params.max_tokens})" if params.max_tokens is not None else "one generated token"
+            raise ValueError(
+                f"the prompt ({len(prompt)} tokens) plus {what} exceeds the context length ({self.max_model_len})"
+            )
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n ({params.n}) is more than max_num_seqs ({self.config.max_num_seqs})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        waiting = self._num_unadmitted + self.scheduler.num_waiting
+        if waiting >= self.config.max_waiting_requests:
+            raise EngineOverloadedError(f"{waiting} requests are waiting", self._retry_after(waiting))
+        loop = asyncio.get_running_loop()
+        seqs = [Sequence(request_id, prompt, params, index=i, max_model_len=self.max_model_len,
+                         eos_token_ids=self.eos_token_ids) for i in range(params.n)]
+        detoks = [IncrementalDetokenizer(self._detok_tokenizer, prompt, params.stop) if self.tokenizer is not None
+                  else None for _ in seqs]
+        collector = Collector()
+        request = _Request(request_id, seqs, detoks, collector, loop)
+        with self._submit_lock:
+            self._num_submitted += 1
+            self._inbox.append(("add", request))
+        self._wake.set()
+        return RequestStream(self, request_id, collector)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (unknown or finished ids are ignored); its blocks are freed at the next step."""
+        self._inbox.append(("abort", request_id))
+        self._wake.set()
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting + self._num_unadmitted,
+            kv_cache_usage=bm.usage,
+            num_kv_blocks=bm.num_blocks,
+            block_size=bm.block_size,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_hit_rate=bm.prefix_cache_hit_rate,
+            kv_cache_bytes=self.runner.num_blocks * self.runner.bytes_per_block,
+            num_requests_finished=self._num_requests_finished,
+            num_steps=self._num_steps,
+        )
+
+    @property
+    def _num_unadmitted(self) -> int:
+        return max(0, self._num_submitted - self._num_admitted)
+
+    def _retry_after(self, waiting: int) -> float:
+        """Seconds until about `waiting` requests finish, from the recent completion rate (1..60)."""
+        times = list(self._recent_finishes)
+        if len(times) >= 2 and times[-1] > times[0]:
+            rate = (len(times) - 1) / (times[-1] - times[0])
+            return float(min(60.0, max(1.0, waiting / rate)))
+        return 5.0
+
+    # ------------------------------------------------------------------------------ engine thread
+
+    def _thread_main(self, ready: concurrent.futures.Future) -> None:
+        try:
+            self.runner.warmup()
+        except BaseException as exc:  # noqa: BLE001 - reported to start()'s caller
+            self._dead_error = f"warmup failed: {exc!r}"
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - the thread must report any death
+            logger.exception("engine thread died")
+            self._dead_error = f"engine thread died: {exc!r}"
+            self._fail_all(EngineDeadError(self._dead_error))
+            self._flush()
+            return
+        self._dead_error = "engine shut down"
+        for request in list(self._requests.values()):
+            self._abort_request(request)
+        self._drain_inbox_on_exit()
+        self._flush()
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._drain_inbox()
+            if not self.scheduler.has_work():
+                self._flush()
+                self._wake.clear()
+                if self._inbox or self._stopping:
+                    continue
+                self._wake.wait()
+                continue
+            self._step()
+            self._flush()
+
+    def _drain_inbox(self) -> None:
+        inbox = self._inbox
+        while inbox:
+            kind, item = inbox.popleft()
+            if kind == "add":
+                self._num_admitted += 1
+                if item.request_id in self._requests:
+                    self._send(item, RequestFailedError(f"request id {item.request_id!r} is already running"))
+                    continue
+                self._requests[item.request_id] = item
+                self._prompt_tokens_total += item.num_prompt_tokens
+                for seq in item.seqs:
+                    self.scheduler.add(seq)
+            else:
+                request = self._requests.get(item)
+                if request is not None:
+                    self._abort_request(request)
+
+    def _drain_inbox_on_exit(self) -> None:
+        while self._inbox:
+            kind, item = self._inbox.popleft()
+            if kind == "add":
+                self._num_admitted += 1
+                self._send(item, EngineDeadError("engine shut down"))
+
+    def _step(self) -> None:
+        batch: Optional[ScheduledBatch] = None
+        try:
+            batch = self.scheduler.schedule()
+            if batch.seqs:
+                result = self.runner.run(batch)
+                updated = self.scheduler.postprocess(batch, result.token_ids)
+            elif not batch.cut_off:
+                raise RuntimeError("the scheduler found nothing it could run")  # pragma: no cover
+        except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving
+            logger.exception("engine step failed")
+            self._fail_step(batch, exc)
+            return
+        news: dict[str, list[CompletionOutput]] = {}
+        for seq in batch.cut_off:  # too long for the whole KV cache: ends with "length"
+            logger.warning("request %s: sequence of %d tokens does not fit in the KV cache", seq.request_id,
+                           seq.num_tokens)
+            news.setdefault(seq.request_id, []).append(
+                CompletionOutput(seq.index, "", [], None, FinishReason.LENGTH.value))
+        if not batch.seqs:
+            updated, logprobs = [], {}
+        else:
+            self._num_steps += 1
+            logprobs = {id(s): lp for s, lp in zip(batch.seqs, result.logprobs)}
+        self._generation_tokens_total += len(updated)
+        for seq in updated:
+            request = self._requests.get(seq.request_id)
+            if request is None:  # pragma: no cover - finished requests leave the scheduler
+                continue
+            token = seq.token_ids[-1]
+            detok = request.detokenizers[seq.index]
+            text = ""
+            if detok is not None:
+                try:
+                    text, stopped = detok.update([token], seq.is_finished)
+                except Exception as exc:  # noqa: BLE001 - a tokenizer failure ends only this request
+                    logger.exception("detokenizing request %s failed", seq.request_id)
+                    news.pop(seq.request_id, None)
+                    self._fail_request(request, RequestFailedError(f"detokenization failed: {exc!r}"))
+                    continue
+                if stopped and not seq.is_finished:
+                    self.scheduler.finish(seq, FinishReason.STOP)
+            lp = logprobs.get(id(seq))
+            news.setdefault(seq.request_id, []).append(CompletionOutput(
+                index=seq.index, text=text, token_ids=[token], logprobs=None if lp is None else [lp],
+                finish_reason=None if seq.finish_reason is None else seq.finish_reason.value,
+            ))
+        for request_id, outputs in news.items():
+            request = self._requests.get(request_id)
+            if request is None:  # failed above
+                continue
+            finished = all(s.is_finished for s in request.seqs)
+            if finished:
+                self._retire(request)
+            self._send(request, RequestOutput(
+                request_id=request_id, outputs=outputs, num_prompt_tokens=request.num_prompt_tokens,
+                num_cached_tokens=request.seqs[0].num_cached_tokens, finished=finished,
+            ))
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def _send(self, request: _Request, item: Any) -> None:
+        """Queue an output or error for its request; _flush delivers them."""
+        self._outbox.setdefault(request.loop, []).append((request, item))
+
+    def _flush(self) -> None:
+        """Deliver the queued outputs: one wake-up per event loop per step, not one per request
+        (each wake-up is Python work competing with the model for the CPU)."""
+        while self._outbox:
+            outbox, self._outbox = self._outbox, {}
+            for loop, items in outbox.items():
+                try:
+                    loop.call_soon_threadsafe(deliver, [(request.collector, item) for request, item in items])
+                except RuntimeError:  # the consumers' event loop is closed: nobody is listening
+                    for request, _ in items:
+                        if request.request_id in self._requests:
+                            self._abort_request(request)
+
+    def _retire(self, request: _Request) -> None:
+        self._requests.pop(request.request_id, None)
+        for seq in request.seqs:
+            self.runner.release(seq)
+        self._num_requests_finished += 1
+        self._recent_finishes.append(time.monotonic())
+
+    def _abort_request(self, request: _Request) -> None:
+        outputs = []
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, FinishReason.ABORT)
+                outputs.append(CompletionOutput(seq.index, "", [], None, FinishReason.ABORT.value))
+        self._retire(request)
+        self._send(request, RequestOutput(request.request_id, outputs, request.num_prompt_tokens,
+                                          request.seqs[0].num_cached_tokens, finished=True))
+
+    def _fail_request(self, request: _Request, exc: BaseException) -> None:
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, FinishReason.ABORT)
+        self._retire(request)
+        self._send(request, exc)
+
+    def _fail_step(self, batch: Optional[ScheduledBatch], exc: Exception) -> None:
+        error = RequestFailedError(f"engine step failed: {exc!r}")
+        error.__cause__ = exc
+        if batch is None:  # the scheduler itself failed: nothing is known to be consistent
+            failed = list(self._requests.values())
+        else:
+            ids = dict.fromkeys(s.request_id for s in batch.seqs)
+            failed = [self._requests[i] for i in ids if i in self._requests]
+        for request in failed:
+            self._fail_request(request, error)
+        # Blocks of the failed step may have been registered for prefix sharing but never written.
+        self.block_manager.evict_free_cached()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for request in list(self._requests.values()):
+            try:
+                self._fail_request(request, exc)
+            except Exception:  # noqa: BLE001 - best effort while dying
+                self._send(request, exc)
+        while self._inbox:
+            kind, item = self._inbox.popleft()
+            if kind == "add":
+                self._send(item, exc)
+
+
+def _eos_token_ids(model: nn.Module, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return frozenset(ids)

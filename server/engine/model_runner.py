@@ -1,0 +1,234 @@
+"""The model runner: the only code that touches the device.
+
+It owns the KV cache tensors, turns a ScheduledBatch into flat batch tensors once per step
+(decode tokens first, then prefill chunks; no padding), runs the model, and samples the next
+token of every sequence whose step reached its end. Logits are computed only for those rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import native
+from .attention import AttentionMetadata, PrefillChunk
+from .config import EngineConfig
+from .models import build_model
+from .outputs import TokenLogprob
+from .sampler import Sampler
+from .scheduler import ScheduledBatch
+from .sequence import SamplingParams, Sequence
+
+logger = logging.getLogger(__name__)
+
+GIB = 2**30
+DEFAULT_CPU_KV_CACHE_GIB = 1.0
+
+
+@dataclasses.dataclass
+class StepResult:
+    token_ids: list[Optional[int]]  # per batch entry: the sampled token, None if it did not sample
+    logprobs: list[Optional[TokenLogprob]]
+
+
+def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    param = embed.weight if embed is not None else next(model.parameters())
+    return param.device, param.dtype
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, config: EngineConfig) -> None:
+        self.config = config
+        self.device, self.dtype = model_device_dtype(model)
+        model.eval()
+        self.model = build_model(model, config.model_impl)
+        self.block_size = config.block_size
+        layers, kv_heads, head_dim = self.model.num_layers, self.model.num_kv_heads, self.model.head_dim
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        self.bytes_per_block = 2 * layers * config.block_size * kv_heads * head_dim * elem
+        self.num_blocks = self._num_blocks(model)
+        # [layers, 2, blocks, block_size, kv_heads, head_dim]. On CPU the memory is left
+        # untouched (no RSS) until blocks are first used; they are zeroed then (see _zero_new_blocks):
+        # masked slots must hold finite numbers, since softmax weight 0 times NaN is NaN.
+        shape = (layers, 2, self.num_blocks, config.block_size, kv_heads, head_dim)
+        if self.device.type == "cpu":
+            self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            self._zeroed_blocks = 0
+            self._zero_new_blocks(0)
+        else:
+            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self._zeroed_blocks = self.num_blocks
+        # Keys transposed within a block (see attention.py): [blocks, KVH, D, block_size].
+        self.kv_caches = [(self.kv_cache[i, 0].view(self.num_blocks, kv_heads, head_dim, config.block_size),
+                           self.kv_cache[i, 1]) for i in range(layers)]
+        self.sampler = Sampler(self.device, config.seed)
+        # Decode attention reading the paged cache in place (CPU, float32), else PyTorch's sdpa.
+        self.native_attention = native.supported(self.kv_caches[0][1], self.model.num_heads) \
+            and native.load() is not None
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s)", self.num_blocks, config.block_size,
+                    self.num_blocks * self.bytes_per_block / GIB, self.device)
+
+    # ------------------------------------------------------------------------------ memory
+
+    def _num_blocks(self, model: nn.Module) -> int:
+        config = self.config
+        if config.num_kv_blocks is not None:
+            return config.num_kv_blocks
+        if config.kv_cache_memory_gib is not None:
+            budget = config.kv_cache_memory_gib * GIB
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            # Room for one step's activations and logits, roughly.
+            hidden = getattr(model.config, "hidden_size", 4096)
+            vocab = getattr(model.config, "vocab_size", 32000)
+            elem = torch.empty((), dtype=self.dtype).element_size()
+            reserve = config.max_num_batched_tokens * hidden * 32 * elem + config.max_num_seqs * vocab * 16
+            budget = free * config.gpu_memory_utilization - reserve
+        else:
+            budget = DEFAULT_CPU_KV_CACHE_GIB * GIB
+        blocks = int(budget // self.bytes_per_block)
+        if blocks < 1:
+            raise ValueError(
+                f"the KV cache budget ({budget / GIB:.3f} GiB) holds no block of {self.bytes_per_block} bytes; "
+                "give more memory (kv_cache_memory_gib / gpu_memory_utilization)"
+            )
+        return blocks
+
+    def _zero_new_blocks(self, max_block: int) -> None:
+        if max_block >= self._zeroed_blocks:
+            self.kv_cache[:, :, self._zeroed_blocks : max_block + 1].zero_()
+            self._zeroed_blocks = max_block + 1
+
+    # ------------------------------------------------------------------------------ steps
+
+    def _prepare(self, batch: ScheduledBatch):
+        bs = self.block_size
+        decodes = [i for i, n in enumerate(batch.num_new_tokens) if n == 1]
+        prefills = [i for i, n in enumerate(batch.num_new_tokens) if n != 1]
+        order = decodes + prefills
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        last_row = [0] * len(batch)
+        max_block = 0
+        for i in order:
+            seq, n = batch.seqs[i], batch.num_new_tokens[i]
+            start = seq.num_computed_tokens
+            table = seq.block_table
+            input_ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            last_row[i] = len(input_ids) - 1
+            if table:
+                max_block = max(max_block, max(table))
+        if self._zeroed_blocks < self.num_blocks:
+            self._zero_new_blocks(max_block)
+
+        dev = self.device
+        long = dict(dtype=torch.long, device=dev)
+        nd = len(decodes)
+        decode_tables = decode_lens = decode_mask = None
+        if nd:
+            ctx = [batch.seqs[i].num_computed_tokens + 1 for i in decodes]
+            max_blocks = -(-max(ctx) // bs)
+            flat: list[int] = []
+            for i in decodes:
+                table = batch.seqs[i].block_table[:max_blocks]
+                flat.extend(table)
+                flat.extend([0] * (max_blocks - len(table)))
+            decode_tables = torch.tensor(flat, **long).view(nd, max_blocks)
+            decode_lens = torch.tensor(ctx, **long)
+            if not self.native_attention:
+                decode_mask = (torch.arange(max_blocks * bs, device=dev).unsqueeze(0)
+                               < decode_lens.unsqueeze(1)).view(nd, 1, 1, max_blocks * bs)
+        chunks = []
+        row = nd
+        for i in prefills:
+            seq, n = batch.seqs[i], batch.num_new_tokens[i]
+            start = seq.num_computed_tokens
+            context = start + n
+            block_ids = mask = None
+            if start:
+                block_ids = torch.tensor(seq.block_table[: -(-context // bs)], **long)
+                mask = (torch.arange(context, device=dev).unsqueeze(0)
+                        <= torch.arange(start, context, device=dev).unsqueeze(1))
+            chunks.append(PrefillChunk(row, n, context, block_ids, mask))
+            row += n
+        slot_mapping = torch.tensor(slots, **long)
+        meta = AttentionMetadata(
+            slot_mapping=slot_mapping,
+            slot_blocks=torch.div(slot_mapping, bs, rounding_mode="floor"),
+            slot_offsets=torch.remainder(slot_mapping, bs),
+            num_decodes=nd,
+            decode_block_tables=decode_tables,
+            decode_context_lens=decode_lens,
+            decode_mask=decode_mask,
+            prefills=chunks,
+            num_tokens=len(input_ids),
+            native_decode=self.native_attention,
+        )
+        sample_idx = [i for i, s in enumerate(batch.sample) if s]
+        rows = torch.tensor([last_row[i] for i in sample_idx], **long)
+        return torch.tensor(input_ids, **long), torch.tensor(positions, **long), meta, rows, sample_idx
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> StepResult:
+        input_ids, positions, meta, rows, sample_idx = self._prepare(batch)
+        tokens: list[Optional[int]] = [None] * len(batch)
+        logprobs: list[Optional[TokenLogprob]] = [None] * len(batch)
+        logits = self.model.forward_logits(input_ids, positions, meta, self.kv_caches, rows)
+        if sample_idx:
+            sampled, lps = self.sampler(logits, [batch.seqs[i] for i in sample_idx])
+            for j, i in enumerate(sample_idx):
+                tokens[i] = sampled[j]
+                logprobs[i] = lps[j]
+        return StepResult(tokens, logprobs)
+
+    def release(self, seq: Sequence) -> None:
+        """Forget per-sequence state (its seeded generator) once it has finished."""
+        self.sampler.release(seq)
+
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """One prefill and one decode on a scratch sequence (kernels built, caches warm); the
+        blocks it used are zeroed again afterwards."""
+        n = max(1, min(self.block_size, 8) - 1)
+        num_blocks = -(-(n + 1) // self.block_size)
+        if num_blocks > self.num_blocks:
+            return
+        seq = Sequence("warmup", [0] * n, SamplingParams(max_tokens=2))
+        seq.block_table = list(range(num_blocks))
+        self.run(ScheduledBatch([seq], [n], [True]))
+        seq.num_computed_tokens = n
+        seq.token_ids.append(0)
+        self.run(ScheduledBatch([seq], [1], [True]))
+        self.release(seq)
+        self.kv_cache[:, :, :num_blocks].zero_()
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+def model_max_len(model: nn.Module, tokenizer: object = None) -> int:
+    """The model's context length from its config (max_position_embeddings and relatives)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < 10**7:
+        return value
+    return 2048
+
+
+def vocab_size(model: nn.Module) -> int:
+    embed = model.get_input_embeddings()
+    return int(embed.weight.shape[0]) if embed is not None else int(math.inf)

@@ -1,0 +1,126 @@
+"""Any transformers causal LM, through our paged attention registered with transformers'
+attention interface (`AttentionInterface`).
+
+The whole step runs as one "sequence" of T tokens (batch 1) with each token's own position id;
+transformers' modules do everything but attention, and the registered function reads and
+writes the paged cache per layer. The attention implementation is switched to ours only for
+the duration of our forward, so the same model object still works with transformers' generate.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..attention import AttentionMetadata, paged_attention
+
+ATTENTION_NAME = "quantserve_paged"
+_local = threading.local()  # the step being run on this thread: (meta, kv_caches, layer index map)
+_registered = False
+
+
+def _paged_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """query [1, H, T, D], key/value [1, KVH, T, D] -> ([1, T, H, D], None)."""
+    step = getattr(_local, "step", None)
+    if step is None:
+        raise RuntimeError(f"{ATTENTION_NAME} attention called outside an engine step")
+    meta, kv_caches, layer_ids = step
+    if kwargs.get("sliding_window") or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
+        raise NotImplementedError("sliding-window, soft-capped or sink attention is not supported by the engine")
+    layer = getattr(module, "layer_idx", None)
+    if layer is None:
+        layer = layer_ids.setdefault(id(module), len(layer_ids))
+    k_cache, v_cache = kv_caches[layer]
+    _, H, T, D = query.shape
+    if key.shape[1] != v_cache.shape[-2] or key.shape[-1] != v_cache.shape[-1] or value.shape[-1] != D:
+        raise RuntimeError(
+            f"layer {layer}: attention shapes q{tuple(query.shape)} k{tuple(key.shape)} v{tuple(value.shape)} "
+            f"do not match the KV cache ({v_cache.shape[-2]} heads x {v_cache.shape[-1]})"
+        )
+    scale = scaling if scaling is not None else D**-0.5
+    out = paged_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                          k_cache, v_cache, meta, scale)
+    return out.view(1, T, H, D), None
+
+
+def register() -> None:
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTENTION_NAME, _paged_attention_forward)
+        _registered = True
+
+
+def kv_cache_shape(config: Any) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) of a transformers config."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+def unsupported_reason(model: nn.Module) -> Optional[str]:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder models are not supported"
+    layer_types = getattr(config, "layer_types", None) or ()
+    if any(t != "full_attention" for t in layer_types):
+        return f"layer types {sorted(set(layer_types))} (only full attention is supported)"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention is not supported"
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    if callable(can_set) and not can_set():
+        return "the model does not use transformers' attention interface"
+    return None
+
+
+class TransformersModel:
+    """forward(input_ids [T], positions [T], meta, kv_caches) -> hidden rows; logits via compute_logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise NotImplementedError(f"cannot serve this model: {reason}")
+        register()
+        self.model = model
+        self.num_layers, self.num_kv_heads, self.head_dim = kv_cache_shape(model.config)
+        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.num_heads = text_config.num_attention_heads
+        params = inspect.signature(model.forward).parameters
+        self._logits_to_keep = "logits_to_keep" in params
+        self._layer_ids: dict[int, int] = {}
+        self._pending_rows: Optional[torch.Tensor] = None
+
+    @torch.inference_mode()
+    def forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       kv_caches: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor) -> torch.Tensor:
+        """Logits [len(rows), V] of the given rows of the flattened batch."""
+        config = self.model.config
+        previous = config._attn_implementation
+        _local.step = (meta, kv_caches, self._layer_ids)
+        config._attn_implementation = ATTENTION_NAME
+        try:
+            kwargs: dict[str, Any] = dict(input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0),
+                                          use_cache=False)
+            if self._logits_to_keep:
+                kwargs["logits_to_keep"] = rows
+            logits = self.model(**kwargs).logits[0]
+        finally:
+            config._attn_implementation = previous
+            _local.step = None
+        return logits if self._logits_to_keep else logits[rows]

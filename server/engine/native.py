@@ -1,0 +1,149 @@
+"""The engine's native CPU kernel (csrc/paged_attention.cpp): paged decode attention read in place.
+
+Compiled on first use into the same cache folder as the quant kernels (kernels/cpu/build.py:
+$QUANTSERVE_CACHE, else ~/.cache/quantserve/kernels), keyed by source, compiler and flags, and
+loaded with ctypes. Without a compiler, or if the build fails, `decode_attention` returns None
+(one warning logged) and the engine uses its pure-PyTorch attention.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
+CXXFLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp")
+ABI_VERSION = 4
+
+_log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+_P, _L, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_SIGNATURES = {
+    "qs_abi_version": (_I, []),
+    # q, k_cache, v_cache, block_tables, context_lens, out, B, H, KVH, D, BS, max_blocks, scale, threads
+    "qs_paged_decode_attention": (_I, [_P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _L, _L, _F, _I]),
+    # k, k row stride, v, v row stride, k_cache, v_cache, slots, T, KVH, D, BS
+    "qs_write_kv": (_I, [_P, _L, _P, _L, _P, _P, _P, _L, _L, _L, _L]),
+}
+
+
+def _build() -> Path:
+    from kernels.cpu.build import cache_dir, find_compiler
+
+    cxx = find_compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), cxx.encode(), " ".join(CXXFLAGS).encode(), platform.machine().encode()):
+        key.update(part + b"\0")
+    target = cache_dir() / f"paged_attention-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [cxx, *CXXFLAGS, str(SOURCE), "-o", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)  # atomic: concurrent builds of the same key write the same bytes
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load() -> Optional[ctypes.CDLL]:
+    """The library (built on first use), or None if it cannot be built or loaded."""
+    if "lib" in _state:
+        return _state["lib"]  # type: ignore[return-value]
+    with _lock:
+        if "lib" not in _state:
+            lib = None
+            try:
+                path = _build()
+                lib = ctypes.CDLL(str(path))
+                for name, (restype, argtypes) in _SIGNATURES.items():
+                    getattr(lib, name).restype = restype
+                    getattr(lib, name).argtypes = argtypes
+                if lib.qs_abi_version() != ABI_VERSION:
+                    raise RuntimeError(f"{path} has ABI {lib.qs_abi_version()}, expected {ABI_VERSION}")
+            except Exception as exc:  # noqa: BLE001 - any failure means: use the PyTorch attention
+                _log.warning("engine native attention unavailable, using PyTorch attention: %s", exc)
+                lib = None
+            _state["lib"] = lib
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def supported(v_cache: torch.Tensor, num_heads: int) -> bool:
+    """Whether the native kernel handles this cache (float32 on CPU, sizes within its limits)."""
+    _, block_size, kv_heads, head_dim = v_cache.shape
+    return (v_cache.device.type == "cpu" and v_cache.dtype == torch.float32 and num_heads % kv_heads == 0
+            and head_dim <= 256 and block_size <= 256)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> Optional[torch.Tensor]:
+    """q [B, H, D] (contiguous float32), k_cache [blocks, KVH, D, block_size], v_cache [blocks,
+    block_size, KVH, D], block_tables [B, max_blocks] int64, context_lens [B] int64 -> [B, H, D];
+    None if the kernel is unavailable."""
+    lib = load()
+    if lib is None:
+        return None
+    B, H, D = q.shape
+    _, bs, kvh, _ = v_cache.shape
+    out = torch.empty_like(q)
+    rc = lib.qs_paged_decode_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
+        out.data_ptr(), B, H, kvh, D, bs, block_tables.shape[1], scale, torch.get_num_threads(),
+    )
+    return None if rc else out
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slots: torch.Tensor) -> bool:
+    """k, v [T, KVH, D] (float32; rows may be strided, heads and dims dense) into their cache
+    slots (k_cache [blocks, KVH, D, block_size], v_cache [blocks, block_size, KVH, D]).
+    False if the kernel is unavailable or the layout is not one it takes."""
+    lib = load()
+    T, kvh, d = k.shape
+    if lib is None or k.stride()[1:] != (d, 1) or v.stride()[1:] != (d, 1) or not slots.is_contiguous():
+        return False
+    bs = v_cache.shape[1]
+    return lib.qs_write_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(),
+                           v_cache.data_ptr(), slots.data_ptr(), T, kvh, d, bs) == 0
+
+
+def release_openmp_threads() -> bool:
+    """Free the calling thread's OpenMP worker threads (omp_pause_resource_all, soft).
+
+    libgomp keeps a pool of workers per thread that ever ran a parallel region. Once the workers
+    of all pools outnumber the CPUs, it throttles their spin-waiting, and every parallel region of
+    the engine thread then pays a futex wake-up: a model step ran ~35-60% slower on 2 cores when
+    the thread that loaded the model (or the event loop's thread) still held its pool. The pool
+    comes back by itself if the thread runs parallel code again. False if unavailable.
+    """
+    try:
+        gomp = ctypes.CDLL("libgomp.so.1")  # the runtime torch already loaded (same soname)
+        return gomp.omp_pause_resource_all(1) == 0  # 1 = omp_pause_soft
+    except (OSError, AttributeError):
+        return False

@@ -1,0 +1,142 @@
+"""Turn one step's logits into tokens, vectorized over the batch.
+
+Order (as vLLM): penalties -> greedy argmax, or temperature -> top_k -> top_p -> min_p -> sample.
+Sampling is an exponential race, argmax(p / E) with E ~ Exp(1) per token, which draws exactly
+from p; a seeded sequence draws its E from its own generator, so its tokens depend only on its
+seed and its own logits, never on what else is in the batch. Logprobs are those of the model's
+raw distribution (log_softmax of the logits, before penalties and temperature).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .outputs import TokenLogprob
+from .sequence import Sequence
+
+_SEED_MASK = 2**63 - 1
+
+
+def _choice_seed(seed: int, index: int) -> int:
+    # Choice 0 uses the seed itself; the others a different but fixed stream each.
+    return seed if index == 0 else (seed * 6364136223846793005 + index * 1442695040888963407) & _SEED_MASK
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int = 0) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        self.seeded: dict[int, torch.Generator] = {}  # seq_id -> its own generator
+
+    def release(self, seq: Sequence) -> None:
+        self.seeded.pop(seq.seq_id, None)
+
+    def _generator(self, seq: Sequence) -> torch.Generator:
+        gen = self.seeded.get(seq.seq_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(_choice_seed(seq.params.seed, seq.index))
+            self.seeded[seq.seq_id] = gen
+        return gen
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[Optional[TokenLogprob]]]:
+        """logits: [S, V] (one row per sequence in seqs). Returns (token ids, logprobs or None)."""
+        logits = logits.float()
+        raw = logits
+        params = [s.params for s in seqs]
+        penalized = [i for i, p in enumerate(params) if p.has_penalties]
+        if penalized:
+            logits = logits.clone()
+            for i in penalized:
+                self._apply_penalties(logits[i], seqs[i])
+        tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if len(greedy) == len(seqs):
+            tokens = logits.argmax(dim=-1)
+        else:
+            if greedy:
+                idx = torch.tensor(greedy, device=logits.device)
+                tokens[idx] = logits[idx].argmax(dim=-1)
+            idx = torch.tensor(sampled, device=logits.device)
+            tokens[idx] = self._sample(logits if len(sampled) == len(seqs) else logits[idx],
+                                       [seqs[i] for i in sampled])
+        token_list = tokens.tolist()
+        return token_list, self._logprobs(raw, seqs, tokens, token_list)
+
+    # ------------------------------------------------------------------------------ pieces
+
+    def _apply_penalties(self, row: torch.Tensor, seq: Sequence) -> None:
+        p = seq.params
+        vocab = row.shape[0]
+        if p.repetition_penalty != 1:
+            seen = torch.tensor(sorted(set(seq.token_ids)), device=row.device)
+            seen = seen[seen < vocab]
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
+            out = torch.tensor(seq.output_token_ids, device=row.device)
+            counts = torch.bincount(out[out < vocab], minlength=vocab).to(row.dtype)
+            row -= counts * p.frequency_penalty + (counts > 0).to(row.dtype) * p.presence_penalty
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        dev = logits.device
+        params = [s.params for s in seqs]
+        temps = torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)
+        logits = logits / temps
+        top_k = [p.top_k for p in params]
+        if any(top_k):
+            vocab = logits.shape[1]
+            ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=dev)
+            kmax = int(ks.max())
+            kth = logits.topk(kmax, dim=-1).values.gather(1, (ks - 1).unsqueeze(1))
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        top_p = [p.top_p for p in params]
+        if any(x < 1 for x in top_p):
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            sorted_probs = sorted_logits.softmax(dim=-1)
+            before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the better tokens
+            drop = before > torch.tensor(top_p, device=dev).unsqueeze(1)
+            drop[:, 0] = False
+            logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        probs = logits.softmax(dim=-1)
+        min_p = [p.min_p for p in params]
+        if any(min_p):
+            threshold = probs.amax(dim=-1, keepdim=True) * torch.tensor(min_p, device=dev).unsqueeze(1)
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        noise = torch.empty_like(probs)
+        unseeded = [i for i, p in enumerate(params) if p.seed is None]
+        if len(unseeded) == len(seqs):
+            noise.exponential_(generator=self.generator)
+        else:
+            if unseeded:
+                idx = torch.tensor(unseeded, device=dev)
+                noise[idx] = torch.empty((len(unseeded), probs.shape[1]), device=dev).exponential_(
+                    generator=self.generator)
+            for i, (seq, p) in enumerate(zip(seqs, params)):
+                if p.seed is not None:
+                    noise[i].exponential_(generator=self._generator(seq))
+        noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # an exact 0 draw would divide 0 by 0
+        return (probs / noise).argmax(dim=-1)
+
+    def _logprobs(self, raw: torch.Tensor, seqs: list[Sequence], tokens: torch.Tensor,
+                  token_list: list[int]) -> list[Optional[TokenLogprob]]:
+        wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        result: list[Optional[TokenLogprob]] = [None] * len(seqs)
+        if not wanted:
+            return result
+        idx = torch.tensor(wanted, device=raw.device)
+        logprobs = raw[idx].log_softmax(dim=-1)
+        chosen = logprobs.gather(1, tokens[idx].unsqueeze(1)).squeeze(1).tolist()
+        kmax = max(seqs[i].params.logprobs for i in wanted)
+        top_vals, top_ids = (logprobs.topk(kmax, dim=-1) if kmax else (None, None))
+        top_vals = top_vals.tolist() if kmax else None
+        top_ids = top_ids.tolist() if kmax else None
+        for j, i in enumerate(wanted):
+            k = seqs[i].params.logprobs
+            top = list(zip(top_ids[j][:k], top_vals[j][:k])) if k else []
+            result[i] = TokenLogprob(token_id=token_list[i], logprob=chosen[j], top=top)
+        return result

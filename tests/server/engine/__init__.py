@@ -1,0 +1,1 @@
+"""Tests for server.engine: pure scheduler / block manager tests, and engine tests on real models."""
