@@ -90,7 +90,7 @@ class Metrics:
             self.e2e.labels(model).observe((timing.last_token or timing.first_token) - timing.arrival)
         for gap in timing.inter_token:
             self.itl.labels(model).observe(gap)
-        if getattr(timing, "queue_time", None) is not None:
+        if timing.queue_time is not None:
             self.queue.labels(model).observe(timing.queue_time)
         for reason in timing.finish_reasons:
             if reason in ("stop", "length"):

@@ -38,6 +38,7 @@ class RequestTiming:
     first_token: Optional[float] = None
     last_token: Optional[float] = None
     inter_token: list[float] = dataclasses.field(default_factory=list)
+    queue_time: Optional[float] = None  # reported by the engine with the first output
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reasons: list[str] = dataclasses.field(default_factory=list)
@@ -168,7 +169,7 @@ class _PromptCounts:
 
     def see(self, i: int, out: Any) -> None:
         self.prompt[i] = out.num_prompt_tokens
-        self.cached[i] = getattr(out, "num_cached_tokens", 0)
+        self.cached[i] = out.num_cached_tokens
 
     def totals(self) -> tuple[int, int]:
         return sum(self.prompt.values()), sum(self.cached.values())
@@ -179,6 +180,8 @@ async def _guarded(gen: Generation) -> AsyncIterator[tuple[int, Any, Any]]:
     finished = False
     try:
         async for triple in gen.outputs():
+            if gen.timing.queue_time is None:
+                gen.timing.queue_time = triple[1].queue_time
             yield triple
         finished = True
     finally:

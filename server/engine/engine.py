@@ -55,7 +55,8 @@ class RequestFailedError(RuntimeError):
 
 
 class _Request:
-    __slots__ = ("request_id", "seqs", "detokenizers", "collector", "loop", "num_prompt_tokens", "arrival")
+    __slots__ = ("request_id", "seqs", "detokenizers", "collector", "loop", "num_prompt_tokens", "arrival",
+                 "queue_time")
 
     def __init__(self, request_id: str, seqs: list[Sequence], detokenizers: list[Optional[IncrementalDetokenizer]],
                  collector: Collector, loop: asyncio.AbstractEventLoop) -> None:
@@ -66,6 +67,7 @@ class _Request:
         self.loop = loop
         self.num_prompt_tokens = seqs[0].num_prompt_tokens
         self.arrival = time.monotonic()
+        self.queue_time: Optional[float] = None  # arrival -> first step that ran it
 
 
 # ---------------------------------------------------------------------------------- engine
@@ -306,6 +308,7 @@ class AsyncEngine:
         try:
             batch = self.scheduler.schedule()
             if batch.seqs:
+                self._note_first_scheduled(batch)
                 result = self.runner.run(batch)
                 updated = self.scheduler.postprocess(batch, result.token_ids)
             elif not batch.cut_off:
@@ -358,7 +361,15 @@ class AsyncEngine:
             self._send(request, RequestOutput(
                 request_id=request_id, outputs=outputs, num_prompt_tokens=request.num_prompt_tokens,
                 num_cached_tokens=request.seqs[0].num_cached_tokens, finished=finished,
+                queue_time=request.queue_time,
             ))
+
+    def _note_first_scheduled(self, batch: ScheduledBatch) -> None:
+        now = time.monotonic()
+        for seq in batch.seqs:
+            request = self._requests.get(seq.request_id)
+            if request is not None and request.queue_time is None:
+                request.queue_time = now - request.arrival
 
     # ------------------------------------------------------------------------------ helpers
 

@@ -39,6 +39,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     finished: bool  # every choice has finished
+    queue_time: Optional[float] = None  # seconds from arrival to the first engine step that ran it
 
     def merge(self, later: "RequestOutput") -> None:
         by_index = {o.index: o for o in self.outputs}
@@ -52,6 +53,7 @@ class RequestOutput:
         self.outputs.sort(key=lambda o: o.index)
         self.num_cached_tokens = later.num_cached_tokens
         self.finished = later.finished
+        self.queue_time = self.queue_time if self.queue_time is not None else later.queue_time
 
 
 @dataclasses.dataclass

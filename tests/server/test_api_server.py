@@ -250,6 +250,10 @@ def test_metrics_and_memory(server):
                  "vllm:num_preemptions_total", "quantserve_host_rss_bytes", "quantserve_model_weight_bytes"):
         assert name in text, name
     assert server.metric("vllm:generation_tokens_total") > 0
+    for histogram in ("vllm:request_queue_time_seconds", "vllm:time_to_first_token_seconds",
+                      "vllm:e2e_request_latency_seconds", "vllm:inter_token_latency_seconds"):
+        assert server.metric(histogram + "_count") > 0, histogram
+    assert server.metric("vllm:request_success_total") > 0
     mem = httpx.get(server.url + "/v1/memory", headers=server.headers()).json()
     model = mem["models"][0]
     assert model["weights"]["weight_bytes"] < model["weights"]["weight_bytes_16bit"]
