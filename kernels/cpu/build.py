@@ -77,12 +77,16 @@ def find_compiler() -> Optional[str]:
     return None
 
 
-def library_path(cxx: str, flags: tuple[str, ...] = CXXFLAGS) -> Path:
+def library_path(cxx: str, flags: Optional[tuple[str, ...]] = None, source: Optional[Path] = None) -> Path:
+    """The cache path of `source` (default: the quant kernels) built by `cxx` with `flags`: a new
+    source, compiler or flag set gets a new file, so edits rebuild and old builds never load."""
+    flags = CXXFLAGS if flags is None else flags
+    source = SOURCE if source is None else source
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), cxx.encode(), " ".join(flags).encode(), platform.machine().encode()):
+    for part in (source.read_bytes(), cxx.encode(), " ".join(flags).encode(), platform.machine().encode()):
         key.update(part)
         key.update(b"\0")
-    return cache_dir() / f"quant4_cpu-{key.hexdigest()[:16]}.so"
+    return cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
 
 
 def build() -> Path:
@@ -102,14 +106,19 @@ def build() -> Path:
 
 
 def _build(cxx: str, flags: tuple[str, ...]) -> Path:
-    target = library_path(cxx, flags)
+    return build_source(cxx, SOURCE, flags)
+
+
+def build_source(cxx: str, source: Path, flags: tuple[str, ...]) -> Path:
+    """Compile one C++ source into a cached shared library (the engine's kernels use this too)."""
+    target = library_path(cxx, flags, source)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [cxx, *flags, str(SOURCE), "-o", tmp]
+        cmd = [cxx, *flags, str(source), "-o", tmp]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         except (OSError, subprocess.TimeoutExpired) as exc:

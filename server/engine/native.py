@@ -9,12 +9,7 @@ loaded with ctypes. Without a compiler, or if the build fails, `decode_attention
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 from typing import Optional
@@ -40,30 +35,12 @@ _SIGNATURES = {
 
 
 def _build() -> Path:
-    from kernels.cpu.build import cache_dir, find_compiler
+    from kernels.cpu.build import build_source, find_compiler
 
     cxx = find_compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-    key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), cxx.encode(), " ".join(CXXFLAGS).encode(), platform.machine().encode()):
-        key.update(part + b"\0")
-    target = cache_dir() / f"paged_attention-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        cmd = [cxx, *CXXFLAGS, str(SOURCE), "-o", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)  # atomic: concurrent builds of the same key write the same bytes
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return build_source(cxx, SOURCE, CXXFLAGS)
 
 
 def load() -> Optional[ctypes.CDLL]:
