@@ -49,6 +49,7 @@ def model_nbytes(model: nn.Module) -> int:
 
 
 def _matches(name: str, patterns: Iterable[str]) -> Optional[str]:
+    """The pattern that matches a whole dotted run of `name` ("mlp" matches "layers.0.mlp.up_proj")."""
     parts = name.split(".")
     for pattern in patterns:
         pattern_parts = pattern.split(".")
@@ -58,28 +59,35 @@ def _matches(name: str, patterns: Iterable[str]) -> Optional[str]:
     return None
 
 
-def default_skip_modules(model: nn.Module) -> dict[str, str]:
-    """What transformers keeps in full precision by default: the output head, and any Linear
-    whose weight is tied to an input embedding (quantizing it would quantize the embedding)."""
-    skip: dict[str, str] = {}
-    names = {id(m): n for n, m in model.named_modules()}
-    get_output = getattr(model, "get_output_embeddings", None)
-    head = get_output() if callable(get_output) else None
-    if isinstance(head, nn.Linear) and id(head) in names:
-        skip[names[id(head)]] = "output head (kept in full precision by default, as transformers does)"
-    embedding_storages = {
-        m.weight.untyped_storage().data_ptr()
-        for m in model.modules()
-        if isinstance(m, nn.Embedding) and m.weight.device.type != "meta"
-    }
-    for name, module in model.named_modules():
-        if (
-            type(module) is nn.Linear
-            and module.weight.device.type != "meta"
-            and module.weight.untyped_storage().data_ptr() in embedding_storages
-        ):
-            skip.setdefault(name, "weight tied to an input embedding")
-    return skip
+def plan_quantization(
+    model: nn.Module, config: QuantConfig, candidates: dict[str, nn.Module]
+) -> tuple[list[str], dict[str, str]]:
+    """(names of `candidates` to quantize, {name kept: why}), the rules transformers applies:
+    config.llm_int8_skip_modules when given, else the output head and any Linear whose weight is
+    tied to an input embedding (quantizing it would quantize the embedding); plus the
+    architecture's `_keep_in_fp32_modules`. Works on a model still on the meta device."""
+    kept: dict[str, str] = {}
+    if config.llm_int8_skip_modules is None:
+        get_output = getattr(model, "get_output_embeddings", None)
+        head = get_output() if callable(get_output) else None
+        # Tied weights are one Parameter object (transformers' tie_weights), on meta too.
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        for name, module in candidates.items():
+            if module is head:
+                kept[name] = "output head (kept in full precision by default, as transformers does)"
+            elif id(module.weight) in embeddings:
+                kept[name] = "weight tied to an input embedding"
+    else:
+        for name in candidates:
+            matched = _matches(name, config.llm_int8_skip_modules)
+            if matched is not None:
+                kept[name] = f"in llm_int8_skip_modules ({matched!r})"
+    fp32_modules = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name in candidates:
+        matched = _matches(name, fp32_modules)
+        if matched is not None and name not in kept:
+            kept[name] = f"kept in fp32 by the architecture ({matched!r})"
+    return [n for n in candidates if n not in kept], kept
 
 
 def quantize_model(
@@ -87,30 +95,16 @@ def quantize_model(
 ) -> ConversionReport:
     """Replace every nn.Linear of `model` (in place) with a Linear4bit quantized per `config`.
 
-    Skipped: modules named in config.llm_int8_skip_modules (a name, or a dotted part of one), or
-    when that is None, the output head and tied-embedding Linears. Layers whose in_features * out
-    features is odd-sized are still quantized (the format pads). Returns a ConversionReport.
+    What is kept in full precision, and why, follows `plan_quantization`. Returns a ConversionReport.
     """
     config = QuantConfig() if config is None else config
     report = ConversionReport(bytes_before=model_nbytes(model))
-    if config.llm_int8_skip_modules is None:
-        skip_reasons = default_skip_modules(model)
-        patterns: tuple[str, ...] = ()
-    else:
-        skip_reasons = {}
-        patterns = config.llm_int8_skip_modules
-    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
-    for name, module in tqdm(linears, desc="quantizing", unit="layer", disable=not progress):
-        reason = skip_reasons.get(name)
-        matched = _matches(name, patterns)
-        if matched is not None:
-            reason = f"in llm_int8_skip_modules ({matched!r})"
-        if reason is not None:
-            report.skipped[name] = reason
-            continue
+    linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
+    to_quantize, report.skipped = plan_quantization(model, config, linears)
+    for name in tqdm(to_quantize, desc="quantizing", unit="layer", disable=not progress):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Linear4bit.from_linear(module, config))
+        setattr(parent, child, Linear4bit.from_linear(linears[name], config))
         report.quantized.append(name)
     report.bytes_after = model_nbytes(model)
     return report

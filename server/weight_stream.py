@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quant import Linear4bit, Params4bit, QuantConfig
+from quant.convert import plan_quantization as quant_plan
 
 from .checkpoint import CheckpointReader
 from .peak_memory import release_free_memory
@@ -60,41 +61,10 @@ def linear_like_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if type(m) is nn.Linear or isinstance(m, Conv1D)}
 
 
-def _matches(name: str, patterns: tuple[str, ...]) -> Optional[str]:
-    # The same rule as quant.quantize_model: a pattern matches a whole dotted run of the name.
-    parts = name.split(".")
-    for pattern in patterns:
-        width = len(pattern.split("."))
-        if any(parts[i : i + width] == pattern.split(".") for i in range(len(parts) - width + 1)):
-            return pattern
-    return None
-
-
 def plan_quantization(model: nn.Module, quant: QuantConfig) -> tuple[list[str], dict[str, str]]:
-    """(Linear-like modules to quantize, {module kept: why}), with quant.quantize_model's rules:
-    llm_int8_skip_modules when given, else the output head and Linears tied to an embedding; plus
-    the architecture's _keep_in_fp32_modules, as transformers does."""
-    linears = linear_like_modules(model)
-    kept: dict[str, str] = {}
-    if quant.llm_int8_skip_modules is None:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-        for name, module in linears.items():
-            if module is head:
-                kept[name] = "output head (kept in full precision by default, as transformers does)"
-            elif id(module.weight) in embeddings:
-                kept[name] = "weight tied to an input embedding"
-    else:
-        for name in linears:
-            matched = _matches(name, quant.llm_int8_skip_modules)
-            if matched is not None:
-                kept[name] = f"in llm_int8_skip_modules ({matched!r})"
-    fp32_modules = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
-    for name in linears:
-        matched = _matches(name, fp32_modules)
-        if matched is not None and name not in kept:
-            kept[name] = f"kept in fp32 by the architecture ({matched!r})"
-    return [n for n in linears if n not in kept], kept
+    """(Linear-like modules to quantize, {module kept: why}): quant.quantize_model's rules, applied
+    to nn.Linear and Conv1D."""
+    return quant_plan(model, quant, linear_like_modules(model))
 
 
 class WeightStreamer:
