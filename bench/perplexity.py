@@ -6,7 +6,9 @@ NF4 + double quant / FP4 next to transformers (fp32) and transformers + bitsandb
 
 bitsandbytes runs as users get it: in eval mode on a CPU with AVX-512-BF16 its Linear4bit uses a
 fused kernel that computes in bf16; the "bnb exact" rows switch that off (dequantize + fp32 matmul),
-which is what quantserve computes.
+which is what quantserve computes at the "highest" float32 matmul precision. The "ours, medium"
+column is quantserve at torch's "medium" precision (the server's default): bf16 products with
+float32 sums in the 4-bit matmuls on AVX-512-BF16 CPUs (and in torch's own float32 matmuls).
 """
 
 from __future__ import annotations
@@ -128,12 +130,18 @@ def main() -> None:
     tokenizer = tf.AutoTokenizer.from_pretrained(folder)
     ids = tokenizer(TEXT, return_tensors="pt").input_ids.to(device)
     print(f"{description}: {ids.shape[1]} tokens of public-domain text, fp32 activations, device {device}")
-    print(f"{'setting':<8} {'quantserve':>11} {'transformers/bnb':>17} {'bnb exact':>10}   seconds (ours, bnb)")
+    print(f"{'setting':<8} {'quantserve':>11} {'ours, medium':>13} {'transformers/bnb':>17} {'bnb exact':>10}"
+          "   seconds (ours, bnb)")
     for name, q in settings.items():
         start = time.perf_counter()
         ours = load_model(LoadConfig(args.model, device=device, dtype=torch.float32, quant=q, cache_dir=args.cache_dir, progress=False))
         ppl_ours = perplexity(ours.model, ids)
         seconds_ours = time.perf_counter() - start
+        torch.set_float32_matmul_precision("medium")
+        try:
+            ppl_medium = perplexity(ours.model, ids)
+        finally:
+            torch.set_float32_matmul_precision("highest")
         del ours
         kwargs = {}
         if q is not None:
@@ -154,7 +162,8 @@ def main() -> None:
                     module.support_avx512bf16_for_cpu = False
             exact = f"{perplexity(ref, ids):.4f}"
         del ref
-        print(f"{name:<8} {ppl_ours:>11.4f} {ppl_ref:>17.4f} {exact:>10}   {seconds_ours:.1f}, {seconds_ref:.1f}", flush=True)
+        print(f"{name:<8} {ppl_ours:>11.4f} {ppl_medium:>13.4f} {ppl_ref:>17.4f} {exact:>10}   "
+              f"{seconds_ours:.1f}, {seconds_ref:.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,10 @@ def load_served_model(settings: Settings) -> Any:
     from .loader import load_for_serving
     from .registry import ServedModel
 
+    import torch
+
+    # Process-wide, as torch has it: this process serves one model.
+    torch.set_float32_matmul_precision(settings.matmul_precision)
     loaded = load_for_serving(settings)
     config = EngineConfig.from_settings(settings, loaded.model)
     engine = AsyncEngine(loaded.model, loaded.tokenizer, config)

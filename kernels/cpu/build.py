@@ -29,7 +29,7 @@ SOURCE = Path(__file__).with_name("quant4_cpu.cpp")
 CXXFLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp")
 # A compiler without OpenMP support (e.g. clang without libomp) still gets single-threaded kernels.
 CXXFLAGS_NO_OPENMP = CXXFLAGS[:-1]
-ABI_VERSION = 1  # must equal q4_abi_version() in the source
+ABI_VERSION = 2  # must equal q4_abi_version() in the source
 ISA_NAMES = {0: "scalar", 1: "AVX2", 2: "AVX-512", 3: "AVX-512 + BF16"}
 
 _log = logging.getLogger(__name__)
@@ -51,8 +51,9 @@ _SIGNATURES = {
     "q4_dequantize": (_I, [_P, _P, _P, _L, _L, _P, _I, _I]),
     # codes (uint8), absmax, code[256], n, blocksize, out, dtype, threads
     "q4_dequantize_blockwise": (_I, [_P, _P, _P, _L, _L, _P, _I, _I]),
-    # A, dtype, M, K, packed W, absmax, code[16], N, blocksize, bias or NULL, out, threads
-    "q4_gemm": (_I, [_P, _I, _L, _L, _P, _P, _P, _L, _L, _P, _P, _I]),
+    # A, dtype, M, K, packed W, absmax, code[16], N, blocksize, bias or NULL, out, bf16 products, threads
+    "q4_gemm": (_I, [_P, _I, _L, _L, _P, _P, _P, _L, _L, _P, _P, _I, _I]),
+    "q4_has_bf16_products": (_I, []),
 }
 
 

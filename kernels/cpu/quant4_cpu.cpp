@@ -623,7 +623,7 @@ const i64 kDirectRowsBf16 = 8;
 // AVX-512-BF16 to work with) is faster: even at 256 rows (12.6 ms each), 22 vs 26 ms at 512.
 const i64 kMaxRowsBf16 = 256;
 const i64 kBlockBf16 = 1024;
-const i64 kPanelRows = 64;
+const i64 kPanelRows = 16;
 const i64 kBlockAvx2 = 512;  // the AVX2 kernel buffers (float32) for more than 2 rows
 
 struct GemmArgs {
@@ -790,19 +790,18 @@ T512BF inline void bf16_decode64(const uint8_t* w, __m512i tab, __m512i& wl, __m
 
 template <int MT, int NT>
 T512BF void bf16_direct(const GemmArgs& g, i64 m0, i64 n0) {
-    constexpr bool SPLIT = MT * NT <= 8;
     const uint16_t* Ap = static_cast<const uint16_t*>(g.Ap);
     const i64 K = g.K;
     const __m512 cv = _mm512_loadu_ps(g.code);
     RowCursor rc[NT];
     __m512i tab[NT];
-    __m512 acc[MT][NT], acc2[MT][NT];
+    __m512 acc[MT][NT];
     for (int j = 0; j < NT; ++j) {
         rc[j].init(g, n0 + j);
         tab[j] = bf16_table(cv, g.absmax[rc[j].blk]);
     }
     for (int i = 0; i < MT; ++i)
-        for (int j = 0; j < NT; ++j) acc[i][j] = acc2[i][j] = _mm512_setzero_ps();
+        for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_setzero_ps();
     for (i64 k = 0; k < K; k += 64) {
         __m512i al[MT], ah[MT];
         for (int i = 0; i < MT; ++i) {
@@ -815,17 +814,11 @@ T512BF void bf16_direct(const GemmArgs& g, i64 m0, i64 n0) {
             bf16_decode64(rc[j].w + k / 2, tab[j], wl, wh);
             for (int i = 0; i < MT; ++i) {
                 acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)al[i], (__m512bh)wl);
-                if (SPLIT)
-                    acc2[i][j] = _mm512_dpbf16_ps(acc2[i][j], (__m512bh)ah[i], (__m512bh)wh);
-                else
-                    acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)ah[i], (__m512bh)wh);
+                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)ah[i], (__m512bh)wh);
             }
         }
     }
-    __m512 res[MT * NT];
-    for (int i = 0; i < MT; ++i)
-        for (int j = 0; j < NT; ++j) res[i * NT + j] = SPLIT ? _mm512_add_ps(acc[i][j], acc2[i][j]) : acc[i][j];
-    epilogue_512<MT, NT>(g, m0, n0, res);
+    epilogue_512<MT, NT>(g, m0, n0, &acc[0][0]);
 }
 
 template <int NT>
@@ -1112,7 +1105,40 @@ T512 void relayout_bf16_512(const uint16_t* A, i64 m, i64 K, uint16_t* dst) {
     }
 }
 
+#if Q4_BF16
+// float32 / float16 activations rounded to bf16 (nearest even, as torch's .to(torch.bfloat16)) in the
+// bf16 kernel's layout: the bf16-products mode of q4_gemm.
+template <int DT>
+T512BF void relayout_to_bf16_512(const void* A, i64 m, i64 K, uint16_t* dst) {
+    alignas(64) int16_t il[32], ih[32];
+    for (int i = 0; i < 16; ++i) {
+        il[2 * i] = (int16_t)(4 * i + 1);
+        il[2 * i + 1] = (int16_t)(4 * i + 3);
+        ih[2 * i] = (int16_t)(4 * i);
+        ih[2 * i + 1] = (int16_t)(4 * i + 2);
+    }
+    const __m512i vl = _mm512_load_si512((const void*)il), vh = _mm512_load_si512((const void*)ih);
+    for (i64 c = 0; c < K; c += 64) {
+        const i64 base = m * K + c;
+        // _mm512_cvtne2ps_pbh(hi, lo): lo's 16 values in words 0..15, hi's in 16..31.
+        __m512i s0 = (__m512i)_mm512_cvtne2ps_pbh(load16_512<DT>(A, base + 16), load16_512<DT>(A, base));
+        __m512i s1 = (__m512i)_mm512_cvtne2ps_pbh(load16_512<DT>(A, base + 48), load16_512<DT>(A, base + 32));
+        _mm512_storeu_si512((void*)(dst + base), _mm512_permutex2var_epi16(s0, vl, s1));
+        _mm512_storeu_si512((void*)(dst + base + 32), _mm512_permutex2var_epi16(s0, vh, s1));
+    }
+}
+#endif
+
 void relayout_row(const void* A, int adt, i64 m, i64 K, void* dst, bool bf16, int level) {
+#if Q4_BF16
+    if (bf16 && adt != DT_BF16) {  // only chosen on AVX-512-BF16 CPUs
+        if (adt == DT_F32)
+            relayout_to_bf16_512<DT_F32>(A, m, K, static_cast<uint16_t*>(dst));
+        else
+            relayout_to_bf16_512<DT_F16>(A, m, K, static_cast<uint16_t*>(dst));
+        return;
+    }
+#endif
     if (level >= ISA_AVX512) {
         if (bf16)
             relayout_bf16_512(static_cast<const uint16_t*>(A), m, K, static_cast<uint16_t*>(dst));
@@ -1153,13 +1179,17 @@ void* thread_buffer(int slot, size_t bytes) {
 #endif  // Q4_X86
 
 int gemm_impl(const void* A, int adt, i64 M, i64 K, const uint8_t* B, const float* absmax, const float* code, i64 N,
-              i64 bs, const void* bias, void* out, int nt) {
+              i64 bs, const void* bias, void* out, bool bf16_products, int nt) {
 #if Q4_X86
     const int level = isa();
+    // bf16_products (float32 / float16 activations): round them to bf16 and run the bf16 kernel,
+    // at every M, so each row's result is the same whatever the other rows are (batch invariance).
+    const bool bf16_ok = level >= ISA_AVX512BF16 && K % 64 == 0 && bs % 64 == 0;
+    const bool bf16_in = adt == DT_BF16;
     int path;
-    if (level >= ISA_AVX512BF16 && adt == DT_BF16 && K % 64 == 0 && bs % 64 == 0 && M <= kMaxRowsBf16)
+    if (bf16_ok && ((bf16_in && M <= kMaxRowsBf16) || (!bf16_in && bf16_products)))
         path = 3;
-    else if (adt == DT_BF16 && level >= ISA_AVX512BF16 && M > kMaxRowsBf16)
+    else if (bf16_in && level >= ISA_AVX512BF16 && M > kMaxRowsBf16)
         return 1;
     else if (level >= ISA_AVX512 && K % 32 == 0 && bs % 32 == 0)
         path = 2;
@@ -1215,7 +1245,7 @@ int gemm_impl(const void* A, int adt, i64 M, i64 K, const uint8_t* B, const floa
     return failed ? 2 : 0;
 #else
     (void)A, (void)adt, (void)M, (void)K, (void)B, (void)absmax, (void)code, (void)N, (void)bs, (void)bias, (void)out,
-        (void)nt;
+        (void)bf16_products, (void)nt;
     return 1;
 #endif
 }
@@ -1228,7 +1258,7 @@ int gemm_impl(const void* A, int adt, i64 M, i64 K, const uint8_t* B, const floa
 
 extern "C" {
 
-int q4_abi_version() { return 1; }
+int q4_abi_version() { return 2; }
 
 int q4_detected_isa() { return g_detected_isa; }
 
@@ -1276,10 +1306,16 @@ int q4_dequantize_blockwise(const uint8_t* q, const float* absmax, const float* 
 
 // out[M, N] (dtype of A) = A[M, K] @ W^T + bias (bias: [N] in A's dtype, or null); W = [N, K] packed
 // 4-bit with float32 absmax per bs elements. Returns nonzero if the shape / CPU is not handled.
+// bf16_products != 0 allows float32 / float16 activations to be rounded to bf16 where the CPU has
+// bf16 dot products (products of bf16 values, float32 sums and output: torch's "medium" float32
+// matmul precision); elsewhere it is ignored.
 int q4_gemm(const void* A, int dtype, i64 M, i64 K, const uint8_t* B, const float* absmax, const float* code, i64 N,
-            i64 bs, const void* bias, void* out, int nt) {
+            i64 bs, const void* bias, void* out, int bf16_products, int nt) {
     if (M <= 0 || K <= 0 || N <= 0 || bs <= 0 || dtype < 0 || dtype > 2) return 1;
-    return gemm_impl(A, dtype, M, K, B, absmax, code, N, bs, bias, out, nt);
+    return gemm_impl(A, dtype, M, K, B, absmax, code, N, bs, bias, out, bf16_products != 0, nt);
 }
+
+// 1 when q4_gemm's bf16_products takes effect on this CPU (AVX-512-BF16 and the kernel built in).
+int q4_has_bf16_products() { return isa() >= ISA_AVX512BF16 ? 1 : 0; }
 
 }  // extern "C"

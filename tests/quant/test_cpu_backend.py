@@ -236,6 +236,66 @@ def test_gemm_large_weight(threads):
             _check_gemm(torch.randn(M, 2048, dtype=dtype), W, 64, "nf4", torch.randn(96, dtype=dtype))
 
 
+@pytest.fixture
+def bf16_products():
+    """torch's float32 matmul precision set to allow bf16 products on CPU, restored afterwards."""
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    yield
+    torch.backends.mkldnn.matmul.fp32_precision = before
+
+
+HAS_BF16_PRODUCTS = LIB is not None and bool(LIB.q4_has_bf16_products())
+
+
+@needs_lib
+def test_gemm_float32_with_bf16_products(isa, bf16_products):
+    """With bf16 products allowed, float32 activations on an AVX-512-BF16 CPU give exactly the sums
+    of bf16(x) * bf16(w) (float64 oracle; only float32 summation error left), not float32 products;
+    on other CPUs (lower levels) the float32 result, as without the setting."""
+    assert cpu.bf16_products_allowed()
+    N = 40
+    for K, blocksize in [(256, 64), (192, 128), (1088, 64)]:
+        W = torch.randn(N, K)
+        packed, absmax = ref.quantize_4bit(W, blocksize, "nf4", torch.uint8)
+        w = ref.dequantize_4bit(packed, absmax, blocksize, "nf4", [N, K], torch.float32)
+        bias = torch.randn(N)
+        for M in (1, 2, 3, 5, 9, 33, 300):
+            x = torch.randn(M, K)
+            out = cpu.gemm_4bit(x, packed, [N, K], absmax, blocksize, "nf4", bias)
+            exact = x.double() @ w.double().T + bias.double()
+            bf16 = x.bfloat16().double() @ w.bfloat16().double().T + bias.double()
+            scale = exact.abs().max().item()
+            if isa >= 3:
+                torch.testing.assert_close(out.double(), bf16, rtol=0, atol=2e-6 * scale)
+                assert (out.double() - exact).abs().max().item() > 1e-4 * scale  # the products were bf16
+            else:
+                torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-5 * scale)
+
+
+@needs_lib
+@pytest.mark.skipif(not HAS_BF16_PRODUCTS, reason="CPU without AVX-512-BF16")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gemm_bf16_products_batch_invariant(threads, bf16_products):
+    """A row's result is the same bits whatever other rows share the call (the engine batches
+    different requests together and must give each the result it would get alone)."""
+    torch.set_num_threads(threads)
+    N, K = 200, 1536
+    W = torch.randn(N, K)
+    packed, absmax = ref.quantize_4bit(W, 64, "nf4", torch.uint8)
+    x = torch.randn(301, K)
+    bias = torch.randn(N)
+    alone = torch.cat([cpu.gemm_4bit(x[i : i + 1], packed, [N, K], absmax, 64, "nf4", bias) for i in range(x.shape[0])])
+    for M in (2, 3, 4, 5, 8, 9, 16, 17, 64, 65, 301):
+        for start in (0, x.shape[0] - M):
+            out = cpu.gemm_4bit(x[start : start + M], packed, [N, K], absmax, 64, "nf4", bias)
+            assert torch.equal(out, alone[start : start + M]), (M, start)
+    # bf16 activations take the same kernel (up to 256 rows, beyond which oneDNN is faster)
+    xb = x[:256].bfloat16()
+    alone = torch.cat([cpu.gemm_4bit(xb[i : i + 1], packed, [N, K], absmax, 64, "nf4", None) for i in range(256)])
+    assert torch.equal(cpu.gemm_4bit(xb, packed, [N, K], absmax, 64, "nf4", None), alone)
+
+
 @needs_lib
 def test_gemm_special_values():
     W = torch.randn(32, 128)

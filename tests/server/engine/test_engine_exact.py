@@ -8,6 +8,7 @@ import functools
 import warnings
 
 import pytest
+import torch
 
 from server.engine import SamplingParams
 
@@ -17,16 +18,47 @@ from .helpers import assert_blocks_all_free, collect, hf_greedy, hf_top2_margin,
 MAX_NEW = 24
 # A divergence is accepted only where transformers itself sees a near-tie between its two best
 # tokens: batched and unbatched float32 matmuls may differ in the last bits (reported, never silent).
-NEAR_TIE = 1e-3
+# With bf16 products (medium precision) a last-bit difference upstream sometimes rounds a matmul
+# input to the neighbouring bf16 value, and those steps add up over 30 layers: transformers' own
+# one-token decode steps and its full forward over the same tokens differ by up to ~0.1 in the
+# logits of the default model, so its near-ties are that wide.
+NEAR_TIE = {"highest": 1e-3, "medium": 0.25}
 
 
 @functools.lru_cache(maxsize=None)
-def _reference(model_id: int, prompt: tuple[int, ...], max_new: int, model) -> tuple[int, ...]:
+def _reference(model_id: int, precision: str, prompt: tuple[int, ...], max_new: int, model) -> tuple[int, ...]:
     return tuple(hf_greedy(model, list(prompt), max_new))
 
 
 def reference(model, prompt, max_new=MAX_NEW):
-    return list(_reference(id(model), tuple(prompt), max_new, model))
+    precision = torch.get_float32_matmul_precision()
+    return list(_reference(id(model), precision, tuple(prompt), max_new, model))
+
+
+@pytest.fixture(params=["highest", "medium"])
+def matmul_precision(request, smollm):
+    """Both float32 matmul precisions the server offers: medium (its default) computes the 4-bit
+    matmuls with bf16 products on AVX-512-BF16 CPUs, in the engine and in transformers alike.
+
+    transformers' float32 output head (nn.Linear) is kept at float32 products: under medium,
+    oneDNN picks bf16 or float32 by shape, so transformers' own one-token decode steps and its
+    full forward over the same tokens differ by ~1e-2 in the logits, too coarse for an oracle.
+    (The engine's head runs oneDNN's prepacked float32 kernel, which the setting leaves alone.)"""
+    head = smollm[0].lm_head
+
+    def exact_head(x):
+        before = torch.backends.mkldnn.matmul.fp32_precision
+        torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+        try:
+            return torch.nn.functional.linear(x, head.weight, head.bias)
+        finally:
+            torch.backends.mkldnn.matmul.fp32_precision = before
+
+    torch.set_float32_matmul_precision(request.param)
+    head.forward = exact_head
+    yield request.param
+    del head.forward
+    torch.set_float32_matmul_precision("highest")
 
 
 def compare(model, prompts, results, refs) -> list[str]:
@@ -39,7 +71,7 @@ def compare(model, prompts, results, refs) -> list[str]:
         margin, best, second = hf_top2_margin(model, prompt + want[:j])
         msg = (f"request {i} (prompt {len(prompt)} tokens) diverges at output token {j}: engine {got[j:j + 3]}, "
                f"transformers {want[j:j + 3]}; transformers' top-2 margin there {margin:.2e} ({best} vs {second})")
-        assert margin < NEAR_TIE and got[j] in (best, second), msg
+        assert margin < NEAR_TIE[torch.get_float32_matmul_precision()] and got[j] in (best, second), msg
         notes.append(msg)
     return notes
 
@@ -66,7 +98,9 @@ def _check_exact(smollm, count, **config):
     notes = compare(model, prompts, [r.token_ids[0] for r in results], refs)
     for note in notes:
         warnings.warn(note)
-    assert len(notes) <= max(1, count // 16), notes
+    # medium: 3 of 32 requests diverged at a near-tie (margins 0.01-0.03) when this was written
+    per = 16 if torch.get_float32_matmul_precision() == "highest" else 8
+    assert len(notes) <= max(1, count // per), notes
     for r, ref in zip(results, refs):
         assert r.finish_reason[0] == ("stop" if len(ref) < MAX_NEW else "length")
         assert r.text[0] == model_text(tokenizer, r.token_ids[0])
@@ -77,12 +111,12 @@ def model_text(tokenizer, ids):
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def test_greedy_matches_transformers_8_requests(smollm):
+def test_greedy_matches_transformers_8_requests(smollm, matmul_precision):
     # A small token budget: long prompts are prefilled in chunks, mixed with decodes.
     stats = _check_exact(smollm, 8, max_num_batched_tokens=96, max_num_seqs=8, num_kv_blocks=256)
     assert stats.prefix_cache_hit_rate > 0  # the chat prompts share their system prompt
 
 
 @pytest.mark.slow
-def test_greedy_matches_transformers_32_requests(smollm):
+def test_greedy_matches_transformers_32_requests(smollm, matmul_precision):
     _check_exact(smollm, 32, max_num_batched_tokens=256, max_num_seqs=32, num_kv_blocks=1024)
