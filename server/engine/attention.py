@@ -9,6 +9,9 @@ Per layer, the keys/values of every new token of the step are written first, the
 attention reads the cache (so a block registered for prefix sharing during scheduling is filled
 before anyone reads it in the same step).
 
+With the native kernel (CPU, float32), one call per layer computes every row: row r of a chunk
+at sequence position p attends to positions 0..p through the sequence's block table, read in
+place (decodes, fresh prompts, chunked-prefill continuations and prefix hits alike). Otherwise:
 - Decode tokens (one new token per sequence) are batched: their blocks are gathered into a
   [num_decodes, max_blocks * block_size] view and masked beyond each context length.
 - A prefill chunk with no earlier context is causal attention over its own keys, computed
@@ -49,7 +52,9 @@ class AttentionMetadata:
     decode_mask: Optional[torch.Tensor]  # [num_decodes, 1, 1, max_blocks * block_size] bool (PyTorch path)
     prefills: list[PrefillChunk]
     num_tokens: int
-    native_decode: bool = False  # native kernels: decode attention reading the cache in place, cache writes
+    native_decode: bool = False  # native kernels: attention reading the cache in place, cache writes
+    # The native kernel's (seqs [S, 4], block tables) for this step: built by the first layer.
+    native_plan: Optional[tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default=None, repr=False)
 
 
 def keys_view(k_cache: torch.Tensor) -> torch.Tensor:
@@ -78,18 +83,19 @@ def paged_attention(
 ) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KVH, D] (the step's new tokens). Returns [T, H * D]."""
     write_kv(k_cache, v_cache, k, v, meta)
+    if meta.native_decode:
+        if meta.native_plan is None:
+            meta.native_plan = _native_plan(meta, v_cache.shape[1])
+        out = native.attention(q, k_cache, v_cache, *meta.native_plan, scale)
+        if out is not None:
+            return out
     T, H, D = q.shape
     kvh = v_cache.shape[-2]
     gqa = H != kvh
     nd = meta.num_decodes
     out = q.new_empty(T, H, D) if nd < T else None
     if nd:
-        o = None
-        if meta.native_decode:
-            o = native.decode_attention(q[:nd].contiguous(), k_cache, v_cache, meta.decode_block_tables,
-                                        meta.decode_context_lens, scale)  # [nd, H, D]
-        if o is None:
-            o = _decode_attention_torch(q[:nd], k_cache, v_cache, meta, scale, gqa)
+        o = _decode_attention_torch(q[:nd], k_cache, v_cache, meta, scale, gqa)
         if nd == T:
             return o.reshape(T, H * D)
         out[:nd] = o
@@ -107,6 +113,31 @@ def paged_attention(
             o = F.scaled_dot_product_attention(qc, keys, values, attn_mask=chunk.mask, scale=scale, enable_gqa=gqa)
         out[rows] = o[0].transpose(0, 1)
     return out.view(T, H * D)
+
+
+def _native_plan(meta: AttentionMetadata, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(seqs [S, 4], tables) for native.attention: decode rows, then the prefill chunks."""
+    rows: list[tuple[int, int, int, int]] = []
+    tables: list[torch.Tensor] = []
+    offset = 0
+    nd = meta.num_decodes
+    if nd:
+        max_blocks = meta.decode_block_tables.shape[1]
+        tables.append(meta.decode_block_tables.reshape(-1))
+        rows += [(i, 1, ctx, i * max_blocks) for i, ctx in enumerate(meta.decode_context_lens.tolist())]
+        offset = nd * max_blocks
+    for c in meta.prefills:
+        if c.block_ids is not None:
+            table = c.block_ids
+        else:  # a fresh prompt: positions 0..n-1, so every block_size-th slot names the next block
+            assert c.context_len == c.num_tokens
+            table = meta.slot_blocks[c.start : c.start + c.num_tokens : block_size]
+        rows.append((c.start, c.num_tokens, c.context_len, offset))
+        tables.append(table)
+        offset += table.shape[0]
+    seqs = torch.tensor(rows, dtype=torch.int64).view(-1, 4)
+    flat = torch.cat(tables).to(torch.int64).contiguous() if tables else torch.zeros(1, dtype=torch.int64)
+    return seqs, flat
 
 
 def _decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

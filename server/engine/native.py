@@ -1,9 +1,10 @@
-"""The engine's native CPU kernel (csrc/paged_attention.cpp): paged decode attention read in place.
+"""The engine's native CPU kernel (csrc/paged_attention.cpp): paged attention read in place, for
+decode rows and prefill chunks alike, one call per layer.
 
 Compiled on first use into the same cache folder as the quant kernels (kernels/cpu/build.py:
 $QUANTSERVE_CACHE, else ~/.cache/quantserve/kernels), keyed by source, compiler and flags, and
-loaded with ctypes. Without a compiler, or if the build fails, `decode_attention` returns None
-(one warning logged) and the engine uses its pure-PyTorch attention.
+loaded with ctypes. Without a compiler, or if the build fails, `attention` returns None (one
+warning logged) and the engine uses its pure-PyTorch attention.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from typing import Optional
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
-CXXFLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp")
-ABI_VERSION = 4
+# No fused multiply-adds but the explicit ones: the compiler would fuse the portable loops'
+# vector and scalar copies differently, and a row's result would depend on its tile.
+CXXFLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off")
+ABI_VERSION = 5
 
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -27,8 +30,10 @@ _state: dict[str, object] = {}
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "qs_abi_version": (_I, []),
-    # q, k_cache, v_cache, block_tables, context_lens, out, B, H, KVH, D, BS, max_blocks, scale, threads
-    "qs_paged_decode_attention": (_I, [_P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _L, _L, _F, _I]),
+    "qs_set_fast": (_I, [_I]),
+    "qs_fast_path": (_I, [_L, _L]),
+    # q, q row/head strides, k_cache, v_cache, out, out row stride, seqs, S, tables, H, KVH, D, BS, scale, threads
+    "qs_paged_attention": (_I, [_P, _L, _L, _P, _P, _P, _L, _P, _L, _P, _L, _L, _L, _L, _F, _I]),
     # k, k row stride, v, v row stride, k_cache, v_cache, slots, T, KVH, D, BS
     "qs_write_kv": (_I, [_P, _L, _P, _L, _P, _P, _P, _L, _L, _L, _L]),
 }
@@ -72,28 +77,43 @@ def supported(v_cache: torch.Tensor, num_heads: int) -> bool:
             and head_dim <= 256 and block_size <= 256)
 
 
-def decode_attention(
+def attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
+    seqs: torch.Tensor,
+    tables: torch.Tensor,
     scale: float,
 ) -> Optional[torch.Tensor]:
-    """q [B, H, D] (contiguous float32), k_cache [blocks, KVH, D, block_size], v_cache [blocks,
-    block_size, KVH, D], block_tables [B, max_blocks] int64, context_lens [B] int64 -> [B, H, D];
-    None if the kernel is unavailable."""
+    """Attention of every row of q [T, H, D] (float32; rows and heads may be strided, dims dense)
+    against the paged cache (k_cache [blocks, KVH, D, block_size], v_cache [blocks, block_size,
+    KVH, D]) -> [T, H * D]. seqs [S, 4] int64: (first row, rows, context length, offset of its block
+    table in tables), the rows being the sequence's last positions (causal); every row of q must
+    belong to one entry. None if the kernel is unavailable or does not take these shapes."""
     lib = load()
-    if lib is None:
+    if lib is None or q.dtype != torch.float32 or q.stride(2) != 1:
         return None
-    B, H, D = q.shape
+    T, H, D = q.shape
     _, bs, kvh, _ = v_cache.shape
-    out = torch.empty_like(q)
-    rc = lib.qs_paged_decode_attention(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
-        out.data_ptr(), B, H, kvh, D, bs, block_tables.shape[1], scale, torch.get_num_threads(),
+    out = q.new_empty(T, H * D)
+    rc = lib.qs_paged_attention(
+        q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), H * D,
+        seqs.data_ptr(), seqs.shape[0], tables.data_ptr(), H, kvh, D, bs, scale, torch.get_num_threads(),
     )
     return None if rc else out
+
+
+def fast_path(head_dim: int, block_size: int) -> bool:
+    """Whether attention with these sizes runs the AVX-512 kernels (else the portable ones)."""
+    lib = load()
+    return lib is not None and bool(lib.qs_fast_path(head_dim, block_size))
+
+
+def set_fast(allow: bool) -> bool:
+    """Allow (default) or forbid the AVX-512 kernels (tests run the portable ones this way).
+    Returns the previous setting; False if the library is unavailable."""
+    lib = load()
+    return bool(lib.qs_set_fast(int(allow))) if lib is not None else False
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

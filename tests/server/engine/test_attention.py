@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from server.engine import native
-from server.engine.attention import AttentionMetadata, PrefillChunk, keys_view, paged_attention
+from server.engine.attention import AttentionMetadata, PrefillChunk, _native_plan, keys_view, paged_attention
 
 
 def naive(q, keys, values, scale, offset):
@@ -82,3 +82,204 @@ def test_mixed_batch_matches_dense_attention(native_decode, heads, kv_heads, blo
     for (computed, new), table, keys in zip(seqs, tables, full_k):
         p = computed + new - 1
         torch.testing.assert_close(keys_view(k_cache)[table[p // block_size], p % block_size], keys[p])
+
+
+# ------------------------------------------------------------------------------ native kernel
+
+
+@pytest.fixture(params=["fast", "portable"])
+def native_mode(request):
+    """The native kernel with its AVX-512 code (where the CPU has it) or forced to portable code."""
+    if native.load() is None:
+        pytest.skip("native kernel unavailable (no compiler)")
+    before = native.set_fast(request.param == "fast")
+    if request.param == "fast" and torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        assert native.fast_path(64, 16)
+    yield request.param
+    native.set_fast(before)
+
+
+def build_step(seqs, heads, kv_heads, block_size, D, num_blocks=None, fill=float("nan"), seed=0):
+    """A step over `seqs` [(tokens already cached, new tokens)], decodes (new == 1) first, as the
+    runner builds it. Cache slots no sequence owns hold `fill` (NaN: a kernel reading a slot past
+    a context end poisons its output). Returns (q, k_new, v_new, k_cache, v_cache, meta, full
+    keys, full values)."""
+    g = torch.Generator().manual_seed(seed)
+    need = sum(-(-(c + n) // block_size) for c, n in seqs)
+    num_blocks = num_blocks or need + 5
+    k_cache = torch.full((num_blocks, kv_heads, D, block_size), fill)
+    v_cache = torch.full((num_blocks, block_size, kv_heads, D), fill)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    full_k, full_v, tables, slots, q_rows = [], [], [], [], []
+    for computed, new in seqs:
+        total = computed + new
+        table = [perm.pop() for _ in range(-(-total // block_size))]
+        tables.append(table)
+        keys, values = torch.randn(total, kv_heads, D, generator=g), torch.randn(total, kv_heads, D, generator=g)
+        for p in range(computed):
+            keys_view(k_cache)[table[p // block_size], p % block_size] = keys[p]
+            v_cache[table[p // block_size], p % block_size] = values[p]
+        full_k.append(keys)
+        full_v.append(values)
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(computed, total)]
+        q_rows.append(torch.randn(new, heads, D, generator=g))
+    nd = sum(1 for _, n in seqs if n == 1)
+    assert all(n == 1 for _, n in seqs[:nd])
+    q = torch.cat(q_rows)
+    k_new = torch.cat([k[c:] for k, (c, _) in zip(full_k, seqs)])
+    v_new = torch.cat([v[c:] for v, (c, _) in zip(full_v, seqs)])
+    decode_tables = decode_lens = None
+    if nd:
+        max_blocks = max(len(t) for t in tables[:nd])
+        decode_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables[:nd]])
+        decode_lens = torch.tensor([c + 1 for c, _ in seqs[:nd]])
+    chunks, row = [], nd
+    for (computed, new), table in zip(seqs[nd:], tables[nd:]):
+        context = computed + new
+        ids = mask = None
+        if computed:
+            ids = torch.tensor(table)
+            mask = torch.arange(context).unsqueeze(0) <= torch.arange(computed, context).unsqueeze(1)
+        chunks.append(PrefillChunk(row, new, context, ids, mask))
+        row += new
+    slot_mapping = torch.tensor(slots)
+    meta = AttentionMetadata(
+        slot_mapping=slot_mapping, slot_blocks=slot_mapping // block_size, slot_offsets=slot_mapping % block_size,
+        num_decodes=nd, decode_block_tables=decode_tables, decode_context_lens=decode_lens, decode_mask=None,
+        prefills=chunks, num_tokens=q.shape[0], native_decode=True,
+    )
+    return q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v
+
+
+def check_against_dense(out, q, seqs, full_k, full_v, scale, atol=1e-5, rtol=1e-5):
+    """out [T, H, D] against float64 dense causal attention, sequence by sequence."""
+    start = 0
+    for (computed, new), keys, values in zip(seqs, full_k, full_v):
+        ref = naive(q[start : start + new], keys, values, scale, computed)
+        torch.testing.assert_close(out[start : start + new], ref, atol=atol, rtol=rtol,
+                                   msg=lambda m: f"sequence (cached {computed}, new {new}): {m}")
+        start += new
+
+
+# Decodes with context 1, 15, 16, 17, 300; fresh prompts (lengths not multiples of the block
+# size too); continuations whose earlier context ends inside, at and past a block boundary.
+MIXED = [(0, 1), (14, 1), (15, 1), (16, 1), (299, 1),
+         (0, 2), (0, 15), (0, 16), (0, 17), (0, 53),
+         (1, 14), (15, 2), (16, 16), (17, 5), (100, 37), (283, 17)]
+
+
+@pytest.mark.parametrize("heads, kv_heads, block_size, dim", [
+    (9, 3, 16, 64),    # the default model's shapes
+    (4, 4, 16, 64),    # MHA
+    (8, 2, 16, 128),   # G = 4
+    (14, 2, 32, 64),   # G = 7 (query heads in groups of 4 + 3), two key groups per block
+    (6, 2, 16, 80),    # head dim 80
+    (9, 3, 8, 64),     # block size 8: portable kernels
+    (6, 3, 5, 20),     # odd block size and head dim: portable kernels
+])
+def test_native_mixed_batch_matches_dense(native_mode, heads, kv_heads, block_size, dim):
+    q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v = build_step(MIXED, heads, kv_heads, block_size, dim)
+    scale = dim**-0.5
+    out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, scale)
+    assert meta.native_plan is not None  # the native kernel ran
+    check_against_dense(out.view(-1, heads, dim), q, MIXED, full_k, full_v, scale)
+    # every new token's key and value landed in its slot, bit for bit
+    blocks, offsets = meta.slot_blocks, meta.slot_offsets
+    assert torch.equal(keys_view(k_cache)[blocks, offsets], k_new)
+    assert torch.equal(v_cache[blocks, offsets], v_new)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_native_many_decodes(native_mode, threads):
+    """Enough decodes for whole-row items (all kv heads at once), with a prefill beside them."""
+    heads, kv_heads, D = 9, 3, 64
+    seqs = [(c, 1) for c in (0, 1, 14, 15, 16, 17, 31, 32, 33, 63, 64, 65, 150, 299, 511, 47, 20, 5, 8, 99)] + [(30, 33)]
+    q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v = build_step(seqs, heads, kv_heads, 16, D)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, D**-0.5)
+    finally:
+        torch.set_num_threads(before)
+    check_against_dense(out.view(-1, heads, D), q, seqs, full_k, full_v, D**-0.5)
+
+
+def test_native_unsupported_shape_falls_back_to_pytorch():
+    """A head dim past the kernel's limit: the call declines and the PyTorch path answers."""
+    if native.load() is None:
+        pytest.skip("native kernel unavailable (no compiler)")
+    heads, kv_heads, D = 4, 2, 272
+    seqs = [(20, 1), (0, 9), (5, 4)]
+    q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v = build_step(seqs, heads, kv_heads, 16, D, fill=0.0)
+    assert native.attention(q, k_cache, v_cache, *_native_plan(meta, 16), D**-0.5) is None
+    out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, D**-0.5)
+    check_against_dense(out.view(-1, heads, D), q, seqs, full_k, full_v, D**-0.5, atol=2e-5, rtol=1e-4)
+
+
+def test_native_error_is_at_sdpa_level(native_mode):
+    """The kernel's error against float64 is no worse than float32 sdpa's on the same rows."""
+    heads, kv_heads, D = 9, 3, 64
+    seqs = [(199, 1), (0, 128), (64, 64)]
+    q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v = build_step(seqs, heads, kv_heads, 16, D)
+    scale = D**-0.5
+    out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, scale).view(-1, heads, D)
+    start = 0
+    for (computed, new), keys, values in zip(seqs, full_k, full_v):
+        rows = q[start : start + new]
+        ref = naive(rows, keys, values, scale, computed).double()
+        mask = torch.arange(computed + new).unsqueeze(0) <= torch.arange(computed, computed + new).unsqueeze(1)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(
+            rows.transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask, scale=scale, enable_gqa=True)[0].transpose(0, 1)
+        ours = (out[start : start + new].double() - ref).abs().max().item()
+        theirs = (sdpa.double() - ref).abs().max().item()
+        assert ours <= max(2 * theirs, 1e-6), (computed, new, ours, theirs)
+        start += new
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("contexts", [[1000], [700, 33], [5000], [64, 65, 200]])
+def test_native_long_decodes_split_over_keys(native_mode, contexts, threads):
+    """A few long decodes: their keys are split over the threads and the parts merged."""
+    heads, kv_heads, D = 9, 3, 64
+    seqs = [(c - 1, 1) for c in contexts]
+    q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v = build_step(seqs, heads, kv_heads, 16, D)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, D**-0.5)
+    finally:
+        torch.set_num_threads(before)
+    check_against_dense(out.view(-1, heads, D), q, seqs, full_k, full_v, D**-0.5)
+
+
+def test_native_strided_queries(native_mode):
+    """q as the models pass it: a slice of a fused q/k projection (llama) or heads-major (generic)."""
+    heads, kv_heads, D = 9, 3, 64
+    seqs = [(40, 1), (0, 30), (20, 9)]
+    q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v = build_step(seqs, heads, kv_heads, 16, D)
+    fused = torch.cat([q, torch.zeros(q.shape[0], kv_heads, D)], dim=1)[:, :heads]  # row stride (H + KVH) * D
+    heads_major = q.transpose(0, 1).contiguous().transpose(0, 1)  # head stride T * D
+    for qs in (fused, heads_major):
+        meta.native_plan = None
+        k2, v2 = k_cache.clone(), v_cache.clone()
+        out = paged_attention(qs, k_new, v_new, k2, v2, meta, D**-0.5)
+        check_against_dense(out.view(-1, heads, D), q, seqs, full_k, full_v, D**-0.5)
+
+
+def test_native_prefix_hit_equals_fresh_prompt(native_mode):
+    """A prompt computed in one chunk, or as a continuation of its cached first 32 tokens, or in
+    chunks of 16: the same attention output for the same rows, bit for bit (one kernel, whatever
+    the chunking)."""
+    heads, kv_heads, D = 9, 3, 64
+    q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v = build_step([(0, 80)], heads, kv_heads, 16, D)
+    full = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, D**-0.5)
+    for first in (32, 16, 64, 70):
+        table = meta.slot_blocks[::16]
+        chunk = PrefillChunk(0, 80 - first, 80, table, None)
+        meta2 = AttentionMetadata(
+            slot_mapping=meta.slot_mapping[first:], slot_blocks=meta.slot_blocks[first:],
+            slot_offsets=meta.slot_offsets[first:], num_decodes=0, decode_block_tables=None,
+            decode_context_lens=None, decode_mask=None, prefills=[chunk], num_tokens=80 - first, native_decode=True)
+        out = paged_attention(q[first:], k_new[first:], v_new[first:], k_cache, v_cache, meta2, D**-0.5)
+        assert torch.equal(out, full[first:]), first
