@@ -59,6 +59,7 @@ class ModelRunner:
         shape = (layers, 2, self.num_blocks, config.block_size, kv_heads, head_dim)
         if self.device.type == "cpu":
             self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            native.advise_huge_pages(self.kv_cache)  # before the first touch (see _zero_new_blocks)
             self._zeroed_blocks = 0
             self._zero_new_blocks(0)
         else:

@@ -130,6 +130,27 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                            v_cache.data_ptr(), slots.data_ptr(), T, kvh, d, bs) == 0
 
 
+def advise_huge_pages(t: torch.Tensor) -> bool:
+    """Ask Linux to back a large, not yet touched CPU tensor with 2 MiB pages (MADV_HUGEPAGE; THP
+    in "madvise" mode, the common default, uses them only where asked). Decode attention reads
+    each sequence's blocks scattered across the KV cache: with 4 KiB pages most of those reads
+    also miss the TLB (16 decodes, context 200: 8.5 -> 7.0 ms in a kernel benchmark). False where
+    unsupported; harmless either way."""
+    huge = 2 << 20
+    start, nbytes = t.data_ptr(), t.numel() * t.element_size()
+    begin, end = (start + huge - 1) // huge * huge, (start + nbytes) // huge * huge
+    if t.device.type != "cpu" or end - begin < huge:
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return False
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise(begin, end - begin, 14) == 0  # MADV_HUGEPAGE
+
+
 def release_openmp_threads() -> bool:
     """Free the calling thread's OpenMP worker threads (omp_pause_resource_all, soft).
 
