@@ -3,7 +3,9 @@
     python bench/quant_cpu.py [--size 4096] [--threads N] [--quick]
 
 For an N x N NF4 weight (blocksize 64), with and without double quantization: quantize,
-dequantize, and the 4-bit matmul with 1, 16 and 256 input rows in fp32 and bf16. Each of our
+dequantize, and the 4-bit matmul with 1, 16 and 256 input rows in fp32 and bf16 (fp32 also at
+torch's "medium" float32 matmul precision, where we and torch's dense matmul may use bf16
+products, as bitsandbytes' CPU kernel always does for fp32 input). Each of our
 timings is divided into bitsandbytes' best path for the same case (for matmuls the faster of its
 functional matmul_4bit and its Linear4bit eval-mode forward, which runs its fused AVX-512-BF16
 gemv for one row) and into a dense torch matmul with the same activations. Ratios > 1 mean we
@@ -100,6 +102,15 @@ def main() -> None:
                     theirs_layer = bench(lambda: bnb_layer(x), min_time)
                     dense = bench(lambda: torch.nn.functional.linear(x, W_dense), min_time)
                 row("matmul", dtype, dq, rows, ours_m, min(theirs_fn, theirs_layer), dense)
+                if dtype == torch.float32:  # the server's default precision: bf16 products allowed
+                    torch.set_float32_matmul_precision("medium")
+                    try:
+                        with torch.inference_mode():
+                            ours_m = bench(lambda: ours_layer(x), min_time)
+                            dense = bench(lambda: torch.nn.functional.linear(x, W_dense), min_time)
+                    finally:
+                        torch.set_float32_matmul_precision("highest")
+                    row("matmul", "float32 (medium)", dq, rows, ours_m, min(theirs_fn, theirs_layer), dense)
 
 
 if __name__ == "__main__":

@@ -617,6 +617,9 @@ void dequantize_blockwise_impl(const uint8_t* q, const float* absmax, const floa
 // is better up to ~8 rows for bf16; for AVX-512 float32 the FMAs, not the decode, are the limit and
 // direct wins at any M. The fused kernels beat dequantize + torch's GEMM at every M measured except
 // bf16 above kMaxRowsBf16 rows; the caller does that for whatever gemm_impl declines.
+// In a model, each layer's weights come from memory, not cache: while a group is computed, its
+// thread prefetches the next group's bytes (a 30-layer 135M model's step, 2 cores: 4.4 -> 3.3 ms
+// for one row, 9.7 -> 7.9 ms for 16, bf16 products).
 
 const i64 kDirectRowsBf16 = 8;
 // Beyond this many bf16 rows, dequantizing once and torch's bf16 GEMM (oneDNN, with the same
@@ -738,6 +741,7 @@ T512 void f32_direct(const GemmArgs& g, i64 m0, i64 n0) {
         }
         for (int j = 0; j < NT; ++j) {
             if (rc[j].step(g.bs, 32)) tab[j] = _mm512_mul_ps(cv, _mm512_set1_ps(g.absmax[rc[j].blk]));
+            _mm_prefetch((const char*)(rc[j].w + k / 2 + NT * K / 2), _MM_HINT_T0);  // the next group's bytes
             __m512 wo, we;
             f32_decode32(rc[j].w + k / 2, tab[j], wo, we);
             for (int i = 0; i < MT; ++i) {
@@ -810,6 +814,7 @@ T512BF void bf16_direct(const GemmArgs& g, i64 m0, i64 n0) {
         }
         for (int j = 0; j < NT; ++j) {
             if (rc[j].step(g.bs, 64)) tab[j] = bf16_table(cv, g.absmax[rc[j].blk]);
+            _mm_prefetch((const char*)(rc[j].w + k / 2 + NT * K / 2), _MM_HINT_T0);  // the next group's bytes
             __m512i wl, wh;
             bf16_decode64(rc[j].w + k / 2, tab[j], wl, wh);
             for (int i = 0; i < MT; ++i) {
@@ -830,6 +835,7 @@ T512BF void bf16_decode_block(const GemmArgs& g, RowCursor* rc, __m512i* tab, i6
         uint16_t* d = buf + j * g.kc;
         for (i64 k = 0; k < kl; k += 64) {
             if (c.step(g.bs, 64)) t = bf16_table(cv, g.absmax[c.blk]);
+            _mm_prefetch((const char*)(c.w + (k0 + k) / 2 + NT * g.K / 2), _MM_HINT_T0);  // the next group's bytes
             __m512i wl, wh;
             bf16_decode64(c.w + (k0 + k) / 2, t, wl, wh);
             _mm512_store_si512((void*)(d + k), wl);
