@@ -1094,7 +1094,9 @@ T512 void relayout_f32_512(const void* A, i64 m, i64 K, float* dst) {
     }
 }
 
-T512 void relayout_bf16_512(const uint16_t* A, i64 m, i64 K, uint16_t* dst) {
+// Word indices for _mm512_permutex2var_epi16 over 64 bf16 values (two vectors): vl picks the pairs
+// (x1, x3), (x5, x7), ... and vh (x0, x2), (x4, x6), ...: the bf16 kernel's activation layout.
+T512 inline void bf16_layout_indices(__m512i& vl, __m512i& vh) {
     alignas(64) int16_t il[32], ih[32];
     for (int i = 0; i < 16; ++i) {
         il[2 * i] = (int16_t)(4 * i + 1);
@@ -1102,7 +1104,13 @@ T512 void relayout_bf16_512(const uint16_t* A, i64 m, i64 K, uint16_t* dst) {
         ih[2 * i] = (int16_t)(4 * i);
         ih[2 * i + 1] = (int16_t)(4 * i + 2);
     }
-    const __m512i vl = _mm512_load_si512((const void*)il), vh = _mm512_load_si512((const void*)ih);
+    vl = _mm512_load_si512((const void*)il);
+    vh = _mm512_load_si512((const void*)ih);
+}
+
+T512 void relayout_bf16_512(const uint16_t* A, i64 m, i64 K, uint16_t* dst) {
+    __m512i vl, vh;
+    bf16_layout_indices(vl, vh);
     for (i64 c = 0; c < K; c += 64) {
         const i64 base = m * K + c;
         __m512i s0 = _mm512_loadu_si512((const void*)(A + base)), s1 = _mm512_loadu_si512((const void*)(A + base + 32));
@@ -1116,14 +1124,8 @@ T512 void relayout_bf16_512(const uint16_t* A, i64 m, i64 K, uint16_t* dst) {
 // bf16 kernel's layout: the bf16-products mode of q4_gemm.
 template <int DT>
 T512BF void relayout_to_bf16_512(const void* A, i64 m, i64 K, uint16_t* dst) {
-    alignas(64) int16_t il[32], ih[32];
-    for (int i = 0; i < 16; ++i) {
-        il[2 * i] = (int16_t)(4 * i + 1);
-        il[2 * i + 1] = (int16_t)(4 * i + 3);
-        ih[2 * i] = (int16_t)(4 * i);
-        ih[2 * i + 1] = (int16_t)(4 * i + 2);
-    }
-    const __m512i vl = _mm512_load_si512((const void*)il), vh = _mm512_load_si512((const void*)ih);
+    __m512i vl, vh;
+    bf16_layout_indices(vl, vh);
     for (i64 c = 0; c < K; c += 64) {
         const i64 base = m * K + c;
         // _mm512_cvtne2ps_pbh(hi, lo): lo's 16 values in words 0..15, hi's in 16..31.

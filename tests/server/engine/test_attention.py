@@ -26,62 +26,18 @@ def naive(q, keys, values, scale, offset):
 @pytest.mark.parametrize("heads, kv_heads, block_size, dim",
                          [(9, 3, 16, 32), (4, 4, 8, 32), (8, 2, 1, 32), (6, 2, 16, 20)])
 def test_mixed_batch_matches_dense_attention(native_decode, heads, kv_heads, block_size, dim):
+    """The PyTorch path (and the native one) on a mixed step. Unowned slots hold zeros: the
+    PyTorch decode path reads whole blocks and masks, and 0 * NaN would be NaN."""
     if native_decode and native.load() is None:
         pytest.skip("native kernel unavailable (no compiler)")
-    torch.manual_seed(0)
-    D, num_blocks = dim, 300
-    k_cache = torch.randn(num_blocks, kv_heads, D, block_size)  # keys transposed within a block
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, D)
-    perm = torch.randperm(num_blocks).tolist()
-    # (tokens already in the cache, new tokens): decodes first, then prefill chunks
     seqs = [(0, 1), (4, 1), (37, 1), (100, 1), (0, 23), (19, 7), (64, 40)]
-    full_k, full_v, tables, slots, q_rows = [], [], [], [], []
-    for computed, new in seqs:
-        total = computed + new
-        nblk = -(-total // block_size)
-        table = [perm.pop() for _ in range(nblk)]
-        tables.append(table)
-        keys, values = torch.randn(total, kv_heads, D), torch.randn(total, kv_heads, D)
-        for p in range(computed):  # earlier context already cached
-            keys_view(k_cache)[table[p // block_size], p % block_size] = keys[p]
-            v_cache[table[p // block_size], p % block_size] = values[p]
-        full_k.append(keys)
-        full_v.append(values)
-        slots += [table[p // block_size] * block_size + p % block_size for p in range(computed, total)]
-        q_rows.append(torch.randn(new, heads, D))
-    q = torch.cat(q_rows)
-    k_new = torch.cat([k[c:] for k, (c, _) in zip(full_k, seqs)])
-    v_new = torch.cat([v[c:] for v, (c, _) in zip(full_v, seqs)])
-    nd = 4
-    max_blocks = max(len(t) for t in tables[:nd])
-    decode_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables[:nd]])
-    chunks, row = [], nd
-    for (computed, new), table in zip(seqs[nd:], tables[nd:]):
-        context = computed + new
-        ids = mask = None
-        if computed:
-            ids = torch.tensor(table)
-            mask = torch.arange(context).unsqueeze(0) <= torch.arange(computed, context).unsqueeze(1)
-        chunks.append(PrefillChunk(row, new, context, ids, mask))
-        row += new
-    slot_mapping = torch.tensor(slots)
-    meta = AttentionMetadata(
-        slot_mapping=slot_mapping, slot_blocks=slot_mapping // block_size, slot_offsets=slot_mapping % block_size,
-        num_decodes=nd, decode_block_tables=decode_tables,
-        decode_context_lens=torch.tensor([c + 1 for c, _ in seqs[:nd]]), decode_mask=None, prefills=chunks,
-        num_tokens=q.shape[0], native_decode=native_decode,
-    )
-    scale = D**-0.5
-    out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, scale).view(-1, heads, D)
-    start = 0
-    for (computed, new), keys, values in zip(seqs, full_k, full_v):
-        ref = naive(q[start : start + new], keys, values, scale, computed)
-        torch.testing.assert_close(out[start : start + new], ref, atol=2e-5, rtol=1e-4)
-        start += new
-    # the new keys/values landed in their slots
-    for (computed, new), table, keys in zip(seqs, tables, full_k):
-        p = computed + new - 1
-        torch.testing.assert_close(keys_view(k_cache)[table[p // block_size], p % block_size], keys[p])
+    q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v = build_step(
+        seqs, heads, kv_heads, block_size, dim, num_blocks=300, fill=0.0, native_decode=native_decode)
+    scale = dim**-0.5
+    out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, scale).view(-1, heads, dim)
+    check_against_dense(out, q, seqs, full_k, full_v, scale, atol=2e-5, rtol=1e-4)
+    assert torch.equal(keys_view(k_cache)[meta.slot_blocks, meta.slot_offsets], k_new)
+    assert torch.equal(v_cache[meta.slot_blocks, meta.slot_offsets], v_new)
 
 
 # ------------------------------------------------------------------------------ native kernel
@@ -99,7 +55,8 @@ def native_mode(request):
     native.set_fast(before)
 
 
-def build_step(seqs, heads, kv_heads, block_size, D, num_blocks=None, fill=float("nan"), seed=0):
+def build_step(seqs, heads, kv_heads, block_size, D, num_blocks=None, fill=float("nan"), seed=0,
+               native_decode=True):
     """A step over `seqs` [(tokens already cached, new tokens)], decodes (new == 1) first, as the
     runner builds it. Cache slots no sequence owns hold `fill` (NaN: a kernel reading a slot past
     a context end poisons its output). Returns (q, k_new, v_new, k_cache, v_cache, meta, full
@@ -146,7 +103,7 @@ def build_step(seqs, heads, kv_heads, block_size, D, num_blocks=None, fill=float
     meta = AttentionMetadata(
         slot_mapping=slot_mapping, slot_blocks=slot_mapping // block_size, slot_offsets=slot_mapping % block_size,
         num_decodes=nd, decode_block_tables=decode_tables, decode_context_lens=decode_lens, decode_mask=None,
-        prefills=chunks, num_tokens=q.shape[0], native_decode=True,
+        prefills=chunks, num_tokens=q.shape[0], native_decode=native_decode,
     )
     return q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v
 
