@@ -59,14 +59,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def load_served_model(settings: Settings) -> Any:
     """Load the model (quantized) and build its engine: the registry's loader."""
+    import torch
+
     from .engine import AsyncEngine, EngineConfig
     from .loader import load_for_serving
     from .registry import ServedModel
 
-    import torch
-
     # Process-wide, as torch has it: this process serves one model.
     torch.set_float32_matmul_precision(settings.matmul_precision)
+    logger.info("float32 matmul precision: %s%s", settings.matmul_precision,
+                " (bf16 products where the CPU has AVX-512-BF16)" if settings.matmul_precision == "medium" else "")
     loaded = load_for_serving(settings)
     config = EngineConfig.from_settings(settings, loaded.model)
     engine = AsyncEngine(loaded.model, loaded.tokenizer, config)

@@ -1,0 +1,48 @@
+"""Settings: flags and QUANTSERVE_* variables reach the process as documented."""
+
+from __future__ import annotations
+
+import argparse
+
+import pydantic
+import pytest
+import torch
+
+from server.config import Settings
+from server.serve import add_serve_arguments, settings_from_args
+
+
+def test_matmul_precision_default_flag_and_env(monkeypatch):
+    assert Settings().matmul_precision == "medium"
+    monkeypatch.setenv("QUANTSERVE_MATMUL_PRECISION", "highest")
+    assert Settings().matmul_precision == "highest"
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--matmul-precision", "medium"])
+    assert settings_from_args(args).matmul_precision == "medium"  # the flag wins over the variable
+    monkeypatch.setenv("QUANTSERVE_MATMUL_PRECISION", "fast")
+    with pytest.raises(pydantic.ValidationError):
+        Settings()
+
+
+def test_serving_applies_the_precision(monkeypatch):
+    """load_served_model sets torch's precision before loading (the CPU 4-bit matmul reads it)."""
+    import server.loader
+    from quant.backends.cpu import bf16_products_allowed
+
+    class Stop(Exception):
+        pass
+
+    def stop(settings):
+        raise Stop(torch.get_float32_matmul_precision(), bf16_products_allowed())
+
+    from server import serve
+
+    monkeypatch.setattr(server.loader, "load_for_serving", stop)
+    try:
+        for precision, bf16 in (("medium", True), ("highest", False)):
+            with pytest.raises(Stop) as info:
+                serve.load_served_model(Settings(matmul_precision=precision))
+            assert info.value.args == (precision, bf16)
+    finally:
+        torch.set_float32_matmul_precision("highest")
