@@ -36,7 +36,6 @@ class PrefillChunk:
     num_tokens: int
     context_len: int  # tokens of the sequence in the cache after this step (earlier + these)
     block_ids: Optional[torch.Tensor]  # [blocks] int64, when there is earlier context
-    mask: Optional[torch.Tensor]  # [num_tokens, context_len] bool, when there is earlier context
 
 
 @dataclasses.dataclass
@@ -107,10 +106,12 @@ def paged_attention(
             values = v[rows].unsqueeze(0).transpose(1, 2)
             o = F.scaled_dot_product_attention(qc, keys, values, scale=scale, is_causal=True, enable_gqa=gqa)
         else:
-            n = chunk.context_len
+            n, start = chunk.context_len, chunk.context_len - chunk.num_tokens
             keys = keys_view(k_cache).index_select(0, chunk.block_ids).view(-1, kvh, D)[:n].transpose(0, 1).unsqueeze(0)
             values = v_cache.index_select(0, chunk.block_ids).view(-1, kvh, D)[:n].transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(qc, keys, values, attn_mask=chunk.mask, scale=scale, enable_gqa=gqa)
+            # row r (position start + r) sees positions 0 .. start + r
+            mask = torch.arange(n, device=q.device).unsqueeze(0) <= torch.arange(start, n, device=q.device).unsqueeze(1)
+            o = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
         out[rows] = o[0].transpose(0, 1)
     return out.view(T, H * D)
 

@@ -154,12 +154,8 @@ class ModelRunner:
             seq, n = batch.seqs[i], batch.num_new_tokens[i]
             start = seq.num_computed_tokens
             context = start + n
-            block_ids = mask = None
-            if start:
-                block_ids = torch.tensor(seq.block_table[: -(-context // bs)], **long)
-                mask = (torch.arange(context, device=dev).unsqueeze(0)
-                        <= torch.arange(start, context, device=dev).unsqueeze(1))
-            chunks.append(PrefillChunk(row, n, context, block_ids, mask))
+            block_ids = torch.tensor(seq.block_table[: -(-context // bs)], **long) if start else None
+            chunks.append(PrefillChunk(row, n, context, block_ids))
             row += n
         slot_mapping = torch.tensor(slots, **long)
         meta = AttentionMetadata(

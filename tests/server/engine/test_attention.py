@@ -93,11 +93,7 @@ def build_step(seqs, heads, kv_heads, block_size, D, num_blocks=None, fill=float
     chunks, row = [], nd
     for (computed, new), table in zip(seqs[nd:], tables[nd:]):
         context = computed + new
-        ids = mask = None
-        if computed:
-            ids = torch.tensor(table)
-            mask = torch.arange(context).unsqueeze(0) <= torch.arange(computed, context).unsqueeze(1)
-        chunks.append(PrefillChunk(row, new, context, ids, mask))
+        chunks.append(PrefillChunk(row, new, context, torch.tensor(table) if computed else None))
         row += new
     slot_mapping = torch.tensor(slots)
     meta = AttentionMetadata(
@@ -106,6 +102,17 @@ def build_step(seqs, heads, kv_heads, block_size, D, num_blocks=None, fill=float
         prefills=chunks, num_tokens=q.shape[0], native_decode=native_decode,
     )
     return q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v
+
+
+def run_with_threads_and_check(seqs, heads, kv_heads, D, threads):
+    q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v = build_step(seqs, heads, kv_heads, 16, D)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, D**-0.5)
+    finally:
+        torch.set_num_threads(before)
+    check_against_dense(out.view(-1, heads, D), q, seqs, full_k, full_v, D**-0.5)
 
 
 def check_against_dense(out, q, seqs, full_k, full_v, scale, atol=1e-5, rtol=1e-5):
@@ -151,14 +158,7 @@ def test_native_many_decodes(native_mode, threads):
     """Enough decodes for whole-row items (all kv heads at once), with a prefill beside them."""
     heads, kv_heads, D = 9, 3, 64
     seqs = [(c, 1) for c in (0, 1, 14, 15, 16, 17, 31, 32, 33, 63, 64, 65, 150, 299, 511, 47, 20, 5, 8, 99)] + [(30, 33)]
-    q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v = build_step(seqs, heads, kv_heads, 16, D)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, D**-0.5)
-    finally:
-        torch.set_num_threads(before)
-    check_against_dense(out.view(-1, heads, D), q, seqs, full_k, full_v, D**-0.5)
+    run_with_threads_and_check(seqs, heads, kv_heads, D, threads)
 
 
 def test_native_unsupported_shape_falls_back_to_pytorch():
@@ -200,14 +200,7 @@ def test_native_long_decodes_split_over_keys(native_mode, contexts, threads):
     """A few long decodes: their keys are split over the threads and the parts merged."""
     heads, kv_heads, D = 9, 3, 64
     seqs = [(c - 1, 1) for c in contexts]
-    q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v = build_step(seqs, heads, kv_heads, 16, D)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, D**-0.5)
-    finally:
-        torch.set_num_threads(before)
-    check_against_dense(out.view(-1, heads, D), q, seqs, full_k, full_v, D**-0.5)
+    run_with_threads_and_check(seqs, heads, kv_heads, D, threads)
 
 
 def test_native_strided_queries(native_mode):
@@ -233,7 +226,7 @@ def test_native_prefix_hit_equals_fresh_prompt(native_mode):
     full = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, D**-0.5)
     for first in (32, 16, 64, 70):
         table = meta.slot_blocks[::16]
-        chunk = PrefillChunk(0, 80 - first, 80, table, None)
+        chunk = PrefillChunk(0, 80 - first, 80, table)
         meta2 = AttentionMetadata(
             slot_mapping=meta.slot_mapping[first:], slot_blocks=meta.slot_blocks[first:],
             slot_offsets=meta.slot_offsets[first:], num_decodes=0, decode_block_tables=None,
