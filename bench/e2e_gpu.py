@@ -66,7 +66,7 @@ def build_model(num_layers: int) -> nn.Module:
 
 
 def quantize_ours(model: nn.Module, double_quant: bool) -> nn.Module:
-    import quant
+    import quantserve.quant as quant
 
     quant.quantize_model(model, quant.QuantConfig(bnb_4bit_use_double_quant=double_quant,
                                                   bnb_4bit_compute_dtype=torch.bfloat16))
@@ -246,7 +246,7 @@ def part_hf(base: nn.Module, args, report: list[str]) -> None:
 
 
 async def engine_rates(model: nn.Module, args) -> tuple[float, float]:
-    from server.engine import AsyncEngine, EngineConfig, SamplingParams
+    from quantserve.server.engine import AsyncEngine, EngineConfig, SamplingParams
 
     engine = AsyncEngine(model, None, EngineConfig(max_num_seqs=max(args.concurrency, 1), enable_prefix_caching=False))
     await engine.start()
@@ -280,7 +280,7 @@ async def engine_rates(model: nn.Module, args) -> tuple[float, float]:
 def part_engine(base: nn.Module, args, report: list[str]) -> None:
     report.append(f"\n### quantserve engine (prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy)\n")
     try:
-        import server.engine as engine_pkg
+        import quantserve.server.engine as engine_pkg
 
         engine_pkg.AsyncEngine  # noqa: B018 - the engine module itself imports lazily
     except Exception as exc:  # noqa: BLE001 - not written yet, or broken: say so and skip
@@ -323,7 +323,7 @@ def main() -> None:
     import bitsandbytes as bnb
     import transformers
 
-    from quant.backends import triton as backend
+    from quantserve.quant.backends import triton as backend
 
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)

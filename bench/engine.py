@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-import quant  # noqa: E402
-from server.default_model import default_model_folder  # noqa: E402
-from server.engine import EngineConfig, SamplingParams  # noqa: E402
-from server.engine.engine import AsyncEngine  # noqa: E402
+import quantserve.quant as quant  # noqa: E402
+from quantserve.server.loading.default_model import default_model_folder  # noqa: E402
+from quantserve.server.engine import EngineConfig, SamplingParams  # noqa: E402
+from quantserve.server.engine.engine import AsyncEngine  # noqa: E402
 
 SYSTEMS = ("quantserve", "hf-generate", "hf-generate-fp32", "hf-cb")
 TEXT = (

@@ -27,7 +27,6 @@ import dataclasses
 import math
 import statistics
 import sys
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -126,10 +125,10 @@ def bench_case(layer, K, N, M, args, l2_bytes) -> Row:
     import bitsandbytes as bnb
     import bitsandbytes.functional as BF
 
-    import quant
-    from kernels.triton import ops as kt
-    from quant.backends import cuda as native
-    from quant.backends.triton import _code
+    import quantserve.quant as quant
+    from quantserve.kernels.triton import ops as kt
+    from quantserve.quant.backends import cuda as native
+    from quantserve.quant.backends.triton import _code
 
     dtype = getattr(torch, args.dtype)
     nested = args.absmax_mode == "double"
@@ -252,8 +251,8 @@ def main() -> None:
     import bitsandbytes as bnb
     import triton
 
-    from quant.backends import cuda as native
-    from quant.backends import triton as backend
+    from quantserve.quant.backends import cuda as native
+    from quantserve.quant.backends import triton as backend
 
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)

@@ -74,10 +74,10 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    import quant
-    from quant.convert import model_nbytes
-    from server.loader import LoadConfig, load_model
-    from server.peak_memory import PeakMemory
+    import quantserve.quant as quant
+    from quantserve.quant.convert import model_nbytes
+    from quantserve.server.loading.loader import LoadConfig, load_model
+    from quantserve.server.loading.peak_memory import PeakMemory
 
     q = None if args.quant == "none" else quant.QuantConfig(
         bnb_4bit_quant_type=args.quant, bnb_4bit_use_double_quant=args.double_quant
@@ -97,7 +97,7 @@ def child(args: argparse.Namespace) -> None:
     else:
         import transformers as tf
 
-        from server.default_model import default_model_folder
+        from quantserve.server.loading.default_model import default_model_folder
 
         folder = default_model_folder(args.cache_dir) if model is None else model
         kwargs = {}

@@ -114,9 +114,9 @@ def main() -> None:
     import bitsandbytes as bnb
     import transformers as tf
 
-    import quant
-    from server.loader import LoadConfig, load_model
-    from server.sources import resolve_source
+    import quantserve.quant as quant
+    from quantserve.server.loading.loader import LoadConfig, load_model
+    from quantserve.server.loading.sources import resolve_source
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     settings = {

@@ -50,8 +50,8 @@ def main() -> None:
 
     import bitsandbytes as bnb
 
-    import quant
-    from quant.backends import backend_report
+    import quantserve.quant as quant
+    from quantserve.quant.backends import backend_report
 
     n = args.size
     torch.manual_seed(0)

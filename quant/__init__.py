@@ -3,7 +3,7 @@
 Same bytes, same checkpoints as bitsandbytes 0.50; ops dispatched through torch.library to a
 pure-PyTorch reference and native backends.
 
-    import quant
+    import quantserve.quant as quant
     packed, state = quant.quantize_4bit(weight, quant_type="nf4")
     y = quant.matmul_4bit(x, packed, state)
     report = quant.quantize_model(model, quant.QuantConfig(bnb_4bit_use_double_quant=True))

@@ -4,4 +4,5 @@
 #   bash scripts/test.sh [pytest args...]
 set -euo pipefail
 EXTRAS=test source "$(dirname "$0")/setup.sh"
-exec "$VENV/bin/python" -m pytest "$@"
+# The pytest script, not `python -m pytest`: -m would put the repository root on sys.path.
+exec "$VENV/bin/pytest" "$@"

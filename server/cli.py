@@ -13,8 +13,8 @@ def _cmd_env(args: argparse.Namespace) -> int:
     """Print what quantserve runs on: versions, devices and which kernel backends are active."""
     import torch
 
-    import quant  # noqa: F401 - registers the backends
-    from quant.backends import backend_report
+    import quantserve.quant as quant  # noqa: F401 - registers the backends
+    from quantserve.quant.backends import backend_report
 
     print(f"quantserve      {metadata.version('quantserve')}")
     print(f"python          {platform.python_version()} ({platform.machine()})")
@@ -69,9 +69,9 @@ def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
 def _load_from_args(args: argparse.Namespace):
     import logging
 
-    import quant
+    import quantserve.quant as quant
 
-    from .loader import LoadConfig, load_model
+    from .loading.loader import LoadConfig, load_model
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quant_config = None
@@ -95,7 +95,7 @@ def _load_from_args(args: argparse.Namespace):
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     """Load MODEL quantized and write it as a transformers+bitsandbytes prequantized checkpoint."""
-    from .export import save_quantized
+    from .loading.export import save_quantized
 
     if args.quant == "none":
         raise ValueError("quantize needs a 4-bit format: --quant nf4 or fp4")
@@ -109,7 +109,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     """Load MODEL as it would be served and print what it is made of."""
-    from .inspection import format_inspection
+    from .loading.inspection import format_inspection
 
     print(format_inspection(_load_from_args(args), per_layer=not args.totals_only))
     return 0

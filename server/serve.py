@@ -62,8 +62,8 @@ def load_served_model(settings: Settings) -> Any:
     import torch
 
     from .engine import AsyncEngine, EngineConfig
-    from .loader import load_for_serving
-    from .registry import ServedModel
+    from .loading.loader import load_for_serving
+    from .api.registry import ServedModel
 
     # Process-wide, as torch has it: this process serves one model.
     torch.set_float32_matmul_precision(settings.matmul_precision)
@@ -84,8 +84,8 @@ def load_served_model(settings: Settings) -> Any:
 def run(settings: Settings) -> int:
     import uvicorn
 
-    from .app import create_app
-    from .registry import Registry
+    from .api.app import create_app
+    from .api.registry import Registry
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     registry = Registry(lambda: load_served_model(settings))

@@ -30,6 +30,6 @@ def bnb():
 @pytest.fixture(scope="session")
 def default_model_dir():
     """The built-in default model converted to a cached HF folder (the first call pays ~30 s)."""
-    from server.default_model import default_model_folder
+    from quantserve.server.loading.default_model import default_model_folder
 
     return default_model_folder()

@@ -77,7 +77,7 @@ def test_compose_file():
     assert any(v.split(":")[0] in compose["volumes"] for v in service["volumes"])
     assert any(p.endswith(":8000") for p in service["ports"])
     # Every environment variable it sets is a real setting of ours (or a Hugging Face one).
-    from server.config import Settings
+    from quantserve.server.config import Settings
 
     for key in service["environment"]:
         if key.startswith("QUANTSERVE_"):
@@ -87,7 +87,7 @@ def test_compose_file():
 
 
 def test_settings_accept_compose_empty_values(monkeypatch):
-    from server.config import Settings
+    from quantserve.server.config import Settings
 
     monkeypatch.setenv("QUANTSERVE_MAX_MODEL_LEN", "")
     monkeypatch.setenv("QUANTSERVE_MODEL", "")

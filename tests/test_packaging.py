@@ -27,7 +27,7 @@ def test_transformers_does_not_mistake_our_kernels_package(tmp_path):
         f"""
         import importlib.util, json, torch, transformers
         from transformers.utils import is_kernels_available
-        import kernels
+        import quantserve.kernels as kernels
         # The name `kernels` resolves to this project's package...
         assert kernels.__file__.startswith({str(REPO)!r}) or "site-packages" in kernels.__file__, kernels.__file__
         assert not hasattr(kernels, "get_kernel")

@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.util
-import sys
 from math import prod
-from pathlib import Path
 from types import ModuleType
 from typing import Optional, Sequence
 
@@ -38,22 +35,12 @@ _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # as in q
 
 @functools.cache
 def _builder() -> Optional[ModuleType]:
-    """kernels/cpu/build.py, also when another top-level `kernels` shadows ours (the PyPI hub
-    package, or a kernels.py next to a script that is run directly): then it is loaded by path."""
+    """kernels/cpu/build.py (quantserve.kernels.cpu.build), or None when it is not installed."""
     try:
-        from kernels.cpu import build
-
-        return build
+        from quantserve.kernels.cpu import build
     except ImportError:
-        pass
-    path = Path(__file__).resolve().parents[2] / "kernels" / "cpu" / "build.py"
-    spec = importlib.util.spec_from_file_location("_quant_kernels_cpu_build", path)
-    if spec is None or spec.loader is None or not path.exists():
         return None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return build
 
 
 @functools.cache

@@ -20,7 +20,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @functools.cache
 def _build():
     try:
-        from kernels.cuda import build
+        from quantserve.kernels.cuda import build
     except ImportError:  # an unrelated top-level "kernels" package shadows ours
         return None
     return build

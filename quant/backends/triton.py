@@ -40,7 +40,7 @@ _state: dict[str, str] = {}
 
 @functools.cache
 def _kernels():
-    from kernels.triton import ops
+    from quantserve.kernels.triton import ops
 
     return ops
 

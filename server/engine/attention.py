@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import native
+from quantserve.kernels.cpu import paged_attention as native
 
 
 @dataclasses.dataclass

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from . import native
+from quantserve.kernels.cpu import paged_attention as native
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer

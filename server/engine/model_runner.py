@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import native
+from quantserve.kernels.cpu import paged_attention as native
 from .attention import AttentionMetadata, PrefillChunk
 from .config import EngineConfig
 from .models import build_model

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels.cuda import build
+from quantserve.kernels.cuda import build
 
 CUDA_SOURCES = sorted(Path(build.__file__).parent.glob("*.cu"))
 

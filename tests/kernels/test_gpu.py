@@ -14,9 +14,9 @@ import os
 import pytest
 import torch
 
-import quant
-from quant.backends import default as ops_attention
-from quant.backends import default as ref
+import quantserve.quant as quant
+from quantserve.quant.backends import default as ops_attention
+from quantserve.quant.backends import default as ref
 
 pytestmark = [
     pytest.mark.gpu,
@@ -32,7 +32,7 @@ LLAMA_SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]  # (N 
 def _gpu_backend():
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 is set: run the GPU tests in a process without it")
-    from quant.backends import triton as backend
+    from quantserve.quant.backends import triton as backend
 
     if "reason" in backend._state:
         pytest.fail(f"Triton backend not registered on a GPU machine: {backend.status()}")
@@ -43,7 +43,7 @@ def _gpu_backend():
 
 
 def _kt():
-    from kernels.triton import ops
+    from quantserve.kernels.triton import ops
 
     return ops
 
@@ -118,13 +118,13 @@ def test_autotuned(monkeypatch, M):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", LLAMA_SHAPES, ids=str)
 def test_native_gemv_matches_triton(dtype, shape):
-    from kernels.cuda import build
+    from quantserve.kernels.cuda import build
 
     if build.unavailable_reason() is not None:
         pytest.skip(f"CUDA C++ kernels unavailable: {build.unavailable_reason()}")
     assert build.load(), build.describe()
-    from quant.backends import cuda as native
-    from quant.backends.triton import _code
+    from quantserve.quant.backends import cuda as native
+    from quantserve.quant.backends.triton import _code
 
     N, K = shape
     for nested in (False, True):
@@ -263,7 +263,7 @@ def test_torch_compile_fullgraph():
 def test_triton_op_compiles():
     """torch.compile traces into the quant_triton triton_ops (inductor sees the Triton kernels)."""
     torch._dynamo.reset()
-    from quant.backends.triton import _code
+    from quantserve.quant.backends.triton import _code
 
     packed, state = _quantize(1024, 4096)
     code = _code("nf4", torch.device(DEV))

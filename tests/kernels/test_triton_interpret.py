@@ -24,11 +24,11 @@ import torch
 if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # the interpreter is the only way to run Triton here
 
-import quant  # noqa: E402
-from quant.backends import default as ops_attention  # noqa: E402
-from quant.backends import default as ops_nested  # noqa: E402
-from quant.backends import default as ref  # noqa: E402
-from quant.codebooks import get_4bit_code, get_dynamic_map  # noqa: E402
+import quantserve.quant as quant  # noqa: E402
+from quantserve.quant.backends import default as ops_attention  # noqa: E402
+from quantserve.quant.backends import default as ops_nested  # noqa: E402
+from quantserve.quant.backends import default as ref  # noqa: E402
+from quantserve.quant.codebooks import get_4bit_code, get_dynamic_map  # noqa: E402
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -43,7 +43,7 @@ def kt():
     if not isinstance(tl.standard.zeros, InterpretedFunction):
         pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this module in its own process")
     try:
-        from kernels.triton import ops
+        from quantserve.kernels.triton import ops
     except ImportError as exc:  # pragma: no cover - triton too old, or a foreign "kernels" package
         pytest.skip(f"kernels.triton not importable: {exc}")
     return ops
@@ -184,8 +184,8 @@ def test_gemm_rejects_unsupported_weights(kt):
 
 @pytest.fixture()
 def backend(kt, monkeypatch):
-    from quant.backends import cuda as native
-    from quant.backends import triton as backend
+    from quantserve.quant.backends import cuda as native
+    from quantserve.quant.backends import triton as backend
 
     monkeypatch.setattr(native, "_loaded", lambda: False)  # no GPU toolkit here: the Triton path
     backend._code.cache_clear()
@@ -305,7 +305,7 @@ def test_paged_attention_kernel_matches_reference(kt, case, dtype, partition_siz
 
 
 def test_paged_attention_backend_and_triton_op(kt):
-    from quant.backends import triton as backend
+    from quantserve.quant.backends import triton as backend
 
     query, kc, vc, bt, cl = _paged_case(2, 4, 2, 32, 16, [20, 3], dtype=torch.float32)
     expected = ops_attention.paged_attention_decode(query, kc, vc, bt, cl, 0.2)

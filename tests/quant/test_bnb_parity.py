@@ -17,8 +17,8 @@ import itertools
 import pytest
 import torch
 
-import quant
-from quant.state import QuantState
+import quantserve.quant as quant
+from quantserve.quant.state import QuantState
 
 SHAPES = [(64, 128), (96, 48), (7,), (33, 65), (300, 129), (4, 4096), (1, 1), (2, 4099)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import quant
+import quantserve.quant as quant
 
 
 @pytest.mark.parametrize("compress_statistics", [False, True])

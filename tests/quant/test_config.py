@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quant import QuantConfig
+from quantserve.quant import QuantConfig
 
 
 def test_round_trips_through_transformers_dict():

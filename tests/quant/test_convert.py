@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import quant
-from quant.nn import Linear4bit
+import quantserve.quant as quant
+from quantserve.quant.nn import Linear4bit
 
 
 def _tiny(arch: str):

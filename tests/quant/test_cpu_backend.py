@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import quant  # noqa: F401 - defines the ops and registers the backends
-from kernels.cpu import build
-from quant.backends import cpu
-from quant.backends import default as ref
-from quant.codebooks import get_dynamic_map
+import quantserve.quant as quant  # noqa: F401 - defines the ops and registers the backends
+from quantserve.kernels.cpu import build
+from quantserve.quant.backends import cpu
+from quantserve.quant.backends import default as ref
+from quantserve.quant.codebooks import get_dynamic_map
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -399,12 +397,10 @@ def test_found_when_another_kernels_module_shadows_ours(tmp_path):
     (tmp_path / "kernels.py").write_text("SHADOW = True\n")
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); import kernels; assert kernels.SHADOW; "
-        "import torch, quant; from quant.backends import cpu; assert cpu._native() is not None, cpu.status(); "
+        "import torch; from quantserve.quant.backends import cpu; assert cpu._native() is not None, cpu.status(); "
         "print(cpu.status())"
     )
-    repo = str(Path(quant.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
                           cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "native" in proc.stdout

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-import quant
-from quant.nn import Linear4bit, Params4bit
+import quantserve.quant as quant
+from quantserve.quant.nn import Linear4bit, Params4bit
 
 
 def test_params4bit_quantizes_on_first_transfer(bnb):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import quant
-from quant.codebooks import get_dynamic_map
+import quantserve.quant as quant
+from quantserve.quant.codebooks import get_dynamic_map
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import quant
-from quant.state import QuantState
+import quantserve.quant as quant
+from quantserve.quant.state import QuantState
 
 
 @pytest.mark.parametrize("compress_statistics", [False, True])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-import quant
+import quantserve.quant as quant
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 

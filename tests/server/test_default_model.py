@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
-import quant
-from quant import Linear4bit
-from server.default_model import default_gguf_path, default_model_folder
-from server.loader import LoadConfig, load_model
+import quantserve.quant as quant
+from quantserve.quant import Linear4bit
+from quantserve.server.loading.default_model import default_gguf_path, default_model_folder
+from quantserve.server.loading.loader import LoadConfig, load_model
 
 from .loader_helpers import bnb_quantized_modules, bnb_reference, logits, quantserve_cache
 

@@ -14,11 +14,11 @@ import sys
 import pytest
 import torch
 
-import quant
-from quant import Linear4bit
-from server.export import save_quantized
-from server.loader import LoadConfig, load_model
-from server.weight_stream import plan_quantization
+import quantserve.quant as quant
+from quantserve.quant import Linear4bit
+from quantserve.server.loading.export import save_quantized
+from quantserve.server.loading.loader import LoadConfig, load_model
+from quantserve.server.loading.weight_stream import plan_quantization
 
 from .loader_helpers import (
     ARCHS,
@@ -235,7 +235,7 @@ def test_streaming_peak_memory_is_near_the_quantized_size(tmp_path):
 
 
 def test_cli_quantize_and_inspect(folders, tmp_path, capsys):
-    from server.cli import main
+    from quantserve.server.cli import main
 
     assert main(["quantize", str(folders["qwen2"]), str(tmp_path / "q"), "--double-quant", "--no-progress"]) == 0
     assert "wrote" in capsys.readouterr().out
@@ -263,7 +263,7 @@ def test_cli_help_explains_itself():
 
 
 def test_cli_model_is_optional_before_out_dir():
-    from server.cli import build_parser
+    from quantserve.server.cli import build_parser
 
     args = build_parser().parse_args(["quantize", "out"])
     assert args.model is None and args.out_dir == "out"
@@ -370,7 +370,7 @@ def test_unsupported_quant_settings(kwargs, match):
 
 
 def test_cli_reports_bad_settings_in_one_line(folders, capsys):
-    from server.cli import main
+    from quantserve.server.cli import main
 
     assert main(["inspect", str(folders["llama"]), "--blocksize", "48", "--no-progress"]) == 1
     err = capsys.readouterr().err.strip()

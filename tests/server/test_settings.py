@@ -8,8 +8,8 @@ import pydantic
 import pytest
 import torch
 
-from server.config import Settings
-from server.serve import add_serve_arguments, settings_from_args
+from quantserve.server.config import Settings
+from quantserve.server.serve import add_serve_arguments, settings_from_args
 
 
 def test_matmul_precision_default_flag_and_env(monkeypatch):
@@ -27,8 +27,8 @@ def test_matmul_precision_default_flag_and_env(monkeypatch):
 
 def test_serving_applies_the_precision(monkeypatch):
     """load_served_model sets torch's precision before loading (the CPU 4-bit matmul reads it)."""
-    import server.loader
-    from quant.backends.cpu import bf16_products_allowed
+    from quantserve.server.loading import loader
+    from quantserve.quant.backends.cpu import bf16_products_allowed
 
     class Stop(Exception):
         pass
@@ -36,9 +36,9 @@ def test_serving_applies_the_precision(monkeypatch):
     def stop(settings):
         raise Stop(torch.get_float32_matmul_precision(), bf16_products_allowed())
 
-    from server import serve
+    from quantserve.server import serve
 
-    monkeypatch.setattr(server.loader, "load_for_serving", stop)
+    monkeypatch.setattr(loader, "load_for_serving", stop)
     try:
         for precision, bf16 in (("medium", True), ("highest", False)):
             with pytest.raises(Stop) as info:

@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-import quant
-from quant.functional import dequantize_absmax
+import quantserve.quant as quant
+from quantserve.quant.functional import dequantize_absmax
 
 from ..attention import AttentionMetadata, paged_attention
 

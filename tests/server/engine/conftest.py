@@ -21,7 +21,7 @@ def load_quantized(folder: Path):
     import torch
     import transformers
 
-    import quant
+    import quantserve.quant as quant
 
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     quant.quantize_model(model, quant.QuantConfig())

@@ -7,8 +7,8 @@ import dataclasses
 
 import torch
 
-from server.engine import EngineConfig, SamplingParams
-from server.engine.engine import AsyncEngine
+from quantserve.server.engine import EngineConfig, SamplingParams
+from quantserve.server.engine.engine import AsyncEngine
 
 STORY = (
     "The lighthouse keeper climbed the spiral stairs every evening at dusk, counting the steps as his "

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine import native
-from server.engine.attention import AttentionMetadata, PrefillChunk, _native_plan, keys_view, paged_attention
+from quantserve.kernels.cpu import paged_attention as native
+from quantserve.server.engine.attention import AttentionMetadata, PrefillChunk, _native_plan, keys_view, paged_attention
 
 
 def naive(q, keys, values, scale, offset):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine.block_manager import BlockManager, hash_block
-from server.engine.sequence import SamplingParams, Sequence
+from quantserve.server.engine.block_manager import BlockManager, hash_block
+from quantserve.server.engine.sequence import SamplingParams, Sequence
 
 
 def seq(tokens, rid="r"):

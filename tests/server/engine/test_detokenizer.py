@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine.detokenizer import IncrementalDetokenizer
+from quantserve.server.engine.detokenizer import IncrementalDetokenizer
 
 TEXTS = [
     "Hello there, café 你好 world! Ünïcödé and emoji 🙂 too.",

@@ -8,8 +8,8 @@ import gc
 import pytest
 import torch
 
-from server.engine import EngineOverloadedError, SamplingParams
-from server.engine.engine import EngineDeadError, RequestFailedError
+from quantserve.server.engine import EngineOverloadedError, SamplingParams
+from quantserve.server.engine.engine import EngineDeadError, RequestFailedError
 
 from .conftest import run
 from .helpers import assert_blocks_all_free, collect, make_prompts, started

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from server.engine import SamplingParams
+from quantserve.server.engine import SamplingParams
 
 from .conftest import run
 from .helpers import assert_blocks_all_free, collect, hf_greedy, hf_top2_margin, make_prompts, started

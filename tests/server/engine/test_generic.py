@@ -8,8 +8,8 @@ import asyncio
 import pytest
 import torch
 
-import quant
-from server.engine import SamplingParams
+import quantserve.quant as quant
+from quantserve.server.engine import SamplingParams
 
 from .conftest import run
 from .helpers import assert_blocks_all_free, collect, hf_greedy, hf_top2_margin, started
@@ -49,7 +49,7 @@ def test_generic_path_matches_transformers(kind, smollm):
     async def main():
         engine = await started(model, tokenizer, num_kv_blocks=128, max_num_batched_tokens=64,
                                model_impl="auto")
-        from server.engine.models.generic import TransformersModel
+        from quantserve.server.engine.models.generic import TransformersModel
 
         assert isinstance(engine.runner.model, TransformersModel)
         try:

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from server.engine.sampler import Sampler
-from server.engine.sequence import SamplingParams, Sequence
+from quantserve.server.engine.sampler import Sampler
+from quantserve.server.engine.sequence import SamplingParams, Sequence
 
 V = 50
 

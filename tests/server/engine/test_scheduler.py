@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine.block_manager import BlockManager
-from server.engine.scheduler import Scheduler
-from server.engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
+from quantserve.server.engine.block_manager import BlockManager
+from quantserve.server.engine.scheduler import Scheduler
+from quantserve.server.engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
 
 EOS = 0
 
@@ -30,8 +30,8 @@ def step(sched, token=5):
 
 def test_pure_python():
     # The scheduler side never imports torch (it is unit-tested on plain data).
-    import server.engine.block_manager as bm
-    import server.engine.scheduler as sc
+    import quantserve.server.engine.block_manager as bm
+    import quantserve.server.engine.scheduler as sc
 
     for module in (bm, sc):
         assert "import torch" not in open(module.__file__).read()

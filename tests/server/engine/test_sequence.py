@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine.sequence import SamplingParams
+from quantserve.server.engine.sequence import SamplingParams
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """Load a Hugging Face causal LM onto a device in 4 bits, quantizing while the weights stream in.
 
-    from server.loader import LoadConfig, load_model
+    from .loader import LoadConfig, load_model
     result = load_model(LoadConfig("path/to/folder", quant=quant.QuantConfig(bnb_4bit_use_double_quant=True)))
     result.model, result.tokenizer, result.config, result.report
 
@@ -29,8 +29,8 @@ from typing import Any, Optional
 
 import torch
 
-from quant import QuantConfig
-from quant.convert import model_nbytes
+from quantserve.quant import QuantConfig
+from quantserve.quant.convert import model_nbytes
 
 from .checkpoint import CheckpointReader
 from .default_model import default_cache_dir

@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .engine.sequence import SamplingParams
+from ..engine.sequence import SamplingParams
 
 MAX_STOP_SEQUENCES = 16
 MAX_TOP_LOGPROBS = 20

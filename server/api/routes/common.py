@@ -66,7 +66,7 @@ def submit(
     n: int, include_usage: bool,
 ) -> Generation:
     """Submit one engine request per prompt; return the Generation the response is built from."""
-    from ..engine import EngineOverloadedError
+    from ...engine import EngineOverloadedError
 
     engine = served.engine
     ids = [request_id if len(prompts) == 1 else f"{request_id}-{i}" for i in range(len(prompts))]

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quant import Linear4bit, Params4bit, QuantConfig
-from quant.convert import plan_quantization as quant_plan
+from quantserve.quant import Linear4bit, Params4bit, QuantConfig
+from quantserve.quant.convert import plan_quantization as quant_plan
 
 from .checkpoint import CheckpointReader
 from .peak_memory import release_free_memory

@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .config import Settings
+from ..config import Settings
 from .errors import APIError, install_error_handlers
 from .metrics import Metrics
 from .registry import Registry

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from quant import Linear4bit, QuantConfig
+from quantserve.quant import Linear4bit, QuantConfig
 
 from .loader import LoadResult
 from .peak_memory import current_rss

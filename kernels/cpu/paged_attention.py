@@ -1,4 +1,4 @@
-"""The engine's native CPU kernel (csrc/paged_attention.cpp): paged attention read in place, for
+"""The engine's native CPU kernel (paged_attention.cpp, next to this file): paged attention read in place, for
 decode rows and prefill chunks alike, one call per layer.
 
 Compiled on first use into the same cache folder as the quant kernels (kernels/cpu/build.py:
@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
+SOURCE = Path(__file__).with_name("paged_attention.cpp")
 # No fused multiply-adds but the explicit ones: the compiler would fuse the portable loops'
 # vector and scalar copies differently, and a row's result would depend on its tile.
 CXXFLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off")
@@ -40,7 +40,7 @@ _SIGNATURES = {
 
 
 def _build() -> Path:
-    from kernels.cpu.build import build_source, find_compiler
+    from .build import build_source, find_compiler
 
     cxx = find_compiler()
     if cxx is None:

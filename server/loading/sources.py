@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from quant import QuantConfig
+from quantserve.quant import QuantConfig
 
 from .default_model import DEFAULT_MODEL_NAME, default_model_folder, gguf_to_folder
 

@@ -12,7 +12,7 @@ from typing import Iterable
 
 import torch
 
-from quant import Linear4bit
+from quantserve.quant import Linear4bit
 
 from .checkpoint import save_checkpoint
 from .loader import LoadResult
