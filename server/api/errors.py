@@ -1,6 +1,6 @@
 """OpenAI-shaped errors: {"error": {"message", "type", "param", "code"}} with the right status.
 
-Routes raise APIError (or let ValueError from the engine's validation through); the handlers
+Routes raise APIError, or let the engine's errors through (from_exception maps them); the handlers
 installed by `install_error_handlers` turn everything, including FastAPI's own validation errors
 and our bugs, into that shape. A bug is a 500 whose message carries the request id that the log
 line also carries, never a traceback.
@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
 from .protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger("quantserve.server")
@@ -64,6 +65,29 @@ def unavailable(message: str, retry_after: Optional[int] = None) -> APIError:
     return APIError(503, message, "service_unavailable", None, "service_unavailable", headers)
 
 
+def internal_error(request_id: str) -> APIError:
+    return APIError(500, f"Internal server error (request id {request_id}); this is a bug in quantserve.",
+                    "internal_error", None, "internal_error")
+
+
+def from_exception(exc: BaseException, request_id: Optional[str] = None) -> APIError:
+    """The OpenAI-shaped error for any exception. Exception text reaches the client only for the
+    client's own mistakes; our failures are logged with the request id and answered generically."""
+    request_id = request_id or uuid.uuid4().hex
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, InvalidRequestError):
+        return bad_request(str(exc), exc.field, exc.code)
+    if isinstance(exc, EngineOverloadedError):
+        return overloaded(exc.retry_after)
+    if isinstance(exc, EngineDeadError):
+        logger.error("request %s: engine unavailable: %s", request_id, exc)
+        return unavailable("The inference engine has stopped; the server is restarting. Retry shortly.",
+                           retry_after=5)
+    logger.error("request %s failed: %s: %s", request_id, type(exc).__name__, exc, exc_info=exc)
+    return internal_error(request_id)
+
+
 _STATUS_TYPES = {
     401: ("authentication_error", "invalid_api_key"),
     404: ("invalid_request_error", "not_found"),
@@ -79,6 +103,9 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return bad_request("The request body is not valid JSON", None, "invalid_json")
+    if first.get("type") == "extra_forbidden":
+        return bad_request(f"Unsupported parameter: '{param}' is not supported by this server.", param,
+                           "unsupported_parameter")
     msg = first.get("msg", "invalid request").removeprefix("Value error, ")
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return bad_request(f"{param}: {msg}{more}" if param else f"{msg}{more}", param, "invalid_value")
@@ -100,10 +127,6 @@ def install_error_handlers(app: FastAPI) -> None:
         return APIError(exc.status_code, message, type_, None, code, dict(exc.headers or {})).response()
 
     @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception) -> JSONResponse:
-        request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex
-        logger.exception("internal error in request %s (%s %s)", request_id, request.method, request.url.path)
-        return APIError(
-            500, f"Internal server error (request id {request_id}); this is a bug in quantserve.",
-            "internal_error", None, "internal_error",
-        ).response()
+    async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+        # Engine errors that escape a non-streamed request (the engine died, a step failed), and bugs.
+        return from_exception(exc).response()

@@ -1,8 +1,11 @@
 """OpenAI wire types (pydantic), in the order of the OpenAI API reference, plus vLLM's
-/tokenize and /detokenize. Requests validate every value (a bad one is a 400 naming the field);
-unknown fields are accepted and ignored (clients send extras), logged at debug level.
+/tokenize and /detokenize. Requests validate every value's type and API range (a bad one is a
+400 naming the field). A field this server does not implement is a 400 naming it, never silently
+dropped: every model forbids extras, and the few fields with no effect on the output (user,
+metadata, store, service_tier) are declared and ignored.
 
-`to_sampling_params()` is the one conversion from the wire to the engine.
+The engine's own limits (stop strings, logprobs, context length, vocabulary, n) are checked by
+the engine, once; convert.py turns these types into the engine's.
 """
 
 from __future__ import annotations
@@ -13,25 +16,21 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..engine.sequence import SamplingParams
-
-MAX_STOP_SEQUENCES = 16
-MAX_TOP_LOGPROBS = 20
-
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
-
-    def unknown_fields(self) -> list[str]:
-        return sorted((self.model_extra or {}).keys())
+class _Strict(BaseModel):
+    # An unknown field is an error (errors.py words it "not supported"), at every depth.
+    model_config = ConfigDict(extra="forbid")
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class _Request(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
@@ -49,7 +48,11 @@ class _SamplingFields(_Request):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1)
-    user: Optional[str] = None  # accepted, ignored
+    # Accepted and ignored: they change nothing in the output.
+    user: Optional[str] = None
+    metadata: Optional[dict[str, str]] = None
+    store: Optional[bool] = None
+    service_tier: Optional[str] = None
     # Extensions every open server accepts (vLLM, TGI, llama.cpp).
     top_k: int = Field(0, ge=-1)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
@@ -57,49 +60,19 @@ class _SamplingFields(_Request):
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: bool = False
 
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, value: Optional[Union[str, list[str]]]) -> Optional[Union[str, list[str]]]:
-        stops = [value] if isinstance(value, str) else (value or [])
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
-        if any(s == "" for s in stops):
-            raise ValueError("stop sequences must not be empty")
-        return value
-
     def stop_list(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-
-    def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
-        return SamplingParams(
-            n=self.n,
-            max_tokens=max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=max(self.top_k, 0),
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            seed=None if self.seed is None else self.seed % 2**63,
-            stop=self.stop_list(),
-            stop_token_ids=tuple(self.stop_token_ids or ()),
-            ignore_eos=self.ignore_eos,
-            logprobs=logprobs,
-        )
 
 
 # ---------------------------------------------------------------- chat completions (request)
 
 
-class TextContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class TextContentPart(_Strict):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[TextContentPart]]] = None
     name: Optional[str] = None
@@ -123,7 +96,7 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: Optional[int] = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> "ChatCompletionRequest":
@@ -133,9 +106,6 @@ class ChatCompletionRequest(_SamplingFields):
 
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
-        return self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
 
     def chat_messages(self) -> list[dict[str, Any]]:
         """Messages as chat templates expect them: content flattened to a string."""
@@ -155,7 +125,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    logprobs: Optional[int] = Field(None, ge=0)
     echo: bool = False
     suffix: Optional[str] = None
 
@@ -167,8 +137,6 @@ class CompletionRequest(_SamplingFields):
                 raise ValueError("prompt must not be empty")
             if isinstance(value[0], list) and any(not p for p in value):
                 raise ValueError("token prompts must not be empty")
-            if all(isinstance(v, int) for v in value) and any(v < 0 for v in value):
-                raise ValueError("token ids must be non-negative")
         return value
 
     @model_validator(mode="after")
@@ -187,9 +155,6 @@ class CompletionRequest(_SamplingFields):
         if all(isinstance(x, int) for x in p):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
-
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
-        return self._sampling_params(max_tokens, self.logprobs)
 
 
 # ---------------------------------------------------------------- responses

@@ -10,16 +10,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import logging
 import time
 from typing import Any, AsyncIterator, Callable, Optional
 
 from pydantic import BaseModel
 
 from . import protocol as p
-from .errors import APIError
+from .errors import from_exception
 
-logger = logging.getLogger("quantserve.server")
 
 
 def sse(payload: BaseModel | dict) -> str:
@@ -315,8 +313,6 @@ async def completion_response(gen: Generation, echo_texts: Optional[list[str]] =
 
 
 def _stream_error(gen: Generation, exc: Exception) -> dict:
-    if isinstance(exc, APIError):
-        return exc.body()
-    logger.error("request %s failed mid-stream: %s: %s", gen.request_id, type(exc).__name__, exc)
-    return APIError(500, f"generation failed (request id {gen.request_id}): {exc}", "internal_error",
-                    code="internal_error").body()
+    # The headers are sent: the error goes in-band, as OpenAI-compatible servers do. Its text is
+    # generic for our failures (from_exception logs the cause with the request id).
+    return from_exception(exc, gen.request_id).body()

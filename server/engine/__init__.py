@@ -10,6 +10,7 @@ The device side: model_runner, attention, sampler, models/.
 """
 
 from .config import EngineConfig
+from .errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, RequestFailedError
 from .outputs import CompletionOutput, EngineStats, RequestOutput, TokenLogprob
 from .sequence import FinishReason, SamplingParams
 
@@ -21,13 +22,14 @@ __all__ = [
     "EngineOverloadedError",
     "EngineStats",
     "FinishReason",
+    "InvalidRequestError",
     "RequestFailedError",
     "RequestOutput",
     "SamplingParams",
     "TokenLogprob",
 ]
 
-_ENGINE_NAMES = ("AsyncEngine", "EngineDeadError", "EngineOverloadedError", "RequestFailedError")
+_ENGINE_NAMES = ("AsyncEngine",)
 
 
 def __getattr__(name: str):

@@ -31,6 +31,7 @@ class EngineConfig:
             max_position_embeddings, capped by the KV cache capacity.
         max_waiting_requests: submitted but not yet running requests beyond which `generate`
             raises EngineOverloadedError.
+        max_n: most choices one call may ask for (n, summed over the prompts of a batched call).
         enable_prefix_caching: requests that share a prompt prefix share its KV blocks.
         model_impl: "auto" (native Llama-family model when it applies, else transformers' own
             modules with our paged attention), "native" or "transformers".
@@ -46,6 +47,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     max_model_len: Optional[int] = None
     max_waiting_requests: int = 256
+    max_n: int = 16
     enable_prefix_caching: bool = True
     model_impl: str = "auto"
     seed: int = 0
@@ -69,6 +71,7 @@ class EngineConfig:
         if self.max_model_len is not None:
             _check_int("max_model_len", self.max_model_len, 2)
         _check_int("max_waiting_requests", self.max_waiting_requests, 0)
+        _check_int("max_n", self.max_n, 1)
         if not isinstance(self.enable_prefix_caching, bool):
             raise TypeError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
         if self.model_impl not in MODEL_IMPLS:
@@ -87,6 +90,7 @@ class EngineConfig:
             max_num_batched_tokens=settings.max_num_batched_tokens,
             max_model_len=settings.max_model_len,
             max_waiting_requests=settings.max_queue,
+            max_n=settings.max_n,
             enable_prefix_caching=settings.enable_prefix_caching,
             model_name=settings.display_name(),
         )

@@ -27,6 +27,7 @@ from quantserve.kernels.cpu import paged_attention as native
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
+from .errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, RequestFailedError
 from .model_runner import ModelRunner, model_max_len, vocab_size
 from .outputs import CompletionOutput, EngineStats, RequestOutput
 from .scheduler import ScheduledBatch, Scheduler
@@ -35,23 +36,7 @@ from .streams import Collector, RequestStream, deliver
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AsyncEngine", "EngineConfig", "EngineDeadError", "EngineOverloadedError", "EngineStats"]
-
-
-class EngineOverloadedError(RuntimeError):
-    """Too many requests are waiting; retry after `retry_after` seconds."""
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class EngineDeadError(RuntimeError):
-    """The engine thread has stopped (it failed, or the engine was shut down)."""
-
-
-class RequestFailedError(RuntimeError):
-    """The engine failed this request (an error in a step it was part of)."""
+__all__ = ["AsyncEngine", "EngineConfig", "EngineStats"]
 
 
 class _Request:
@@ -168,44 +153,81 @@ class AsyncEngine:
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str) -> RequestStream:
         """Submit a request; iterate the result for its outputs (must be called on an event loop).
 
-        Raises ValueError for an invalid request, EngineOverloadedError when too many are
-        waiting, EngineDeadError when the engine is not running.
+        Raises InvalidRequestError (a ValueError) for a request that breaks a limit,
+        EngineOverloadedError when too many are waiting, EngineDeadError when the engine is not running.
         """
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
-        alive, error = self.health()
-        if not alive or self._stopping:
-            raise EngineDeadError(error or "engine is shutting down")
+        return self.generate_many([prompt_token_ids], [params], [request_id])[0]
+
+    def generate_many(self, prompts: list[list[int]], params: list[SamplingParams],
+                      request_ids: list[str]) -> list[RequestStream]:
+        """Submit several requests at once (OpenAI's batched prompts): all are admitted, or none.
+
+        The one place where a request's limits are checked: token ids within the vocabulary, the
+        context length, the choices per call (n summed over the prompts) and the queue bound.
+        """
+        if not len(prompts) == len(params) == len(request_ids) or not prompts:
+            raise ValueError("generate_many needs as many params and request ids as prompts (at least one)")
+        for sp in params:
+            if not isinstance(sp, SamplingParams):
+                raise TypeError(f"params must be SamplingParams, got {type(sp).__name__}")
+        checked = [self._check_prompt(prompt, sp) for prompt, sp in zip(prompts, params)]
+        choices = sum(sp.n for sp in params)
+        if choices > self.config.max_n:
+            what = "n" if len(prompts) == 1 else "n times the number of prompts"
+            raise InvalidRequestError(f"{what} must be at most {self.config.max_n}, got {choices}", "n")
+        loop = asyncio.get_running_loop()
+        requests = [self._new_request(rid, prompt, sp, loop) for rid, prompt, sp in zip(request_ids, checked, params)]
+        # Under the lock that the dying engine thread also takes: a request is either in the inbox
+        # before the thread fails everything in it, or refused here; never left behind.
+        with self._submit_lock:
+            if self._dead_error is not None or self._thread is None or self._stopping:
+                raise EngineDeadError(self._dead_error or "the engine is not running")
+            waiting = self._num_unadmitted + self.scheduler.num_waiting
+            if waiting + len(requests) > self.config.max_waiting_requests:
+                raise EngineOverloadedError(f"{waiting} requests are waiting", self._retry_after(waiting))
+            self._num_submitted += len(requests)
+            self._inbox.extend(("add", request) for request in requests)
+        self._wake.set()
+        return [RequestStream(request.request_id, request.collector, self._abort_soon(request.request_id))
+                for request in requests]
+
+    def _check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
         prompt = list(prompt_token_ids)
         if not prompt:
-            raise ValueError("the prompt must have at least one token")
+            raise InvalidRequestError("the prompt must have at least one token", "prompt")
         if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
-            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
-        wanted = params.max_tokens if params.max_tokens is not None else 1
-        if len(prompt) + wanted > self.max_model_len:
-            what = f"max_tokens ({params.max_tokens})" if params.max_tokens is not None else "one generated token"
-            raise ValueError(
-                f"the prompt ({len(prompt)} tokens) plus {what} exceeds the context length ({self.max_model_len})"
-            )
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {self.vocab_size})", "prompt")
+        limit = self.max_model_len
+        if len(prompt) >= limit:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens, but the prompt has {len(prompt)} tokens "
+                "(one more is needed for the completion). Shorten the prompt.", "prompt", "context_length_exceeded")
+        if params.max_tokens is not None and len(prompt) + params.max_tokens > limit:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{len(prompt) + params.max_tokens} tokens ({len(prompt)} in the prompt, {params.max_tokens} for the "
+                "completion). Shorten the prompt or ask for fewer completion tokens.",
+                "max_tokens", "context_length_exceeded")
         if params.n > self.config.max_num_seqs:
-            raise ValueError(f"n ({params.n}) is more than max_num_seqs ({self.config.max_num_seqs})")
+            raise InvalidRequestError(f"n ({params.n}) is more than max_num_seqs ({self.config.max_num_seqs})", "n")
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
-        waiting = self._num_unadmitted + self.scheduler.num_waiting
-        if waiting >= self.config.max_waiting_requests:
-            raise EngineOverloadedError(f"{waiting} requests are waiting", self._retry_after(waiting))
-        loop = asyncio.get_running_loop()
+            raise InvalidRequestError("stop strings need a tokenizer", "stop")
+        return prompt
+
+    def _new_request(self, request_id: str, prompt: list[int], params: SamplingParams,
+                     loop: asyncio.AbstractEventLoop) -> _Request:
         seqs = [Sequence(request_id, prompt, params, index=i, max_model_len=self.max_model_len,
                          eos_token_ids=self.eos_token_ids) for i in range(params.n)]
         detoks = [IncrementalDetokenizer(self._detok_tokenizer, prompt, params.stop) if self.tokenizer is not None
                   else None for _ in seqs]
-        collector = Collector()
-        request = _Request(request_id, seqs, detoks, collector, loop)
-        with self._submit_lock:
-            self._num_submitted += 1
-            self._inbox.append(("add", request))
-        self._wake.set()
-        return RequestStream(self, request_id, collector)
+        return _Request(request_id, seqs, detoks, Collector(), loop)
+
+    def _abort_soon(self, request_id: str):
+        """The abort a stream calls when it is closed or collected. Only an append to the inbox
+        (atomic, lock-free): it may run inside garbage collection on any thread. A request being
+        aborted is queued or running, so the engine thread is awake and sees it at its next step."""
+        message = ("abort", request_id)
+        return lambda: self._inbox.append(message)
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (unknown or finished ids are ignored); its blocks are freed at the next step."""
@@ -247,7 +269,8 @@ class AsyncEngine:
         try:
             self.runner.warmup()
         except BaseException as exc:  # noqa: BLE001 - reported to start()'s caller
-            self._dead_error = f"warmup failed: {exc!r}"
+            with self._submit_lock:
+                self._dead_error = f"warmup failed: {exc!r}"
             ready.set_exception(exc)
             return
         ready.set_result(None)
@@ -255,11 +278,13 @@ class AsyncEngine:
             self._loop()
         except BaseException as exc:  # noqa: BLE001 - the thread must report any death
             logger.exception("engine thread died")
-            self._dead_error = f"engine thread died: {exc!r}"
+            with self._submit_lock:  # see generate_many: nothing can be queued after this
+                self._dead_error = f"engine thread died: {exc!r}"
             self._fail_all(EngineDeadError(self._dead_error))
             self._flush()
             return
-        self._dead_error = "engine shut down"
+        with self._submit_lock:
+            self._dead_error = "engine shut down"
         for request in list(self._requests.values()):
             self._abort_request(request)
         self._drain_inbox_on_exit()

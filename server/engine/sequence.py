@@ -12,8 +12,13 @@ import itertools
 import math
 from typing import Any, Optional
 
+from .errors import InvalidRequestError
+
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+# Each step scans a sequence's new text against every stop string and holds back as many
+# characters as the longest is long: a cap keeps that work and memory bounded per request.
+MAX_STOP_STRING_CHARS = 256
 
 
 class FinishReason(str, enum.Enum):
@@ -37,6 +42,11 @@ def _is_number(value: Any) -> bool:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(ok: bool, field: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise InvalidRequestError(f"{field} must be {rule}, got {value!r}", field)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,40 +78,36 @@ class SamplingParams:
     logprobs: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if not _is_int(self.n) or self.n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
-        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            raise ValueError(f"max_tokens must be an integer >= 1 or None, got {self.max_tokens!r}")
-        if not _is_number(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
-        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        if not _is_number(self.presence_penalty) or not -2 <= self.presence_penalty <= 2:
-            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}")
-        if not _is_number(self.frequency_penalty) or not -2 <= self.frequency_penalty <= 2:
-            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
-            raise ValueError(f"seed must be an integer in [0, 2**63) or None, got {self.seed!r}")
+        _check(_is_int(self.n) and self.n >= 1, "n", "an integer >= 1", self.n)
+        _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens",
+               "an integer >= 1 or None", self.max_tokens)
+        _check(_is_number(self.temperature) and self.temperature >= 0, "temperature", "a finite number >= 0",
+               self.temperature)
+        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
+        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", "an integer >= 0 (0 = off)", self.top_k)
+        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "in [0, 1]", self.min_p)
+        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty", "> 0",
+               self.repetition_penalty)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_is_number(value) and -2 <= value <= 2, name, "in [-2, 2]", value)
+        _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63), "seed",
+               "an integer in [0, 2**63) or None", self.seed)
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
-        if not isinstance(stop, (tuple, list)) or not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"stop must be a sequence of non-empty strings, got {self.stop!r}")
-        if len(stop) > MAX_STOP_STRINGS:
-            raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
+        _check(isinstance(stop, (tuple, list)) and all(isinstance(s, str) and s for s in stop), "stop",
+               "a sequence of non-empty strings", self.stop)
+        _check(len(stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} strings", len(stop))
+        longest = max((len(s) for s in stop), default=0)
+        _check(longest <= MAX_STOP_STRING_CHARS, "stop", f"at most {MAX_STOP_STRING_CHARS} characters per string",
+               longest)
         object.__setattr__(self, "stop", tuple(stop))
         ids = self.stop_token_ids
-        if not isinstance(ids, (tuple, list)) or not all(_is_int(t) and t >= 0 for t in ids):
-            raise ValueError(f"stop_token_ids must be a sequence of token ids >= 0, got {ids!r}")
+        _check(isinstance(ids, (tuple, list)) and all(_is_int(t) and t >= 0 for t in ids), "stop_token_ids",
+               "a sequence of token ids >= 0", ids)
         object.__setattr__(self, "stop_token_ids", tuple(ids))
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+        _check(isinstance(self.ignore_eos, bool), "ignore_eos", "a bool", self.ignore_eos)
+        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS), "logprobs",
+               f"an integer in [0, {MAX_LOGPROBS}] or None", self.logprobs)
 
     @property
     def greedy(self) -> bool:

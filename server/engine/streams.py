@@ -8,12 +8,9 @@ a slow reader. RequestStream: the async iterator `AsyncEngine.generate` returns.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Callable, Optional
 
 from .outputs import RequestOutput
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .engine import AsyncEngine
 
 
 class Collector:
@@ -55,12 +52,14 @@ def deliver(items: list[tuple[Collector, Any]]) -> None:
 
 class RequestStream:
     """The async iterator `generate` returns. Closing it (aclose, cancelling the task that reads
-    it, or dropping it) aborts the request; its KV blocks are freed at the next step."""
+    it, or dropping it) calls `abort`; the request's KV blocks are freed at the next step.
+    `abort` must be safe to call from garbage collection on any thread (the engine's only appends
+    to its inbox)."""
 
-    def __init__(self, engine: "AsyncEngine", request_id: str, collector: Collector) -> None:
-        self._engine = engine
+    def __init__(self, request_id: str, collector: Collector, abort: Callable[[], None]) -> None:
         self.request_id = request_id
         self._collector = collector
+        self._abort = abort
         self._done = False
 
     def __aiter__(self) -> "RequestStream":
@@ -84,13 +83,11 @@ class RequestStream:
     def _close(self) -> None:
         if not self._done:
             self._done = True
-            self._engine.abort(self.request_id)
+            self._abort()
 
     async def aclose(self) -> None:
         self._close()
 
     def __del__(self) -> None:
         if not getattr(self, "_done", True):
-            self._done = True
-            # Only an append (atomic): __del__ may run inside any thread's garbage collection.
-            self._engine._inbox.append(("abort", self.request_id))
+            self._close()

@@ -33,7 +33,7 @@ class Server:
     def __init__(self, *flags: str, api_key: str | None = API_KEY) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "server", "serve", "--port", str(self.port), "--kv-cache-memory", "0.25", *flags]
+        cmd = [sys.executable, "-m", "quantserve.server", "serve", "--port", str(self.port), "--kv-cache-memory", "0.25", *flags]
         if api_key:
             cmd += ["--api-key", api_key]
         self.log = Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"quantserve-{self.port}.log"
@@ -289,6 +289,18 @@ BAD_REQUESTS = [
     ({"model": MODEL, "messages": QUESTION, "stop": [""]}, "stop", 400),
     ({"model": "no-such-model", "messages": QUESTION}, "model", 404),
     ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 40000}]}, "messages", 400),
+    # The engine's limits, checked once there, reported with the request's own field names.
+    ({"model": MODEL, "messages": QUESTION, "max_completion_tokens": 10**9}, "max_completion_tokens", 400),
+    ({"model": MODEL, "messages": QUESTION, "logprobs": True, "top_logprobs": 21}, "top_logprobs", 400),
+    ({"model": MODEL, "messages": QUESTION, "stop": [f"s{i}" for i in range(17)]}, "stop", 400),
+    ({"model": MODEL, "messages": QUESTION, "stop": "x" * 257}, "stop", 400),
+    # Fields this server does not implement are refused by name, never silently dropped.
+    ({"model": MODEL, "messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", 400),
+    ({"model": MODEL, "messages": QUESTION, "response_format": {"type": "json_object"}}, "response_format", 400),
+    ({"model": MODEL, "messages": QUESTION, "logit_bias": {"50256": -100}}, "logit_bias", 400),
+    ({"model": MODEL, "messages": QUESTION, "stream_options": {"include_usage": True, "x": 1}}, "stream_options.x",
+     400),
+    ({"model": MODEL, "messages": [{"role": "assistant", "content": "", "tool_calls": []}]}, "messages", 400),
 ]
 
 
@@ -302,6 +314,53 @@ def test_bad_requests_get_openai_errors(server, body, param, status):
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
     if param is not None:
         assert err["param"] and err["param"].startswith(param), err
+
+
+def test_unsupported_fields_are_named(server):
+    r = httpx.post(server.url + "/v1/chat/completions", headers=server.headers(), timeout=60,
+                   json={"model": MODEL, "messages": QUESTION, "tools": [], "max_tokens": 2})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "tools" and err["code"] == "unsupported_parameter"
+    assert "tools" in err["message"]
+    # Fields with no effect on the output are accepted (and ignored).
+    r = httpx.post(server.url + "/v1/chat/completions", headers=server.headers(), timeout=60,
+                   json={"model": MODEL, "messages": QUESTION, "max_tokens": 2, "user": "u1", "store": False,
+                         "metadata": {"k": "v"}, "service_tier": "auto"})
+    assert r.status_code == 200, r.text
+
+
+COMPLETION_BAD = [
+    ({"model": MODEL, "prompt": [1, 2, 10**6]}, "prompt"),  # token id past the vocabulary
+    ({"model": MODEL, "prompt": [1, -2]}, "prompt"),
+    ({"model": MODEL, "prompt": "hi", "logprobs": 21}, "logprobs"),
+    ({"model": MODEL, "prompt": ["a"] * 9, "n": 2}, "n"),  # 18 choices > --max-n 16
+    ({"model": MODEL, "prompt": "hi", "best_of": 2}, "best_of"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 10**9}, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("body,param", COMPLETION_BAD)
+def test_bad_completion_requests(server, body, param):
+    r = httpx.post(server.url + "/v1/completions", headers=server.headers(), json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
+
+
+def test_concurrent_tokenization_is_exact(server, tokenizer):
+    """Tokenizing runs on worker threads, detokenizing on the event loop: many at once must each give
+    exactly what the tokenizer gives alone (a fast tokenizer shared unsafely fails or mixes them)."""
+    texts = [f"{i} " + "lorem ipsum dolor sit amet " * (50 + i) for i in range(24)]
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, headers=server.headers(), timeout=120) as client:
+            enc = await asyncio.gather(*(client.post("/tokenize", json={"model": MODEL, "prompt": t}) for t in texts))
+            ids = [r.json()["tokens"] for r in enc]
+            dec = await asyncio.gather(*(client.post("/detokenize", json={"model": MODEL, "tokens": i}) for i in ids))
+            return ids, [r.json()["prompt"] for r in dec]
+
+    ids, back = asyncio.run(main())
+    assert ids == [tokenizer.encode(t) for t in texts]
+    assert back == [tokenizer.decode(i) for i in ids]
 
 
 def test_context_length_code_and_body_limits(server):
@@ -350,6 +409,10 @@ def test_overload_gets_429_with_retry_after_and_loses_nothing(default_model_dir)
         results = asyncio.run(main())
         statuses = [r.status_code for r in results]
         assert set(statuses) <= {200, 429} and 429 in statuses and 200 in statuses
+        # A batch of prompts is admitted whole or not at all: more prompts than the queue holds get 429.
+        r = httpx.post(srv.url + "/v1/completions", timeout=60,
+                       json={"model": MODEL, "prompt": ["a", "b", "c"], "max_tokens": 2})
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
         for r in results:
             if r.status_code == 429:
                 assert int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["type"] == "rate_limit_error"

@@ -84,7 +84,7 @@ def test_cli_quantize_output_loads_in_transformers_with_our_logits(default_folde
     env = {**os.environ, "QUANTSERVE_CACHE": str(cache_dir)}
     out = tmp_path / "smol-nf4"
     proc = subprocess.run(
-        [sys.executable, "-m", "server", "quantize", str(out), "--no-progress"],
+        [sys.executable, "-m", "quantserve.server", "quantize", str(out), "--no-progress"],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr

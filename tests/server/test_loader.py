@@ -255,7 +255,7 @@ def test_cli_quantize_and_inspect(folders, tmp_path, capsys):
 def test_cli_help_explains_itself():
     for command, words in (("quantize", ["OUT_DIR", "bitsandbytes", "--double-quant", "--skip-modules"]),
                            ("inspect", ["per layer", "4.5", "--totals-only", "--quant"])):
-        proc = subprocess.run([sys.executable, "-m", "server", command, "--help"], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "quantserve.server", command, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0
         text = " ".join(proc.stdout.split())
         for word in words:
@@ -412,7 +412,7 @@ def test_hub_id_from_cache_via_hf_home(folders, tmp_path):
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("HF_")}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "server", "inspect", "tiny-org/tiny-qwen2", "--totals-only", "--no-progress"],
+        [sys.executable, "-m", "quantserve.server", "inspect", "tiny-org/tiny-qwen2", "--totals-only", "--no-progress"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr

@@ -1,101 +1,84 @@
-"""Helpers the OpenAI routes share: model lookup, token budgets, engine submission."""
+"""What the routes share: the services they are given (no app.state lookups), submission to the
+engine, and awaiting a non-streamed response."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
-from typing import Any, Optional
+import dataclasses
+from typing import Any, Awaitable
 
 from fastapi import Request
 
-from ..errors import APIError, bad_request, overloaded
+from ...config import Settings
+from .. import protocol as p
+from ..convert import SamplingRequest, api_error, sampling_params
+from ..errors import APIError
+from ..metrics import Metrics
 from ..registry import Registry, ServedModel
 from ..streaming import Generation
 
-logger = logging.getLogger("quantserve.server")
+
+@dataclasses.dataclass(frozen=True)
+class Services:
+    """Everything a handler may use, handed to each router's factory by create_app."""
+
+    settings: Settings
+    registry: Registry
+    metrics: Metrics
 
 
-def registry(request: Request) -> Registry:
-    return request.app.state.registry
+def submit(services: Services, served: ServedModel, body: SamplingRequest, request_id: str,
+           prompts: list[list[int]]) -> Generation:
+    """Submit the call's prompts to the engine (all or none); the Generation the response is built from."""
+    params = sampling_params(body)
+    ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+    try:
+        streams = served.engine.generate_many(prompts, [params] * len(prompts), ids)
+    except Exception as exc:  # the engine's verdict on this request: 400, 429 or 503
+        raise api_error(exc, body, request_id) from None
+
+    def abort() -> None:
+        for rid in ids:
+            served.engine.abort(rid)
+
+    return Generation(
+        request_id=request_id,
+        model=served.name,
+        streams=streams,
+        n=body.n,
+        token_text=served.token_text,
+        on_finish=lambda timing: services.metrics.request_finished(served.name, timing),
+        abort=abort,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+    )
 
 
-def log_unknown_fields(body: Any) -> None:
-    unknown = body.unknown_fields()
-    if unknown:
-        logger.debug("ignoring unknown request fields: %s", ", ".join(unknown))
+async def until_disconnect(request: Request, gen: Generation, body: SamplingRequest, work: Awaitable[Any]) -> Any:
+    """Await a non-streamed response, aborting the generation if the client goes away meanwhile;
+    an engine failure becomes its OpenAI error (503 when the engine died, 500 otherwise)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                try:
+                    return task.result()
+                except Exception as exc:
+                    raise api_error(exc, body, gen.request_id) from None
+            if await request.is_disconnected():
+                gen.abort()
+                task.cancel()
+                raise APIError(499, "client closed the request", code="client_closed_request")
+    finally:
+        if not task.done():
+            task.cancel()
 
 
-def resolve_max_tokens(
-    requested: Optional[int], prompt_len: int, max_model_len: int, param: str, prompt_param: str
-) -> int:
-    """The completion budget: what was asked, or the rest of the context. Never truncates a prompt."""
-    if prompt_len >= max_model_len:
-        raise bad_request(
-            f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
-            f"{prompt_len} tokens. Shorten the prompt.",
-            prompt_param,
-            "context_length_exceeded",
-        )
-    room = max_model_len - prompt_len
-    if requested is None:
-        return room
-    if requested > room:
-        raise bad_request(
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the completion). "
-            f"Reduce the prompt or {param}.",
-            param,
-            "context_length_exceeded",
-        )
-    return requested
-
-
-def check_n(request: Request, n: int) -> None:
-    limit = request.app.state.settings.max_n
-    if n > limit:
-        raise bad_request(f"n must be at most {limit}", "n", "invalid_value")
+def card(served: ServedModel) -> p.ModelCard:
+    return p.ModelCard(id=served.name, created=served.created, root=served.name, max_model_len=served.max_model_len)
 
 
 async def to_thread(fn: Any, *args: Any) -> Any:
     # Tokenizing a long prompt takes milliseconds to seconds: keep it off the event loop.
     return await asyncio.to_thread(fn, *args)
 
-
-def submit(
-    request: Request, served: ServedModel, request_id: str, prompts: list[list[int]], params: list[Any],
-    n: int, include_usage: bool,
-) -> Generation:
-    """Submit one engine request per prompt; return the Generation the response is built from."""
-    from ...engine import EngineOverloadedError
-
-    engine = served.engine
-    ids = [request_id if len(prompts) == 1 else f"{request_id}-{i}" for i in range(len(prompts))]
-    streams = []
-    try:
-        for rid, prompt, sp in zip(ids, prompts, params):
-            streams.append(engine.generate(prompt, sp, rid))
-    except EngineOverloadedError as exc:
-        for rid in ids[: len(streams)]:
-            engine.abort(rid)
-        raise overloaded(getattr(exc, "retry_after", 1.0)) from None
-    except ValueError as exc:
-        for rid in ids[: len(streams)]:
-            engine.abort(rid)
-        raise APIError(400, str(exc), code="invalid_value") from None
-    metrics = request.app.state.metrics
-
-    def abort() -> None:
-        for rid in ids:
-            engine.abort(rid)
-
-    tokenizer = served.tokenizer
-    return Generation(
-        request_id=request_id,
-        model=served.name,
-        streams=streams,
-        n=n,
-        token_text=lambda t: tokenizer.decode([t]),
-        on_finish=lambda timing: metrics.request_finished(served.name, timing),
-        abort=abort,
-        include_usage=include_usage,
-    )

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from quantserve.server.engine import EngineOverloadedError, SamplingParams
-from quantserve.server.engine.engine import EngineDeadError, RequestFailedError
+from quantserve.server.engine import EngineDeadError, RequestFailedError
 
 from .conftest import run
 from .helpers import assert_blocks_all_free, collect, make_prompts, started

@@ -1,0 +1,60 @@
+"""Wire types -> engine types, in one place: a request's SamplingParams, and the engine's errors
+back to OpenAI's error shape with the request's own field names."""
+
+from __future__ import annotations
+
+from typing import Union
+
+from ..engine import SamplingParams
+from ..engine.errors import InvalidRequestError
+from . import protocol as p
+from .errors import APIError, bad_request, from_exception
+
+SamplingRequest = Union[p.ChatCompletionRequest, p.CompletionRequest]
+
+
+def sampling_params(body: SamplingRequest) -> SamplingParams:
+    """The engine's SamplingParams for a request (one per call: every prompt of a batch shares them)."""
+    if isinstance(body, p.ChatCompletionRequest):
+        max_tokens = body.requested_max_tokens()
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    else:
+        max_tokens, logprobs = body.max_tokens, body.logprobs
+    try:
+        return SamplingParams(
+            n=body.n,
+            max_tokens=max_tokens,  # None: what the context leaves (the engine knows how much)
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=max(body.top_k, 0),  # -1 means off, as in vLLM
+            min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            seed=None if body.seed is None else body.seed % 2**63,
+            stop=body.stop_list(),
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos,
+            logprobs=logprobs,
+        )
+    except InvalidRequestError as exc:
+        raise api_error(exc, body) from None
+
+
+def wire_field(field: str | None, body: object) -> str | None:
+    """The request's name for an engine field (the engine says prompt, max_tokens, logprobs)."""
+    if isinstance(body, p.ChatCompletionRequest):
+        if field == "prompt":
+            return "messages"
+        if field == "max_tokens" and body.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        if field == "logprobs":
+            return "top_logprobs"
+    return field
+
+
+def api_error(exc: BaseException, body: object = None, request_id: str | None = None) -> APIError:
+    """The OpenAI-shaped error for what the engine raised, with the request's field names."""
+    if isinstance(exc, InvalidRequestError):
+        return bad_request(str(exc), wire_field(exc.field, body), exc.code)
+    return from_exception(exc, request_id)
