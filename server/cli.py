@@ -31,6 +31,13 @@ _MODEL_HELP = (
 )
 
 
+# One meaning in every command (serve's Settings.compute_dtype says the same).
+COMPUTE_DTYPE_HELP = (
+    "dtype the model computes in: weights are loaded in it, unquantized tensors stay in it and the "
+    "4-bit matmuls run in it (default: float32 on CPU, where it is faster than bf16; bfloat16 on CUDA)"
+)
+
+
 def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
     """The model and quantization options shared by `quantize` and `inspect` (server.loader.LoadConfig)."""
     group = parser.add_argument_group("model and quantization")
@@ -46,7 +53,7 @@ def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--blocksize", type=int, default=64, help="weights per absmax block, 32..4096 (default: 64)")
     group.add_argument(
         "--compute-dtype", choices=["float32", "float16", "bfloat16"],
-        help="dtype the 4-bit matmuls run in (default: --dtype)",
+        help=COMPUTE_DTYPE_HELP,
     )
     group.add_argument(
         "--quant-storage", choices=["uint8", "int8", "float16", "bfloat16", "float32"], default="uint8",
@@ -56,11 +63,6 @@ def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
         "--skip-modules", metavar="NAME[,NAME...]",
         help="comma-separated modules kept unquantized: full names or dotted parts such as "
         "lm_head,mlp.down_proj (default: the output head and any layer tied to the embeddings)",
-    )
-    group.add_argument(
-        "--dtype", choices=["float32", "float16", "bfloat16"],
-        help="dtype the weights are loaded and quantized in; unquantized tensors stay in it "
-        "(default: float32 on CPU, where it is faster than bf16; bfloat16 on CUDA)",
     )
     group.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
     group.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
@@ -79,7 +81,6 @@ def _load_from_args(args: argparse.Namespace):
         quant_config = quant.QuantConfig(
             bnb_4bit_quant_type=args.quant,
             bnb_4bit_use_double_quant=args.double_quant,
-            bnb_4bit_compute_dtype=args.compute_dtype,
             bnb_4bit_quant_storage=args.quant_storage,
             llm_int8_skip_modules=None if args.skip_modules is None else [
                 name.strip() for name in args.skip_modules.split(",") if name.strip()
@@ -87,7 +88,7 @@ def _load_from_args(args: argparse.Namespace):
             blocksize=args.blocksize,
         )
     config = LoadConfig(
-        model=args.model, revision=args.revision, device=args.device, dtype=args.dtype, quant=quant_config,
+        model=args.model, revision=args.revision, device=args.device, dtype=args.compute_dtype, quant=quant_config,
         progress=not args.no_progress,
     )
     return load_model(config)

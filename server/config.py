@@ -27,7 +27,8 @@ class Settings(BaseSettings):
     quant: Literal["nf4", "fp4", "none"] = Field("nf4", description="4-bit weight format, or none to serve unquantized")
     double_quant: bool = Field(False, description="double-quantize the absmax statistics (~0.37 bit/param less)")
     compute_dtype: Optional[Literal["float32", "float16", "bfloat16"]] = Field(
-        None, description="dtype the model computes in (default: float32 on CPU, bfloat16 on CUDA)"
+        None, description="dtype the model computes in: weights are loaded in it, unquantized tensors stay in it and "
+        "the 4-bit matmuls run in it (default: float32 on CPU, bfloat16 on CUDA); the same in quantize and inspect"
     )
     device: Optional[str] = Field(None, description="cpu, cuda, cuda:1 ... (default: cuda when present)")
     # medium: on the 2-core AVX-512-BF16 CPU we measure on, 4-bit matmuls with many rows run ~2x

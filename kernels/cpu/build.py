@@ -1,6 +1,6 @@
 """Compile quant4_cpu.cpp into a cached shared library and load it with ctypes.
 
-The library lands in $QUANTSERVE_CACHE (default ~/.cache/quantserve/kernels) as
+The library lands in $QUANTSERVE_CACHE/kernels (default ~/.cache/quantserve/kernels) as
 quant4_cpu-<hash>.so, the hash covering the source, the compiler, the flags and the machine type,
 so an edited source rebuilds and stale builds are never loaded. It is compiled to a temporary file
 in that folder and renamed into place atomically: two processes building at once both succeed and
@@ -24,6 +24,8 @@ import tempfile
 import threading
 from pathlib import Path
 from typing import Optional
+
+from ..cache import cache_root
 
 SOURCE = Path(__file__).with_name("quant4_cpu.cpp")
 CXXFLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp")
@@ -62,9 +64,8 @@ class BuildError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Where built libraries are kept: $QUANTSERVE_CACHE, else ~/.cache/quantserve/kernels."""
-    env = os.environ.get("QUANTSERVE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "quantserve" / "kernels"
+    """Where built libraries are kept: <cache root>/kernels (kernels/cache.py)."""
+    return cache_root() / "kernels"
 
 
 def find_compiler() -> Optional[str]:

@@ -2,7 +2,7 @@
 decode rows and prefill chunks alike, one call per layer.
 
 Compiled on first use into the same cache folder as the quant kernels (kernels/cpu/build.py:
-$QUANTSERVE_CACHE, else ~/.cache/quantserve/kernels), keyed by source, compiler and flags, and
+$QUANTSERVE_CACHE/kernels, else ~/.cache/quantserve/kernels), keyed by source, compiler and flags, and
 loaded with ctypes. Without a compiler, or if the build fails, `attention` returns None (one
 warning logged) and the engine uses its pure-PyTorch attention.
 """

@@ -1,7 +1,7 @@
 """Build the CUDA C++ kernels (gemv_4bit.cu) into a torch extension on first use, and cache it.
 
 `load()` compiles with torch.utils.cpp_extension (ninja + nvcc, or hipcc after torch's hipify on
-ROCm) into $QUANTSERVE_CACHE/cuda/<name> (default ~/.cache/quantserve/kernels/cuda/<name>); the
+ROCm) into $QUANTSERVE_CACHE/kernels/cuda/<name> (default ~/.cache/quantserve/kernels/cuda/<name>); the
 name hashes the sources, the flags, torch's and the toolkit's versions and the GPU's architecture,
 so an edited source or another GPU never loads a stale build. Loading registers the operator
 `torch.ops.quant_cuda.gemv_4bit`. Without a GPU, a toolkit or ninja, or when the build fails,
@@ -21,6 +21,8 @@ import threading
 from pathlib import Path
 from typing import Optional
 
+from ..cache import cache_root
+
 HERE = Path(__file__).parent
 SOURCES = (HERE / "gemv_4bit.cu",)
 HEADERS = (HERE / "gemv_4bit.cuh",)
@@ -33,9 +35,7 @@ _state: dict[str, object] = {}  # "loaded": bool, "error": str | None, "name": s
 
 
 def cache_dir() -> Path:
-    env = os.environ.get("QUANTSERVE_CACHE")
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "quantserve" / "kernels"
-    return root / "cuda"
+    return cache_root() / "kernels" / "cuda"
 
 
 def unavailable_reason() -> Optional[str]:

@@ -8,6 +8,6 @@
     configs.py    autotuning configurations per GPU family
     ops.py        launchers, and torch.library.triton_op wrappers (torch.ops.quant_triton.*)
 
-Importing this package imports nothing heavy; `from kernels.triton import ops` imports triton.
+Importing this package imports nothing heavy; `from quantserve.kernels.triton import ops` imports triton.
 Tests run every kernel on CPU under TRITON_INTERPRET=1 (set before importing ops).
 """

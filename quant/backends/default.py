@@ -151,34 +151,3 @@ def gemm_4bit_nested(
 
 
 torch.library.register_kernel(f"{NAMESPACE}::gemm_4bit_nested", "CompositeExplicitAutograd")(gemm_4bit_nested)
-
-
-def paged_attention_decode(
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    num_seqs, num_heads, head_dim = query.shape
-    num_blocks, block_size, num_kv_heads, _ = key_cache.shape
-    window = block_tables.shape[1] * block_size
-    pages = block_tables.long().clamp(0, num_blocks - 1)  # unused entries: any valid page, masked below
-    # [num_seqs, window, num_kv_heads, head_dim] -> one KV head per query head
-    k = key_cache[pages].reshape(num_seqs, window, num_kv_heads, head_dim).float()
-    v = value_cache[pages].reshape(num_seqs, window, num_kv_heads, head_dim).float()
-    group = num_heads // num_kv_heads
-    k = k.repeat_interleave(group, dim=2)
-    v = v.repeat_interleave(group, dim=2)
-    scores = torch.einsum("shd,sthd->sht", query.float(), k) * scale
-    valid = torch.arange(window, device=query.device)[None, :] < context_lens.long()[:, None]  # [S, window]
-    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    probs = torch.where(valid[:, None, :], probs, 0.0)  # all-masked rows (context 0) give NaN, then 0
-    return torch.einsum("sht,sthd->shd", probs, v).to(query.dtype)
-
-
-torch.library.register_kernel(f"{NAMESPACE}::paged_attention_decode", "CompositeExplicitAutograd")(
-    paged_attention_decode
-)

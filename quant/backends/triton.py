@@ -13,7 +13,6 @@ Kernels (kernels/triton, launched through kernels.triton.ops):
   hipBLASLt), which beats a fused kernel once the GEMM is compute-bound.
   Weights the fused kernels do not handle (K odd, or K neither a multiple nor a divisor of the
   blocksize) also take dequantize + GEMM.
-- paged_attention_decode: Triton.
 Anything else (an unknown quant_type or dtype) goes to the reference, which raises the errors.
 Every path is asynchronous and CUDA-graph capturable once warmed up (the first call for a new
 shape autotunes, the first batch-1 call may build the CUDA extension).
@@ -139,27 +138,6 @@ def gemm_4bit_nested(
     return _matmul(A, B, shapeB, absmax.contiguous(), blocksize, quant_type, bias, nested)
 
 
-def paged_attention_decode(
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    if query.dtype not in _DTYPES or key_cache.dtype != query.dtype or value_cache.dtype != query.dtype \
-            or block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32 or query.dim() != 3 \
-            or key_cache.dim() != 4 or query.shape[1] % key_cache.shape[2]:
-        return _ref.paged_attention_decode(query, key_cache, value_cache, block_tables, context_lens, scale)
-
-    def rows(t):  # the kernel needs a contiguous last dimension
-        return t if t.stride(-1) == 1 else t.contiguous()
-
-    return _kernels().paged_attention_decode(
-        rows(query), rows(key_cache), rows(value_cache), rows(block_tables), context_lens.contiguous(), scale
-    )
-
-
 def _unavailable_reason() -> Optional[str]:
     if not torch.cuda.is_available():
         return "no CUDA or ROCm GPU visible"
@@ -188,7 +166,6 @@ def _register() -> None:
         "dequantize_4bit": dequantize_4bit,
         "gemm_4bit": gemm_4bit,
         "gemm_4bit_nested": gemm_4bit_nested,
-        "paged_attention_decode": paged_attention_decode,
     }.items():
         torch.library.register_kernel(f"{NAMESPACE}::{name}", "cuda")(fn)
 

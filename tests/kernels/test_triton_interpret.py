@@ -25,7 +25,7 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # the interpreter is the only way to run Triton here
 
 import quantserve.quant as quant  # noqa: E402
-from quantserve.quant.backends import default as ops_attention  # noqa: E402
+from quantserve.kernels import attention  # noqa: E402
 from quantserve.quant.backends import default as ops_nested  # noqa: E402
 from quantserve.quant.backends import default as ref  # noqa: E402
 from quantserve.quant.codebooks import get_4bit_code, get_dynamic_map  # noqa: E402
@@ -287,9 +287,9 @@ PAGED_CASES = [
 def test_paged_attention_reference_matches_sdpa(case):
     query, kc, vc, bt, cl = _paged_case(*case, dtype=torch.float32)
     scale = case[3] ** -0.5
-    out = ops_attention.paged_attention_decode(query, kc, vc, bt, cl, scale)
+    out = attention.reference(query, kc, vc, bt, cl, scale)
     torch.testing.assert_close(out, _sdpa_reference(query, kc, vc, bt, cl, scale), atol=1e-5, rtol=1e-5)
-    torch.library.opcheck(torch.ops.quant.paged_attention_decode.default, (query, kc, vc, bt, cl, scale))
+    torch.library.opcheck(torch.ops.quantserve.paged_attention_decode.default, (query, kc, vc, bt, cl, scale))
 
 
 @pytest.mark.parametrize("case", PAGED_CASES, ids=str)
@@ -299,17 +299,15 @@ def test_paged_attention_kernel_matches_reference(kt, case, dtype, partition_siz
     query, kc, vc, bt, cl = _paged_case(*case, dtype=dtype, max_pages=12)
     scale = case[3] ** -0.5
     out = kt.paged_attention_decode(query, kc, vc, bt, cl, scale, partition_size=partition_size, block_t=8)
-    expected = ops_attention.paged_attention_decode(query, kc, vc, bt, cl, scale)
+    expected = attention.reference(query, kc, vc, bt, cl, scale)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
 
 
 def test_paged_attention_backend_and_triton_op(kt):
-    from quantserve.quant.backends import triton as backend
-
     query, kc, vc, bt, cl = _paged_case(2, 4, 2, 32, 16, [20, 3], dtype=torch.float32)
-    expected = ops_attention.paged_attention_decode(query, kc, vc, bt, cl, 0.2)
-    torch.testing.assert_close(backend.paged_attention_decode(query, kc, vc, bt, cl, 0.2), expected)
+    expected = attention.reference(query, kc, vc, bt, cl, 0.2)
+    torch.testing.assert_close(attention._triton(query, kc, vc, bt, cl, 0.2), expected)
     torch.testing.assert_close(torch.ops.quant_triton.paged_attention_decode(query, kc, vc, bt, cl, 0.2), expected)
 
 
