@@ -36,10 +36,6 @@ NF4_VALUES = (
 # by its largest magnitude (12) in float32. Code 8 is +0.0 (bitsandbytes' CPU value).
 _FP4_RAW = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 
-# Codes whose value an all-zero input element maps to; also the padding nibble for odd counts.
-ZERO_CODE = {"nf4": 7, "fp4": 0}
-
-
 @functools.cache
 def _code_cpu(quant_type: str) -> torch.Tensor:
     if quant_type == "nf4":

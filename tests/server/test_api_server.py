@@ -270,6 +270,11 @@ def test_tokenize_detokenize(server, tokenizer):
     assert body["tokens"] == tokenizer.encode("Hello world") and body["count"] == len(body["tokens"])
     r = httpx.post(server.url + "/detokenize", headers=server.headers(), json={"model": MODEL, "tokens": body["tokens"]})
     assert r.json()["prompt"] == tokenizer.decode(body["tokens"])
+    for generation_prompt in (True, False):  # messages through the chat template, as transformers renders them
+        r = httpx.post(server.url + "/tokenize", headers=server.headers(),
+                       json={"model": MODEL, "messages": QUESTION, "add_generation_prompt": generation_prompt})
+        expected = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=generation_prompt, tokenize=True)
+        assert r.json()["tokens"] == list(getattr(expected, "input_ids", expected))
 
 
 BAD_REQUESTS = [

@@ -18,7 +18,7 @@ def router(services: Services) -> APIRouter:
         served = registry.get(body.model)
         if body.messages is not None:
             messages = p.ChatCompletionRequest(model=served.name, messages=body.messages).chat_messages()
-            tokens = await to_thread(served.render_chat, messages)
+            tokens = await to_thread(served.render_chat, messages, body.add_generation_prompt)
         else:
             tokens = await to_thread(served.encode, body.prompt, body.add_special_tokens)
         return p.TokenizeResponse(count=len(tokens), max_model_len=served.max_model_len, tokens=tokens)

@@ -104,7 +104,6 @@ class TransformersModel:
         params = inspect.signature(model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
         self._layer_ids: dict[int, int] = {}
-        self._pending_rows: Optional[torch.Tensor] = None
 
     @torch.inference_mode()
     def forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
