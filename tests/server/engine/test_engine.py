@@ -340,3 +340,93 @@ def test_a_dead_engine_thread_fails_pending_requests_and_reports_it(smollm):
             await engine.shutdown()
 
     run(main())
+
+
+def test_requests_submitted_while_the_engine_dies_never_hang(smollm):
+    """Submitters race the dying thread: each request is refused at once or its stream raises
+    EngineDeadError; none is left in an inbox nobody reads (each wait is bounded)."""
+    model, tok = smollm
+
+    class Fatal(BaseException):
+        pass
+
+    async def main():
+        engine = await started(model, tok, num_kv_blocks=64)
+        real = engine.runner.run
+        steps = {"n": 0}
+
+        def dying(batch):
+            steps["n"] += 1
+            if steps["n"] == 4:
+                raise Fatal("injected death")
+            return real(batch)
+
+        engine.runner.run = dying
+        outcomes = {"refused": 0, "failed": 0, "finished": 0, "overloaded": 0}
+
+        async def one(i):
+            try:
+                stream = engine.generate([5, 6, 7 + i % 50], SamplingParams(max_tokens=8, temperature=0), f"r{i}")
+            except EngineDeadError:
+                outcomes["refused"] += 1
+                return
+            except EngineOverloadedError:
+                outcomes["overloaded"] += 1
+                return
+            try:
+                async for _ in stream:
+                    pass
+                outcomes["finished"] += 1
+            except EngineDeadError:
+                outcomes["failed"] += 1
+
+        async def submitter():
+            tasks = []
+            after_death = 0
+            while after_death < 20:  # keeps submitting across the moment of death, and a little after
+                tasks.append(asyncio.ensure_future(asyncio.wait_for(one(len(tasks)), 120)))
+                await asyncio.sleep(0.005)
+                after_death += not engine.health()[0]
+                assert len(tasks) < 5000, "the engine never died"
+            await asyncio.gather(*tasks)  # a hang raises TimeoutError here
+            return len(tasks)
+
+        try:
+            submitted = await submitter()
+        finally:
+            await engine.shutdown()
+        assert not engine.health()[0]
+        return submitted, outcomes
+
+    submitted, outcomes = run(main())
+    assert sum(outcomes.values()) == submitted
+    assert outcomes["refused"] > 0 and outcomes["failed"] + outcomes["finished"] > 0, outcomes
+
+
+def test_batched_prompts_are_admitted_whole_or_not_at_all(smollm):
+    model, tok = smollm
+    from quantserve.server.engine import InvalidRequestError
+
+    async def main():
+        engine = await started(model, tok, num_kv_blocks=64, max_waiting_requests=3, max_n=4)
+        try:
+            params = SamplingParams(max_tokens=2, temperature=0)
+            with pytest.raises(InvalidRequestError) as bad:  # the second prompt is past the vocabulary
+                engine.generate_many([[5, 6], [5, engine.vocab_size]], [params] * 2, ["a", "b"])
+            assert bad.value.field == "prompt"
+            with pytest.raises(InvalidRequestError) as many:  # 2 prompts x n=3 > max_n 4
+                engine.generate_many([[5], [6]], [SamplingParams(n=3, max_tokens=2)] * 2, ["c", "d"])
+            assert many.value.field == "n"
+            with pytest.raises(EngineOverloadedError):  # 4 prompts > a queue of 3, though it is empty
+                engine.generate_many([[5]] * 4, [params] * 4, ["e", "f", "g", "h"])
+            assert engine.stats().num_waiting == 0  # nothing of the refused calls was queued
+            streams = engine.generate_many([[5, 6], [7, 8]], [params] * 2, ["i", "j"])
+            for stream in streams:
+                outs = [out async for out in stream]
+                assert outs[-1].finished and sum(len(c.token_ids) for o in outs for c in o.outputs) == 2
+            await wait_idle(engine)
+            assert_blocks_all_free(engine)
+        finally:
+            await engine.shutdown()
+
+    run(main())
