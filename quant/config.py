@@ -17,6 +17,7 @@ Two deliberate differences in defaults, both about what is unset:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Optional
 
 import torch
@@ -54,18 +55,22 @@ class QuantConfig:
     """How to quantize a model's Linear layers (field names from BitsAndBytesConfig).
 
     Attributes:
-        load_in_4bit: quantize Linear weights to 4 bits (the only mode this release implements;
-            load_in_8bit is accepted in dicts but rejected until LLM.int8 lands).
+        load_in_4bit: quantize Linear weights to 4 bits (NF4/FP4, Linear4bit). Unset (None) means
+            "unless load_in_8bit", so QuantConfig() is 4-bit and QuantConfig(load_in_8bit=True) 8-bit.
+        load_in_8bit: LLM.int8 instead: int8 rows with float32 row scales (Linear8bitLt).
         bnb_4bit_quant_type: "nf4" or "fp4".
         bnb_4bit_use_double_quant: double quantization of the absmax statistics (~0.37 bit/param less).
         bnb_4bit_compute_dtype: dtype the matmul runs in; None = the original weight dtype.
         bnb_4bit_quant_storage: dtype the packed bytes are stored as (FSDP wants the model's dtype).
         llm_int8_skip_modules: module names (or name suffixes) kept unquantized. None = transformers'
             default: the output head (lm_head) and any tied-embedding Linear stay in full precision.
+        llm_int8_threshold: 8-bit only: activations with |x| >= threshold send their input column
+            through a 16-bit matmul (the outlier decomposition); 0 turns it off. transformers' 6.0.
+        llm_int8_has_fp16_weight: 8-bit only: keep float weights, quantized at each forward (training).
         blocksize: elements per absmax block, 64 by default (bitsandbytes 0.50 on every backend).
     """
 
-    load_in_4bit: bool = True
+    load_in_4bit: Optional[bool] = None
     load_in_8bit: bool = False
     bnb_4bit_quant_type: str = "nf4"
     bnb_4bit_use_double_quant: bool = False
@@ -78,6 +83,8 @@ class QuantConfig:
     blocksize: int = 64
 
     def __post_init__(self) -> None:
+        if self.load_in_4bit is None:
+            object.__setattr__(self, "load_in_4bit", not self.load_in_8bit)
         for flag in (
             "load_in_4bit",
             "load_in_8bit",
@@ -87,10 +94,11 @@ class QuantConfig:
         ):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
-        if self.load_in_8bit:
-            raise ValueError("load_in_8bit (LLM.int8) is not supported yet; use load_in_4bit=True")
-        if not self.load_in_4bit:
-            raise ValueError("load_in_4bit must be True (this config describes 4-bit quantization)")
+        if self.load_in_4bit == self.load_in_8bit:
+            raise ValueError(
+                "exactly one of load_in_4bit and load_in_8bit must be True, got "
+                f"load_in_4bit={self.load_in_4bit}, load_in_8bit={self.load_in_8bit}"
+            )
         if self.bnb_4bit_quant_type not in QUANT_TYPES:
             raise ValueError(f"bnb_4bit_quant_type must be one of {QUANT_TYPES}, got {self.bnb_4bit_quant_type!r}")
         if self.bnb_4bit_compute_dtype is not None:
@@ -113,6 +121,8 @@ class QuantConfig:
             raise ValueError(f"blocksize must be a power of two from 32 to 4096, got {self.blocksize!r}")
         if not isinstance(self.llm_int8_threshold, (int, float)) or isinstance(self.llm_int8_threshold, bool):
             raise TypeError(f"llm_int8_threshold must be a number, got {self.llm_int8_threshold!r}")
+        if not math.isfinite(self.llm_int8_threshold) or self.llm_int8_threshold < 0:
+            raise ValueError(f"llm_int8_threshold must be finite and >= 0, got {self.llm_int8_threshold!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The `quantization_config` dict transformers writes into config.json."""

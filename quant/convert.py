@@ -1,4 +1,5 @@
-"""Replace the nn.Linear layers of a model with Linear4bit, per a QuantConfig, and say what happened."""
+"""Replace the nn.Linear layers of a model with Linear4bit (or Linear8bitLt for load_in_8bit), per a
+QuantConfig, and say what happened."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
+from .linear8bit import Linear8bitLt
 from .nn import Linear4bit
 
 
@@ -93,7 +95,8 @@ def plan_quantization(
 def quantize_model(
     model: nn.Module, config: Optional[QuantConfig] = None, progress: bool = False
 ) -> ConversionReport:
-    """Replace every nn.Linear of `model` (in place) with a Linear4bit quantized per `config`.
+    """Replace every nn.Linear of `model` (in place) with a Linear4bit quantized per `config`, or a
+    Linear8bitLt when config.load_in_8bit.
 
     What is kept in full precision, and why, follows `plan_quantization`. Returns a ConversionReport.
     """
@@ -104,7 +107,8 @@ def quantize_model(
     for name in tqdm(to_quantize, desc="quantizing", unit="layer", disable=not progress):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Linear4bit.from_linear(linears[name], config))
+        layer_type = Linear8bitLt if config.load_in_8bit else Linear4bit
+        setattr(parent, child, layer_type.from_linear(linears[name], config))
         report.quantized.append(name)
     report.bytes_after = model_nbytes(model)
     return report

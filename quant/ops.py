@@ -150,3 +150,79 @@ def _(
     )
     torch._check(nested_code.numel() == 256, lambda: f"nested_code must have 256 entries, got {nested_code.numel()}")
     return torch.empty((*A.shape[:-1], shapeB[0]), device=A.device, dtype=A.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# LLM.int8 (bitsandbytes' 8-bit format, Linear8bitLt)
+#
+# - Row-wise absmax int8: for each row r of A [rows, K], SCB[r] = max|A[r]| (float32) and
+#   CB[r, k] = round(A[r, k] * (127 / SCB[r])) as int8 (round half to even; NaN -> 0), computed in
+#   float32 from A's own dtype, as bitsandbytes does. Dequantize: CB * SCB / 127 (float32).
+# - With threshold > 0, the elements with |a| >= threshold (compared in A's dtype) are outliers:
+#   they are left out of their row's absmax, and every column holding one ("outlier column") is
+#   zero in CB. `outlier_mask` is bool [K], True for the outlier columns (all False at threshold 0).
+# - gemm_int8 is Linear8bitLt's forward (bitsandbytes' MatMul8bitLt, inference): the activations
+#   are cast to float16 and quantized as above with the threshold; int8 x int8 -> int32 over all
+#   columns; out = float32(acc) * (SCA[m] * SCB[n]) * 6.200124e-05 (+ bias cast to A's dtype),
+#   rounded to A's dtype; then the outlier columns' contribution is added in A's dtype:
+#   out.addmm(A[:, cols], dequantize(CB[:, cols], SCB).to(A.dtype).T). (6.200124e-05 is
+#   bitsandbytes' CPU constant for 1 / 127^2, which it rounds 1.8e-5 high; kept for identical bytes.)
+# ------------------------------------------------------------------------------------------------
+
+INT8_MM_DEQUANT_SCALE = 6.200124e-05
+
+_lib.define("int8_vectorwise_quant(Tensor A, float threshold=0.0) -> (Tensor, Tensor, Tensor)")
+_lib.define("int8_vectorwise_dequant(Tensor A, Tensor stats) -> Tensor")
+_lib.define("gemm_int8(Tensor A, Tensor CB, Tensor SCB, float threshold=0.0, Tensor? bias=None) -> Tensor")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::int8_vectorwise_quant")
+def _(A: torch.Tensor, threshold: float = 0.0):
+    torch._check(A.dim() >= 1, lambda: "A must have at least one dimension")
+    rows = A.numel() // A.shape[-1] if A.shape[-1] else 0
+    CB = torch.empty(A.shape, device=A.device, dtype=torch.int8)
+    SCB = torch.empty((rows,), device=A.device, dtype=torch.float32)
+    mask = torch.empty((A.shape[-1],), device=A.device, dtype=torch.bool)
+    return CB, SCB, mask
+
+
+@torch.library.register_fake(f"{NAMESPACE}::int8_vectorwise_dequant")
+def _(A: torch.Tensor, stats: torch.Tensor):
+    torch._check(A.dtype == torch.int8, lambda: f"A must be int8, got {A.dtype}")
+    torch._check(stats.dtype == torch.float32, lambda: f"stats must be float32, got {stats.dtype}")
+    return torch.empty(A.shape, device=A.device, dtype=torch.float32)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::gemm_int8")
+def _(A: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, threshold: float = 0.0, bias: Optional[torch.Tensor] = None):
+    torch._check(CB.dtype == torch.int8, lambda: f"CB must be int8, got {CB.dtype}")
+    torch._check(CB.dim() == 2, lambda: f"CB must be (out_features, in_features), got {tuple(CB.shape)}")
+    torch._check(SCB.dtype == torch.float32, lambda: f"SCB must be float32, got {SCB.dtype}")
+    torch._check(A.shape[-1] == CB.shape[1], lambda: f"A has {A.shape[-1]} input features, the weight {CB.shape[1]}")
+    return torch.empty((*A.shape[:-1], CB.shape[0]), device=A.device, dtype=A.dtype)
+
+
+def _gemm_int8_setup_context(ctx, inputs, output) -> None:
+    A, CB, SCB, _threshold, bias = inputs
+    ctx.save_for_backward(CB, SCB)
+    ctx.a_dtype = A.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _gemm_int8_backward(ctx, grad: torch.Tensor):
+    """Gradients for the activations and the bias (the int8 weight has none), as bitsandbytes'
+    MatMul8bitLt: grad_A = grad @ (CB * SCB / 127) in A's dtype. Lets adapters train through
+    frozen 8-bit layers."""
+    CB, SCB = ctx.saved_tensors
+    grad_A = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        W = torch.Tensor.to(CB, ctx.a_dtype).mul_(SCB.unsqueeze(1).mul(1.0 / 127.0))  # plain .to, not a subclass's
+        grad_A = torch.matmul(grad.to(ctx.a_dtype), W)
+    if ctx.needs_input_grad[4]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0, dtype=ctx.bias_dtype)
+    return grad_A, None, None, None, grad_bias
+
+
+torch.library.register_autograd(
+    f"{NAMESPACE}::gemm_int8", _gemm_int8_backward, setup_context=_gemm_int8_setup_context
+)

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..codebooks import get_4bit_bounds, get_4bit_code
-from ..ops import NAMESPACE
+from ..ops import INT8_MM_DEQUANT_SCALE, NAMESPACE
 
 
 def _scaled_blocks(
@@ -151,3 +151,55 @@ def gemm_4bit_nested(
 
 
 torch.library.register_kernel(f"{NAMESPACE}::gemm_4bit_nested", "CompositeExplicitAutograd")(gemm_4bit_nested)
+
+
+# ---- LLM.int8 (see the format in quant/ops.py); the same torch operations, in the same order, as
+# bitsandbytes 0.50's default backend, so every byte and every rounding matches it. ----
+
+
+def int8_vectorwise_quant(A: torch.Tensor, threshold: float = 0.0):
+    K = A.shape[-1]
+    A2 = A.reshape(-1, K)
+    mask = torch.zeros(K, dtype=torch.bool, device=A.device)
+    if threshold > 0.0:
+        outliers = A2.abs() >= threshold  # compared in A's dtype, as bitsandbytes does
+        mask = outliers.any(dim=0)
+        A2 = A2.masked_fill(outliers, 0)  # outliers are left out of their row's absmax
+    row_stats = A2.abs().amax(dim=1).float()  # NaN propagates, as torch.max does
+    # float32 product of A's values and the reciprocal; NaN (an all-zero row: 0 * inf) -> 0.
+    out = torch.round(A2 * (127.0 / row_stats.unsqueeze(-1))).to(torch.int8)
+    out.masked_fill_(mask, 0)  # the outlier columns are computed in 16 bits instead
+    return out.reshape(A.shape), row_stats, mask
+
+
+def int8_vectorwise_dequant(A: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    A2 = A.reshape(-1, A.shape[-1])
+    # Times the float32 reciprocal of 127, as bitsandbytes (not a division).
+    return (A2 * stats.view(-1, 1) * 7.874015718698502e-3).reshape(A.shape)
+
+
+def gemm_int8(
+    A: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, threshold: float = 0.0, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    N, K = CB.shape
+    A2 = A.reshape(-1, K)
+    CA, SCA, mask = int8_vectorwise_quant(A2.to(torch.float16), threshold)
+    # Exact int32 sums: float64 holds every partial sum of int8 products (|sum| < 2^53).
+    acc = (CA.double() @ CB.double().T).to(torch.int32)
+    out = acc * (SCA.unsqueeze(1) * SCB.unsqueeze(0)) * INT8_MM_DEQUANT_SCALE
+    if bias is not None:
+        out = out + bias.to(A.dtype)  # added in float32, before rounding to A's dtype
+    out = out.to(A.dtype)
+    if threshold > 0.0 and bool(mask.any()):
+        cols = torch.argwhere(mask).view(-1)
+        sub_weight = int8_vectorwise_dequant(CB[:, cols].contiguous(), SCB).to(A.dtype).t()
+        out = out.addmm(A2[:, cols], sub_weight)
+    return out.reshape(*A.shape[:-1], N)
+
+
+for _name, _fn in {
+    "int8_vectorwise_quant": int8_vectorwise_quant,
+    "int8_vectorwise_dequant": int8_vectorwise_dequant,
+    "gemm_int8": gemm_int8,
+}.items():
+    torch.library.register_kernel(f"{NAMESPACE}::{_name}", "CompositeExplicitAutograd")(_fn)

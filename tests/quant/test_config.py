@@ -52,7 +52,7 @@ def test_defaults():
         ({"bnb_4bit_quant_storage": "complex64"}, ValueError, "bnb_4bit_quant_storage"),
         ({"blocksize": 48}, ValueError, "blocksize"),
         ({"blocksize": 8192}, ValueError, "blocksize"),
-        ({"load_in_8bit": True}, ValueError, "load_in_8bit"),
+        ({"load_in_4bit": True, "load_in_8bit": True}, ValueError, "load_in_8bit"),
         ({"load_in_4bit": False}, ValueError, "load_in_4bit"),
         ({"bnb_4bit_use_double_quant": "yes"}, TypeError, "bnb_4bit_use_double_quant"),
         ({"llm_int8_skip_modules": "lm_head"}, TypeError, "llm_int8_skip_modules"),
