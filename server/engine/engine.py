@@ -28,6 +28,7 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, RequestFailedError
+from .grammar import GrammarCompiler
 from .model_runner import ModelRunner, model_max_len, vocab_size
 from .outputs import CompletionOutput, EngineStats, RequestOutput
 from .scheduler import ScheduledBatch, Scheduler
@@ -90,7 +91,12 @@ class AsyncEngine:
             self.max_model_len = min(model_max_len(model, tokenizer), capacity)
         self.vocab_size = vocab_size(model)
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        # Structured outputs: grammars checked at admission (generate_many), masks in the sampler.
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_token_ids)
+        self.runner.sampler.use_grammars(self.grammars)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
+                                          config.enable_prefix_caching and self.runner.supports_prefix_caching,
+                                          sliding_window=self.runner.sliding_window)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
 
         self._inbox: collections.deque = collections.deque()
@@ -212,6 +218,10 @@ class AsyncEngine:
             raise InvalidRequestError(f"n ({params.n}) is more than max_num_seqs ({self.config.max_num_seqs})", "n")
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer", "stop")
+        if params.logit_bias and params.logit_bias[-1][0] >= self.vocab_size:
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {self.vocab_size})", "logit_bias")
+        if params.structured is not None:
+            self.grammars.check(params.structured)  # compiled now: a bad grammar is refused before anything runs
         return prompt
 
     def _new_request(self, request_id: str, prompt: list[int], params: SamplingParams,
@@ -233,6 +243,10 @@ class AsyncEngine:
         """Cancel a request (unknown or finished ids are ignored); its blocks are freed at the next step."""
         self._inbox.append(("abort", request_id))
         self._wake.set()
+
+    def weight_memory(self) -> dict[str, int]:
+        """Bytes of the model's weights as resident while serving ({"total", "<dtype>": ...})."""
+        return self.runner.weight_memory()
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

@@ -1,6 +1,9 @@
 """Turn one step's logits into tokens, vectorized over the batch.
 
-Order (as vLLM): penalties -> greedy argmax, or temperature -> top_k -> top_p -> min_p -> sample.
+Order (as vLLM): penalties -> logit_bias -> grammar mask -> min_tokens -> greedy argmax, or
+temperature -> top_k -> top_p -> min_p -> sample. A constrained sequence (a grammar: JSON schema,
+regex, tool calls) can only pick tokens its grammar allows next; grammar.py keeps each one's
+matcher and builds the batch's bitmask, which `prepare` starts while the model computes.
 Sampling is an exponential race, argmax(p / E) with E ~ Exp(1) per token, which draws exactly
 from p; a seeded sequence draws its E from its own generator, so its tokens depend only on its
 seed and its own logits, never on what else is in the batch. Logprobs are those of the model's
@@ -9,12 +12,16 @@ raw distribution (log_softmax of the logits, before penalties and temperature).
 
 from __future__ import annotations
 
-from typing import Optional
+import concurrent.futures
+import logging
+from typing import Any, Optional
 
 import torch
 
 from .outputs import TokenLogprob
 from .sequence import Sequence
+
+logger = logging.getLogger(__name__)
 
 _SEED_MASK = 2**63 - 1
 
@@ -30,9 +37,38 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self.seeded: dict[int, torch.Generator] = {}  # seq_id -> its own generator
+        self.grammars: Any = None  # grammar.GrammarBank once the engine has a GrammarCompiler
+        self._mask_worker: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._pending: Optional[tuple[list[Sequence], concurrent.futures.Future]] = None
+
+    def use_grammars(self, compiler: Any) -> None:
+        """Enable constrained sequences (compiler: grammar.GrammarCompiler)."""
+        from .grammar import GrammarBank
+
+        self.grammars = GrammarBank(compiler)
 
     def release(self, seq: Sequence) -> None:
         self.seeded.pop(seq.seq_id, None)
+        if self.grammars is not None:
+            self.grammars.release(seq.seq_id)
+
+    def prepare(self, seqs: list[Sequence]) -> None:
+        """Start building the grammar masks of the sequences that sample this step, on a worker
+        thread while the model runs (llguidance drops the GIL); __call__ collects them."""
+        if self.grammars is None or not any(s.params.structured is not None for s in seqs):
+            return
+        if self._mask_worker is None:
+            self._mask_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="quantserve-grammar")
+        self._pending = (seqs, self._mask_worker.submit(self.grammars.fill, seqs))
+
+    def _masks(self, seqs: list[Sequence]) -> tuple[list[int], Optional[torch.Tensor]]:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            prepared, future = pending
+            if len(prepared) == len(seqs) and all(a is b for a, b in zip(prepared, seqs)):
+                return future.result()
+            future.result()  # prepared for another batch (not expected): build them afresh
+        return self.grammars.fill(seqs)
 
     def _generator(self, seq: Sequence) -> torch.Generator:
         gen = self.seeded.get(seq.seq_id)
@@ -48,10 +84,13 @@ class Sampler:
         raw = logits
         params = [s.params for s in seqs]
         penalized = [i for i, p in enumerate(params) if p.has_penalties]
-        if penalized:
+        constrained = any(p.logit_bias or p.min_tokens or p.structured is not None for p in params)
+        if penalized or constrained:
             logits = logits.clone()
             for i in penalized:
                 self._apply_penalties(logits[i], seqs[i])
+        if constrained:
+            self._constrain(logits, seqs)
         tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         sampled = [i for i, p in enumerate(params) if not p.greedy]
@@ -81,6 +120,41 @@ class Sampler:
             out = torch.tensor(seq.output_token_ids, device=row.device)
             counts = torch.bincount(out[out < vocab], minlength=vocab).to(row.dtype)
             row -= counts * p.frequency_penalty + (counts > 0).to(row.dtype) * p.presence_penalty
+
+    def _constrain(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """logit_bias, the grammar masks and min_tokens, in place."""
+        for i, seq in enumerate(seqs):
+            bias = seq.params.logit_bias
+            if bias:
+                ids = torch.tensor([t for t, _ in bias], device=logits.device)
+                logits[i, ids] += torch.tensor([b for _, b in bias], device=logits.device, dtype=logits.dtype)
+        rows: list[int] = []
+        if self.grammars is not None and any(s.params.structured is not None for s in seqs):
+            rows, bitmask = self._masks(seqs)
+            self.grammars.apply(logits, rows, bitmask)
+            for i in rows:
+                if not torch.isfinite(logits[i]).any():
+                    self._grammar_failed(logits, i, seqs[i])
+        for i, seq in enumerate(seqs):
+            if seq.num_output_tokens < seq.params.min_tokens:
+                ends = [t for t in (*seq.eos_token_ids, *seq.stop_token_ids) if t < logits.shape[1]]
+                if ends:
+                    row = logits[i].clone()
+                    row[ends] = float("-inf")
+                    # A grammar that allows only the end wins over min_tokens (it is complete).
+                    if torch.isfinite(row).any():
+                        logits[i] = row
+
+    def _grammar_failed(self, logits: torch.Tensor, i: int, seq: Sequence) -> None:
+        # Nothing is allowed: the matcher hit a resource limit or an error (not expected with
+        # checked grammars). End the sequence with "length", as a cut-short output, never
+        # "stop": its text is not known to be complete. This step's token is the last.
+        logger.error("request %s: grammar matcher failed: %s", seq.request_id,
+                     self.grammars.is_failed(seq) or "no token allowed")
+        logits[i] = 0.0
+        ends = [t for t in (*seq.eos_token_ids, *seq.stop_token_ids) if t < logits.shape[1]]
+        logits[i, ends] = float("-inf")
+        seq.max_tokens = seq.num_output_tokens + 1
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         dev = logits.device

@@ -13,6 +13,7 @@ import math
 from typing import Any, Optional
 
 from .errors import InvalidRequestError
+from .grammar import StructuredOutput
 
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
@@ -59,7 +60,11 @@ class SamplingParams:
     subtract from logits of tokens seen in the output. A seed makes the request's samples depend
     only on the seed, whatever else shares the batch. logprobs=k returns the chosen token's
     logprob and the k most likely alternatives (from the model's raw distribution, before
-    penalties and temperature).
+    penalties and temperature). logit_bias adds (token id, bias in [-100, 100]) to the logits
+    (OpenAI); min_tokens keeps EOS and stop_token_ids out until that many tokens were generated;
+    structured constrains the output to a grammar (a JSON schema, regex, ...): its EOS can only
+    come when the grammar is complete, so stop strings, stop_token_ids and ignore_eos, which
+    would end or extend it elsewhere, are refused with it.
     """
 
     n: int = 1
@@ -76,6 +81,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: Optional[int] = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    structured: Optional[StructuredOutput] = None
 
     def __post_init__(self) -> None:
         _check(_is_int(self.n) and self.n >= 1, "n", "an integer >= 1", self.n)
@@ -108,6 +116,27 @@ class SamplingParams:
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", "a bool", self.ignore_eos)
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS), "logprobs",
                f"an integer in [0, {MAX_LOGPROBS}] or None", self.logprobs)
+        self._check_constraints()
+
+    def _check_constraints(self) -> None:
+        bias = self.logit_bias
+        bias = tuple(bias.items()) if isinstance(bias, dict) else bias
+        _check(isinstance(bias, (tuple, list)) and all(
+            isinstance(e, (tuple, list)) and len(e) == 2 and _is_int(e[0]) and e[0] >= 0 and _is_number(e[1])
+            and -100 <= e[1] <= 100 for e in bias), "logit_bias", "token ids >= 0 with biases in [-100, 100]", bias)
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in bias)))
+        _check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "an integer >= 0", self.min_tokens)
+        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+               f"at most max_tokens ({self.max_tokens})", self.min_tokens)
+        spec = self.structured
+        _check(spec is None or isinstance(spec, StructuredOutput), "structured", "a StructuredOutput or None", spec)
+        if spec is not None:
+            for name, value in (("stop", self.stop), ("stop_token_ids", self.stop_token_ids),
+                                ("ignore_eos", self.ignore_eos)):
+                if value:
+                    raise InvalidRequestError(
+                        f"{name} cannot be combined with {spec.field}: the grammar decides where the output ends",
+                        name)
 
     @property
     def greedy(self) -> bool:
