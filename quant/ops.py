@@ -156,8 +156,9 @@ def _(
 # LLM.int8 (bitsandbytes' 8-bit format, Linear8bitLt)
 #
 # - Row-wise absmax int8: for each row r of A [rows, K], SCB[r] = max|A[r]| (float32) and
-#   CB[r, k] = round(A[r, k] * (127 / SCB[r])) as int8 (round half to even; NaN -> 0), computed in
-#   float32 from A's own dtype, as bitsandbytes does. Dequantize: CB * SCB / 127 (float32).
+#   CB[r, k] = round(A[r, k] * ((1 / SCB[r]) * 127)) as int8 (round half to even; NaN -> 0), in
+#   float32 from A's own dtype, as bitsandbytes does (torch computes `127.0 / t` as a reciprocal
+#   times 127: two roundings). Dequantize: CB * SCB * float32(1 / 127).
 # - With threshold > 0, the elements with |a| >= threshold (compared in A's dtype) are outliers:
 #   they are left out of their row's absmax, and every column holding one ("outlier column") is
 #   zero in CB. `outlier_mask` is bool [K], True for the outlier columns (all False at threshold 0).

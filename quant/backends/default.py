@@ -166,14 +166,15 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float = 0.0):
         mask = outliers.any(dim=0)
         A2 = A2.masked_fill(outliers, 0)  # outliers are left out of their row's absmax
     row_stats = A2.abs().amax(dim=1).float()  # NaN propagates, as torch.max does
-    # float32 product of A's values and the reciprocal; NaN (an all-zero row: 0 * inf) -> 0.
+    # float32 product of A's values and (1 / absmax) * 127 (torch's `127.0 / t`); NaN (an all-zero
+    # row: 0 * inf) -> 0.
     out = torch.round(A2 * (127.0 / row_stats.unsqueeze(-1))).to(torch.int8)
     out.masked_fill_(mask, 0)  # the outlier columns are computed in 16 bits instead
     return out.reshape(A.shape), row_stats, mask
 
 
 def int8_vectorwise_dequant(A: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
-    A2 = A.reshape(-1, A.shape[-1])
+    A2 = A.reshape(stats.numel(), A.shape[-1])  # one scale per row (also for an empty column set)
     # Times the float32 reciprocal of 127, as bitsandbytes (not a division).
     return (A2 * stats.view(-1, 1) * 7.874015718698502e-3).reshape(A.shape)
 
