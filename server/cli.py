@@ -174,7 +174,9 @@ def _add_serve_command(sub: Any) -> None:
             "Load MODEL quantized to 4 bits (the built-in SmolLM2-135M-Instruct when omitted) and serve "
             "the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), /tokenize, "
             "/detokenize, /health, /metrics and /v1/memory. The port opens at once; /health answers "
-            "503 until the model is loaded. Every flag can also be set as a QUANTSERVE_* variable."
+            "503 until the model is loaded. A model that cannot be loaded, or an engine that stops, "
+            "ends the process with status 1 and a one-line reason on stderr; SIGTERM finishes the "
+            "requests in flight, then exits 0. Every flag can also be set as a QUANTSERVE_* variable."
         ),
     )
     add_serve_arguments(serve)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import sys
+import time
 import types
 import typing
 from typing import Any, Optional
@@ -82,28 +85,126 @@ def load_served_model(settings: Settings) -> Any:
 
 
 def run(settings: Settings) -> int:
+    """Serve until SIGTERM/SIGINT (exit 0 once drained). A model that cannot be served, or an
+    engine that dies while serving, is one line `quantserve serve: error: ...` on stderr and exit
+    status 1, so that a supervisor sees the failure instead of a port answering 503 forever."""
+    from .loading.sources import check_source
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:  # milliseconds, before the port opens: a mistyped path or a taken port fails at once
+        check_source(settings.model, settings.revision)
+        _check_listen(settings.host, settings.port)
+    except (ValueError, OSError) as exc:
+        return _fail(str(exc))
+
     import uvicorn
 
     from .api.app import create_app
     from .api.registry import Registry
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     registry = Registry(lambda: load_served_model(settings))
     app = create_app(settings, registry)
     logger.info("quantserve: serving %s on http://%s:%d (OpenAI API at /v1, health at /health)",
                 settings.display_name(), settings.host, settings.port)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=settings.shutdown_timeout)
-    _graceful_server_class()(config).run()
+    server = _graceful_server_class()(config, Watchdog(registry))
+    try:
+        server.run()
+    except SystemExit:
+        if server.started:
+            raise
+        # uvicorn's own startup failed after our checks (it logged why): still one line last.
+        return _fail(f"cannot listen on {settings.host}:{settings.port} (see the log above)")
+    if server.watchdog.failure is not None:
+        return _fail(server.watchdog.failure)
     return 0
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Bind every address uvicorn will (and let go): a taken port or an unknown host is an error
+    now rather than after the model has started loading. uvicorn sets SO_REUSEADDR too."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in infos:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(address)
+    except OSError as exc:
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _fail(reason: str) -> int:
+    # One line, last on stderr (after uvicorn's shutdown messages): what a supervisor's log shows.
+    line = " ".join(reason.split()) or "unknown error"
+    print(f"quantserve serve: error: {line}", file=sys.stderr, flush=True)
+    return 1
+
+
+class Watchdog:
+    """Decides when a serving process must stop: the model failed to load (stop now), or an engine
+    thread died (stop after `grace` seconds, in which /health and new requests answer 503 with the
+    reason and the requests the engine failed get their error responses written)."""
+
+    def __init__(self, registry: Any, grace: float = 1.5) -> None:
+        self.registry = registry
+        self.grace = grace
+        self.failure: Optional[str] = None
+        self._dead_since: Optional[float] = None
+
+    def should_stop(self, now: float) -> bool:
+        reg = self.registry
+        if reg.state == "failed":
+            self.failure = reg.error or "loading the model failed"
+            return True
+        if reg.state != "ready":  # loading, or stopping for another reason
+            return False
+        serving, reason = reg.health()
+        if serving:
+            return False
+        if self._dead_since is None:
+            self._dead_since, self.failure = now, reason
+            logger.error("not serving: %s; exiting in %.1f s (status 1) so that a supervisor restarts the server",
+                         reason, self.grace)
+        return now - self._dead_since >= self.grace
+
+
+# After a failure nothing is left to drain: the engine has already failed its requests.
+_FAILURE_SHUTDOWN_TIMEOUT = 5.0
+_WATCH_INTERVAL = 0.1
 
 
 def _graceful_server_class() -> type:
     import uvicorn  # imported only when serving
 
     class GracefulServer(uvicorn.Server):
-        """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, so the process dies by the
-        signal (exit 143). A server that drained its requests on SIGTERM has succeeded: exit 0."""
+        """uvicorn with two changes. uvicorn re-raises SIGTERM/SIGINT after its graceful
+        shutdown, so the process dies by the signal (exit 143); a server that drained its
+        requests on SIGTERM has succeeded: exit 0. And a Watchdog task stops the server (as
+        SIGTERM would) when the model fails to load or the engine dies."""
+
+        def __init__(self, config: Any, watchdog: Watchdog) -> None:
+            super().__init__(config)
+            self.watchdog = watchdog
+
+        async def serve(self, sockets: Any = None) -> None:
+            watch = asyncio.create_task(self._watch())
+            try:
+                await super().serve(sockets)
+            finally:
+                watch.cancel()
+
+        async def _watch(self) -> None:
+            while not self.should_exit:
+                if self.watchdog.should_stop(time.monotonic()):
+                    limit = self.config.timeout_graceful_shutdown
+                    self.config.timeout_graceful_shutdown = (
+                        _FAILURE_SHUTDOWN_TIMEOUT if limit is None else min(limit, _FAILURE_SHUTDOWN_TIMEOUT))
+                    self.should_exit = True
+                    return
+                await asyncio.sleep(_WATCH_INTERVAL)
 
         def capture_signals(self):  # type: ignore[override]
             context = super().capture_signals()
@@ -119,4 +220,3 @@ def _graceful_server_class() -> type:
             return _NoReraise()
 
     return GracefulServer
-

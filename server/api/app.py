@@ -26,8 +26,11 @@ _PUBLIC_PATHS = ("/health", "/metrics")
 
 
 class _BodyLimit:
-    """413 for bodies over the limit, by Content-Length or by counting a chunked body as it arrives.
-    Pure ASGI so that an oversized body is never buffered whole."""
+    """413 for bodies over the limit, announced by Content-Length or counted as a chunked body
+    arrives. The body is read here, before the app runs, and replayed to it: an error raised from
+    inside the app's `receive` would be caught by FastAPI's body parsing and answered 400. A
+    body is at most the limit (a few MiB), so holding it is cheap; a longer one is never read
+    past the limit."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -40,25 +43,31 @@ class _BodyLimit:
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await too_large.response()(scope, receive, send)
+        chunks: list[bytes] = []
         seen = 0
-
-        async def limited_receive() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge()
-            return message
+            if message["type"] != "http.request":  # http.disconnect: the client left mid-body
+                return
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_bytes:
+                return await too_large.response()(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await too_large.response()(scope, receive, send)
+        async def replay() -> Message:
+            # The whole body once, then the server's own receive: the app must still see
+            # http.disconnect (until_disconnect and streaming responses watch for it).
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 class _ApiKey:
@@ -99,6 +108,7 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Load in the background: the port opens now and /health answers "loading" until ready.
+        # A failed load (or, later, a dead engine) is serve.Watchdog's to turn into an exit.
         loading = asyncio.create_task(registry.start())
         try:
             yield

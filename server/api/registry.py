@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 import time
 from typing import Any, Callable, Literal, Optional
 
@@ -58,11 +59,18 @@ class Registry:
 
     async def start(self) -> None:
         try:
-            served = await asyncio.to_thread(self._loader)
+            served = await _in_daemon_thread(self._loader)
             await served.engine.start()
-        except Exception as exc:
-            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
-            logger.exception("loading the model failed")
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - even SystemExit from the loader thread is a failed load
+            self.error = _reason(exc)
+            if isinstance(exc, (ValueError, OSError)):  # the loader's one-line errors: a bad model or path
+                logger.error("loading the model failed: %s", self.error)
+                logger.debug("loading the model failed", exc_info=True)
+            else:  # anything else may be a bug: keep the traceback in the log
+                logger.exception("loading the model failed: %s", self.error)
+            self.state = "failed"  # last: the server's watchdog stops the process on seeing it
             return
         for name in (served.name, *served.aliases):
             self._models[name] = served
@@ -97,3 +105,43 @@ class Registry:
             if not alive:
                 return False, f"engine for '{served.name}' stopped: {error}"
         return True, "ok"
+
+
+def _reason(exc: BaseException) -> str:
+    """One line naming the cause: the loader's ValueError/OSError messages say it themselves;
+    other exceptions (MemoryError, torch's OutOfMemoryError, bugs) also need their type."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, MemoryError) or "out of memory" in text.lower():
+        return f"not enough memory to load the model ({type(exc).__name__}{': ' + text if text else ''})"
+    if isinstance(exc, (ValueError, OSError)) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
+    """fn() in a daemon thread. Not asyncio.to_thread: a process asked to stop while loading
+    (SIGTERM) would wait at exit for the executor's thread to finish loading, for minutes."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(result: Any, error: Optional[BaseException]) -> None:
+        if future.done():  # cancelled: nobody wants the model any more
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def target() -> None:
+        result, error = None, None
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the event loop has closed: the server stopped meanwhile
+            pass
+
+    threading.Thread(target=target, name="quantserve-loader", daemon=True).start()
+    return await future

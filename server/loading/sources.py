@@ -8,11 +8,13 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
-from quantserve.quant import QuantConfig
+if TYPE_CHECKING:
+    from quantserve.quant import QuantConfig
 
-from .default_model import DEFAULT_MODEL_NAME, default_model_folder, gguf_to_folder
+# torch, transformers and the default model's package are imported where they are used: `serve`
+# calls check_source before anything heavy is imported, so a mistyped path fails in milliseconds.
 
 logger = logging.getLogger("quantserve.loader")
 
@@ -26,32 +28,73 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def resolve_source(model: Optional[str], revision: Optional[str], cache_dir: Path) -> tuple[Path, str]:
-    """(local folder with config.json, a description of what was asked for).
+SourceKind = Literal["default", "gguf", "folder", "hub"]
 
-    None -> the built-in default model; an existing .gguf file, or a folder holding exactly one,
-    -> its cached conversion; an existing folder -> itself; `org/name` -> huggingface_hub's cache
-    (downloading what is missing unless HF_HUB_OFFLINE is set)."""
+
+def locate(model: Optional[str], revision: Optional[str]) -> tuple[SourceKind, Optional[Path]]:
+    """What `model` names, from the file system alone (no imports, no network): the default
+    model, a .gguf file, a folder with config.json, or a Hub id (path None). Raises ValueError /
+    FileNotFoundError with one line for paths that cannot be a model."""
     if model is None:
-        return default_model_folder(cache_dir), f"built-in default model {DEFAULT_MODEL_NAME}"
+        return "default", None
     path = Path(model).expanduser()
     if revision is not None and path.exists():
         raise ValueError(f"revision applies to Hub ids only, and {model} is a local path")
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path} is a file, not a model folder (expected a folder with config.json, or a .gguf file)")
-        return gguf_to_folder(path, cache_dir), f"GGUF file {path}"
+        return "gguf", path
     if path.is_dir():
         if (path / "config.json").is_file():
-            return path, str(path)
+            return "folder", path
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return gguf_to_folder(ggufs[0], cache_dir), f"GGUF file {ggufs[0]}"
+            return "gguf", ggufs[0]
         raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model folder")
     looks_local = model.startswith((".", "/", "~")) or model.count("/") != 1
     if looks_local or not _HUB_ID.match(model):
         raise FileNotFoundError(f"model folder or file {model} does not exist")
-    return hub_folder(model, revision), model + (f"@{revision}" if revision else "")
+    return "hub", None
+
+
+def check_source(model: Optional[str], revision: Optional[str]) -> None:
+    """The checks that cost milliseconds, run before a server opens its port: `locate`, and for
+    a local folder a readable config.json and at least one weight file (the patterns of
+    checkpoint.find_weight_files, which validates them properly while loading)."""
+    kind, path = locate(model, revision)
+    if kind != "folder":
+        return
+    assert path is not None
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"cannot read {path / 'config.json'}: {first_line(exc)}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path / 'config.json'} is not a JSON object")
+    weights = [p for pattern in ("*.safetensors", "*.bin") for p in path.glob(pattern)
+               if p.is_file() and not p.name.startswith("training_args")]
+    if not weights:
+        raise FileNotFoundError(f"no weights in {path} (expected *.safetensors or pytorch_model*.bin)")
+
+
+def resolve_source(model: Optional[str], revision: Optional[str], cache_dir: Path) -> tuple[Path, str]:
+    """(local folder with config.json, a description of what was asked for).
+
+    None -> the built-in default model; an existing .gguf file, or a folder holding exactly one,
+    -> its cached conversion; an existing folder -> itself; `org/name` -> huggingface_hub's cache
+    (downloading what is missing unless HF_HUB_OFFLINE is set)."""
+    from .default_model import DEFAULT_MODEL_NAME, default_model_folder, gguf_to_folder
+
+    kind, path = locate(model, revision)
+    if kind == "default":
+        return default_model_folder(cache_dir), f"built-in default model {DEFAULT_MODEL_NAME}"
+    if kind == "hub":
+        assert model is not None
+        return hub_folder(model, revision), model + (f"@{revision}" if revision else "")
+    assert path is not None
+    if kind == "gguf":
+        return gguf_to_folder(path, cache_dir), f"GGUF file {path}"
+    return path, str(path)
 
 
 def hub_folder(repo_id: str, revision: Optional[str]) -> Path:
@@ -115,6 +158,8 @@ def load_tokenizer(folder: Path) -> Any:
 def checkpoint_quant(hf_config: Any, folder: Path) -> Optional[QuantConfig]:
     """The QuantConfig of a prequantized bitsandbytes 4-bit checkpoint, None for a float one;
     ValueError for other quantization methods and 8-bit checkpoints."""
+    from quantserve.quant import QuantConfig
+
     qc = getattr(hf_config, "quantization_config", None)
     if qc is None:
         return None
