@@ -8,9 +8,9 @@ import asyncio
 import contextlib
 import hmac
 import logging
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -19,6 +19,7 @@ from .errors import APIError, install_error_handlers
 from .metrics import Metrics
 from .registry import Registry
 from .routes import openai, ops, tokenize
+from .routes.common import Services
 
 logger = logging.getLogger("quantserve.server")
 
@@ -87,23 +88,6 @@ class _ApiKey:
         await self.app(scope, receive, send)
 
 
-async def until_disconnect(request: Request, work: Awaitable[Any], abort: Callable[[], None]) -> Any:
-    """Await a non-streamed response, aborting the generation if the client goes away meanwhile."""
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.25)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                abort()
-                task.cancel()
-                raise APIError(499, "client closed the request", code="client_closed_request")
-    finally:
-        if not task.done():
-            task.cancel()
-
-
 def create_app(settings: Settings, registry: Registry) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -118,14 +102,10 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
             await registry.shutdown()
 
     app = FastAPI(title="quantserve", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
-    app.state.settings = settings
-    app.state.registry = registry
-    app.state.metrics = Metrics(registry)
-    app.state.until_disconnect = until_disconnect
     install_error_handlers(app)
-    app.include_router(openai.router)
-    app.include_router(tokenize.router)
-    app.include_router(ops.router)
+    services = Services(settings=settings, registry=registry, metrics=Metrics(registry))
+    for routes in (openai, tokenize, ops):
+        app.include_router(routes.router(services))
     # Added last = outermost: the size guard runs first, then the key check, then CORS.
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],

@@ -5,6 +5,7 @@ the port opens at once and /health can say "loading" rather than nothing.
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import logging
 import threading
@@ -26,14 +27,29 @@ class ServedModel:
     max_model_len: int
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     load_report: Any = None  # the loader's report (bytes, layers, load time), shown by /v1/memory
-    aliases: tuple[str, ...] = ()
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Chat template -> prompt token ids (the template adds the generation prompt)."""
-        if getattr(self.tokenizer, "chat_template", None) is None:
+    _local: threading.local = dataclasses.field(default_factory=threading.local, repr=False, compare=False)
+
+    def _tokenizer(self) -> Any:
+        """This thread's own copy of the tokenizer. A fast tokenizer used by two threads at once
+        can fail ("Already borrowed"): the HTTP side encodes on worker threads and decodes on the
+        event loop's thread, and the engine thread decodes with a copy of its own."""
+        tokenizer = getattr(self._local, "tokenizer", None)
+        if tokenizer is None:
+            tokenizer = self._local.tokenizer = copy.deepcopy(self.tokenizer)
+        return tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Chat template -> prompt token ids (with the assistant's generation prompt unless told not to)."""
+        tokenizer = self._tokenizer()
+        if getattr(tokenizer, "chat_template", None) is None:
             raise APIError(400, f"model '{self.name}' has no chat template; use /v1/completions", param="messages")
         try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
         except Exception as exc:  # a template rejecting a role order etc. is the client's input
             raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
@@ -41,7 +57,13 @@ class ServedModel:
         return list(ids)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        return list(self._tokenizer().encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self._tokenizer().decode(token_ids)
+
+    def token_text(self, token_id: int) -> str:
+        return self._tokenizer().decode([token_id])
 
 
 Loader = Callable[[], ServedModel]
@@ -72,8 +94,7 @@ class Registry:
                 logger.exception("loading the model failed: %s", self.error)
             self.state = "failed"  # last: the server's watchdog stops the process on seeing it
             return
-        for name in (served.name, *served.aliases):
-            self._models[name] = served
+        self._models[served.name] = served
         self.state = "ready"
 
     async def shutdown(self) -> None:
