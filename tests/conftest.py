@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
+
+# With Hugging Face's `kernels` installed, bitsandbytes' CPU backend asks the Hub for a kernel on
+# import: the oracle must be bitsandbytes' own code, and a test must not wait on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
 
-# bitsandbytes' CPU backend tries `from kernels import get_kernel` (the PyPI "kernels" hub
-# package) on AVX-512-BF16 machines and logs a warning when it finds our package instead; it
-# then uses its own native gemv, which is what it does offline anyway.
+# bitsandbytes' CPU backend tries `from kernels import get_kernel` (Hugging Face's hub package)
+# on AVX-512-BF16 machines and logs a warning when the Hub cannot be reached (offline, above); it
+# then uses its own native gemv.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
 
