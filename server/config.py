@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     block_size: int = Field(16, ge=1, le=256, description="tokens per KV cache block")
     enable_prefix_caching: bool = Field(True, description="share KV blocks of common prompt prefixes")
     max_n: int = Field(16, ge=1, le=128, description="largest n (choices per request) accepted")
+    tool_call_parser: Optional[Literal["hermes", "llama3_json", "mistral"]] = Field(
+        None, description="the model's tool-call format (default: recognized from its chat template)"
+    )
 
     # HTTP
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 for all interfaces)")

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from typing import Union
 
+import json
+
 from ..engine import SamplingParams
 from ..engine.errors import InvalidRequestError
+from ..engine.grammar import StructuredOutput
 from . import protocol as p
 from .errors import APIError, bad_request, from_exception
 
@@ -36,9 +39,40 @@ def sampling_params(body: SamplingRequest) -> SamplingParams:
             stop_token_ids=tuple(body.stop_token_ids or ()),
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
+            logit_bias=tuple((int(k), v) for k, v in (body.logit_bias or {}).items()),
+            min_tokens=body.min_tokens,
+            structured=structured_output(body),
         )
     except InvalidRequestError as exc:
         raise api_error(exc, body) from None
+
+
+def structured_output(body: SamplingRequest) -> StructuredOutput | None:
+    """The constraint on the output: response_format, vLLM's structured_outputs, or a forced tool call."""
+    if isinstance(body, p.ChatCompletionRequest) and body._tool_grammar is not None:
+        return StructuredOutput("lark", body._tool_grammar, "tools")
+    fmt, so = body.response_format, body.structured_outputs
+    if fmt is not None and fmt.type == "json_schema":
+        return StructuredOutput.json_schema(fmt.json_schema.schema_, "response_format")
+    if fmt is not None and fmt.type == "json_object":
+        return StructuredOutput.json_schema({"type": "object"}, "response_format")
+    if so is None:
+        return None
+    if so.json_ is not None:
+        schema = so.json_
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as exc:
+                raise InvalidRequestError(f"structured_outputs.json is not JSON: {exc}", "structured_outputs") from None
+        return StructuredOutput.json_schema(schema, "structured_outputs")
+    if so.json_object:
+        return StructuredOutput.json_schema({"type": "object"}, "structured_outputs")
+    if so.regex is not None:
+        return StructuredOutput("regex", so.regex, "structured_outputs")
+    if so.choice is not None:
+        return StructuredOutput("choice", json.dumps(so.choice), "structured_outputs")
+    return StructuredOutput("grammar", so.grammar, "structured_outputs")
 
 
 def wire_field(field: str | None, body: object) -> str | None:

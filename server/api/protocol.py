@@ -10,11 +10,12 @@ the engine, once; convert.py turns these types into the engine's.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 
 def random_id(prefix: str) -> str:
@@ -32,6 +33,43 @@ class _Request(_Strict):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+class JSONSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: Optional[str] = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    # Always enforced in full, strict or not (OpenAI only guarantees the schema with strict: true).
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JSONSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only with it")
+        return self
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's extension: exactly one constraint on the output."""
+
+    json_: Optional[Union[dict[str, Any], str]] = Field(None, alias="json")
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = Field(None, min_length=1)
+    grammar: Optional[str] = None  # GBNF (llama.cpp) or Lark
+    json_object: Optional[bool] = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "StructuredOutputs":
+        given = [k for k in ("json_", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar, json_object")
+        return self
 
 
 class _SamplingFields(_Request):
@@ -59,6 +97,29 @@ class _SamplingFields(_Request):
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    # Token id (as a string key, as OpenAI sends it) -> bias added to its logit.
+    logit_bias: Optional[dict[str, float]] = None
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputs] = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, value: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+        for key, bias in (value or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases must be in [-100, 100], got {bias}")
+        return value
+
+    @field_validator("structured_outputs")
+    @classmethod
+    def _one_constraint(cls, value: Optional[StructuredOutputs], info: ValidationInfo) -> Optional[StructuredOutputs]:
+        fmt = info.data.get("response_format")
+        if value is not None and fmt is not None and fmt.type != "text":
+            raise ValueError("give response_format or structured_outputs, not both")
+        return value
 
     def stop_list(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -72,16 +133,34 @@ class TextContentPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[TextContentPart]]] = None
     name: Optional[str] = None
     tool_call_id: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _content_required(self) -> "ChatMessage":
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("an assistant message needs content or tool_calls")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
         return self
 
     def text(self) -> str:
@@ -92,11 +171,62 @@ class ChatMessage(_Strict):
         return "".join(part.text for part in self.content)
 
 
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None  # a JSON schema; none means no arguments
+    strict: Optional[bool] = None  # arguments always follow the schema when tool calls are constrained
+
+
+class ChatTool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0)
+    tools: Optional[list[ChatTool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: bool = True
+    # The Lark grammar of a constrained tool call ("required" or a named function), set by the
+    # route once it knows the model's tool-call format; convert.py turns it into the constraint.
+    _tool_grammar: Optional[str] = PrivateAttr(None)
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_tools(cls, value: Optional[list[ChatTool]]) -> Optional[list[ChatTool]]:
+        names = [t.function.name for t in value or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("tool names must be unique")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _known_tool(cls, value: Any, info: ValidationInfo) -> Any:
+        tools = info.data.get("tools") or []
+        if value is not None and value != "none" and not tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(value, NamedToolChoice) and value.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"tool_choice names {value.function.name!r}, which is not one of the tools")
+        return value
+
+    def effective_tool_choice(self) -> str:
+        """none / auto / required / named (OpenAI's default: auto with tools, none without)."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or ("auto" if self.tools else "none")
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> "ChatCompletionRequest":
@@ -116,8 +246,32 @@ class ChatCompletionRequest(_SamplingFields):
                 msg["name"] = m.name
             if m.tool_call_id is not None:
                 msg["tool_call_id"] = m.tool_call_id
+            if m.tool_calls:
+                msg["tool_calls"] = [
+                    {"id": c.id, "type": "function",
+                     "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                    for c in m.tool_calls
+                ]
             out.append(msg)
         return out
+
+    def tool_dicts(self) -> Optional[list[dict[str, Any]]]:
+        """Tools as chat templates expect them (OpenAI's shape; parameters always present)."""
+        if not self.tools:
+            return None
+        return [{"type": "function", "function": {
+            "name": t.function.name, **({"description": t.function.description} if t.function.description else {}),
+            "parameters": t.function.parameters if t.function.parameters is not None else
+            {"type": "object", "properties": {}}}} for t in self.tools]
+
+
+def _arguments(text: str) -> Any:
+    # Templates expect arguments as a mapping (transformers' convention); OpenAI sends JSON text.
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
 
 
 # ---------------------------------------------------------------- completions (request)
@@ -128,6 +282,15 @@ class CompletionRequest(_SamplingFields):
     logprobs: Optional[int] = Field(None, ge=0)
     echo: bool = False
     suffix: Optional[str] = None
+    best_of: Optional[int] = Field(None, ge=1)
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        # best_of > n would rank candidates by logprob and drop the rest: not implemented.
+        if value is not None and value != info.data.get("n", 1):
+            raise ValueError("only best_of equal to n is supported")
+        return value
 
     @field_validator("prompt")
     @classmethod
@@ -186,13 +349,17 @@ class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
     refusal: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
+
+
+FinishReason = Literal["stop", "length", "tool_calls", "abort"]
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
     logprobs: Optional[ChoiceLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length", "abort"]] = None
+    finish_reason: Optional[FinishReason] = None
 
 
 class ChatCompletion(BaseModel):
@@ -205,16 +372,32 @@ class ChatCompletion(BaseModel):
     system_fingerprint: Optional[str] = None
 
 
+class FunctionCallDelta(BaseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed tool call: the first delta of a call has its id, type and name, later ones
+    only argument fragments; concatenated they are the call's arguments."""
+
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[ToolCallDelta]] = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: Optional[ChoiceLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length", "abort"]] = None
+    finish_reason: Optional[FinishReason] = None
 
 
 class ChatCompletionChunk(BaseModel):

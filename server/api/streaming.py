@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from . import protocol as p
 from .errors import from_exception
-
+from .tool_parsers import ContentDelta, Event, collect_events
 
 
 def sse(payload: BaseModel | dict) -> str:
@@ -153,9 +153,14 @@ def _usage(gen: Generation, num_prompt_tokens: int, cached: int) -> p.UsageInfo:
     )
 
 
-def _finish(reason: Optional[str]) -> Optional[str]:
+def _finish(reason: Optional[str], called: bool = False) -> Optional[str]:
     # "abort" only reaches a client that is already gone; anything else unknown reads as "stop".
-    return None if reason is None else ("length" if reason == "length" else "stop")
+    # A choice that ended by itself after tool calls ends with "tool_calls"; cut short, "length".
+    if reason is None:
+        return None
+    if reason == "length":
+        return "length"
+    return "tool_calls" if called else "stop"
 
 
 class _PromptCounts:
@@ -219,9 +224,20 @@ async def _collect(gen: Generation) -> _Collected:
 # ------------------------------------------------------------------ chat
 
 
-async def chat_stream(gen: Generation) -> AsyncIterator[str]:
+def _delta(event: Event) -> p.ChatDelta:
+    if isinstance(event, ContentDelta):
+        return p.ChatDelta(content=event.text)
+    return p.ChatDelta(tool_calls=[p.ToolCallDelta(
+        index=event.index, id=event.id, type="function" if event.id is not None else None,
+        function=p.FunctionCallDelta(name=event.name, arguments=event.arguments))])
+
+
+async def chat_stream(gen: Generation, tools: Any = None) -> AsyncIterator[str]:
+    """tools: a tools.ToolContext when the output may hold tool calls (its parser splits each
+    choice's text into content and tool-call deltas), else None."""
     chunk_id, counts = gen.request_id, _PromptCounts()
     usage_field = {"usage": None} if gen.include_usage else {}
+    parsers: dict[int, Any] = {}
 
     def chunk(choices: list[p.ChatChunkChoice]) -> str:
         return sse(p.ChatCompletionChunk(id=chunk_id, created=gen.created, model=gen.model, choices=choices, **usage_field))
@@ -233,13 +249,22 @@ async def chat_stream(gen: Generation) -> AsyncIterator[str]:
             counts.see(i, out)
             index = i * gen.n + c.index
             gen.timing.tokens_arrived(len(c.token_ids))
-            if c.text or c.logprobs:
-                yield chunk([p.ChatChunkChoice(
-                    index=index, delta=p.ChatDelta(content=c.text), logprobs=_chat_logprobs(gen, c.logprobs)
-                )])
+            logprobs = _chat_logprobs(gen, c.logprobs)
+            if tools is None:
+                events: list[Event] = [ContentDelta(c.text)] if c.text or c.logprobs else []
+            else:
+                parser = parsers.get(index) or parsers.setdefault(index, tools.parser())
+                events = parser.feed(c.text) + (parser.finish() if c.finish_reason is not None else [])
+                if logprobs is not None and not events:
+                    events = [ContentDelta("")]  # the logprobs still go out with this step
+            for event in events:
+                yield chunk([p.ChatChunkChoice(index=index, delta=_delta(event), logprobs=logprobs)])
+                logprobs = None
             if c.finish_reason is not None:
                 gen.timing.finish_reasons.append(c.finish_reason)
-                yield chunk([p.ChatChunkChoice(index=index, delta=p.ChatDelta(), finish_reason=_finish(c.finish_reason))])
+                called = index in parsers and parsers[index].has_calls
+                yield chunk([p.ChatChunkChoice(index=index, delta=p.ChatDelta(),
+                                               finish_reason=_finish(c.finish_reason, called))])
         if gen.include_usage:
             prompt_tokens, cached = counts.totals()
             usage = _usage(gen, prompt_tokens, cached)
@@ -249,17 +274,38 @@ async def chat_stream(gen: Generation) -> AsyncIterator[str]:
     yield SSE_DONE
 
 
-async def chat_response(gen: Generation) -> p.ChatCompletion:
+def _message(text: str, tools: Any, finish: Optional[str]) -> p.ChatResponseMessage:
+    if tools is None:
+        return p.ChatResponseMessage(content=text)
+    parser = tools.parser()  # the streaming parser, fed the whole text: both paths agree
+    content, calls = collect_events(parser.feed(text) + parser.finish())
+    if finish == "length":  # cut short: a call whose arguments did not close is left out
+        calls = [c for c in calls if _is_json(c["arguments"])]
+    if not calls:
+        return p.ChatResponseMessage(content=content)
+    return p.ChatResponseMessage(content=content or None, tool_calls=[
+        p.ToolCall(id=c["id"], function=p.FunctionCall(name=c["name"], arguments=c["arguments"])) for c in calls])
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+async def chat_response(gen: Generation, tools: Any = None) -> p.ChatCompletion:
     got = await _collect(gen)
-    choices = [
-        p.ChatChoice(
+    choices = []
+    for index in range(gen.n * len(gen.streams)):
+        message = _message(got.text(index), tools, got.finish.get(index))
+        choices.append(p.ChatChoice(
             index=index,
-            message=p.ChatResponseMessage(content=got.text(index)),
+            message=message,
             logprobs=_chat_logprobs(gen, got.logprobs.get(index)) if index in got.logprobs else None,
-            finish_reason=_finish(got.finish.get(index)),
-        )
-        for index in range(gen.n * len(gen.streams))
-    ]
+            finish_reason=_finish(got.finish.get(index), bool(message.tool_calls)),
+        ))
     return p.ChatCompletion(id=gen.request_id, created=gen.created, model=gen.model, choices=choices,
                             usage=_usage(gen, *got.counts.totals()))
 

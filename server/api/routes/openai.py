@@ -8,6 +8,7 @@ from fastapi.responses import StreamingResponse
 from .. import protocol as p
 from .. import streaming
 from ..errors import bad_request
+from ..tools import render_chat
 from .common import Services, card, submit, to_thread, until_disconnect
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -20,11 +21,12 @@ def router(services: Services) -> APIRouter:
     @api.post("/v1/chat/completions", response_model=None)
     async def create_chat_completion(body: p.ChatCompletionRequest, request: Request):
         served = registry.get(body.model)
-        prompt = await to_thread(served.render_chat, body.chat_messages())
+        prompt, tools = await to_thread(render_chat, served, body, services.settings.tool_call_parser)
         gen = submit(services, served, body, p.random_id("chatcmpl"), [prompt])
         if body.stream:
-            return StreamingResponse(streaming.chat_stream(gen), media_type="text/event-stream", headers=_SSE_HEADERS)
-        return await until_disconnect(request, gen, body, streaming.chat_response(gen))
+            return StreamingResponse(streaming.chat_stream(gen, tools), media_type="text/event-stream",
+                                     headers=_SSE_HEADERS)
+        return await until_disconnect(request, gen, body, streaming.chat_response(gen, tools))
 
     @api.post("/v1/completions", response_model=None)
     async def create_completion(body: p.CompletionRequest, request: Request):
