@@ -43,8 +43,9 @@ def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and quantization")
     group.add_argument("--revision", help="Hub branch, tag or commit (Hub ids only)")
     group.add_argument(
-        "--quant", choices=["nf4", "fp4", "none"], default="nf4",
-        help="4-bit format of the Linear weights, or none to keep them unquantized (default: nf4)",
+        "--quant", choices=["nf4", "fp4", "int8", "none"], default="nf4",
+        help="format of the Linear weights: 4-bit nf4/fp4, int8 (LLM.int8, bitsandbytes' load_in_8bit), "
+        "or none to keep them unquantized (default: nf4)",
     )
     group.add_argument(
         "--double-quant", action="store_true",
@@ -77,7 +78,16 @@ def _load_from_args(args: argparse.Namespace):
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quant_config = None
-    if args.quant != "none":
+    if args.quant == "int8":
+        if args.double_quant:
+            raise ValueError("--double-quant applies to the 4-bit formats, not int8")
+        quant_config = quant.QuantConfig(
+            load_in_8bit=True,
+            llm_int8_skip_modules=None if args.skip_modules is None else [
+                name.strip() for name in args.skip_modules.split(",") if name.strip()
+            ],
+        )
+    elif args.quant != "none":
         quant_config = quant.QuantConfig(
             bnb_4bit_quant_type=args.quant,
             bnb_4bit_use_double_quant=args.double_quant,
@@ -99,12 +109,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from .loading.export import save_quantized
 
     if args.quant == "none":
-        raise ValueError("quantize needs a 4-bit format: --quant nf4 or fp4")
+        raise ValueError("quantize needs a weight format: --quant nf4, fp4 or int8")
     result = _load_from_args(args)
     out = save_quantized(result, args.out_dir, max_shard_bytes=args.max_shard_mib * 2**20)
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     print(f"wrote {out} ({size / 2**20:.1f} MiB): {len(result.report.quantized)} layers "
-          f"{result.report.quant.bnb_4bit_quant_type}, {len(result.report.skipped)} kept")
+          f"{result.report.quant.quant_name}, {len(result.report.skipped)} kept")
     return 0
 
 

@@ -24,7 +24,9 @@ class Settings(BaseSettings):
     )
     revision: Optional[str] = Field(None, description="hub revision (branch, tag or commit)")
     served_model_name: Optional[str] = Field(None, description="the model id clients send (default: derived from MODEL)")
-    quant: Literal["nf4", "fp4", "none"] = Field("nf4", description="4-bit weight format, or none to serve unquantized")
+    quant: Literal["nf4", "fp4", "int8", "none"] = Field(
+        "nf4", description="weight format: 4-bit nf4/fp4, int8 (LLM.int8, bitsandbytes' load_in_8bit), or none"
+    )
     double_quant: bool = Field(False, description="double-quantize the absmax statistics (~0.37 bit/param less)")
     compute_dtype: Optional[Literal["float32", "float16", "bfloat16"]] = Field(
         None, description="dtype the model computes in: weights are loaded in it, unquantized tensors stay in it and "

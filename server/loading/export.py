@@ -1,4 +1,4 @@
-"""Write a loaded 4-bit model as a transformers + bitsandbytes prequantized checkpoint."""
+"""Write a loaded 4-bit or 8-bit model as a transformers + bitsandbytes prequantized checkpoint."""
 
 from __future__ import annotations
 
@@ -12,15 +12,16 @@ from typing import Iterable
 
 import torch
 
-from quantserve.quant import Linear4bit
+from quantserve.quant import Linear4bit, Linear8bitLt
 
 from .checkpoint import save_checkpoint
 from .loader import LoadResult
 
 
 def save_quantized(result: LoadResult, out_dir: str | Path, max_shard_bytes: int = 4 * 2**30) -> Path:
-    """Write a loaded 4-bit model as a transformers+bitsandbytes prequantized checkpoint:
-    safetensors with bitsandbytes' keys, config.json with its `quantization_config`, generation
+    """Write a loaded 4-bit (or LLM.int8) model as a transformers+bitsandbytes prequantized checkpoint:
+    safetensors with bitsandbytes' keys (8-bit: int8 `weight`, `SCB`, `weight_format`), config.json
+    with its `quantization_config`, generation
     config and tokenizer. `AutoModelForCausalLM.from_pretrained(out_dir)` (with bitsandbytes
     installed) and `server.loader.load_model` both load it without requantizing.
 
@@ -29,7 +30,7 @@ def save_quantized(result: LoadResult, out_dir: str | Path, max_shard_bytes: int
     """
     report = result.report
     if report.quant is None:
-        raise ValueError("this model was loaded unquantized (quant=None): nothing to save as a 4-bit checkpoint")
+        raise ValueError("this model was loaded unquantized (quant=None): nothing to save as a quantized checkpoint")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists and is not an empty folder")
@@ -67,7 +68,7 @@ def save_quantized(result: LoadResult, out_dir: str | Path, max_shard_bytes: int
     hf_config.quantization_config = quant_config.to_dict()
     hf_config.dtype = str(report.dtype).removeprefix("torch.")
     head = model.get_output_embeddings()
-    if getattr(hf_config, "tie_word_embeddings", False) and isinstance(head, Linear4bit):
+    if getattr(hf_config, "tie_word_embeddings", False) and isinstance(head, (Linear4bit, Linear8bitLt)):
         hf_config.tie_word_embeddings = False  # the head was quantized on its own: store it, don't re-tie
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -11,13 +11,14 @@ from typing import Optional
 
 import torch
 
-from quantserve.quant import Linear4bit, QuantConfig
+from quantserve.quant import Linear4bit, Linear8bitLt, QuantConfig
 
 from .loader import LoadResult
 from .peak_memory import current_rss
 from .weight_stream import linear_like_modules
 
-_STAT_KEYS = ("weight", "weight.absmax", "weight.nested_absmax")  # the per-weight data, not tables/metadata
+# The per-weight data, not tables/metadata (4-bit: packed bytes and absmax; 8-bit: int8 rows and SCB).
+_STAT_KEYS = ("weight", "weight.absmax", "weight.nested_absmax", "SCB")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,9 +31,12 @@ class LayerRow:
     nbytes: int
 
 
-def theory_bits_per_param(quant: QuantConfig) -> float:
+def theory_bits_per_param(quant: QuantConfig, in_features: Optional[int] = None) -> float:
     """4 bits per weight plus its share of the block statistics: one float32 absmax per block,
-    or with double quantization one 8-bit code per block plus one float32 per 256 blocks."""
+    or with double quantization one 8-bit code per block plus one float32 per 256 blocks.
+    LLM.int8: 8 bits plus one float32 scale per row of `in_features` weights (~8.06 for 576)."""
+    if quant.load_in_8bit:
+        return 8 + 32 / in_features if in_features else 8.0
     bs = quant.blocksize
     if quant.bnb_4bit_use_double_quant:
         return 4 + 8 / bs + 32 / (bs * 256)
@@ -65,6 +69,15 @@ def layer_rows(result: LoadResult) -> list[LayerRow]:
             nbytes = sum(_tensor_bytes(t) for t in tensors.values())
             rows.append(LayerRow(name, "Linear4bit", "quantized", why, tuple(state.shape), nbytes))
             continue
+        if isinstance(module, Linear8bitLt) and module.weight.int8_quantized:
+            tensors = {}
+            module._save_to_state_dict(tensors, "", keep_vars=True)
+            why = f"int8 rows + float32 row scales, outlier threshold {module.threshold:g}"
+            if name in report.transposed:
+                why += ", Conv1D weight transposed"
+            nbytes = sum(_tensor_bytes(t) for t in tensors.values())
+            rows.append(LayerRow(name, "Linear8bitLt", "quantized", why, tuple(module.weight.shape), nbytes))
+            continue
         weight = own.get("weight", next(iter(own.values())))
         tied_to = seen.get(id(weight))
         for tensor in own.values():
@@ -92,6 +105,11 @@ def format_inspection(result: LoadResult, per_layer: bool = True) -> str:
     q = report.quant
     if q is None:
         how = "none (unquantized)"
+    elif q.load_in_8bit:
+        how = (
+            f"int8 (LLM.int8), outlier threshold {q.llm_int8_threshold:g}, compute in the activations' dtype"
+            + (" (prequantized checkpoint)" if report.prequantized else "")
+        )
     else:
         compute = str(q.bnb_4bit_compute_dtype or report.dtype).removeprefix("torch.")
         storage = str(q.bnb_4bit_quant_storage).removeprefix("torch.")
@@ -124,11 +142,17 @@ def format_inspection(result: LoadResult, per_layer: bool = True) -> str:
     lines.append(f"parameters {report.num_params:,} (16-bit size {_mib(report.weight_bytes_16bit)})")
     if quantized and q is not None:
         bits = 8 * core / n_q
-        theory = theory_bits_per_param(q)
-        stats = "8-bit absmax + fp32 per 256 blocks" if q.bnb_4bit_use_double_quant else "fp32 absmax"
+        if q.load_in_8bit:
+            # One float32 scale per output row: the theory weighs each layer's in_features.
+            theory = sum(torch.Size(r.shape).numel() * theory_bits_per_param(q, r.shape[1]) for r in quantized) / n_q
+            basis = "8 bits + a float32 scale per row"
+        else:
+            theory = theory_bits_per_param(q)
+            stats = "8-bit absmax + fp32 per 256 blocks" if q.bnb_4bit_use_double_quant else "fp32 absmax"
+            basis = f"blocksize {q.blocksize} with {stats}"
         lines.append(
             f"quantized  {len(quantized)} layers, {n_q:,} params in {_mib(q_bytes)}: {bits:.3f} bits/param "
-            f"(theory {theory:.3f} for blocksize {q.blocksize} with {stats}: {bits / theory:.4f}x); "
+            f"(theory {theory:.3f} for {basis}: {bits / theory:.4f}x); "
             f"code tables and metadata {q_bytes - core:,} bytes"
         )
     lines.append(f"kept       {sum(r.status == 'kept' for r in rows)} layers in {_mib(kept_bytes)}")

@@ -1,4 +1,4 @@
-"""Load a Hugging Face causal LM onto a device in 4 bits, quantizing while the weights stream in.
+"""Load a Hugging Face causal LM onto a device in 4 or 8 bits, quantizing while the weights stream in.
 
     from .loader import LoadConfig, load_model
     result = load_model(LoadConfig("path/to/folder", quant=quant.QuantConfig(bnb_4bit_use_double_quant=True)))
@@ -7,7 +7,7 @@
 Sources (`LoadConfig.model`): None (the built-in SmolLM2-135M-Instruct), a local Hugging Face
 folder (config.json + safetensors or .bin, sharded or not), a .gguf file (converted once to a
 cached float folder), a Hub id `org/name` (huggingface_hub's cache; HF_HOME, HF_HUB_OFFLINE),
-or a prequantized bitsandbytes 4-bit checkpoint (loaded as stored: no dequantize/requantize).
+or a prequantized bitsandbytes 4-bit or 8-bit checkpoint (loaded as stored: no dequantize/requantize).
 See sources.py (name -> folder), weight_stream.py (the streaming quantization), checkpoint.py
 (reading files), export.py (writing a prequantized checkpoint).
 
@@ -56,8 +56,8 @@ class LoadConfig:
             ("float32", "bfloat16", ... or a torch.dtype); None: float32 on CPU (faster than bf16
             there), bfloat16 on CUDA (float16 where the GPU lacks bf16).
         quant: quant.QuantConfig (nf4/fp4, double quant, compute dtype, storage, skip modules,
-            blocksize), or None to load unquantized. A prequantized checkpoint keeps its own
-            settings; only bnb_4bit_compute_dtype may be overridden.
+            blocksize; or load_in_8bit for LLM.int8), or None to load unquantized. A prequantized
+            checkpoint keeps its own settings; only bnb_4bit_compute_dtype may be overridden.
         cache_dir: where converted GGUF folders go; None: $QUANTSERVE_CACHE or ~/.cache/quantserve.
         progress: show a tqdm bar over the checkpoint's tensors.
     """
@@ -134,8 +134,8 @@ class LoadReport:
         if self.quant is None:
             how = "unquantized"
         else:
-            dq = "+double quant" if self.quant.bnb_4bit_use_double_quant else ""
-            how = f"{len(self.quantized)} layers {self.quant.bnb_4bit_quant_type}{dq}"
+            dq = "+double quant" if self.quant.bnb_4bit_use_double_quant and not self.quant.load_in_8bit else ""
+            how = f"{len(self.quantized)} layers {self.quant.quant_name}{dq}"
             how += " (prequantized)" if self.prequantized else ""
         line = (
             f"loaded {self.source} on {self.device} in {self.load_seconds:.1f}s: {how}, "
@@ -181,7 +181,9 @@ def load_for_serving(settings: Any) -> LoadResult:
     compute_dtype, device)."""
     quant_type = getattr(settings, "quant", "nf4")
     quant = None
-    if quant_type != "none":
+    if quant_type == "int8":
+        quant = QuantConfig(load_in_8bit=True)
+    elif quant_type != "none":
         quant = QuantConfig(bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=getattr(settings, "double_quant", False))
     return load_model(
         LoadConfig(
@@ -217,7 +219,8 @@ def _load(config: LoadConfig) -> LoadResult:
     report = LoadReport(
         source=description,
         folder=folder,
-        checkpoint_format="bitsandbytes 4-bit (prequantized)" if streamer.prequantized else reader.format,
+        checkpoint_format=f"bitsandbytes {'8' if streamer.quant.load_in_8bit else '4'}-bit (prequantized)"
+        if streamer.prequantized else reader.format,
         device=config.device,  # type: ignore[arg-type]
         dtype=config.dtype,  # type: ignore[arg-type]
         quant=streamer.quant,

@@ -156,8 +156,8 @@ def load_tokenizer(folder: Path) -> Any:
 
 
 def checkpoint_quant(hf_config: Any, folder: Path) -> Optional[QuantConfig]:
-    """The QuantConfig of a prequantized bitsandbytes 4-bit checkpoint, None for a float one;
-    ValueError for other quantization methods and 8-bit checkpoints."""
+    """The QuantConfig of a prequantized bitsandbytes checkpoint (4-bit, or 8-bit LLM.int8), None
+    for a float one; ValueError for other quantization methods."""
     from quantserve.quant import QuantConfig
 
     qc = getattr(hf_config, "quantization_config", None)
@@ -166,9 +166,7 @@ def checkpoint_quant(hf_config: Any, folder: Path) -> Optional[QuantConfig]:
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     method = qc.get("quant_method")
     if method != "bitsandbytes":
-        raise ValueError(f"{folder} is quantized with {method!r}; quantserve loads float and bitsandbytes 4-bit checkpoints")
-    if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
-        raise ValueError(f"{folder} is an 8-bit (LLM.int8) bitsandbytes checkpoint, which quantserve cannot load yet")
+        raise ValueError(f"{folder} is quantized with {method!r}; quantserve loads float and bitsandbytes 4-bit and 8-bit checkpoints")
     try:
         return QuantConfig.from_dict(qc)
     except (ValueError, TypeError) as exc:

@@ -2,9 +2,10 @@
 
 The model is built with its parameters on the meta device (no memory), each Linear (and GPT-2's
 Conv1D, transposed, as transformers+bitsandbytes does) that will be quantized is swapped for an
-empty `quant.Linear4bit`, then the checkpoint is read one tensor at a time: cast to the load
-dtype, moved to the device, quantized there, placed. A prequantized bitsandbytes checkpoint's
-layers are gathered key by key and wrapped as stored (no dequantize/requantize).
+empty `quant.Linear4bit` (or `quant.Linear8bitLt` for load_in_8bit), then the checkpoint is read
+one tensor at a time: cast to the load dtype, moved to the device, quantized there, placed. A
+prequantized bitsandbytes checkpoint's layers (4-bit: weight + quant state; 8-bit: int8 weight,
+SCB, weight_format) are gathered key by key and wrapped as stored (no dequantize/requantize).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantserve.quant import Linear4bit, Params4bit, QuantConfig
+from quantserve.quant import Int8Params, Linear4bit, Linear8bitLt, Params4bit, QuantConfig
+from quantserve.quant.linear8bit import WEIGHT_FORMAT_ROW
 from quantserve.quant.convert import plan_quantization as quant_plan
 
 from .checkpoint import CheckpointReader
@@ -30,8 +32,21 @@ from .sources import first_line
 logger = logging.getLogger("quantserve.loader")
 
 _QUANT_STATE_KEY = ".weight.quant_state.bitsandbytes__"
+_SCB_SUFFIX = ".SCB"  # an 8-bit layer's row scales: `<prefix>.SCB` beside `<prefix>.weight`, `<prefix>.weight_format`
 _DEFAULT_QUANT = QuantConfig()
+_DEFAULT_INT8 = QuantConfig(load_in_8bit=True)
+_QUANTIZED_LINEARS = (Linear4bit, Linear8bitLt)
 _TRIM_EVERY_BYTES = 4 * 2**20  # return freed read buffers to the OS after every few MiB read
+
+
+def _prequantized_base(key: str, prefixes: set[str]) -> Optional[str]:
+    """The layer prefix a prequantized checkpoint key belongs to (`x.weight`, `x.weight.absmax`, ...,
+    `x.SCB`, `x.weight_format`), or None."""
+    for suffix in (".weight", _SCB_SUFFIX, ".weight_format"):
+        if key.endswith(suffix) and key[: -len(suffix)] in prefixes:
+            return key[: -len(suffix)]
+    base = key.rpartition(".weight.")[0] if ".weight." in key else None
+    return base if base in prefixes else None
 
 
 @contextlib.contextmanager
@@ -119,15 +134,23 @@ class WeightStreamer:
                 return None
             return dataclasses.replace(requested, bnb_4bit_compute_dtype=requested.bnb_4bit_compute_dtype or self.dtype)
         if requested is None:
-            raise ValueError(f"{self.folder} is a prequantized bitsandbytes 4-bit checkpoint; it cannot be loaded unquantized")
+            raise ValueError(f"{self.folder} is a prequantized bitsandbytes {checkpoint_quant.quant_name} checkpoint; it cannot be loaded unquantized")
 
         def settings(q: QuantConfig) -> tuple:
+            if q.load_in_8bit:
+                return ("int8", q.llm_int8_threshold, q.llm_int8_has_fp16_weight, q.llm_int8_skip_modules)
             return (q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant, q.blocksize, q.bnb_4bit_quant_storage, q.llm_int8_skip_modules)
 
-        if settings(requested) not in (settings(_DEFAULT_QUANT), settings(checkpoint_quant)):
+        # The default request (nf4, or int8 for an 8-bit checkpoint) means "as stored".
+        as_stored = [settings(_DEFAULT_QUANT), settings(checkpoint_quant)]
+        if checkpoint_quant.load_in_8bit:
+            as_stored.append(settings(_DEFAULT_INT8))
+        if settings(requested) not in as_stored:
+            stored = checkpoint_quant.quant_name
+            if not checkpoint_quant.load_in_8bit:
+                stored += f", double quant {checkpoint_quant.bnb_4bit_use_double_quant}"
             raise ValueError(
-                f"{self.folder} is already quantized ({checkpoint_quant.bnb_4bit_quant_type}, double quant "
-                f"{checkpoint_quant.bnb_4bit_use_double_quant}); requantizing with other settings is not supported"
+                f"{self.folder} is already quantized ({stored}); requantizing with other settings is not supported"
             )
         compute = requested.bnb_4bit_compute_dtype or checkpoint_quant.bnb_4bit_compute_dtype
         return dataclasses.replace(checkpoint_quant, bnb_4bit_compute_dtype=compute)
@@ -154,7 +177,7 @@ class WeightStreamer:
             module_name, _, attr = target.rpartition(".")
             current = self.model.get_submodule(module_name)._parameters.get(attr)
             same = (
-                current is not None and not isinstance(current, Params4bit) and current.shape == tensor.shape
+                current is not None and not isinstance(current, (Params4bit, Int8Params)) and current.shape == tensor.shape
                 and torch.equal(current, tensor.to(device=current.device, dtype=current.dtype))
             )
             if same:
@@ -164,7 +187,8 @@ class WeightStreamer:
         self.placed.update(names)
         return names
 
-    def swap_in_linear4bit(self, names: list[str]) -> None:
+    def swap_in_quantized(self, names: list[str]) -> None:
+        """Replace the named Linear-like modules with empty Linear4bit / Linear8bitLt (on meta)."""
         from transformers.pytorch_utils import Conv1D
 
         q = self.quant
@@ -177,29 +201,40 @@ class WeightStreamer:
             else:
                 in_features, out_features = module.in_features, module.out_features
             with torch.device("meta"):
-                new = Linear4bit(
-                    in_features, out_features, bias=module.bias is not None,
-                    compute_dtype=q.bnb_4bit_compute_dtype, compress_statistics=q.bnb_4bit_use_double_quant,
-                    quant_type=q.bnb_4bit_quant_type, quant_storage=q.bnb_4bit_quant_storage, blocksize=q.blocksize,
-                )
+                if q.load_in_8bit:
+                    new = Linear8bitLt(
+                        in_features, out_features, bias=module.bias is not None,
+                        has_fp16_weights=q.llm_int8_has_fp16_weight, threshold=q.llm_int8_threshold,
+                    )
+                else:
+                    new = Linear4bit(
+                        in_features, out_features, bias=module.bias is not None,
+                        compute_dtype=q.bnb_4bit_compute_dtype, compress_statistics=q.bnb_4bit_use_double_quant,
+                        quant_type=q.bnb_4bit_quant_type, quant_storage=q.bnb_4bit_quant_storage, blocksize=q.blocksize,
+                    )
             new.requires_grad_(False)
             self.model.set_submodule(name, new)
             self.quantized.append(name)
 
     def place(self, names: list[str], tensor: torch.Tensor) -> None:
         """Put one checkpoint tensor at `names` (several when tied): quantized where the name is a
-        Linear4bit's weight, else one shared Parameter (or buffer) in the load dtype."""
+        Linear4bit's or Linear8bitLt's weight, else one shared Parameter (or buffer) in the load dtype."""
         shared: Optional[nn.Parameter] = None
         for name in names:
             module_name, _, attr = name.rpartition(".")
             module = self.model.get_submodule(module_name)
-            if isinstance(module, Linear4bit) and attr == "weight":
+            if isinstance(module, _QUANTIZED_LINEARS) and attr == "weight":
                 weight = tensor.T if module_name in self.transposed else tensor
                 expected = (module.out_features, module.in_features)
                 if tuple(weight.shape) != expected:
                     raise ValueError(f"checkpoint tensor {name} has shape {list(weight.shape)}, the model expects {list(expected)}")
                 weight = weight.to(device=self.device, dtype=self.dtype).contiguous()
-                module.weight = Params4bit(weight, requires_grad=False, **module.weight._settings()).quantize()
+                if isinstance(module, Linear8bitLt):
+                    fp16 = module.has_fp16_weights  # kept in float (quantized per forward)
+                    param = Int8Params(weight, requires_grad=False, has_fp16_weights=fp16)
+                    module.weight = param if fp16 else param.quantize()
+                else:
+                    module.weight = Params4bit(weight, requires_grad=False, **module.weight._settings()).quantize()
                 continue
             is_param = attr in module._parameters
             current = module._parameters[attr] if is_param else module._buffers.get(attr)
@@ -216,6 +251,9 @@ class WeightStreamer:
 
     def place_prequantized(self, module_name: str, weight_key: str, tensors: dict[str, torch.Tensor]) -> None:
         module = self.model.get_submodule(module_name)
+        if isinstance(module, Linear8bitLt):
+            self.place_prequantized_int8(module, weight_key, tensors)
+            return
         data = tensors.pop(weight_key)
         try:
             weight = Params4bit.from_prequantized(data, tensors, device=self.device)
@@ -226,26 +264,45 @@ class WeightStreamer:
             raise ValueError(f"{weight_key} is quantized with shape {list(weight.quant_state.shape)}, the model expects {list(expected)}")
         module.weight = weight
 
+    def place_prequantized_int8(self, module: Linear8bitLt, weight_key: str, tensors: dict[str, torch.Tensor]) -> None:
+        base = weight_key.removesuffix(".weight")
+        CB, SCB = tensors[weight_key], tensors.get(base + _SCB_SUFFIX)
+        fmt = tensors.get(base + ".weight_format")
+        if SCB is None:
+            raise ValueError(f"{weight_key}: the checkpoint has no {base + _SCB_SUFFIX} for this 8-bit weight")
+        if fmt is not None and int(fmt.item()) != WEIGHT_FORMAT_ROW:
+            raise ValueError(f"{base}.weight_format is {int(fmt.item())}; only the row-major format (0) is supported")
+        expected = (module.out_features, module.in_features)
+        if CB.dtype != torch.int8 or tuple(CB.shape) != expected or tuple(SCB.shape) != (expected[0],):
+            raise ValueError(
+                f"{weight_key}: expected int8 {list(expected)} with SCB [{expected[0]}], got {CB.dtype} "
+                f"{list(CB.shape)} with SCB {list(SCB.shape)}"
+            )
+        module.weight = Int8Params(CB.to(self.device).contiguous(), SCB=SCB.to(self.device, torch.float32).contiguous())
+
     def run(self, reader: CheckpointReader) -> None:
         keys = reader.names
         groups: dict[str, list[str]] = {}  # prequantized module (model name) -> its checkpoint keys
         group_of: dict[str, tuple[str, str]] = {}  # checkpoint key -> (module, weight key)
         if self.prequantized:
-            prefixes = {k.split(_QUANT_STATE_KEY)[0] for k in keys if _QUANT_STATE_KEY in k}
+            if self.quant is not None and self.quant.load_in_8bit:
+                prefixes = {k.removesuffix(_SCB_SUFFIX) for k in keys if k.endswith(_SCB_SUFFIX)}
+            else:
+                prefixes = {k.split(_QUANT_STATE_KEY)[0] for k in keys if _QUANT_STATE_KEY in k}
             for key in keys:
-                base = key.rpartition(".weight.")[0] if ".weight." in key else key.removesuffix(".weight")
-                if base in prefixes:
+                base = _prequantized_base(key, prefixes)
+                if base is not None:
                     target = self.model_name(base + ".weight")
                     if target is None:
                         raise ValueError(f"checkpoint has quantized weights for {base}, which the model does not have")
                     groups.setdefault(target.removesuffix(".weight"), []).append(key)
                     group_of[key] = (target.removesuffix(".weight"), base + ".weight")
-            self.swap_in_linear4bit(list(groups))
+            self.swap_in_quantized(list(groups))
             linears = linear_like_modules(self.model)
             self.skipped = {n: "stored unquantized in the checkpoint" for n in linears}
         elif self.quant is not None:
             to_quantize, self.skipped = plan_quantization(self.model, self.quant)
-            self.swap_in_linear4bit(to_quantize)
+            self.swap_in_quantized(to_quantize)
         else:
             self.skipped = {n: "quantization off (quant=None)" for n in linear_like_modules(self.model)}
         pending: dict[str, dict[str, torch.Tensor]] = {}

@@ -360,7 +360,7 @@ def test_bad_load_settings(folders, kwargs, match):
     [
         (dict(blocksize=48), "blocksize must be a power of two"),
         (dict(bnb_4bit_quant_type="int3"), "bnb_4bit_quant_type must be one of"),
-        (dict(load_in_8bit=True), "not supported yet"),
+        (dict(load_in_8bit=True, load_in_4bit=True), "exactly one of load_in_4bit and load_in_8bit"),
         (dict(bnb_4bit_quant_storage="int4"), "bnb_4bit_quant_storage must be one of"),
     ],
 )

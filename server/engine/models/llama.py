@@ -20,6 +20,7 @@ import quantserve.quant as quant
 from quantserve.quant.functional import dequantize_absmax
 
 from ..attention import AttentionMetadata, paged_attention
+from .int8_linear import FusedInt8
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class FusedLinear:
         else:
             self.bias = None
         self.state: Optional[quant.QuantState] = None
+        self.int8: Optional[FusedInt8] = None  # LLM.int8 parts (int8_linear.py)
         if all(isinstance(m, quant.Linear4bit) for m in linears):
             self._fuse_4bit(linears)
             probe = torch.randn(3, linears[0].in_features, device=self.weight.device, dtype=self.compute_dtype)
@@ -63,6 +65,8 @@ class FusedLinear:
                     offset += m.out_features
                 self.weight = weight
             self.compute_dtype = None
+        elif all(isinstance(m, quant.Linear8bitLt) for m in linears):
+            self.int8 = FusedInt8(linears, self.bias)
         else:
             raise NotImplementedError("cannot fuse a mix of 4-bit and float linears")
 
@@ -100,6 +104,8 @@ class FusedLinear:
         self._op_args = (list(self.state.shape), absmax, first.blocksize, first.quant_type)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8 is not None:
+            return self.int8(x)
         if self.state is None:
             return nn.functional.linear(x, self.weight, self.bias)
         # As Linear4bit.forward: compute in compute_dtype, return in the input's dtype.
@@ -181,7 +187,7 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
             return "unexpected MLP layout"
         kinds = {type(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
                                    mlp.down_proj)}
-        if not (kinds <= {quant.Linear4bit} or kinds <= {nn.Linear}):
+        if not (kinds <= {quant.Linear4bit} or kinds <= {quant.Linear8bitLt} or kinds <= {nn.Linear}):
             return "mixed 4-bit and float projections"
     return None
 

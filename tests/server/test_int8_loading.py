@@ -1,0 +1,151 @@
+"""--quant int8 through the loader, the prequantized-checkpoint path, `quantserve quantize` and
+`quantserve inspect`, on tiny random models, against transformers + bitsandbytes 8-bit (the oracle:
+same int8 bytes, same logits bit for bit, its input embedding and output head brought to 16 bits
+as quantserve loads them: server/engine/models/sixteen_bit.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import quantserve.quant as quant
+from quantserve.quant import Linear8bitLt
+from quantserve.server.loading.loader import LoadConfig, load_model
+
+from .loader_helpers import logits, tiny_model
+
+THRESHOLD = 3.0  # low enough for the random models' activations to have outlier columns
+INT8 = quant.QuantConfig(load_in_8bit=True, llm_int8_threshold=THRESHOLD)
+
+
+def bnb_int8_reference(folder, threshold=THRESHOLD):
+    """transformers + bitsandbytes quantizing (or loading, if prequantized) `folder` to 8 bits."""
+    import transformers as tf
+
+    config = tf.BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=threshold)
+    return tf.AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=torch.float32).eval()
+
+
+def as_quantserve_loads(model):
+    """The model with its input embedding and output head at 16 bits, as quantserve's loader
+    places them; the int8 layers are untouched."""
+    from quantserve.server.engine.models.sixteen_bit import to_16bit
+
+    to_16bit(model, torch.float32)
+    return model
+
+
+def bnb_int8_modules(model) -> dict:
+    import bitsandbytes as bnb
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    out = {}
+    for arch in ("llama", "qwen2", "gpt2"):
+        model = tiny_model(arch)
+        with torch.no_grad():  # hidden states big enough to cross the threshold
+            model.get_input_embeddings().weight.mul_(40.0)
+        out[arch] = tmp_path_factory.mktemp(arch)
+        model.save_pretrained(out[arch])
+    return out
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _load(folder, **kwargs):
+    kwargs.setdefault("quant", INT8)
+    return load_model(LoadConfig(str(folder), device="cpu", progress=False, **kwargs))
+
+
+def _assert_same_int8_layers(ours, theirs):
+    ref = bnb_int8_modules(theirs)
+    mine = {n: m for n, m in ours.named_modules() if isinstance(m, Linear8bitLt)}
+    assert mine and sorted(mine) == sorted(ref)
+    for name, layer in mine.items():
+        assert torch.equal(layer.weight.data, ref[name].weight.data), name
+        assert torch.equal(layer.weight.SCB, ref[name].weight.SCB), name
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_logits_match_transformers_bitsandbytes(folders, ids, arch):
+    result = _load(folders[arch])
+    theirs = as_quantserve_loads(bnb_int8_reference(folders[arch]))
+    _assert_same_int8_layers(result.model, theirs)
+    got, want = logits(result.model, ids), logits(theirs, ids)
+    assert torch.equal(got, want)
+    report = result.report
+    assert report.quant.load_in_8bit and len(report.quantized) == len(bnb_int8_modules(theirs))
+    assert "int8" in report.summary()
+    if arch == "gpt2":
+        assert report.transposed  # Conv1D weights stored transposed, as transformers + bitsandbytes
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prequantized_8bit_checkpoint_loads_as_stored(folders, ids, tmp_path, arch):
+    theirs = bnb_int8_reference(folders[arch])
+    theirs.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "model.safetensors")
+    result = _load(tmp_path, quant=quant.QuantConfig())  # the default request: as stored
+    assert result.report.prequantized and result.report.checkpoint_format == "bitsandbytes 8-bit (prequantized)"
+    assert result.report.quant.load_in_8bit and result.report.quant.llm_int8_threshold == THRESHOLD
+    for name, layer in result.model.named_modules():
+        if isinstance(layer, Linear8bitLt):
+            key = name if name + ".SCB" in stored else name.removeprefix("transformer.")
+            assert torch.equal(layer.weight.data, stored[key + ".weight"]), name
+            assert torch.equal(layer.weight.SCB, stored[key + ".SCB"]), name
+    assert torch.equal(logits(result.model, ids), logits(as_quantserve_loads(theirs), ids))
+    with pytest.raises(ValueError, match=r"already quantized \(int8\)"):
+        _load(tmp_path, quant=quant.QuantConfig(bnb_4bit_quant_type="fp4"))
+    assert _load(tmp_path, quant=quant.QuantConfig(load_in_8bit=True)).report.prequantized  # --quant int8: as stored
+
+
+def test_cli_quantize_int8_checkpoint_loads_in_transformers_with_same_logits(folders, ids, tmp_path, capsys):
+    import transformers as tf
+
+    from quantserve.server.cli import main
+
+    out = tmp_path / "int8"
+    assert main(["quantize", str(folders["llama"]), str(out), "--quant", "int8", "--no-progress"]) == 0
+    assert "layers int8" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["load_in_8bit"] and not config["load_in_4bit"] and config["llm_int8_threshold"] == 6.0
+    theirs = tf.AutoModelForCausalLM.from_pretrained(out).eval()  # transformers + bitsandbytes, as stored
+    assert bnb_int8_modules(theirs)
+    as_quantserve_loads(theirs)
+    ours = _load(folders["llama"], quant=quant.QuantConfig(load_in_8bit=True))
+    _assert_same_int8_layers(ours.model, theirs)
+    assert torch.equal(logits(theirs, ids), logits(ours.model, ids))
+    again = _load(out, quant=quant.QuantConfig())  # and quantserve loads it back as stored
+    assert again.report.prequantized and torch.equal(logits(again.model, ids), logits(ours.model, ids))
+
+
+def test_cli_inspect_int8(folders, capsys):
+    from quantserve.server.cli import main
+
+    assert main(["inspect", str(folders["llama"]), "--quant", "int8", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "int8 (LLM.int8), outlier threshold 6" in text and "Linear8bitLt" in text
+    line = next(t for t in text.splitlines() if t.startswith("quantized"))
+    # 8 bits + one float32 scale per row of 128 or 256 weights: between 8.125 and 8.25
+    bits = float(line.split(" bits/param")[0].rsplit(" ", 1)[1])
+    theory = float(line.split("(theory ")[1].split(" ")[0])
+    assert 8.1 < bits < 8.3 and bits == pytest.approx(theory, abs=1e-3)
+
+
+def test_int8_settings_and_errors(folders, capsys):
+    from quantserve.server.cli import main
+    from quantserve.server.config import Settings
+
+    assert Settings(quant="int8").quant == "int8"
+    assert main(["inspect", str(folders["llama"]), "--quant", "int8", "--double-quant", "--no-progress"]) == 1
+    assert "--double-quant applies to the 4-bit formats" in capsys.readouterr().err

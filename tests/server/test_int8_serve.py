@@ -1,0 +1,53 @@
+"""`quantserve serve --quant int8`: the flag and its environment variable, and (slow) a real server
+process serving the default model in LLM.int8 to the official openai client."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from quantserve.server.cli import build_parser
+from quantserve.server.serve import settings_from_args
+
+
+def test_serve_takes_quant_int8(monkeypatch):
+    args = build_parser().parse_args(["serve", "--quant", "int8"])
+    assert settings_from_args(args).quant == "int8"
+    monkeypatch.setenv("QUANTSERVE_QUANT", "int8")
+    assert settings_from_args(build_parser().parse_args(["serve"])).quant == "int8"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--quant", "int4"])
+
+
+def test_load_for_serving_int8_settings(monkeypatch):
+    from quantserve.server.config import Settings
+    from quantserve.server.loading import loader
+
+    seen = {}
+    monkeypatch.setattr(loader, "load_model", lambda config: seen.setdefault("config", config))
+    loader.load_for_serving(Settings(quant="int8"))
+    assert seen["config"].quant.load_in_8bit and seen["config"].quant.llm_int8_threshold == 6.0
+
+
+@pytest.mark.slow
+def test_real_server_serves_int8(default_model_dir):
+    from .test_api_server import Server
+
+    server = Server("--quant", "int8")
+    try:
+        server.wait_ready()
+        client = server.client()
+        reply = client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", temperature=0, max_tokens=16,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+        )
+        # The words themselves are LLM.int8's (tests/server/engine/test_engine_int8.py checks the
+        # arithmetic); here: the int8 model is what is served, and it answers.
+        assert reply.choices[0].finish_reason in ("stop", "length") and reply.choices[0].message.content.strip()
+        assert reply.usage.completion_tokens <= 16
+        assert "210 layers int8" in server.log.read_text()
+        memory = httpx.get(server.url + "/v1/memory", headers=server.headers(), timeout=10).json()
+        weights = memory["weights"]
+        assert weights["quantized_layers"] == 210 and weights["saving_ratio"] > 1.0
+    finally:
+        assert server.stop() == 0
