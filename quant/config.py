@@ -124,6 +124,11 @@ class QuantConfig:
         if not math.isfinite(self.llm_int8_threshold) or self.llm_int8_threshold < 0:
             raise ValueError(f"llm_int8_threshold must be finite and >= 0, got {self.llm_int8_threshold!r}")
 
+    @property
+    def quant_name(self) -> str:
+        """The weight format in one word: "nf4", "fp4" or "int8" (what --quant takes)."""
+        return "int8" if self.load_in_8bit else self.bnb_4bit_quant_type
+
     def to_dict(self) -> dict[str, Any]:
         """The `quantization_config` dict transformers writes into config.json."""
         return {
