@@ -1,10 +1,14 @@
-// Paged attention for the engine's CPU path (server/engine/native.py builds and loads it).
+// Paged attention for the engine's CPU path (kernels/cpu/paged_attention.py builds and loads it).
 //
 // One call per layer computes the attention of every query row of the step (decode tokens and
 // prefill chunks alike), reading keys/values from the paged KV cache in place. A "sequence" of
 // the call is n_q query rows at positions ctx - n_q .. ctx - 1 of a sequence whose first ctx
 // tokens are in the cache; row r attends to positions 0 .. ctx - n_q + r (causal). That covers
 // decodes (n_q = 1), fresh prompts (n_q = ctx), chunked-prefill continuations and prefix hits.
+// A layer with a sliding window W lets the row at position p see only p - W < k <= p (as
+// transformers' sliding-window mask): keys before the window are neither read nor scored, so
+// blocks wholly before every row's window may be freed (the table entry is then never read).
+// Attention logit soft-capping (Gemma 2) replaces each score s by cap * tanh(s / cap).
 // Plain C ABI over raw pointers; float32 only (the engine's CPU dtype). Built with
 //   g++ -O3 -std=c++17 -fPIC -shared -fopenmp -ffp-contract=off
 // and no -march / -ffast-math: AVX-512 code is compiled per function (target attributes) and
@@ -75,6 +79,8 @@ struct Args {
     i64 H, KVH, D, BS;
     int G;
     float scale;
+    i64 window;     // sliding window in tokens, 0: none
+    float softcap;  // logit soft-capping, 0: none
     float* partial;  // split decodes: per part and query head, (m, l, acc[D])
 };
 
@@ -116,6 +122,17 @@ inline float exp_nonpositive(float x) {
 
 inline const float* q_ptr(const Args& a, i64 row, i64 head) { return a.q + row * a.q_row + head * a.q_head; }
 
+// The first key position a row at position pos sees (sliding window), else 0.
+inline i64 first_visible(const Args& a, i64 pos) { return a.window > 0 ? std::max<i64>(0, pos - a.window + 1) : 0; }
+
+// cap * tanh(x / cap), tanh from exp_nonpositive: (1 - e) / (1 + e) with e = exp(-2|y|), sign of y.
+// Within a few float32 ulps of cap * tanh; for small |y| the absolute error stays ~1e-7 * cap.
+inline float softcap1(float x, float cap) {
+    const float y = x / cap;
+    const float e = exp_nonpositive(-2.0f * std::fabs(y));
+    return cap * std::copysign((1.0f - e) / (1.0f + e), y);
+}
+
 // Query vector i (0 <= i < n_q * G) of kv head h: row i / G, query head h * G + i % G.
 inline void vector_of(const Args& a, i64 h, i64 i, i64* row, i64* head) {
     *row = i / a.G;
@@ -124,7 +141,7 @@ inline void vector_of(const Args& a, i64 h, i64 i, i64* row, i64* head) {
 
 // ------------------------------------------------------------------------------ portable
 
-// One decode row, kv head h: its G query heads against keys [0, ctx), block by block.
+// One decode row, kv head h: its G query heads against its visible keys [lo, ctx), block by block.
 QS_CLONES
 void decode_portable(const Args& a, i64 s, i64 h) {
     const i64* sq = a.seqs + 4 * s;
@@ -143,31 +160,35 @@ void decode_portable(const Args& a, i64 s, i64 h) {
     alignas(64) float s_[kMaxBlock];
     const i64 vrow = KVH * D;  // floats between consecutive tokens of a V block
     const i64 nblocks = (ctx + BS - 1) / BS;
-    for (i64 j = 0; j < nblocks; ++j) {
+    const i64 lo = first_visible(a, ctx - 1);
+    for (i64 j = lo / BS; j < nblocks; ++j) {
         const i64 n = std::min(BS, ctx - j * BS);
+        const i64 t0 = std::max<i64>(0, lo - j * BS);  // keys before the window: not read
         const float* kt = a.k_cache + (table[j] * KVH + h) * D * BS;  // [D][BS]
         const float* vb = a.v_cache + table[j] * BS * vrow + h * D;
         for (i64 g = 0; g < G; ++g) {
             const float* qg = q_ptr(a, row, h * G + g);
-            for (i64 t = 0; t < n; ++t) s_[t] = 0.0f;
+            for (i64 t = t0; t < n; ++t) s_[t] = 0.0f;
             for (i64 d = 0; d < D; ++d) {
                 const float qd = qg[d] * a.scale;
                 const float* kd = kt + d * BS;
-                for (i64 t = 0; t < n; ++t) s_[t] += qd * kd[t];
+                for (i64 t = t0; t < n; ++t) s_[t] += qd * kd[t];
             }
+            if (a.softcap > 0.0f)
+                for (i64 t = t0; t < n; ++t) s_[t] = softcap1(s_[t], a.softcap);
             float bm = m[g];
-            for (i64 t = 0; t < n; ++t) bm = std::max(bm, s_[t]);
+            for (i64 t = t0; t < n; ++t) bm = std::max(bm, s_[t]);
             const float corr = exp_nonpositive(m[g] - bm);  // m = -inf on the first block: ~0 times 0
             float psum = 0.0f;
 #pragma omp simd reduction(+ : psum)
-            for (i64 t = 0; t < n; ++t) {
+            for (i64 t = t0; t < n; ++t) {
                 s_[t] = exp_nonpositive(s_[t] - bm);
                 psum += s_[t];
             }
             float* o = acc + g * D;
             l[g] = l[g] * corr + psum;
             for (i64 d = 0; d < D; ++d) o[d] *= corr;
-            for (i64 t = 0; t < n; ++t) {
+            for (i64 t = t0; t < n; ++t) {
                 const float p = s_[t];
                 const float* vt = vb + t * vrow;
                 for (i64 d = 0; d < D; ++d) o[d] += p * vt[d];
@@ -193,11 +214,12 @@ void tile_portable(const Args& a, i64 s, i64 h, i64 v0, i64 v1) {
     alignas(64) float ot[kMaxHeadDim][kLanes];
     alignas(64) float sc[kLanes][kLanes];  // [key][lane]
     alignas(64) float m[kLanes], l[kLanes], corr[kLanes];
-    i64 pos[kLanes];
+    i64 pos[kLanes], lo[kLanes];
     for (i64 i = 0; i < kLanes; ++i) {
         i64 r, head;
         vector_of(a, h, v0 + std::min(i, nv - 1), &r, &head);  // spare lanes repeat the last vector
         pos[i] = ctx - nq + r;
+        lo[i] = first_visible(a, pos[i]);
         const float* qv = q_ptr(a, row0 + r, head);
         for (i64 d = 0; d < D; ++d) qt[d][i] = qv[d] * a.scale;
         m[i] = kNegInf;
@@ -206,7 +228,7 @@ void tile_portable(const Args& a, i64 s, i64 h, i64 v0, i64 v1) {
     for (i64 d = 0; d < D; ++d)
         for (int i = 0; i < kLanes; ++i) ot[d][i] = 0.0f;
     const i64 maxpos = pos[kLanes - 1];
-    for (i64 k0 = 0; k0 <= maxpos; k0 += kLanes) {
+    for (i64 k0 = lo[0]; k0 <= maxpos; k0 += kLanes) {  // lanes' positions ascend: lo[0] is the least
         const i64 nk = std::min<i64>(kLanes, maxpos + 1 - k0);
         for (i64 t = 0; t < nk; ++t) {
             const i64 kp = k0 + t;
@@ -216,7 +238,9 @@ void tile_portable(const Args& a, i64 s, i64 h, i64 v0, i64 v1) {
                 const float kd = kt[d * BS];
                 for (int i = 0; i < kLanes; ++i) acc[i] += kd * qt[d][i];
             }
-            for (int i = 0; i < kLanes; ++i) sc[t][i] = kp <= pos[i] ? acc[i] : kNegInf;
+            if (a.softcap > 0.0f)
+                for (int i = 0; i < kLanes; ++i) acc[i] = softcap1(acc[i], a.softcap);
+            for (int i = 0; i < kLanes; ++i) sc[t][i] = kp <= pos[i] && kp >= lo[i] ? acc[i] : kNegInf;
         }
         // Lanes innermost: the loops vectorize over the query vectors.
         alignas(64) float mx[kLanes], sum[kLanes];
@@ -227,7 +251,9 @@ void tile_portable(const Args& a, i64 s, i64 h, i64 v0, i64 v1) {
         for (i64 t = 0; t < nk; ++t)
             for (int i = 0; i < kLanes; ++i) mx[i] = std::max(mx[i], sc[t][i]);
         for (int i = 0; i < kLanes; ++i) {
-            corr[i] = exp_nonpositive(m[i] - mx[i]);  // m = -inf on the first keys: ~0 times 0
+            // m = -inf on a lane's first keys: ~0 times 0; a lane whose window has not begun yet
+            // (mx still -inf) keeps its zero state.
+            corr[i] = mx[i] == kNegInf ? 1.0f : exp_nonpositive(m[i] - mx[i]);
             m[i] = mx[i];
         }
         for (i64 t = 0; t < nk; ++t)
@@ -280,6 +306,16 @@ T512 inline __m512 exp16(__m512 x) {
     return _mm512_maskz_mul_ps(live, y, _mm512_castsi512_ps(e));
 }
 
+// softcap1 on 16 scores: cap * tanh(x / cap) (NaN stays NaN: masked lanes are blended out after).
+T512 inline __m512 softcap16(__m512 x, float cap) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512 y = _mm512_div_ps(x, _mm512_set1_ps(cap));
+    const __m512i sign = _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32((int32_t)0x80000000u));
+    const __m512 e = exp16(_mm512_mul_ps(_mm512_abs_ps(y), _mm512_set1_ps(-2.0f)));
+    const __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+    return _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), sign)), _mm512_set1_ps(cap));
+}
+
 // The next decode step's K and V of one kv head (n groups of 16 keys), prefetched line by line
 // during this step's FMAs: the cache streams from memory, and the out-of-order window alone
 // keeps too few of its lines in flight (prefetching a whole step at once, or two steps ahead,
@@ -296,12 +332,12 @@ struct DecodeState {
     __m512 l;
 };
 
-// PV part of a decode step: o[g] = o[g] * corr[g] + sum_t p[g][t] V[t] over n keys (V[t][d] =
+// PV part of a decode step: o[g] = o[g] * corr[g] + sum_t p[g][t] V[t] over keys t0..n-1 (V[t][d] =
 // vb[t * vrow + d]; p[g][t] = p[g * PS + t]). Each p broadcast feeds DVB vectors of V, each V
 // vector NG queries.
 template <int NG, int N, int PS>
-T512 inline void decode_pv(const float* vb, i64 D, i64 vrow, int n, const float* p, const float* corr, float* o,
-                           bool first, const float* pfv) {
+T512 inline void decode_pv(const float* vb, i64 D, i64 vrow, int t0, int n, const float* p, const float* corr,
+                           float* o, bool first, const float* pfv) {
     constexpr int DVB = NG == 1 ? 8 : 16 / NG;  // output vectors per query held in registers
     for (i64 dv0 = 0; dv0 < D; dv0 += 16 * DVB) {
         const int nb = (int)std::min<i64>(DVB, (D - dv0) / 16);
@@ -316,7 +352,7 @@ T512 inline void decode_pv(const float* vb, i64 D, i64 vrow, int n, const float*
                 }
         const int nt = N ? N : n;
 #pragma GCC unroll 4
-        for (int t = 0; t < nt; ++t) {  // only valid keys: slots past the context end may hold anything
+        for (int t = N ? 0 : t0; t < nt; ++t) {  // only visible keys: other slots may hold anything
             if (pfv && dv0 == 0)
                 for (i64 i = 0; i < D; i += 16) _mm_prefetch((const char*)(pfv + t * vrow + i), _MM_HINT_T0);
             __m512 pb[NG];
@@ -334,12 +370,13 @@ T512 inline void decode_pv(const float* vb, i64 D, i64 vrow, int n, const float*
 }
 
 // One decode step: NG query heads of one kv head against KG groups of up to 16 keys (keys in
-// lanes): group j has 1 <= n[j] <= 16 keys at kt[j] / vb[j].
+// lanes): group j has keys lo[j] <= t < n[j] <= 16 visible at kt[j] / vb[j]; cap > 0 soft-caps.
 // K[t][d] = kt[d * BS + t]; V[t][d] = vb[t * vrow + d]; qs, o: [NG][kMaxHeadDim]. Each q
 // broadcast feeds KG groups, each K vector all NG queries; the groups' pages stream in together.
 template <int NG, int KG>
-T512 inline void decode_step(const float* const* kt, const float* const* vb, const int* n, i64 D, i64 BS, i64 vrow,
-                             const float* qs, float* o, DecodeState* st, const DecodePrefetch& pf) {
+T512 inline void decode_step(const float* const* kt, const float* const* vb, const int* lo, const int* n, i64 D,
+                             i64 BS, i64 vrow, float cap, const float* qs, float* o, DecodeState* st,
+                             const DecodePrefetch& pf) {
     constexpr int C = NG * KG <= 8 ? 2 : 1;  // independent FMA chains per query and group
     alignas(64) float p[NG][16 * KG];
     __m512 sc[NG][KG][C];
@@ -372,7 +409,8 @@ T512 inline void decode_step(const float* const* kt, const float* const* vb, con
         for (int j = 0; j < KG; ++j) {
             x[j] = sc[g][j][0];
             for (int c = 1; c < C; ++c) x[j] = _mm512_add_ps(x[j], sc[g][j][c]);
-            x[j] = _mm512_mask_blend_ps((__mmask16)((1u << n[j]) - 1u), ninf, x[j]);
+            if (cap > 0.0f) x[j] = softcap16(x[j], cap);
+            x[j] = _mm512_mask_blend_ps((__mmask16)(((1u << n[j]) - 1u) & ~((1u << lo[j]) - 1u)), ninf, x[j]);
             up |= _mm512_cmp_ps_mask(x[j], mv, _CMP_GT_OQ);
         }
         corr[g] = 1.0f;
@@ -393,31 +431,33 @@ T512 inline void decode_step(const float* const* kt, const float* const* vb, con
         }
     }
     for (int j = 0; j < KG; ++j) {
-        if (n[j] == 16)
-            decode_pv<NG, 16, 16 * KG>(vb[j], D, vrow, 16, &p[0][16 * j], corr, o, moved && j == 0,
+        if (n[j] == 16 && lo[j] == 0)
+            decode_pv<NG, 16, 16 * KG>(vb[j], D, vrow, 0, 16, &p[0][16 * j], corr, o, moved && j == 0,
                                        j < pf.n ? pf.v[j] : nullptr);
         else
-            decode_pv<NG, 0, 16 * KG>(vb[j], D, vrow, n[j], &p[0][16 * j], corr, o, moved && j == 0,
+            decode_pv<NG, 0, 16 * KG>(vb[j], D, vrow, lo[j], n[j], &p[0][16 * j], corr, o, moved && j == 0,
                                       j < pf.n ? pf.v[j] : nullptr);
     }
 }
 
 template <int KG>
-T512 inline void decode_step_ng(int nqg, const float* const* kt, const float* const* vb, const int* n, i64 D, i64 BS,
-                                i64 vrow, const float* qs, float* o, DecodeState* st, const DecodePrefetch& pf) {
+T512 inline void decode_step_ng(int nqg, const float* const* kt, const float* const* vb, const int* lo, const int* n,
+                                i64 D, i64 BS, i64 vrow, float cap, const float* qs, float* o, DecodeState* st,
+                                const DecodePrefetch& pf) {
     switch (nqg) {
-        case 1: decode_step<1, KG>(kt, vb, n, D, BS, vrow, qs, o, st, pf); break;
-        case 2: decode_step<2, KG>(kt, vb, n, D, BS, vrow, qs, o, st, pf); break;
-        case 3: decode_step<3, KG>(kt, vb, n, D, BS, vrow, qs, o, st, pf); break;
-        default: decode_step<4, KG>(kt, vb, n, D, BS, vrow, qs, o, st, pf); break;
+        case 1: decode_step<1, KG>(kt, vb, lo, n, D, BS, vrow, cap, qs, o, st, pf); break;
+        case 2: decode_step<2, KG>(kt, vb, lo, n, D, BS, vrow, cap, qs, o, st, pf); break;
+        case 3: decode_step<3, KG>(kt, vb, lo, n, D, BS, vrow, cap, qs, o, st, pf); break;
+        default: decode_step<4, KG>(kt, vb, lo, n, D, BS, vrow, cap, qs, o, st, pf); break;
     }
 }
 
-// Decode: the query heads of kv heads [h0, h1) of one row, keys [k0, k1) (k0 a multiple of 16).
+// Decode: the query heads of kv heads [h0, h1) of one row, keys [k0, k1) (k0 a multiple of 16; keys
+// before the row's window, in the first group only, are masked).
 // block_size and D are multiples of 16. part >= 0: unnormalized results into a.partial.
 T512 void decode_fast(const Args& a, i64 s, i64 h0, i64 h1, i64 k0, i64 k1, int part) {
     const i64* sq = a.seqs + 4 * s;
-    const i64 row = sq[0];
+    const i64 row = sq[0], first = first_visible(a, sq[2] - 1);
     const i64* table = a.tables + sq[3];
     const i64 D = a.D, BS = a.BS, KVH = a.KVH, vrow = KVH * D, G = a.G;
     const i64 nq = (h1 - h0) * G;  // query heads h0 * G .. h1 * G - 1
@@ -438,11 +478,12 @@ T512 void decode_fast(const Args& a, i64 s, i64 h0, i64 h1, i64 k0, i64 k1, int 
     for (i64 key = k0; key < k1; key += 16 * kDecodeGroups) {
         const i64 ng = std::min<i64>(kDecodeGroups, (k1 - key + 15) / 16);
         i64 blk[kDecodeGroups], off[kDecodeGroups];
-        int n[kDecodeGroups];
+        int n[kDecodeGroups], lo[kDecodeGroups];
         for (i64 j = 0; j < ng; ++j) {
             blk[j] = table[(key + 16 * j) / BS];
             off[j] = (key + 16 * j) % BS;
             n[j] = (int)std::min<i64>(16, k1 - key - 16 * j);
+            lo[j] = (int)std::max<i64>(0, first - key - 16 * j);
         }
         const i64 nkey = key + 16 * kDecodeGroups;
         const int nng = (int)std::max<i64>(0, std::min<i64>(kDecodeGroups, (k1 - nkey + 15) / 16));
@@ -469,11 +510,13 @@ T512 void decode_fast(const Args& a, i64 s, i64 h0, i64 h1, i64 k0, i64 k1, int 
                 const float* qr = qs + r * kMaxHeadDim;
                 float* orr = o + r * kMaxHeadDim;
                 const int nqg = (int)std::min<i64>(4, G - g0);
+                const float cap = a.softcap;
+                const DecodePrefetch& p = g0 ? nopf : pf;
                 switch (ng) {
-                    case 1: decode_step_ng<1>(nqg, kt, vb, n, D, BS, vrow, qr, orr, st + r, g0 ? nopf : pf); break;
-                    case 2: decode_step_ng<2>(nqg, kt, vb, n, D, BS, vrow, qr, orr, st + r, g0 ? nopf : pf); break;
-                    case 3: decode_step_ng<3>(nqg, kt, vb, n, D, BS, vrow, qr, orr, st + r, g0 ? nopf : pf); break;
-                    default: decode_step_ng<4>(nqg, kt, vb, n, D, BS, vrow, qr, orr, st + r, g0 ? nopf : pf); break;
+                    case 1: decode_step_ng<1>(nqg, kt, vb, lo, n, D, BS, vrow, cap, qr, orr, st + r, p); break;
+                    case 2: decode_step_ng<2>(nqg, kt, vb, lo, n, D, BS, vrow, cap, qr, orr, st + r, p); break;
+                    case 3: decode_step_ng<3>(nqg, kt, vb, lo, n, D, BS, vrow, cap, qr, orr, st + r, p); break;
+                    default: decode_step_ng<4>(nqg, kt, vb, lo, n, D, BS, vrow, cap, qr, orr, st + r, p); break;
                 }
             }
         }
@@ -548,12 +591,13 @@ T512 void tile_fast(const Args& a, i64 s, i64 h, i64 v0, i64 v1) {
     alignas(64) float qt[kMaxHeadDim * W];  // [d][lane], scaled queries
     alignas(64) float ot[kMaxHeadDim * W];  // [d][lane], unnormalized outputs
     alignas(64) float pt[16 * W];           // [key][lane], scores then probabilities
-    alignas(64) int32_t pos[W];
+    alignas(64) int32_t pos[W], lo[W];
     const float* qrow[W];
     for (int i = 0; i < W; ++i) {
         i64 r, head;
         vector_of(a, h, v0 + std::min<i64>(i, nv - 1), &r, &head);  // spare lanes repeat the last vector
         pos[i] = (int32_t)(ctx - nq + r);
+        lo[i] = (int32_t)first_visible(a, ctx - nq + r);
         qrow[i] = q_ptr(a, row0 + r, head);
     }
     const __m512 sv = _mm512_set1_ps(a.scale);
@@ -572,7 +616,8 @@ T512 void tile_fast(const Args& a, i64 s, i64 h, i64 v0, i64 v1) {
         m[g] = ninf;
         l[g] = _mm512_setzero_ps();
     }
-    for (i64 key = 0; key <= maxpos; key += 16) {
+    // Lanes' positions ascend: the first key any lane sees is lo[0]; groups of 16 stay in one block.
+    for (i64 key = lo[0] / 16 * 16; key <= maxpos; key += 16) {
         const i64 blk = table[key / BS], off = key % BS;
         const float* kt = a.k_cache + (blk * KVH + h) * D * BS + off;  // K[t][d] = kt[d * BS + t]
         const float* vb = a.v_cache + (blk * BS + off) * vrow + h * D;  // V[t][d] = vb[t * vrow + d]
@@ -601,20 +646,26 @@ T512 void tile_fast(const Args& a, i64 s, i64 h, i64 v0, i64 v1) {
         __m512 corr[LG];
         for (int g = 0; g < LG; ++g) {
             const bool diag = key + 15 > pos[16 * g];  // causal mask near the diagonal (and past the end)
-            const __m512i posv = _mm512_load_si512(pos + 16 * g);
+            const bool low = key < lo[16 * g + 15];    // some lane's window starts after this key
+            const __m512i posv = _mm512_load_si512(pos + 16 * g), lov = _mm512_load_si512(lo + 16 * g);
             __m512 x[16];
             for (int t = 0; t < 16; ++t) {
                 x[t] = _mm512_load_ps(pt + t * W + 16 * g);
-                if (diag)
-                    x[t] = _mm512_mask_blend_ps(
-                        _mm512_cmp_epi32_mask(_mm512_set1_epi32((int32_t)(key + t)), posv, _MM_CMPINT_LE), ninf, x[t]);
+                if (a.softcap > 0.0f) x[t] = softcap16(x[t], a.softcap);
+                if (diag || low) {
+                    const __m512i kv = _mm512_set1_epi32((int32_t)(key + t));
+                    const __mmask16 seen = _mm512_cmp_epi32_mask(kv, posv, _MM_CMPINT_LE) &
+                                           _mm512_cmp_epi32_mask(kv, lov, _MM_CMPINT_NLT);
+                    x[t] = _mm512_mask_blend_ps(seen, ninf, x[t]);
+                }
             }
             __m512 mx[8];
             for (int t = 0; t < 8; ++t) mx[t] = _mm512_max_ps(x[t], x[t + 8]);
             for (int w = 4; w >= 1; w /= 2)
                 for (int t = 0; t < w; ++t) mx[t] = _mm512_max_ps(mx[t], mx[t + w]);
             const __m512 mnew = _mm512_max_ps(m[g], mx[0]);
-            corr[g] = exp16(_mm512_sub_ps(m[g], mnew));  // m = -inf at first: 0
+            // m = -inf at first: 0 (and a lane whose window has not begun: exp16(NaN) = 0, state stays 0)
+            corr[g] = exp16(_mm512_sub_ps(m[g], mnew));
             m[g] = mnew;
             __m512 ps[8];
             for (int t = 0; t < 16; ++t) {
@@ -690,7 +741,7 @@ void merge_parts(const Args& a, i64 s, int first_part, int nparts) {
 
 extern "C" {
 
-int qs_abi_version() { return 5; }
+int qs_abi_version() { return 6; }
 
 // 0: portable code only; 1 (default): AVX-512 code where the CPU has it. Returns the previous value.
 int qs_set_fast(int allow) {
@@ -749,12 +800,14 @@ int qs_write_kv(const float* k, i64 k_stride, const float* v, i64 v_stride, floa
 
 // Attention of every query row of a step (see the top of the file). q [T, H, D] with strides
 // (q_row, q_head, 1); out [T, H, D] with row stride out_row (heads dense). seqs [S, 4] int64:
-// (first row, n_q, ctx, offset in tables). Returns 0 on success, nonzero when the shapes are
-// outside what this kernel handles (nothing written then).
+// (first row, n_q, ctx, offset in tables). window: sliding window in tokens (0: none); softcap:
+// logit soft-capping (0: none). Returns 0 on success, nonzero when the arguments are outside
+// what this kernel handles (nothing written then).
 int qs_paged_attention(const float* q, i64 q_row, i64 q_head, const float* k_cache, const float* v_cache,
                        float* out, i64 out_row, const i64* seqs, i64 S, const i64* tables, i64 H, i64 KVH, i64 D,
-                       i64 BS, float scale, int nthreads) {
-    if (S < 0 || H <= 0 || KVH <= 0 || H % KVH || D <= 0 || D > kMaxHeadDim || BS <= 0 || BS > kMaxBlock)
+                       i64 BS, float scale, i64 window, float softcap, int nthreads) {
+    if (S < 0 || H <= 0 || KVH <= 0 || H % KVH || D <= 0 || D > kMaxHeadDim || BS <= 0 || BS > kMaxBlock ||
+        window < 0 || !(softcap >= 0.0f) || std::isinf(softcap))
         return 1;
     for (i64 s = 0; s < S; ++s) {
         const i64 nq = seqs[4 * s + 1], ctx = seqs[4 * s + 2];
@@ -775,7 +828,8 @@ int qs_paged_attention(const float* q, i64 q_row, i64 q_head, const float* k_cac
         for (i64 h = 0; h < KVH; ++h)
             for (i64 v0 = 0; v0 < nq * G; v0 += tile) {
                 const i64 v1 = std::min(nq * G, v0 + tile);
-                const i64 keys = ctx - nq + (v1 - 1) / G + 1;
+                i64 keys = ctx - nq + (v1 - 1) / G + 1;
+                if (window > 0) keys = std::min(keys, window + (v1 - v0) / G + 1);
                 items.push_back({(int32_t)s, (int32_t)h, (int32_t)h + 1, fast ? kTileFast : kTilePortable, -1, v0, v1,
                                  keys * (v1 - v0 > kLanes ? 2 * kLanes : kLanes)});
             }
@@ -792,12 +846,14 @@ int qs_paged_attention(const float* q, i64 q_row, i64 q_head, const float* k_cac
     std::vector<i64> split;  // per split decode: s, first part, parts
     int nparts = 0;
     for (i64 s : decodes) {
-        const i64 ctx = seqs[4 * s + 2], groups = (ctx + 15) / 16;
+        // Groups of 16 keys from the one holding the first visible key (window) to the end.
+        const i64 ctx = seqs[4 * s + 2], g0 = (window > 0 ? std::max<i64>(0, ctx - window) : 0) / 16;
+        const i64 groups = (ctx + 15) / 16 - g0;
         const i64 parts = std::max<i64>(1, std::min(want, groups / 4));
         if (parts > 1) split.insert(split.end(), {s, nparts, parts});
         for (i64 h = 0; h < KVH; h += per)
             for (i64 p = 0; p < parts; ++p) {
-                const i64 k0 = groups * p / parts * 16, k1 = std::min(ctx, groups * (p + 1) / parts * 16);
+                const i64 k0 = (g0 + groups * p / parts) * 16, k1 = std::min(ctx, (g0 + groups * (p + 1) / parts) * 16);
                 items.push_back({(int32_t)s, (int32_t)h, (int32_t)(h + per), fast_decode ? kDecodeFast : kDecodePortable,
                                  parts > 1 ? nparts + (int32_t)p : -1, k0, k1, (k1 - k0) * per * std::max(G, 8)});
             }
@@ -805,7 +861,7 @@ int qs_paged_attention(const float* q, i64 q_row, i64 q_head, const float* k_cac
     }
     std::vector<float> partial((size_t)nparts * H * (D + 2));
     std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
-    Args a{q, q_row, q_head, k_cache, v_cache, out, out_row, seqs, tables, H, KVH, D, BS, G, scale,
+    Args a{q, q_row, q_head, k_cache, v_cache, out, out_row, seqs, tables, H, KVH, D, BS, G, scale, window, softcap,
            partial.data()};
     const i64 n = (i64)items.size();
 #pragma omp parallel num_threads(nthreads)

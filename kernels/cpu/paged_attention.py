@@ -21,7 +21,7 @@ SOURCE = Path(__file__).with_name("paged_attention.cpp")
 # No fused multiply-adds but the explicit ones: the compiler would fuse the portable loops'
 # vector and scalar copies differently, and a row's result would depend on its tile.
 CXXFLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off")
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -32,8 +32,9 @@ _SIGNATURES = {
     "qs_abi_version": (_I, []),
     "qs_set_fast": (_I, [_I]),
     "qs_fast_path": (_I, [_L, _L]),
-    # q, q row/head strides, k_cache, v_cache, out, out row stride, seqs, S, tables, H, KVH, D, BS, scale, threads
-    "qs_paged_attention": (_I, [_P, _L, _L, _P, _P, _P, _L, _P, _L, _P, _L, _L, _L, _L, _F, _I]),
+    # q, q row/head strides, k_cache, v_cache, out, out row stride, seqs, S, tables, H, KVH, D, BS, scale,
+    # window, softcap, threads
+    "qs_paged_attention": (_I, [_P, _L, _L, _P, _P, _P, _L, _P, _L, _P, _L, _L, _L, _L, _F, _L, _F, _I]),
     # k, k row stride, v, v row stride, k_cache, v_cache, slots, T, KVH, D, BS
     "qs_write_kv": (_I, [_P, _L, _P, _L, _P, _P, _P, _L, _L, _L, _L]),
 }
@@ -84,12 +85,16 @@ def attention(
     seqs: torch.Tensor,
     tables: torch.Tensor,
     scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> Optional[torch.Tensor]:
     """Attention of every row of q [T, H, D] (float32; rows and heads may be strided, dims dense)
     against the paged cache (k_cache [blocks, KVH, D, block_size], v_cache [blocks, block_size,
     KVH, D]) -> [T, H * D]. seqs [S, 4] int64: (first row, rows, context length, offset of its block
     table in tables), the rows being the sequence's last positions (causal); every row of q must
-    belong to one entry. None if the kernel is unavailable or does not take these shapes."""
+    belong to one entry. window > 0: the row at position p sees keys p - window < k <= p only (the
+    table entries of blocks before every row's window are not read); softcap > 0: scores become
+    softcap * tanh(score / softcap). None if the kernel is unavailable or does not take these shapes."""
     lib = load()
     if lib is None or q.dtype != torch.float32 or q.stride(2) != 1:
         return None
@@ -98,7 +103,8 @@ def attention(
     out = q.new_empty(T, H * D)
     rc = lib.qs_paged_attention(
         q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), H * D,
-        seqs.data_ptr(), seqs.shape[0], tables.data_ptr(), H, kvh, D, bs, scale, torch.get_num_threads(),
+        seqs.data_ptr(), seqs.shape[0], tables.data_ptr(), H, kvh, D, bs, scale, int(window), float(softcap),
+        torch.get_num_threads(),
     )
     return None if rc else out
 

@@ -1,7 +1,11 @@
-"""Memory, measured: devices, host, model weights as loaded vs their 16-bit size, KV cache.
+"""Memory, measured: devices, host, model weights as resident vs their 16-bit size, KV cache.
 
 Saving memory is what this project is for, so /v1/memory and the quantserve_* gauges show where
 every byte goes. All figures are read live; nothing is estimated except the 16-bit reference size.
+The weights are counted as the serving engine holds them (every tensor of the model and of the
+engine's model adapter, each storage once and whole, by dtype): what loading reported can differ
+(the native path decodes a double-quantized absmax to float32 once, for its fused matmuls), and
+both are shown.
 """
 
 from __future__ import annotations
@@ -59,10 +63,14 @@ def device_memory() -> list[dict[str, Any]]:
 
 
 def model_memory(served: Any) -> dict[str, Any]:
-    """Weights as loaded vs 16-bit, from the loader's report; KV cache and prefix cache from the engine."""
+    """Weights as resident while serving (and as loaded) vs 16-bit; KV cache and prefix cache from the engine."""
     report = served.load_report
+    at_load = getattr(report, "weight_bytes", None)
+    resident = served.engine.weight_memory() if callable(getattr(served.engine, "weight_memory", None)) else None
     weights = {
-        "weight_bytes": getattr(report, "weight_bytes", None),
+        "weight_bytes": resident["total"] if resident else at_load,
+        "weight_bytes_by_dtype": {k: v for k, v in resident.items() if k != "total"} if resident else None,
+        "weight_bytes_at_load": at_load,
         "weight_bytes_16bit": getattr(report, "weight_bytes_16bit", None),
         "quantized_layers": len(getattr(report, "quantized", []) or []),
         "kept_layers": len(getattr(report, "skipped", {}) or {}),

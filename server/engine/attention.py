@@ -17,6 +17,12 @@ place (decodes, fresh prompts, chunked-prefill continuations and prefix hits ali
 - A prefill chunk with no earlier context is causal attention over its own keys, computed
   exactly as transformers' sdpa path computes a prompt; a chunk that continues a sequence
   (chunked prefill, prefix cache hit) reads its earlier keys from the cache with an offset mask.
+
+Per layer, `window` (sliding-window attention: the token at position p sees p - window < k <= p,
+as transformers' sliding-window mask) and `softcap` (Gemma 2's attention logit soft-capping:
+score -> softcap * tanh(score / softcap)) are masks and a score transform in both paths. A block
+table may name block -1 for blocks freed because no layer's window reaches them any more
+(block_manager.py): the runner maps it to block 0, which is never read unmasked.
 """
 
 from __future__ import annotations
@@ -52,6 +58,9 @@ class AttentionMetadata:
     prefills: list[PrefillChunk]
     num_tokens: int
     native_decode: bool = False  # native kernels: attention reading the cache in place, cache writes
+    # [T] int64, only for rope types whose frequencies depend on the sequence length (dynamic,
+    # longrope): the length transformers' generate would see for each row (models/rope.py).
+    rope_lengths: Optional[torch.Tensor] = None
     # The native kernel's (seqs [S, 4], block tables) for this step: built by the first layer.
     native_plan: Optional[tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default=None, repr=False)
 
@@ -79,13 +88,17 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """q: [T, H, D]; k, v: [T, KVH, D] (the step's new tokens). Returns [T, H * D]."""
+    """q: [T, H, D]; k, v: [T, KVH, D] (the step's new tokens). Returns [T, H * D].
+    window > 0: sliding-window attention; softcap > 0: soft-capped attention logits."""
     write_kv(k_cache, v_cache, k, v, meta)
+    window, softcap = int(window or 0), float(softcap or 0.0)
     if meta.native_decode:
         if meta.native_plan is None:
             meta.native_plan = _native_plan(meta, v_cache.shape[1])
-        out = native.attention(q, k_cache, v_cache, *meta.native_plan, scale)
+        out = native.attention(q, k_cache, v_cache, *meta.native_plan, scale, window, softcap)
         if out is not None:
             return out
     T, H, D = q.shape
@@ -94,26 +107,54 @@ def paged_attention(
     nd = meta.num_decodes
     out = q.new_empty(T, H, D) if nd < T else None
     if nd:
-        o = _decode_attention_torch(q[:nd], k_cache, v_cache, meta, scale, gqa)
+        o = _decode_attention_torch(q[:nd], k_cache, v_cache, meta, scale, gqa, window, softcap)
         if nd == T:
             return o.reshape(T, H * D)
         out[:nd] = o
     for chunk in meta.prefills:
         rows = slice(chunk.start, chunk.start + chunk.num_tokens)
         qc = q[rows].unsqueeze(0).transpose(1, 2)  # [1, H, n, D]
+        n, start = chunk.context_len, chunk.context_len - chunk.num_tokens
         if chunk.block_ids is None:
             keys = k[rows].unsqueeze(0).transpose(1, 2)
             values = v[rows].unsqueeze(0).transpose(1, 2)
-            o = F.scaled_dot_product_attention(qc, keys, values, scale=scale, is_causal=True, enable_gqa=gqa)
         else:
-            n, start = chunk.context_len, chunk.context_len - chunk.num_tokens
             keys = keys_view(k_cache).index_select(0, chunk.block_ids).view(-1, kvh, D)[:n].transpose(0, 1).unsqueeze(0)
             values = v_cache.index_select(0, chunk.block_ids).view(-1, kvh, D)[:n].transpose(0, 1).unsqueeze(0)
-            # row r (position start + r) sees positions 0 .. start + r
-            mask = torch.arange(n, device=q.device).unsqueeze(0) <= torch.arange(start, n, device=q.device).unsqueeze(1)
-            o = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        if chunk.block_ids is None and not window and not softcap:
+            o = F.scaled_dot_product_attention(qc, keys, values, scale=scale, is_causal=True, enable_gqa=gqa)
+        else:
+            # row r (position start + r) sees key positions p - window < k <= p
+            first = n - keys.shape[2]  # position of the first key in `keys`
+            mask = visible(torch.arange(start, n, device=q.device), torch.arange(first, n, device=q.device), window)
+            o = attend(qc, keys, values, mask, scale, gqa, softcap)
         out[rows] = o[0].transpose(0, 1)
     return out.view(T, H * D)
+
+
+def visible(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int = 0) -> torch.Tensor:
+    """[..., n, L] bool: which keys each query sees (causal, and within a sliding window if given).
+    query_pos [..., n], key_pos [..., L] (or broadcastable)."""
+    q, k = query_pos.unsqueeze(-1), key_pos.unsqueeze(-2)
+    mask = k <= q
+    if window:
+        mask &= k > q - window
+    return mask
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, gqa: bool,
+           softcap: float = 0.0) -> torch.Tensor:
+    """q [B, H, n, D], k/v [B, KVH, L, D], mask broadcastable to [B, H, n, L] -> [B, H, n, D].
+    PyTorch's sdpa; with soft-capping (which sdpa lacks), the eager computation transformers runs."""
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    if gqa:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 def _native_plan(meta: AttentionMetadata, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,8 +182,8 @@ def _native_plan(meta: AttentionMetadata, block_size: int) -> tuple[torch.Tensor
     return seqs, flat
 
 
-def _decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            meta: AttentionMetadata, scale: float, gqa: bool) -> torch.Tensor:
+def _decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                            scale: float, gqa: bool, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """q [nd, H, D] -> [nd, H, D]: gather each sequence's blocks, masked sdpa over them."""
     nd, _, D = q.shape
     kvh = v_cache.shape[-2]
@@ -151,8 +192,9 @@ def _decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     keys = keys_view(k_cache).index_select(0, tables).view(nd, -1, kvh, D).transpose(1, 2)
     values = v_cache.index_select(0, tables).view(nd, -1, kvh, D).transpose(1, 2)
     mask = meta.decode_mask
-    if mask is None:
+    if mask is None or window:
         L = keys.shape[2]
-        mask = (torch.arange(L, device=q.device).unsqueeze(0) < meta.decode_context_lens.unsqueeze(1)).view(nd, 1, 1, L)
-    o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        last = (meta.decode_context_lens - 1).unsqueeze(1)  # [nd, 1]: each row's position
+        mask = visible(last, torch.arange(L, device=q.device), window).view(nd, 1, 1, L)
+    o = attend(q.unsqueeze(2), keys, values, mask, scale, gqa, softcap)
     return o.squeeze(2)  # [nd, H, D]

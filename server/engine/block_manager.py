@@ -12,6 +12,11 @@ the cache, so a sequence scheduled later in the same step may already share it.
 Freed blocks keep their hash and stay findable until reused: the free list is kept in eviction
 order (least recently freed first; a sequence's tail blocks before its head, so that shared
 prefixes stay longest).
+
+Sliding windows: when every layer of the model attends only to the last `sliding_window`
+positions, a block whose positions all lie before the window of a sequence's next token is never
+read again; `release_out_of_window` frees it (the table keeps FREED in its place, so positions
+still index the table).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from collections import OrderedDict
 from typing import Optional
 
 from .sequence import Sequence
+
+FREED = -1  # a block table entry whose block was released (out of every layer's window)
 
 
 def hash_block(parent: Optional[bytes], token_ids: list[int]) -> bytes:
@@ -34,12 +41,18 @@ def hash_block(parent: Optional[bytes], token_ids: list[int]) -> bytes:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 sliding_window: Optional[int] = None) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.sliding_window = sliding_window
+        self._released: dict[int, int] = {}  # seq_id -> leading blocks already released
+        self.num_released_out_of_window = 0  # blocks given back early (statistics)
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[Optional[bytes]] = [None] * num_blocks
         self.hash_to_block: dict[bytes, int] = {}
@@ -89,6 +102,10 @@ class BlockManager:
             if block is None:
                 break
             blocks.append(block)
+        if self.sliding_window is not None:  # blocks before the first computed token's window: not needed
+            first_visible = len(blocks) * self.block_size - self.sliding_window + 1
+            for i in range(max(first_visible, 0) // self.block_size):
+                blocks[i] = FREED
         return blocks
 
     # -------------------------------------------------------------------------------- changes
@@ -104,10 +121,13 @@ class BlockManager:
         total = num_computed + num_new_tokens
         num_new_blocks = self.blocks_needed(total) - len(seq.block_table) - len(cached_blocks)
         # Cached blocks that sit in the free list are taken out of it by this allocation.
-        num_revived = sum(1 for b in cached_blocks if self.ref_counts[b] == 0)
+        num_revived = sum(1 for b in cached_blocks if b != FREED and self.ref_counts[b] == 0)
         if num_new_blocks + num_revived > len(self.free_blocks):
             return False
         for block in cached_blocks:
+            if block == FREED:  # before the window (find_cached_prefix): position kept, block not held
+                seq.block_table.append(FREED)
+                continue
             if self.ref_counts[block] == 0:
                 del self.free_blocks[block]
             self.ref_counts[block] += 1
@@ -135,7 +155,7 @@ class BlockManager:
         self._update_hashes(seq, num_tokens)
         for i in range(num_tokens // self.block_size):
             block = seq.block_table[i]
-            if self.block_hash[block] is not None:
+            if block == FREED or self.block_hash[block] is not None:
                 continue
             h = seq.block_hashes[i]
             if h in self.hash_to_block:  # the same content is already cached in another block
@@ -146,6 +166,8 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         """Drop seq's references; blocks nobody holds go to the free list (tail first)."""
         for block in reversed(seq.block_table):
+            if block == FREED:
+                continue
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 self.free_blocks[block] = None
@@ -153,6 +175,30 @@ class BlockManager:
                 raise RuntimeError(f"block {block} freed more often than allocated")
         seq.block_table = []
         seq.num_computed_tokens = 0
+        self._released.pop(seq.seq_id, None)
+
+    def release_out_of_window(self, seq: Sequence) -> int:
+        """Free seq's blocks that no future token can see: with window W, the token at position p
+        sees p - W < k <= p, and the next token is at num_computed_tokens. Returns how many."""
+        if self.sliding_window is None:
+            return 0
+        first_visible = seq.num_computed_tokens - self.sliding_window + 1
+        end = max(first_visible, 0) // self.block_size  # blocks wholly before first_visible
+        start = self._released.get(seq.seq_id, 0)
+        released = 0
+        for i in range(start, end):
+            block = seq.block_table[i]
+            if block == FREED:
+                continue
+            seq.block_table[i] = FREED
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks[block] = None
+            released += 1
+        self.num_released_out_of_window += released
+        if end > start:
+            self._released[seq.seq_id] = end
+        return released
 
     def evict_free_cached(self) -> int:
         """Forget the content of every free block (after a failed step whose KV writes may not

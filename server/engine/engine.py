@@ -94,8 +94,11 @@ class AsyncEngine:
         # Structured outputs: grammars checked at admission (generate_many), masks in the sampler.
         self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_token_ids)
         self.runner.sampler.use_grammars(self.grammars)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
+                                          config.enable_prefix_caching and self.runner.supports_prefix_caching,
+                                          sliding_window=self.runner.sliding_window)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   recompute_above=self.runner.recompute_above)
 
         self._inbox: collections.deque = collections.deque()
         self._wake = threading.Event()
@@ -241,6 +244,10 @@ class AsyncEngine:
         """Cancel a request (unknown or finished ids are ignored); its blocks are freed at the next step."""
         self._inbox.append(("abort", request_id))
         self._wake.set()
+
+    def weight_memory(self) -> dict[str, int]:
+        """Bytes of the model's weights as resident while serving ({"total", "<dtype>": ...})."""
+        return self.runner.weight_memory()
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

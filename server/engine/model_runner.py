@@ -3,6 +3,8 @@
 It owns the KV cache tensors, turns a ScheduledBatch into flat batch tensors once per step
 (decode tokens first, then prefill chunks; no padding), runs the model, and samples the next
 token of every sequence whose step reached its end. Logits are computed only for those rows.
+The model's input embedding and output head are first brought to 16 bits (models/sixteen_bit.py),
+and `weight_memory()` counts every byte the model and its adapter hold, once.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from quantserve.kernels.cpu import paged_attention as native
 from .attention import AttentionMetadata, PrefillChunk
 from .config import EngineConfig
 from .models import build_model
+from .models.sixteen_bit import compute_dtype, to_16bit
 from .outputs import TokenLogprob
 from .sampler import Sampler
 from .scheduler import ScheduledBatch
@@ -37,9 +40,10 @@ class StepResult:
 
 
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The model's device and compute dtype (that of its hidden states and KV cache)."""
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     param = embed.weight if embed is not None else next(model.parameters())
-    return param.device, param.dtype
+    return param.device, compute_dtype(model)
 
 
 class ModelRunner:
@@ -47,7 +51,18 @@ class ModelRunner:
         self.config = config
         self.device, self.dtype = model_device_dtype(model)
         model.eval()
+        to_16bit(model, self.dtype)  # in place: transformers' own forward computes the same
+        self.hf_model = model
         self.model = build_model(model, config.model_impl)
+        # Every layer slides: blocks before the window of a sequence's next token can be freed.
+        self.sliding_window: Optional[int] = getattr(self.model, "sliding_window", None)
+        # Rope frequencies that depend on the sequence length make a position's keys depend on
+        # more than the tokens before it: such KV blocks cannot be shared by prefix.
+        self.length_dependent_rope = bool(getattr(self.model, "length_dependent_rope", False))
+        self.supports_prefix_caching = not self.length_dependent_rope
+        self.recompute_above: Optional[int] = getattr(self.model, "recompute_above", None)
+        if self.length_dependent_rope:
+            logger.info("prefix caching off: the model's rope frequencies depend on the sequence length")
         self.block_size = config.block_size
         layers, kv_heads, head_dim = self.model.num_layers, self.model.num_kv_heads, self.model.head_dim
         elem = torch.empty((), dtype=self.dtype).element_size()
@@ -115,6 +130,7 @@ class ModelRunner:
         order = decodes + prefills
         input_ids: list[int] = []
         positions: list[int] = []
+        rope_lengths: list[int] = []
         slots: list[int] = []
         last_row = [0] * len(batch)
         max_block = 0
@@ -124,6 +140,8 @@ class ModelRunner:
             table = seq.block_table
             input_ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
+            if self.length_dependent_rope:  # as transformers' generate: the prompt at once, then per token
+                rope_lengths.extend([seq.num_tokens] * n)
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             last_row[i] = len(input_ids) - 1
             if table:
@@ -141,7 +159,7 @@ class ModelRunner:
             flat: list[int] = []
             for i in decodes:
                 table = batch.seqs[i].block_table[:max_blocks]
-                flat.extend(table)
+                flat.extend(max(b, 0) for b in table)  # -1: freed before every window; never read
                 flat.extend([0] * (max_blocks - len(table)))
             decode_tables = torch.tensor(flat, **long).view(nd, max_blocks)
             decode_lens = torch.tensor(ctx, **long)
@@ -154,7 +172,8 @@ class ModelRunner:
             seq, n = batch.seqs[i], batch.num_new_tokens[i]
             start = seq.num_computed_tokens
             context = start + n
-            block_ids = torch.tensor(seq.block_table[: -(-context // bs)], **long) if start else None
+            block_ids = torch.tensor([max(b, 0) for b in seq.block_table[: -(-context // bs)]], **long) \
+                if start else None
             chunks.append(PrefillChunk(row, n, context, block_ids))
             row += n
         slot_mapping = torch.tensor(slots, **long)
@@ -169,6 +188,7 @@ class ModelRunner:
             prefills=chunks,
             num_tokens=len(input_ids),
             native_decode=self.native_attention,
+            rope_lengths=torch.tensor(rope_lengths, **long) if self.length_dependent_rope else None,
         )
         sample_idx = [i for i, s in enumerate(batch.sample) if s]
         rows = torch.tensor([last_row[i] for i in sample_idx], **long)
@@ -212,7 +232,63 @@ class ModelRunner:
 
     @property
     def capacity_tokens(self) -> int:
-        return self.num_blocks * self.block_size
+        """The longest sequence the KV cache can hold: all its blocks, or, where every layer slides
+        (blocks behind the window are freed), unbounded once one window and one step's tokens fit."""
+        cache = self.num_blocks * self.block_size
+        if self.sliding_window is None:
+            return cache
+        need = -(-(self.sliding_window + self.config.max_num_batched_tokens) // self.block_size) + 1
+        return 2**62 if need <= self.num_blocks else cache
+
+    def weight_memory(self) -> dict[str, int]:
+        """Bytes the model and its adapter hold (KV cache aside), each storage counted once and
+        whole: {"total": ..., "<dtype>": ...}. This is what stays resident while serving."""
+        return resident_bytes(self.hf_model, self.model)
+
+
+def resident_bytes(*objects: object) -> dict[str, int]:
+    """Unique storages reachable from `objects` (modules: parameters, buffers and 4-bit states;
+    other objects: their attributes, containers and closures), by dtype and in total."""
+    storages: dict[int, tuple[int, str]] = {}
+    seen: set[int] = set()
+
+    def add(t: torch.Tensor) -> None:
+        if t.device.type == "meta":
+            return
+        storage = t.untyped_storage()
+        storages.setdefault(storage.data_ptr(), (storage.nbytes(), str(t.dtype).removeprefix("torch.")))
+
+    def visit(obj: object, depth: int) -> None:
+        if id(obj) in seen or depth > 8 or obj is None or isinstance(obj, (str, bytes, int, float, bool, type)):
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            add(obj)
+            visit(getattr(obj, "quant_state", None), depth + 1)
+        elif isinstance(obj, nn.Module):
+            for t in list(obj.parameters()) + list(obj.buffers()):
+                visit(t, depth + 1)
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                visit(v, depth + 1)
+        elif isinstance(obj, (list, tuple, set)):
+            for v in obj:
+                visit(v, depth + 1)
+        elif callable(obj) and getattr(obj, "__closure__", None):
+            for cell in obj.__closure__:
+                visit(cell.cell_contents, depth + 1)
+        elif hasattr(obj, "__dict__") and type(obj).__module__.startswith(("quantserve", "dataclasses")):
+            visit(vars(obj), depth + 1)
+        elif hasattr(obj, "__dataclass_fields__"):
+            visit([getattr(obj, f) for f in obj.__dataclass_fields__], depth + 1)
+
+    for obj in objects:
+        visit(obj, 0)
+    out: dict[str, int] = {"total": 0}
+    for nbytes, dtype in storages.values():
+        out["total"] += nbytes
+        out[dtype] = out.get(dtype, 0) + nbytes
+    return out
 
 
 def model_max_len(model: nn.Module, tokenizer: object = None) -> int:

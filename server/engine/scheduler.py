@@ -8,6 +8,8 @@ Then waiting sequences are admitted in arrival order while the budget, `max_num_
 KV blocks allow, reusing cached prefix blocks. When a running sequence needs a block and none is
 free, the most recently admitted running sequence is preempted: its blocks are freed and it goes
 back to the front of the queue, to be recomputed (prompt + output so far) when it fits again.
+Where every layer of the model slides over a window, a running sequence first gives back the
+blocks that fell out of it (BlockManager.release_out_of_window).
 """
 
 from __future__ import annotations
@@ -45,10 +47,15 @@ class Scheduler:
         block_manager: BlockManager,
         max_num_seqs: int,
         max_num_batched_tokens: int,
+        recompute_above: Optional[int] = None,
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # A sequence whose cache was computed at most this long is recomputed once it grows past
+        # it (longrope models whose keys change with the sequence length: Phi-3).
+        self.recompute_above = recompute_above
+        self._long: set[int] = set()  # seq_ids whose cache was computed past recompute_above
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -84,6 +91,7 @@ class Scheduler:
         self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self._long.discard(seq.seq_id)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self.block_manager.free(seq)
@@ -108,6 +116,12 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if self._needs_recompute(seq):
+                self.running.pop(i)
+                self._preempt(seq)  # recomputed from its first token when re-admitted
+                preempted = True
+                continue
+            bm.release_out_of_window(seq)  # sliding-window models: blocks no layer sees again
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not bm.allocate(seq, n):
                 if len(self.running) == 1:  # alone and still too big: it never will fit
@@ -149,8 +163,15 @@ class Scheduler:
             counts.append(n)
             budget -= n
 
+        if self.recompute_above is not None:
+            self._long.update(s.seq_id for s in seqs if s.num_computed_tokens == 0 and s.num_tokens > self.recompute_above)
         sample = [s.num_computed_tokens + n == s.num_tokens for s, n in zip(seqs, counts)]
         return ScheduledBatch(seqs, counts, sample, cut_off)
+
+    def _needs_recompute(self, seq: Sequence) -> bool:
+        limit = self.recompute_above
+        return (limit is not None and seq.num_tokens > limit and seq.num_computed_tokens > 0
+                and seq.seq_id not in self._long)
 
     # ------------------------------------------------------------------------------ postprocess
 

@@ -89,9 +89,31 @@ def layer_rows(result: LoadResult) -> list[LayerRow]:
             rows.append(LayerRow(name, type(module).__name__, "tied", why, tuple(weight.shape), 0))
             continue
         why = report.skipped.get(name) if name in linears else f"not a Linear layer (stays in {str(report.dtype).removeprefix('torch.')})"
+        if module is model.get_input_embeddings() or module is model.get_output_embeddings():
+            role = "input embedding" if module is model.get_input_embeddings() else report.skipped.get(name, "output head")
+            why = f"{role}; {str(weight.dtype).removeprefix('torch.')}: embeddings and head stay at 16 bits"
         nbytes = sum(_tensor_bytes(t) for t in own.values())
         rows.append(LayerRow(name, type(module).__name__, "kept", why or "", tuple(weight.shape), nbytes))
     return rows
+
+
+def _decoded_absmax_growth(result: LoadResult) -> int:
+    """Bytes the engine's native path adds by decoding double-quantized absmax (8-bit codes and
+    nested statistics, replaced by one float32 per block); 0 where it would not serve natively."""
+    from quantserve.server.engine.models.families import unsupported_reason
+
+    if unsupported_reason(result.model) is not None:
+        return 0
+    growth = 0
+    codes: set[int] = set()  # the nested code table may be one tensor shared by every layer
+    for module in result.model.modules():
+        state = module.quant_state if isinstance(module, Linear4bit) else None
+        if state is not None and state.nested is not None:
+            growth += state.absmax.numel() * 4 - _tensor_bytes(state.absmax) - _tensor_bytes(state.nested.absmax)
+            if id(state.nested.code) not in codes:
+                codes.add(id(state.nested.code))
+                growth -= _tensor_bytes(state.nested.code)
+    return growth
 
 
 def _mib(n: Optional[int]) -> str:
@@ -160,6 +182,14 @@ def format_inspection(result: LoadResult, per_layer: bool = True) -> str:
     lines.append(
         f"footprint  {_mib(report.weight_bytes)} vs 16-bit {_mib(report.weight_bytes_16bit)}: {ratio:.2f}x smaller"
     )
+    decoded = _decoded_absmax_growth(result)
+    if decoded:
+        serving = report.weight_bytes + decoded
+        lines.append(
+            f"serving    {_mib(serving)} resident on the native path ({_mib(decoded)} more: it decodes the "
+            f"double-quantized absmax to float32 once, for its fused matmuls), "
+            f"{report.weight_bytes_16bit / serving:.2f}x smaller than 16-bit"
+        )
     if report.device.type == "cuda":
         now = torch.cuda.memory_allocated(report.device)
         lines.append(

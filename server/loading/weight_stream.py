@@ -6,6 +6,8 @@ empty `quant.Linear4bit` (or `quant.Linear8bitLt` for load_in_8bit), then the ch
 one tensor at a time: cast to the load dtype, moved to the device, quantized there, placed. A
 prequantized bitsandbytes checkpoint's layers (4-bit: weight + quant state; 8-bit: int8 weight,
 SCB, weight_format) are gathered key by key and wrapped as stored (no dequantize/requantize).
+The input embedding and a float output head are placed at 16 bits whatever the load dtype
+(server/engine/models/sixteen_bit.py): the largest tensors a 4-bit model keeps unquantized.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tqdm.auto import tqdm
 from quantserve.quant import Int8Params, Linear4bit, Linear8bitLt, Params4bit, QuantConfig
 from quantserve.quant.linear8bit import WEIGHT_FORMAT_ROW
 from quantserve.quant.convert import plan_quantization as quant_plan
+from quantserve.server.engine.models.sixteen_bit import sixteen_bit_dtype, to_16bit
 
 from .checkpoint import CheckpointReader
 from .peak_memory import release_free_memory
@@ -122,10 +125,16 @@ class WeightStreamer:
         self.tied = {n: group for group in by_param.values() if len(group) > 1 for n in group}
         self.expected = set(self.model.state_dict(keep_vars=True)) | set(names)
         self.base_prefix = getattr(self.model, "base_model_prefix", "") or ""
+        self._renamings = _weight_renamings(self.model)
         self.placed: set[str] = set()  # names filled from the checkpoint so far
         self.transposed: set[str] = set()
         self.quantized: list[str] = []
         self.skipped: dict[str, str] = {}
+        # Placed at 16 bits (the input embedding and a float output head, tied or not).
+        embed = self.model.get_input_embeddings()
+        head = self.model.get_output_embeddings()
+        self.sixteen_bit = {f"{n}.weight" for n, m in self.model.named_modules()
+                            if m is not None and (m is embed or m is head)}
 
     def _effective_quant(self, checkpoint_quant: Optional[QuantConfig]) -> Optional[QuantConfig]:
         requested = self.requested_quant
@@ -156,14 +165,16 @@ class WeightStreamer:
         return dataclasses.replace(checkpoint_quant, bnb_4bit_compute_dtype=compute)
 
     def model_name(self, key: str) -> Optional[str]:
-        """The model's name for a checkpoint key (GPT-2 checkpoints omit the `transformer.` prefix)."""
-        if key in self.expected:
-            return key
-        prefix = self.base_prefix
-        if prefix and f"{prefix}.{key}" in self.expected:
-            return f"{prefix}.{key}"
-        if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1 :] in self.expected:
-            return key[len(prefix) + 1 :]
+        """The model's name for a checkpoint key (GPT-2 checkpoints omit the `transformer.` prefix;
+        transformers renames some stored names, e.g. GPT-NeoX's `embed_out` to `lm_head`)."""
+        for key in dict.fromkeys((key, _renamed(self._renamings, key))):
+            if key in self.expected:
+                return key
+            prefix = self.base_prefix
+            if prefix and f"{prefix}.{key}" in self.expected:
+                return f"{prefix}.{key}"
+            if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1 :] in self.expected:
+                return key[len(prefix) + 1 :]
         return None
 
     def tie_targets(self, target: str, tensor: torch.Tensor) -> list[str]:
@@ -242,7 +253,10 @@ class WeightStreamer:
                 raise ValueError(f"checkpoint tensor {name} has shape {list(tensor.shape)}, the model expects {list(current.shape)}")
             if is_param:
                 if shared is None:
-                    value = tensor.to(device=self.device, dtype=self.dtype if tensor.is_floating_point() else None)
+                    dtype = self.dtype
+                    if any(n in self.sixteen_bit for n in names):
+                        dtype = sixteen_bit_dtype(self.dtype)
+                    value = tensor.to(device=self.device, dtype=dtype if tensor.is_floating_point() else None)
                     shared = nn.Parameter(value, requires_grad=False)
                 module._parameters[attr] = shared
             else:
@@ -345,7 +359,28 @@ class WeightStreamer:
         if unexpected:
             logger.info("ignored %d checkpoint tensors the model has no place for, e.g. %s", len(unexpected), unexpected[:3])
         self.unexpected = unexpected
+        to_16bit(self.model, self.dtype)  # placed at 16 bits already: installs the float32-logits head
         self.model.eval()
+
+
+def _weight_renamings(model: nn.Module) -> list:
+    """transformers' checkpoint renamings for this model (the WeightRenaming entries of its
+    conversion mapping; none with a transformers that has no such mapping)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        return [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    except (ImportError, AttributeError, TypeError):
+        return []
+
+
+def _renamed(renamings: list, key: str) -> str:
+    if not renamings:
+        return key
+    from transformers.core_model_loading import apply_renamings
+
+    return apply_renamings(key, renamings)
 
 
 def count_params(model: nn.Module) -> int:

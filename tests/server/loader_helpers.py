@@ -72,11 +72,15 @@ def exact_bnb(model):
 
 
 def bnb_reference(folder: Path, q: quant.QuantConfig | None = None, dtype: torch.dtype = torch.float32):
-    """The oracle: transformers + bitsandbytes quantizing (or loading, if prequantized) `folder`."""
+    """The oracle: transformers + bitsandbytes quantizing (or loading, if prequantized) `folder`,
+    with its input embedding and output head at 16 bits, as quantserve loads them."""
     import transformers as tf
+
+    from quantserve.server.engine.models.sixteen_bit import to_16bit
 
     kwargs = {} if q is None else {"quantization_config": bnb_config(q, dtype)}
     model = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
+    to_16bit(model, dtype)
     return exact_bnb(model)
 
 

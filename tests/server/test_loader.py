@@ -98,9 +98,12 @@ def test_blocksize_and_skip_modules_match_bitsandbytes_functional(folders, ids):
     import bitsandbytes as bnb
     import transformers as tf
 
+    from quantserve.server.engine.models.sixteen_bit import to_16bit
+
     q = quant.QuantConfig(blocksize=128, llm_int8_skip_modules=["lm_head", "mlp.down_proj"])
     result = _load(folders["llama"], quant=q)
     ref = tf.AutoModelForCausalLM.from_pretrained(folders["llama"], dtype=torch.float32).eval()
+    to_16bit(ref)  # embeddings and head at 16 bits, as quantserve loads them
     assert all(".mlp.down_proj" in n or n == "lm_head" for n in result.report.skipped)
     assert len(result.report.skipped) == 3 and len(result.report.quantized) == 12
     for name in result.report.quantized:
@@ -115,11 +118,14 @@ def test_blocksize_and_skip_modules_match_bitsandbytes_functional(folders, ids):
 def test_unquantized_equals_transformers(folders, ids, arch):
     import transformers as tf
 
+    from quantserve.server.engine.models.sixteen_bit import to_16bit
+
     result = _load(folders[arch], quant=None)
     ref = tf.AutoModelForCausalLM.from_pretrained(folders[arch], dtype=torch.float32).eval()
+    to_16bit(ref)  # embeddings and head at 16 bits, as quantserve loads them
     assert torch.equal(logits(result.model, ids), logits(ref, ids))
     assert result.report.quantized == [] and result.report.quant is None
-    assert result.report.weight_bytes == sum(p.numel() * 4 for p in ref.parameters())
+    assert result.report.weight_bytes == sum(p.numel() * p.element_size() for p in ref.parameters())
     if arch != "llama":  # tied embeddings stay one tensor
         assert result.model.lm_head.weight is result.model.get_input_embeddings().weight
 

@@ -3,13 +3,15 @@ attention interface (`AttentionInterface`).
 
 The whole step runs as one "sequence" of T tokens (batch 1) with each token's own position id;
 transformers' modules do everything but attention, and the registered function reads and
-writes the paged cache per layer. The attention implementation is switched to ours only for
-the duration of our forward, so the same model object still works with transformers' generate.
+writes the paged cache per layer (with the layer's sliding window and logit soft-capping, which
+transformers passes as keyword arguments). The attention implementation is switched to ours only
+for the duration of our forward, so the same model object still works with transformers' generate.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
 from typing import Any, Optional
 
@@ -17,6 +19,8 @@ import torch
 from torch import nn
 
 from ..attention import AttentionMetadata, paged_attention
+
+logger = logging.getLogger(__name__)
 
 ATTENTION_NAME = "quantserve_paged"
 _local = threading.local()  # the step being run on this thread: (meta, kv_caches, layer index map)
@@ -38,8 +42,8 @@ def _paged_attention_forward(
     if step is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention called outside an engine step")
     meta, kv_caches, layer_ids = step
-    if kwargs.get("sliding_window") or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
-        raise NotImplementedError("sliding-window, soft-capped or sink attention is not supported by the engine")
+    if kwargs.get("s_aux") is not None:  # unsupported_reason refuses such models at load
+        raise NotImplementedError("attention sinks are not supported by the engine")
     layer = getattr(module, "layer_idx", None)
     if layer is None:
         layer = layer_ids.setdefault(id(module), len(layer_ids))
@@ -52,7 +56,7 @@ def _paged_attention_forward(
         )
     scale = scaling if scaling is not None else D**-0.5
     out = paged_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
-                          k_cache, v_cache, meta, scale)
+                          k_cache, v_cache, meta, scale, kwargs.get("sliding_window") or 0, kwargs.get("softcap") or 0.0)
     return out.view(1, T, H, D), None
 
 
@@ -79,10 +83,13 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
     if getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder models are not supported"
     layer_types = getattr(config, "layer_types", None) or ()
-    if any(t != "full_attention" for t in layer_types):
-        return f"layer types {sorted(set(layer_types))} (only full attention is supported)"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return "sliding-window attention is not supported"
+    other = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if other:
+        return f"layer types {other} (full and sliding-window attention are supported)"
+    if getattr(config, "use_bidirectional_attention", False):
+        return "bidirectional attention is not supported"
+    if any(getattr(m, "sinks", None) is not None for m in model.modules()):
+        return "attention sinks are not supported"
     can_set = getattr(model, "_can_set_attn_implementation", None)
     if callable(can_set) and not can_set():
         return "the model does not use transformers' attention interface"
@@ -101,6 +108,14 @@ class TransformersModel:
         self.num_layers, self.num_kv_heads, self.head_dim = kv_cache_shape(model.config)
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.num_heads = text_config.num_attention_heads
+        self.sliding_window = None  # no block is freed early on this path (windows are per call)
+        rope = getattr(text_config, "rope_parameters", None) or {}
+        types = {rope.get("rope_type")} if "rope_type" in rope else \
+            {v.get("rope_type") for v in rope.values() if isinstance(v, dict)}
+        self.length_dependent_rope = any(t and ("dynamic" in t or t == "longrope") for t in types)
+        if self.length_dependent_rope:
+            logger.warning("rope type %s on the transformers path: its frequencies follow the longest sequence of "
+                           "each step (transformers' rotary module sees the whole flattened batch)", sorted(types))
         params = inspect.signature(model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
         self._layer_ids: dict[int, int] = {}
@@ -122,4 +137,4 @@ class TransformersModel:
         finally:
             config._attn_implementation = previous
             _local.step = None
-        return logits if self._logits_to_keep else logits[rows]
+        return (logits if self._logits_to_keep else logits[rows]).float()

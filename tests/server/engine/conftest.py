@@ -23,8 +23,11 @@ def load_quantized(folder: Path):
 
     import quantserve.quant as quant
 
+    from quantserve.server.engine.models.sixteen_bit import to_16bit
+
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     quant.quantize_model(model, quant.QuantConfig())
+    to_16bit(model)  # embeddings and head at 16 bits, as the engine serves them (and transformers then runs)
     model.eval()
     return model
 

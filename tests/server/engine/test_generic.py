@@ -48,7 +48,7 @@ def test_generic_path_matches_transformers(kind, smollm):
 
     async def main():
         engine = await started(model, tokenizer, num_kv_blocks=128, max_num_batched_tokens=64,
-                               model_impl="auto")
+                               model_impl="transformers")
         from quantserve.server.engine.models.generic import TransformersModel
 
         assert isinstance(engine.runner.model, TransformersModel)

@@ -1,0 +1,97 @@
+"""The engine's 16-bit output head on CPU (linear16.cpp, next to this file): float32 rows times a
+bfloat16 weight, float32 sums and float32 output.
+
+Compiled on first use into the kernel cache (kernels/cpu/build.py), keyed by source, compiler and
+flags, and loaded with ctypes. Without a compiler, or if the build fails, `linear_bf16` returns
+None (one warning logged) and the caller computes the same product with torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SOURCE = Path(__file__).with_name("linear16.cpp")
+CXXFLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp")
+ABI_VERSION = 1
+
+_log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+_P, _L, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {
+    "qs16_abi_version": (_I, []),
+    "qs16_has_bf16_products": (_I, []),
+    # x, T, K, w, V, bias or NULL, out, bf16 products, threads
+    "qs16_linear": (_I, [_P, _L, _L, _P, _L, _P, _P, _I, _I]),
+}
+
+
+def load() -> Optional[ctypes.CDLL]:
+    """The library (built on first use), or None if it cannot be built or loaded."""
+    if "lib" in _state:
+        return _state["lib"]  # type: ignore[return-value]
+    with _lock:
+        if "lib" not in _state:
+            lib = None
+            try:
+                from .build import build_source, find_compiler
+
+                cxx = find_compiler()
+                if cxx is None:
+                    raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+                path = build_source(cxx, SOURCE, CXXFLAGS)
+                lib = ctypes.CDLL(str(path))
+                for name, (restype, argtypes) in _SIGNATURES.items():
+                    getattr(lib, name).restype = restype
+                    getattr(lib, name).argtypes = argtypes
+                if lib.qs16_abi_version() != ABI_VERSION:
+                    raise RuntimeError(f"{path} has ABI {lib.qs16_abi_version()}, expected {ABI_VERSION}")
+            except Exception as exc:  # noqa: BLE001 - any failure means: compute with torch
+                _log.warning("16-bit head kernel unavailable, using torch: %s", exc)
+                lib = None
+            _state["lib"] = lib
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def bf16_products_allowed() -> bool:
+    """torch's float32 matmul precision lets CPU matmuls use bf16 products ("medium"), as the
+    4-bit kernels read it (quant/backends/cpu.py)."""
+    try:
+        return torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+    except AttributeError:  # torch without the per-backend precision API
+        return torch.get_float32_matmul_precision() == "medium"
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                bf16_products: Optional[bool] = None) -> Optional[torch.Tensor]:
+    """x [..., K] float32 (CPU) times weight [V, K] bfloat16 -> [..., V] float32 (+ bias [V], any
+    float dtype). bf16_products None: as torch's float32 matmul precision says. None when the
+    kernel is unavailable or the arguments are not ones it takes."""
+    if x.device.type != "cpu" or weight.device.type != "cpu" or x.dtype != torch.float32 \
+            or weight.dtype != torch.bfloat16 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    if bf16_products is None:
+        bf16_products = bf16_products_allowed()
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    w = weight.contiguous()
+    b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    out = torch.empty(x2.shape[0], w.shape[0], dtype=torch.float32)
+    rc = lib.qs16_linear(x2.data_ptr(), x2.shape[0], x2.shape[1], w.data_ptr(), w.shape[0],
+                         None if b is None else b.data_ptr(), out.data_ptr(), int(bool(bf16_products)),
+                         torch.get_num_threads())
+    return out.view(*x.shape[:-1], w.shape[0]) if rc == 0 else None
+
+
+def has_bf16_products() -> bool:
+    lib = load()
+    return lib is not None and bool(lib.qs16_has_bf16_products())
