@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     )
     revision: Optional[str] = Field(None, description="hub revision (branch, tag or commit)")
     served_model_name: Optional[str] = Field(None, description="the model id clients send (default: derived from MODEL)")
+    chat_template: Optional[str] = Field(
+        None, description="chat template for /v1/chat/completions: a Jinja file, or the template itself (as vLLM's "
+        "--chat-template); default: the tokenizer's own (a model without one answers chat requests with 400)"
+    )
     quant: Literal["nf4", "fp4", "int8", "none"] = Field(
         "nf4", description="weight format: 4-bit nf4/fp4, int8 (LLM.int8, bitsandbytes' load_in_8bit), or none"
     )
@@ -66,6 +70,13 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds to finish in-flight requests on SIGTERM")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
 
+    @field_validator("chat_template")
+    @classmethod
+    def _readable_template(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            chat_template_text(value)  # refused at startup, before anything loads
+        return value
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
@@ -78,3 +89,19 @@ class Settings(BaseSettings):
         if self.served_model_name:
             return self.served_model_name
         return self.model if self.model is not None else "SmolLM2-135M-Instruct"
+
+
+def chat_template_text(value: str) -> str:
+    """A --chat-template value as template text: the file it names, or the value itself when it is
+    a template (contains Jinja markup), as vLLM reads the flag. ValueError otherwise."""
+    from pathlib import Path
+
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            return path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read chat template file {value}: {exc}") from None
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"no chat template file {value} (give a Jinja file, or the template itself)")

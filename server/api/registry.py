@@ -47,7 +47,9 @@ class ServedModel:
         """Chat template -> prompt token ids (with the assistant's generation prompt unless told not to)."""
         tokenizer = self._tokenizer()
         if getattr(tokenizer, "chat_template", None) is None:
-            raise APIError(400, f"model '{self.name}' has no chat template; use /v1/completions", param="messages")
+            raise APIError(400, f"model '{self.name}' has no chat template (its tokenizer has none and no "
+                                "--chat-template was given): use /v1/completions, or serve it with --chat-template FILE",
+                           param="messages")
         try:
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
         except Exception as exc:  # a template rejecting a role order etc. is the client's input

@@ -178,14 +178,14 @@ def load_model(config: Optional[LoadConfig] = None, **kwargs: Any) -> LoadResult
 
 def load_for_serving(settings: Any) -> LoadResult:
     """Load what a server's Settings ask for (model, revision, quant, double_quant,
-    compute_dtype, device)."""
+    compute_dtype, device, chat_template)."""
     quant_type = getattr(settings, "quant", "nf4")
     quant = None
     if quant_type == "int8":
         quant = QuantConfig(load_in_8bit=True)
     elif quant_type != "none":
         quant = QuantConfig(bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=getattr(settings, "double_quant", False))
-    return load_model(
+    result = load_model(
         LoadConfig(
             model=getattr(settings, "model", None),
             revision=getattr(settings, "revision", None),
@@ -194,6 +194,14 @@ def load_for_serving(settings: Any) -> LoadResult:
             quant=quant,
         )
     )
+    template = getattr(settings, "chat_template", None)
+    if template is not None:  # --chat-template: replaces (or supplies) the tokenizer's template
+        from ..config import chat_template_text
+
+        if result.tokenizer is None:
+            raise ValueError(f"{result.report.source} has no tokenizer: a chat template cannot be applied")
+        result.tokenizer.chat_template = chat_template_text(template)
+    return result
 
 
 def _load(config: LoadConfig) -> LoadResult:
