@@ -175,3 +175,20 @@ def test_family_greedy_matches_transformers(family):
     # The small cache made the scheduler preempt, or (every layer sliding) give blocks back early.
     assert stats.num_preemptions > 0 or released > 0
     assert (released > 0) == (sliding_window is not None)
+
+
+def test_what_neither_path_serves_is_refused_naming_why():
+    """A model neither path can serve fails at load with one line naming the reason (the server
+    exits with it), never a hang at request time."""
+    from quantserve.server.engine.models import UnsupportedModelError, build_model
+
+    config = fm.build_config("gemma3")
+    config.use_bidirectional_attention = True  # EmbeddingGemma-style: not a causal LM
+    model = fm.build_model(config)
+    with pytest.raises(UnsupportedModelError, match="bidirectional attention"):
+        build_model(model, "auto")
+    with pytest.raises(UnsupportedModelError, match="native forward cannot serve"):
+        build_model(model, "native")
+    # a family outside the native list goes to the generic path, which serves it
+    qwen3 = fm.family_model("qwen3")
+    assert type(build_model(qwen3, "transformers")).__name__ == "TransformersModel"
