@@ -202,18 +202,29 @@ class GrammarBank:
         state = self._states.get(seq.seq_id)
         return state[0].get_error() if state is not None and state[0].is_error() else None
 
-    def apply(self, logits: Any, rows: list[int], bitmask: Any) -> None:
-        """Set the disallowed tokens' logits to -inf in the constrained rows (in place)."""
+    def apply(self, logits: Any, rows: list[int], bitmask: Any) -> list[int]:
+        """Set the disallowed tokens' logits to -inf in the constrained rows (in place). Returns
+        the rows whose grammar allows no token at all (a failed matcher).
+
+        The bits are unpacked by numpy (one pass, single-threaded): torch's elementwise ops on
+        [rows, V] start OpenMP teams, which cost more than the work on a busy CPU.
+        """
         if not rows:
-            return
+            return []
+        import numpy as np
         import torch
 
         vocab = logits.shape[1]
-        shifts = torch.arange(32, dtype=torch.int32)
-        allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1).bool()
-        if allowed.shape[1] < vocab:  # logits wider than the tokenizer: padding rows never allowed
-            allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
-        index = torch.tensor(rows, device=logits.device)
-        sub = logits[index]
-        sub.masked_fill_(~allowed[:, :vocab].to(logits.device), float("-inf"))
-        logits[index] = sub
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")  # [rows, 32 * W]
+        if bits.shape[1] < vocab:  # logits wider than the tokenizer: padding ids are never allowed
+            bits = np.pad(bits, ((0, 0), (0, vocab - bits.shape[1])))
+        banned = bits[:, :vocab] == 0
+        if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
+            values = logits.numpy()
+            for j, i in enumerate(rows):
+                np.copyto(values[i], -np.inf, where=banned[j])
+        else:
+            mask = torch.from_numpy(banned).to(logits.device)
+            index = torch.tensor(rows, device=logits.device)
+            logits[index] = logits[index].masked_fill(mask, float("-inf"))
+        return [i for j, i in enumerate(rows) if banned[j].all()]

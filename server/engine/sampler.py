@@ -131,10 +131,8 @@ class Sampler:
         rows: list[int] = []
         if self.grammars is not None and any(s.params.structured is not None for s in seqs):
             rows, bitmask = self._masks(seqs)
-            self.grammars.apply(logits, rows, bitmask)
-            for i in rows:
-                if not torch.isfinite(logits[i]).any():
-                    self._grammar_failed(logits, i, seqs[i])
+            for i in self.grammars.apply(logits, rows, bitmask):
+                self._grammar_failed(logits, i, seqs[i])
         for i, seq in enumerate(seqs):
             if seq.num_output_tokens < seq.params.min_tokens:
                 ends = [t for t in (*seq.eos_token_ids, *seq.stop_token_ids) if t < logits.shape[1]]
