@@ -11,7 +11,8 @@ must get. Phases:
            zeroes blocks lazily), so without this the RSS "growth" would mostly be the cache being
            touched for the first time (up to its full size, 1 GiB by default), not a leak. The RSS
            goal also leaves the cache's pages out where /proc/<pid>/smaps shows them.
-  warm-up  the first --warmup-fraction of the N requests; then, idle, the baseline RSS is read.
+  warm-up  the first --warmup-fraction of the N requests (at least 4 rounds of --concurrency); then,
+           idle, the baseline RSS is read.
   main     the rest; then, idle, the final RSS and the KV blocks still in use are read.
 
 Every request gets exactly one outcome. Fine: complete (a valid response, or a stream of valid
@@ -493,7 +494,7 @@ class Server:
         if not self.log:
             return []
         return [line for line in self.log.read_text(errors="replace").splitlines()
-                if " ERROR " in line or line.startswith("Traceback") or " CRITICAL " in line]
+                if " ERROR " in line or " CRITICAL " in line or line.startswith(("ERROR:", "CRITICAL:", "Traceback"))]
 
     def rss(self) -> Optional[int]:
         if self.pid is None:
@@ -643,7 +644,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=args.concurrency + 8, max_keepalive_connections=args.concurrency + 8)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     report: dict[str, Any] = {"url": server.url, "requests": args.requests, "concurrency": args.concurrency,
-                              "seed": args.seed, "server_log": str(server.log) if server.log else None}
+                              "seed": args.seed, "server_log": str(server.log) if server.log else None,
+                              "prime_requests": 0}
     try:
         async with httpx.AsyncClient(base_url=server.url, limits=limits, headers=headers,
                                      timeout=httpx.Timeout(args.timeout)) as client:
@@ -666,7 +668,9 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                     tally.total += len(primes)
                     await run_phase(client, primes, tally, min(args.concurrency, 8), args.timeout)
                     report["prime_requests"] = len(primes)
-                warm = max(1, int(len(plan) * args.warmup_fraction))
+                # At least 4 rounds of full concurrency: memory steps up as new batch shapes and
+                # allocator arenas first appear, then stays flat; a baseline read before that is noise.
+                warm = max(1, min(max(int(len(plan) * args.warmup_fraction), 4 * args.concurrency), len(plan) // 2))
                 t0 = time.monotonic()
                 before = await server_state(client, server)
                 await run_phase(client, plan[:warm], tally, args.concurrency, args.timeout)
@@ -776,7 +780,7 @@ def verdict(report: dict[str, Any], max_rss_growth: float) -> list[str]:
 def print_report(report: dict[str, Any], missed: list[str], max_rss_growth: float) -> None:
     mib = lambda b: f"{b / 2**20:.1f} MiB" if b is not None else "?"  # noqa: E731
     total = sum(report["outcomes"].values())
-    print(f"\nsoak: {report['requests']} requests (+{report.get('prime_requests', 0)} priming) at "
+    print(f"\nsoak: {report['requests']} requests (+{report['prime_requests']} priming) at "
           f"{report['concurrency']} concurrent, seed {report['seed']}, model {report['model']}, {report['url']}")
     print(f"\nrequests by outcome ({total}):")
     for outcome in FINE + PROBLEMS:
@@ -829,7 +833,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--min-tokens", type=int, default=8, help="smallest max_tokens of a good request (default: 8)")
     a("--max-tokens", type=int, default=32, help="largest max_tokens of a good request (default: 32)")
     a("--warmup-fraction", type=float, default=0.05,
-      help="share of the requests run before the baseline RSS is read (default: 0.05)")
+      help="share of the requests run before the baseline RSS is read, at least 4x --concurrency "
+           "(default: 0.05)")
     a("--no-prime", dest="prime", action="store_false",
       help="skip filling the KV cache once before the warm-up: cheaper; the total RSS growth then includes "
            "the cache's first touch, which the goal's figure leaves out where /proc/<pid>/smaps shows it")

@@ -144,9 +144,10 @@ def test_short_soak_against_a_real_server(default_model_dir, tmp_path):
            # No priming (it costs a prefill of the whole 1 GiB KV cache): the RSS figure then leaves
            # the cache's pages out by reading /proc/<pid>/smaps, which Linux always has.
            "--no-prime",
-           # RSS after a 25-request warm-up is not yet steady (allocator arenas and caches still
-           # growing: +11% seen over 500 requests); the 5% goal is the full run's. Here only a gross
-           # leak fails.
+           # Over 500 requests the RSS figure is noisy: memory steps up as batch shapes and
+           # allocator arenas first appear (-1% and +11% seen in two runs with a shorter warm-up),
+           # and a baseline 64 requests in is early. The 5% goal is the full run's; here only a
+           # gross leak fails.
            "--max-rss-growth", "25"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
