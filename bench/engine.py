@@ -13,6 +13,11 @@ greedy, exactly N output tokens: EOS ignored). Default model: the built-in SmolL
     python bench/engine.py                                   # CPU, fp32, concurrency 1 4 16 64
     python bench/engine.py --systems quantserve --concurrency 1 16 --rounds 1
     python bench/engine.py --device cuda --dtype bfloat16     # on a GPU machine
+    python bench/engine.py --quant int8 --systems quantserve hf-generate --concurrency 1 16
+                                                             # LLM.int8 weights (our Linear8bitLt)
+
+--quant int8: the quantized model is transformers' with every Linear but the head swapped for our
+Linear8bitLt (threshold 6.0, as load_in_8bit); "hf-generate" then runs transformers on those layers.
 """
 
 from __future__ import annotations
@@ -56,10 +61,11 @@ TEXT = (
 # ---------------------------------------------------------------------------------- model
 
 
-def load(folder: Path, device: str, dtype: torch.dtype, quantized: bool):
+def load(folder: Path, device: str, dtype: torch.dtype, quantized: bool, quant_name: str = "nf4"):
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
     if quantized:
-        quant.quantize_model(model, quant.QuantConfig())
+        config = quant.QuantConfig(load_in_8bit=True) if quant_name == "int8" else quant.QuantConfig()
+        quant.quantize_model(model, config)
     return model.eval()
 
 
@@ -296,6 +302,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="torch's float32 matmul precision for quantserve (the server's default: medium); "
                         "the transformers systems run at torch's default, highest, which is faster for them")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--quant", default="nf4", choices=["nf4", "int8"], help="weight format (default nf4)")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
 
@@ -304,7 +311,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     prompts = make_prompts(tokenizer, max(args.concurrency) * args.rounds, args.prompt_tokens)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, device {args.device}, "
-          f"{dtype}, quantserve's matmul precision {args.matmul_precision}; prompts {args.prompt_tokens} tokens, "
+          f"{dtype}, {args.quant} weights, quantserve's matmul precision {args.matmul_precision}; "
+          f"prompts {args.prompt_tokens} tokens, "
           f"{args.max_tokens} output tokens, "
           f"{args.rounds} requests per client", flush=True)
     results: dict[str, dict[int, dict[str, Any]]] = {}
@@ -313,7 +321,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if system == "hf-generate-fp32":
             model = load(folder, args.device, dtype, quantized=False)
         else:
-            quantized = quantized or load(folder, args.device, dtype, quantized=True)
+            quantized = quantized or load(folder, args.device, dtype, quantized=True, quant_name=args.quant)
             model = quantized
         for c in args.concurrency:
             if system.startswith("hf") and c > args.hf_max_concurrency:

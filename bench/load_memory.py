@@ -1,14 +1,17 @@
-"""Peak memory and time of a streaming 4-bit load, against the final footprint and the 16-bit size.
+"""Peak memory and time of a streaming 4-bit / 8-bit load, against the final footprint and the 16-bit size.
 
     python bench/load_memory.py                       # default model + a random 1.1B Llama, CPU
     python bench/load_memory.py --params-1b 0         # default model only
     python bench/load_memory.py --peers               # also transformers + bitsandbytes loading the same
     python bench/load_memory.py --device cuda         # peak device memory too
+    python bench/load_memory.py --only int8           # only the int8 (LLM.int8) rows
 
 Each load runs in a fresh process, so its peak RSS is its own: "peak" is the high-water mark of
 RSS during the load minus RSS just before it (imports done), "final" the bytes of the loaded
 model's tensors. The 1.1B model is TinyLlama-shaped (hidden 2048, 22 layers, vocab 32000) with
 random bf16 weights written on the fly: speed and memory do not depend on the weight values.
+int8 rows also give the quantized layers' bits per parameter (int8 rows + float32 row scales)
+against the theory, 8 + 32 / in_features per weight (~8.06 for the default model, ~8.01 at 2048+).
 """
 
 from __future__ import annotations
@@ -67,6 +70,21 @@ def make_random_llama(folder: Path, hidden: int, layers: int, intermediate: int,
     return sum(s.numel() for s in shapes.values())
 
 
+def int8_bits(model) -> tuple[float, float] | None:
+    """(bits per parameter of the int8 layers as loaded, the theory), ours or bitsandbytes'; None
+    when the model has none."""
+    bits = params = theory = 0.0
+    for module in model.modules():
+        if type(module).__name__ != "Linear8bitLt":
+            continue
+        scb = getattr(module.weight, "SCB", None)
+        n = module.weight.numel()
+        bits += 8 * n + 32 * scb.numel()
+        params += n
+        theory += n * (8 + 32 / module.in_features)
+    return (bits / params, theory / params) if params else None
+
+
 def child(args: argparse.Namespace) -> None:
     """Runs in a fresh process: one load, one JSON line on stdout."""
     import logging
@@ -79,9 +97,12 @@ def child(args: argparse.Namespace) -> None:
     from quantserve.server.loading.loader import LoadConfig, load_model
     from quantserve.server.loading.peak_memory import PeakMemory
 
-    q = None if args.quant == "none" else quant.QuantConfig(
-        bnb_4bit_quant_type=args.quant, bnb_4bit_use_double_quant=args.double_quant
-    )
+    if args.quant == "int8":
+        q = quant.QuantConfig(load_in_8bit=True)
+    else:
+        q = None if args.quant == "none" else quant.QuantConfig(
+            bnb_4bit_quant_type=args.quant, bnb_4bit_use_double_quant=args.double_quant
+        )
     model = None if args.model == "default" else args.model
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.engine == "quantserve":
@@ -93,6 +114,7 @@ def child(args: argparse.Namespace) -> None:
         out = dict(
             seconds=r.load_seconds, peak=r.peak_rss - r.rss_before, final=r.weight_bytes, params=r.num_params,
             grew=r.rss_after - r.rss_before, device_peak=r.device_peak_bytes, device_final=r.device_bytes,
+            int8_bits=int8_bits(result.model),
         )
     else:
         import transformers as tf
@@ -101,7 +123,9 @@ def child(args: argparse.Namespace) -> None:
 
         folder = default_model_folder(args.cache_dir) if model is None else model
         kwargs = {}
-        if q is not None:
+        if q is not None and q.load_in_8bit:
+            kwargs["quantization_config"] = tf.BitsAndBytesConfig(load_in_8bit=True)
+        elif q is not None:
             kwargs["quantization_config"] = tf.BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type=q.bnb_4bit_quant_type,
                 bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=torch.float32,
@@ -116,6 +140,7 @@ def child(args: argparse.Namespace) -> None:
             seconds=time.perf_counter() - start, peak=mem.peak_rss - mem.rss_before, final=model_nbytes(m),
             params=params, grew=mem.rss_after - mem.rss_before, device_peak=mem.device_peak,
             device_final=None if mem.device_after is None else mem.device_after - mem.device_before,
+            int8_bits=int8_bits(m),
         )
     print("RESULT " + json.dumps(out))
 
@@ -142,6 +167,7 @@ def main() -> None:
     parser.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--cache-dir", help="quantserve cache ($QUANTSERVE_CACHE)")
     parser.add_argument("--workdir", help="where to write the random model (default: a temp dir)")
+    parser.add_argument("--only", choices=["nf4", "int8"], help="only the 4-bit (and unquantized) or only the int8 rows")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="default", help=argparse.SUPPRESS)
     parser.add_argument("--quant", default="nf4", help=argparse.SUPPRESS)
@@ -167,12 +193,15 @@ def main() -> None:
             ("quantserve", "nf4", True, None),
             ("quantserve", "nf4", False, "bfloat16"),
             ("quantserve", "none", False, None),
+            ("quantserve", "int8", False, None),
         ]
         if args.peers:
-            cases += [("transformers+bnb", "nf4", False, None)]
+            cases += [("transformers+bnb", "nf4", False, None), ("transformers+bnb", "int8", False, None)]
+        if args.only:
+            cases = [c for c in cases if (c[1] == "int8") == (args.only == "int8")]
         header = (
             f"{'model':<24} {'loader':<17} {'quant':<9} {'params':>7} {'16-bit':>9} {'final':>9} "
-            f"{'peak RSS':>9} {'peak/final':>10} {'seconds':>8}"
+            f"{'peak RSS':>9} {'peak/final':>10} {'seconds':>8} {'int8 bits/param (theory)':>25}"
         )
         if args.device == "cuda":
             header += f" {'dev peak':>9} {'dev final':>9}"
@@ -185,6 +214,8 @@ def main() -> None:
                     f"{label:<24} {engine:<17} {name:<9} {r['params'] / 1e6:>6.0f}M {r['params'] * 2 / MIB:>7,.0f}Mi "
                     f"{r['final'] / MIB:>7,.0f}Mi {r['peak'] / MIB:>7,.0f}Mi {r['peak'] / r['final']:>10.2f} {r['seconds']:>8.1f}"
                 )
+                bits = r.get("int8_bits")
+                line += f" {f'{bits[0]:.4f} ({bits[1]:.4f})' if bits else '-':>25}"
                 if r.get("device_peak") is not None:
                     line += f" {r['device_peak'] / MIB:>7,.0f}Mi {r['device_final'] / MIB:>7,.0f}Mi"
                 print(line, flush=True)

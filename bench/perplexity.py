@@ -1,14 +1,16 @@
 """Perplexity of the default model on a fixed public-domain text: quantserve's fp32 / NF4 /
-NF4 + double quant / FP4 next to transformers (fp32) and transformers + bitsandbytes (the same
-4-bit settings), all on the same tokens.
+NF4 + double quant / FP4 / int8 (LLM.int8) next to transformers (fp32) and transformers +
+bitsandbytes (the same 4-bit settings; load_in_8bit for int8), all on the same tokens.
 
-    python bench/perplexity.py [--model FOLDER_OR_HUB_ID] [--device cpu|cuda]
+    python bench/perplexity.py [--model FOLDER_OR_HUB_ID] [--device cpu|cuda] [--settings int8,...]
 
 bitsandbytes runs as users get it: in eval mode on a CPU with AVX-512-BF16 its Linear4bit uses a
 fused kernel that computes in bf16; the "bnb exact" rows switch that off (dequantize + fp32 matmul),
 which is what quantserve computes at the "highest" float32 matmul precision. The "ours, medium"
 column is quantserve at torch's "medium" precision (the server's default): bf16 products with
 float32 sums in the 4-bit matmuls on AVX-512-BF16 CPUs (and in torch's own float32 matmuls).
+int8 computes the same bytes as bitsandbytes' Linear8bitLt whatever the precision (integer sums;
+the outlier columns in float32), so it has no separate "exact" row.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ def main() -> None:
     parser.add_argument("--model", help="folder or Hub id (default: the built-in default model)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--cache-dir", help="quantserve cache ($QUANTSERVE_CACHE)")
+    parser.add_argument("--settings", help="comma-separated subset of fp32,nf4,nf4+dq,fp4,int8 (default: all)")
     args = parser.parse_args()
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import bitsandbytes as bnb
@@ -124,7 +127,14 @@ def main() -> None:
         "nf4": quant.QuantConfig(),
         "nf4+dq": quant.QuantConfig(bnb_4bit_use_double_quant=True),
         "fp4": quant.QuantConfig(bnb_4bit_quant_type="fp4"),
+        "int8": quant.QuantConfig(load_in_8bit=True),
     }
+    if args.settings:
+        wanted = [name.strip() for name in args.settings.split(",")]
+        unknown = sorted(set(wanted) - set(settings))
+        if unknown:
+            parser.error(f"unknown settings {unknown}; choose from {sorted(settings)}")
+        settings = {name: settings[name] for name in wanted}
     base = LoadConfig(args.model, device=device, dtype=torch.float32, cache_dir=args.cache_dir, progress=False)
     folder, description = resolve_source(base.model, base.revision, base.cache_dir)
     tokenizer = tf.AutoTokenizer.from_pretrained(folder)
@@ -144,7 +154,9 @@ def main() -> None:
             torch.set_float32_matmul_precision("highest")
         del ours
         kwargs = {}
-        if q is not None:
+        if q is not None and q.load_in_8bit:
+            kwargs["quantization_config"] = tf.BitsAndBytesConfig(load_in_8bit=True)
+        elif q is not None:
             kwargs["quantization_config"] = tf.BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type=q.bnb_4bit_quant_type,
                 bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=torch.float32,
@@ -155,7 +167,7 @@ def main() -> None:
         ppl_ref = perplexity(ref, ids)
         seconds_ref = time.perf_counter() - start
         exact = ""
-        if q is not None and device.type == "cpu":
+        if q is not None and not q.load_in_8bit and device.type == "cpu":
             ref = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
             for module in ref.modules():
                 if isinstance(module, bnb.nn.Linear4bit):

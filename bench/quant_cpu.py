@@ -1,6 +1,6 @@
 """CPU benchmark: quant vs bitsandbytes 0.50.2 vs dense torch, measured side by side in one run.
 
-    python bench/quant_cpu.py [--size 4096] [--threads N] [--quick]
+    python bench/quant_cpu.py [--size 4096] [--threads N] [--quick] [--only nf4|int8]
 
 For an N x N NF4 weight (blocksize 64), with and without double quantization: quantize,
 dequantize, and the 4-bit matmul with 1, 16 and 256 input rows in fp32 and bf16 (fp32 also at
@@ -10,6 +10,11 @@ timings is divided into bitsandbytes' best path for the same case (for matmuls t
 functional matmul_4bit and its Linear4bit eval-mode forward, which runs its fused AVX-512-BF16
 gemv for one row) and into a dense torch matmul with the same activations. Ratios > 1 mean we
 are faster. Prints a markdown table.
+
+int8 rows (LLM.int8, threshold 6.0, as transformers' load_in_8bit): quantizing the weight (through
+float16, as Int8Params does) against bitsandbytes' int8_vectorwise_quant, and Linear8bitLt's
+forward against bitsandbytes' Linear8bitLt (eval mode) at 1, 16 and 256 rows in fp32 and bf16.
+The activations carry two outlier columns (|x| >= 6 in most rows), as LLMs' hidden states do.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=4096, help="the weight is size x size (default 4096)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="shorter timing loops")
+    parser.add_argument("--only", choices=["nf4", "int8"], help="only the 4-bit (nf4) or only the int8 rows")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -50,13 +56,12 @@ def main() -> None:
 
     import bitsandbytes as bnb
 
-    import quantserve.quant as quant
     from quantserve.quant.backends import backend_report
 
     n = args.size
     torch.manual_seed(0)
     print(f"# quant vs bitsandbytes {bnb.__version__} vs dense torch {torch.__version__}, CPU, "
-          f"{torch.get_num_threads()} threads, {n}x{n} NF4 blocksize 64")
+          f"{torch.get_num_threads()} threads, {n}x{n} weights (NF4 blocksize 64; int8: LLM.int8, threshold 6)")
     for name, status in backend_report().items():
         print(f"# backend {name}: {status}")
     print()
@@ -66,8 +71,20 @@ def main() -> None:
     def row(op, dtype, dq, rows, ours, theirs, dense=None):
         vs_dense = f"{dense / ours:.2f}x" if dense is not None else "-"
         dense_s = f"{dense:.3f}" if dense is not None else "-"
-        print(f"| {op} | {str(dtype).removeprefix('torch.')} | {'yes' if dq else 'no'} | {rows} | "
+        dq_s = "-" if dq is None else "yes" if dq else "no"
+        print(f"| {op} | {str(dtype).removeprefix('torch.')} | {dq_s} | {rows} | "
               f"{ours:.3f} | {theirs:.3f} | {dense_s} | {theirs / ours:.2f}x | {vs_dense} |", flush=True)
+
+    if args.only != "int8":
+        nf4_rows(n, min_time, row)
+    if args.only != "nf4":
+        int8_rows(n, min_time, row)
+
+
+def nf4_rows(n, min_time, row) -> None:
+    import bitsandbytes as bnb
+
+    import quantserve.quant as quant
 
     for dtype in (torch.float32, torch.bfloat16):
         W = torch.randn(n, n, dtype=dtype) * 0.02
@@ -111,6 +128,35 @@ def main() -> None:
                     finally:
                         torch.set_float32_matmul_precision("highest")
                     row("matmul", "float32 (medium)", dq, rows, ours_m, min(theirs_fn, theirs_layer), dense)
+
+
+def int8_rows(n, min_time, row) -> None:
+    import bitsandbytes as bnb
+
+    import quantserve.quant as quant
+
+    for dtype in (torch.float32, torch.bfloat16):
+        W = torch.randn(n, n, dtype=dtype) * 0.02
+        ours_q = bench(lambda: quant.int8_vectorwise_quant(W.to(torch.float16)), min_time)
+        theirs_q = bench(lambda: bnb.functional.int8_vectorwise_quant(W.to(torch.float16)), min_time)
+        row("int8 quantize", dtype, None, "-", ours_q, theirs_q)
+        linear = torch.nn.Linear(n, n, bias=False, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(W)
+        ours_layer = quant.Linear8bitLt.from_linear(linear)  # threshold 6.0
+        bnb_layer = bnb.nn.Linear8bitLt(n, n, bias=False, has_fp16_weights=False, threshold=6.0)
+        bnb_layer.load_state_dict(linear.state_dict())
+        bnb_layer = bnb_layer.to("cpu").eval()
+        W_dense = W.clone()
+        for rows in (1, 16, 256):
+            x = torch.randn(rows, n, dtype=dtype)
+            x[:, 1] *= 12.0  # two outlier features, computed in 16 bits by both
+            x[:, n // 2] *= 12.0
+            with torch.inference_mode():
+                ours_m = bench(lambda: ours_layer(x), min_time)
+                theirs_m = bench(lambda: bnb_layer(x), min_time)
+                dense = bench(lambda: torch.nn.functional.linear(x, W_dense), min_time)
+            row("int8 matmul", dtype, None, rows, ours_m, theirs_m, dense)
 
 
 if __name__ == "__main__":
