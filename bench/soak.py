@@ -508,6 +508,16 @@ class Server:
             return None
         return None
 
+    async def check_pid(self, client: httpx.AsyncClient) -> None:
+        """A --pid that is not the server's (its shell, say) would give a wrong RSS: it must agree
+        with the RSS the server reports of itself on /v1/memory."""
+        if self.proc is not None or self.pid is None:
+            return
+        ours, own = self.rss(), (await client.get("/v1/memory", timeout=30)).json()["host"].get("rss_bytes")
+        if ours is None or (own and not 0.8 < ours / own < 1.25):
+            raise RuntimeError(f"--pid {self.pid} does not look like the server at {self.url}: its RSS is "
+                               f"{ours} bytes, the server reports {own}")
+
     def kv_resident(self, kv_bytes: Optional[int]) -> Optional[int]:
         """Resident bytes of the KV cache's mapping (the one anonymous mapping of about its size,
         from /proc/<pid>/smaps): how much of it has been touched. None when not found."""
@@ -650,6 +660,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         async with httpx.AsyncClient(base_url=server.url, limits=limits, headers=headers,
                                      timeout=httpx.Timeout(args.timeout)) as client:
             await server.wait_ready(client, args.startup_timeout)
+            await server.check_pid(client)
             card = (await client.get("/v1/models")).json()["data"][0]
             model = args.model or card["id"]
             max_model_len = card.get("max_model_len") or 2048
