@@ -1,5 +1,6 @@
-"""The default model in LLM.int8 (--quant int8): our loader's model equals transformers +
-bitsandbytes 8-bit (same int8 bytes, same logits, same greedy output); the engine's fused int8
+"""The default model in LLM.int8 (--quant int8): our Linear8bitLt in transformers' model equals
+transformers + bitsandbytes 8-bit (same int8 bytes, same logits, same greedy output) and the
+server's loader puts the same bytes in its layers; the engine's fused int8
 projections equal the layers they fuse; its native and generic paths give the same tokens; and
 both follow transformers' generate on the same model, to the precision LLM.int8 allows.
 
