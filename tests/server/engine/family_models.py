@@ -61,6 +61,16 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "mistral": ("MistralConfig", dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=32,
                                       num_key_value_heads=8, head_dim=128, sliding_window=WINDOW, rms_norm_eps=1e-5,
                                       tie_word_embeddings=False, rope_theta=10000.0)),
+    # mistralai/Ministral-8B-Instruct-2410: 32 heads / 8 kv heads x 128, sliding and global layers
+    # interleaved (here 1 : 1), rope 1e8, untied
+    "ministral": ("MinistralConfig", dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                          num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                          sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
+                                          rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=100000000.0)),
+    # google/gemma-2b: 8 heads / 1 kv head x 256 (MQA), (1 + w) RMSNorm, scaled embedding, gelu_tanh, tied
+    "gemma": ("GemmaConfig", dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
+                                  num_key_value_heads=1, head_dim=256, hidden_activation="gelu_pytorch_tanh",
+                                  rope_theta=10000.0)),
     # microsoft/Phi-3-mini-128k-instruct: MHA x 96 (here 4 heads), fused qkv / gate_up, longrope,
     # every layer slides (2047), untied
     "phi3": ("Phi3Config", dict(hidden_size=384, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -80,6 +90,10 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "olmo2": ("Olmo2Config", dict(hidden_size=512, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=500000.0,
                                   tie_word_embeddings=False)),
+    # allenai/Olmo-3-1025-7B: as OLMo 2, plus 3 sliding : 1 global layers (here 1 : 1), rope 5e5, untied
+    "olmo3": ("Olmo3Config", dict(hidden_size=512, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=4, rms_norm_eps=1e-6, sliding_window=WINDOW,
+                                  layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=False)),
     # HuggingFaceTB/SmolLM2-135M (Llama-shaped): 9 heads / 3 kv heads x 64, rope 1e5, tied
     "smollm2": ("LlamaConfig", dict(hidden_size=576, intermediate_size=256, num_hidden_layers=2, num_attention_heads=9,
                                     num_key_value_heads=3, rms_norm_eps=1e-5, tie_word_embeddings=True,
