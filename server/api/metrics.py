@@ -33,7 +33,7 @@ class _EngineCollector:
         prompt = c("vllm:prompt_tokens", "Prefill tokens processed")
         generation = c("vllm:generation_tokens", "Generated tokens")
         preemptions = c("vllm:num_preemptions", "Preemptions (recompute) so far")
-        weight = g("quantserve_model_weight_bytes", "Model weights as loaded (quantized)")
+        weight = g("quantserve_model_weight_bytes", "Model weights resident while serving (what /v1/memory reports as weight_bytes)")
         weight16 = g("quantserve_model_weight_16bit_bytes", "The same weights at 16 bits")
         kv_bytes = GaugeMetricFamily("quantserve_kv_cache_bytes", "KV cache bytes", labels=["model_name", "state"])
         hit_rate = g("quantserve_prefix_cache_hit_rate", "Share of prompt tokens served from the prefix cache")
