@@ -444,6 +444,7 @@ class ModelCard(BaseModel):
     owned_by: str = "quantserve"
     root: Optional[str] = None
     max_model_len: Optional[int] = None
+    quantization: Optional[dict[str, Any]] = None  # what quantizing cost: routes/quantization.py's summary
 
 
 class ModelList(BaseModel):

@@ -204,4 +204,38 @@ def format_inspection(result: LoadResult, per_layer: bool = True) -> str:
             f"now {_mib(current_rss())}"
         )
     lines.append(f"load time  {report.load_seconds:.1f} s")
+    lines += format_quant_cost(report, per_layer)
     return "\n".join(lines)
+
+
+def _num(value: Optional[float], spec: str) -> str:
+    return "null" if value is None else format(value, spec)
+
+
+def format_quant_cost(report, per_layer: bool = True) -> list[str]:
+    """What quantizing cost, as measured while loading (quant_stats.py): per layer and in sum."""
+    stats = getattr(report, "layer_stats", None) or []
+    if not stats:
+        return []
+    s = report.quantization_summary()
+    lines = [""]
+    if per_layer:
+        width = max(len(st.name) for st in stats)
+        lines.append(f"{'quantized layer':<{width}}  {'format':<6} {'bits/param':>10} {'rel error':>10} "
+                     f"{'absmax':>9} {'outliers':>9}")
+        for st in stats:
+            lines.append(f"{st.name:<{width}}  {st.format:<6} {st.bits_per_param:>10.3f} {_num(st.rel_error, '>10.5f')} "
+                         f"{st.absmax:>9.4g} {st.outlier_fraction:>9.3%}")
+        lines.append("")
+    if s["has_original"]:
+        error = (f"relative error (Frobenius) mean {s['rel_error_mean']:.5f}, max {s['rel_error_max']:.5f} "
+                 f"({s['rel_error_max_layer']}), all layers together {s['rel_error_overall']:.5f}")
+    else:
+        error = "relative error unknown: " + s.get("note", "no original weights for some layers")
+    lines.append(f"error      {error}")
+    lines.append(
+        f"weights    absmax {s['absmax_max']:.4g}, outliers (|w| > {s['outlier_threshold_rms']:g} x the layer's RMS) "
+        f"{s['outlier_fraction_mean']:.4%} of weights on average; {s['bits_per_param']:.3f} bits/param achieved; "
+        f"measuring took {s['stats_seconds']:.2f} s of the load"
+    )
+    return lines

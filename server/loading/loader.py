@@ -60,6 +60,8 @@ class LoadConfig:
             checkpoint keeps its own settings; only bnb_4bit_compute_dtype may be overridden.
         cache_dir: where converted GGUF folders go; None: $QUANTSERVE_CACHE or ~/.cache/quantserve.
         progress: show a tqdm bar over the checkpoint's tensors.
+        quant_stats: measure each quantized layer's error against its original while loading
+            (quant_stats.py; LoadReport.layer_stats); off only to measure what it costs.
     """
 
     model: Optional[str] = None
@@ -69,6 +71,7 @@ class LoadConfig:
     quant: Optional[QuantConfig] = _DEFAULT_QUANT
     cache_dir: Optional[str | Path] = None
     progress: bool = True
+    quant_stats: bool = True
 
     def __post_init__(self) -> None:
         if self.model is not None:
@@ -127,6 +130,14 @@ class LoadReport:
     peak_rss_is_lifetime: bool = False
     device_bytes: Optional[int] = None  # CUDA memory allocated by the load
     device_peak_bytes: Optional[int] = None  # CUDA peak during the load
+    layer_stats: list = dataclasses.field(default_factory=list)  # quant_stats.LayerQuantStats per quantized layer
+    stats_seconds: float = 0.0  # of load_seconds, spent measuring layer_stats
+
+    def quantization_summary(self) -> dict:
+        """What quantizing cost, the whole model in one object (quant_stats.summarize)."""
+        from .quant_stats import summarize
+
+        return summarize(self.layer_stats, self.stats_seconds)
 
     def summary(self) -> str:
         """One log line: what, how, how long, how much memory."""
@@ -214,7 +225,8 @@ def _load(config: LoadConfig) -> LoadResult:
     tokenizer = load_tokenizer(folder)
     with PeakMemory(config.device) as memory, CheckpointReader.open(folder) as reader:  # type: ignore[arg-type]
         streamer = WeightStreamer(
-            hf_config, folder, config.device, config.dtype, config.quant, stored_quant, config.progress  # type: ignore[arg-type]
+            hf_config, folder, config.device, config.dtype, config.quant, stored_quant, config.progress,  # type: ignore[arg-type]
+            quant_stats=config.quant_stats,
         )
         streamer.run(reader)
     model = streamer.model
@@ -247,6 +259,8 @@ def _load(config: LoadConfig) -> LoadResult:
         peak_rss_is_lifetime=memory.peak_rss_is_lifetime,
         device_bytes=None if memory.device_after is None else memory.device_after - (memory.device_before or 0),
         device_peak_bytes=memory.device_peak,
+        layer_stats=streamer.layer_stats,
+        stats_seconds=streamer.stats_seconds,
     )
     logger.info(report.summary())
     return LoadResult(model=model, tokenizer=tokenizer, config=config, report=report)

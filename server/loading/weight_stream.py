@@ -16,6 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -30,6 +31,7 @@ from quantserve.server.engine.models.sixteen_bit import sixteen_bit_dtype, to_16
 
 from .checkpoint import CheckpointReader
 from .peak_memory import release_free_memory
+from .quant_stats import LayerQuantStats, layer_stats
 from .sources import first_line
 
 logger = logging.getLogger("quantserve.loader")
@@ -99,6 +101,7 @@ class WeightStreamer:
         quant: Optional[QuantConfig],
         checkpoint_quant: Optional[QuantConfig] = None,
         progress: bool = True,
+        quant_stats: bool = True,
     ):
         import transformers
 
@@ -108,6 +111,10 @@ class WeightStreamer:
         self.progress = progress
         self.folder = folder
         self.prequantized = checkpoint_quant is not None
+        # Per quantized layer: what quantizing cost (quant_stats.py), and the seconds spent on it.
+        self.collect_stats = quant_stats
+        self.layer_stats: list[LayerQuantStats] = []
+        self.stats_seconds = 0.0
         if hasattr(hf_config, "quantization_config"):
             hf_config = copy.copy(hf_config)
             del hf_config.quantization_config  # we place the quantized layers ourselves
@@ -244,8 +251,11 @@ class WeightStreamer:
                     fp16 = module.has_fp16_weights  # kept in float (quantized per forward)
                     param = Int8Params(weight, requires_grad=False, has_fp16_weights=fp16)
                     module.weight = param if fp16 else param.quantize()
+                    if fp16:  # not quantized until each forward: nothing to measure
+                        continue
                 else:
                     module.weight = Params4bit(weight, requires_grad=False, **module.weight._settings()).quantize()
+                self._measure(module_name, module.weight, weight)
                 continue
             is_param = attr in module._parameters
             current = module._parameters[attr] if is_param else module._buffers.get(attr)
@@ -267,6 +277,7 @@ class WeightStreamer:
         module = self.model.get_submodule(module_name)
         if isinstance(module, Linear8bitLt):
             self.place_prequantized_int8(module, weight_key, tensors)
+            self._measure(module_name, module.weight, None)
             return
         data = tensors.pop(weight_key)
         try:
@@ -277,6 +288,14 @@ class WeightStreamer:
         if tuple(weight.quant_state.shape) != expected:
             raise ValueError(f"{weight_key} is quantized with shape {list(weight.quant_state.shape)}, the model expects {list(expected)}")
         module.weight = weight
+        self._measure(module_name, weight, None)
+
+    def _measure(self, module_name: str, param: Any, original: Optional[torch.Tensor]) -> None:
+        """Record what quantizing `module_name` cost (None: a prequantized layer, no original)."""
+        if self.collect_stats:
+            start = time.perf_counter()
+            self.layer_stats.append(layer_stats(module_name, param, original))
+            self.stats_seconds += time.perf_counter() - start
 
     def place_prequantized_int8(self, module: Linear8bitLt, weight_key: str, tensors: dict[str, torch.Tensor]) -> None:
         base = weight_key.removesuffix(".weight")
@@ -359,6 +378,8 @@ class WeightStreamer:
         if unexpected:
             logger.info("ignored %d checkpoint tensors the model has no place for, e.g. %s", len(unexpected), unexpected[:3])
         self.unexpected = unexpected
+        order = {name: i for i, (name, _) in enumerate(self.model.named_modules())}
+        self.layer_stats.sort(key=lambda st: order.get(st.name, len(order)))  # model order, not the file's
         to_16bit(self.model, self.dtype)  # placed at 16 bits already: installs the float32-logits head
         self.model.eval()
 

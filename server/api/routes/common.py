@@ -75,7 +75,10 @@ async def until_disconnect(request: Request, gen: Generation, body: SamplingRequ
 
 
 def card(served: ServedModel) -> p.ModelCard:
-    return p.ModelCard(id=served.name, created=served.created, root=served.name, max_model_len=served.max_model_len)
+    from .quantization import quantization_summary
+
+    return p.ModelCard(id=served.name, created=served.created, root=served.name, max_model_len=served.max_model_len,
+                       quantization=quantization_summary(served))
 
 
 async def to_thread(fn: Any, *args: Any) -> Any:

@@ -1,0 +1,407 @@
+"""Whether a model fits, before loading it: memory from the config and the checkpoint's tensor
+index alone (safetensors headers; no weight is read).
+
+    est = estimate_memory(EstimateRequest(model="folder", quant=QuantConfig(), max_model_len=4096))
+    est.fits, est.verdict, est.as_dict()
+
+The figures are the ones the server will hold and /v1/memory will report, computed the way the
+loader and the engine compute them:
+- weights: the model skeleton built on the meta device (as the loader builds it), the loader's
+  quantization plan, and per quantized Linear its packed codes and block statistics (4-bit), or
+  int8 rows and row scales (LLM.int8); embeddings and output head at 16 bits, the other
+  parameters in the compute dtype, buffers (rotary tables) as built; a double-quantized absmax as
+  the native path holds it while serving (decoded to float32). A prequantized checkpoint: its
+  stored tensors' bytes, from the index.
+- KV cache: 2 x layers x KV heads x head dim x dtype bytes per token, in blocks; the engine's own
+  budget rule (--kv-cache-memory, else 1 GiB on CPU, else a share of the free GPU memory).
+- activations: the engine's reserve for one step's activations and logits.
+- loading peak: the final weights plus the loader's transient copies of the largest tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from quantserve.quant import QuantConfig
+
+GIB = 2**30
+DEFAULT_CPU_KV_CACHE_GIB = 1.0  # as server/engine/model_runner.py
+_CODE_4BIT_BYTES = 16 * 4  # NF4/FP4 table, float32, one per format (shared by every layer)
+_NESTED_CODE_BYTES = 256 * 4  # the 8-bit dynamic map of double quantization
+_NESTED_BLOCKSIZE = 256
+_STATS_CHUNK_BYTES = 4 * 2**20  # quant_stats.CHUNK_ELEMENTS float32s
+
+
+def activation_reserve_bytes(hidden: int, vocab: int, elem: int, max_num_batched_tokens: int, max_num_seqs: int) -> int:
+    """One engine step's activations and logits, roughly (the runner keeps this much free on a GPU)."""
+    return max_num_batched_tokens * hidden * 32 * elem + max_num_seqs * vocab * 16
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimateRequest:
+    """What would be served, and how (the serve settings that decide memory)."""
+
+    model: Optional[str] = None
+    revision: Optional[str] = None
+    quant: Optional[QuantConfig] = dataclasses.field(default_factory=QuantConfig)
+    dtype: Optional[str | torch.dtype] = None  # compute dtype (LoadConfig's default when None)
+    device: Optional[str] = None
+    max_model_len: Optional[int] = None  # None: the model's own
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    block_size: int = 16
+    kv_cache_memory_gib: Optional[float] = None
+    gpu_memory_utilization: float = 0.9
+    cache_dir: Optional[str | Path] = None
+    free_bytes: Optional[int] = None  # the device's free memory; None: measured now
+
+
+@dataclasses.dataclass
+class MemoryEstimate:
+    model: str
+    folder: str
+    device: str
+    dtype: str
+    quant: str  # nf4 / nf4+dq / fp4 / int8 / none (+ " (prequantized)")
+    weight_bytes: int  # resident while serving (/v1/memory weights.weight_bytes)
+    weight_bytes_16bit: int
+    weight_bytes_by_part: dict[str, int]
+    quantized_layers: int
+    checkpoint_bytes: int
+    largest_tensor: str
+    kv_bytes_per_token: int
+    kv_block_size: int
+    kv_cache_blocks: int
+    kv_cache_bytes: int  # as the engine will allocate it (/v1/memory kv_cache.bytes_total)
+    kv_cache_tokens: int
+    model_max_len: int
+    max_model_len: int  # what the engine will use (the model's, capped by the KV cache, or as asked)
+    max_num_seqs: int
+    kv_bytes_for_settings: int  # max_model_len x max_num_seqs tokens
+    activation_reserve_bytes: int
+    loading_peak_bytes: int
+    serving_bytes: int  # weights + KV cache + activations
+    device_free_bytes: Optional[int]
+    fits: bool
+    largest_context: int  # longest max_model_len whose KV cache fits beside the weights
+    verdict: str
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _nbytes(shape: Any, elem: int) -> int:
+    return math.prod(shape) * elem
+
+
+def _elem(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def free_memory(device: torch.device) -> Optional[int]:
+    """Free memory of the device: MemAvailable on CPU, cudaMemGetInfo's free on a GPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _quantized_bytes(shape: tuple[int, int], quant: QuantConfig, native: bool) -> int:
+    """Bytes one quantized Linear weight takes while served (its bias is counted apart)."""
+    n = shape[0] * shape[1]
+    if quant.load_in_8bit:
+        return n + 4 * shape[0]  # int8 rows + float32 SCB
+    blocks = -(-n // quant.blocksize)
+    packed = (n + 1) // 2
+    if quant.bnb_4bit_use_double_quant and not native:
+        return packed + blocks + 4 * -(-blocks // _NESTED_BLOCKSIZE)  # 8-bit codes + nested float32 absmax
+    return packed + 4 * blocks  # float32 absmax (decoded once on the native path when double-quantized)
+
+
+def _skeleton(folder: Path, hf_config: Any, dtype: torch.dtype, quant: Optional[QuantConfig], stored: Optional[QuantConfig]):
+    """The loader's model skeleton on the meta device, and its quantization plan."""
+    from .weight_stream import WeightStreamer, linear_like_modules, plan_quantization
+
+    streamer = WeightStreamer(hf_config, folder, torch.device("cpu"), dtype, quant, stored, progress=False)
+    if streamer.prequantized or streamer.quant is None:
+        return streamer, []
+    to_quantize, _ = plan_quantization(streamer.model, streamer.quant)
+    linears = linear_like_modules(streamer.model)
+    return streamer, [n for n in to_quantize if n in linears]
+
+
+def _kv_shape(model: Any) -> tuple[int, int, int, bool]:
+    """(layers, KV heads, head dim, native path?) as the engine's adapter will see them."""
+    from quantserve.server.engine.models import families, generic
+
+    if families.unsupported_reason(model) is None:
+        base = families.decoder(model)
+        attn = families.attention_of(base.layers[0])
+        _, kv_heads, head_dim = families.head_shape(attn, families.text_config(model))
+        return len(base.layers), kv_heads, head_dim, True
+    layers, kv_heads, head_dim = generic.kv_cache_shape(model.config)
+    return layers, kv_heads, head_dim, False
+
+
+def _model_max_len(hf_config: Any) -> int:
+    config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def estimate_memory(request: EstimateRequest) -> MemoryEstimate:
+    """The memory `request` needs and whether it fits; ValueError for a model that cannot be read."""
+    from quantserve.server.engine.models.sixteen_bit import sixteen_bit_dtype
+
+    from .checkpoint import find_weight_files, read_safetensors_header
+    from .loader import LoadConfig
+    from .sources import checkpoint_quant, load_hf_config, resolve_source
+
+    config = LoadConfig(model=request.model, revision=request.revision, device=request.device, dtype=request.dtype,
+                        quant=request.quant, cache_dir=request.cache_dir, progress=False)
+    device, dtype = config.device, config.dtype
+    folder, description = resolve_source(config.model, config.revision, config.cache_dir)
+    hf_config = load_hf_config(folder)
+    stored = checkpoint_quant(hf_config, folder)
+    files = find_weight_files(folder)
+    entries = {}  # safetensors headers: dtype, shape and bytes of every tensor (.bin files have no index)
+    for path in files:
+        if path.suffix == ".safetensors":
+            entries.update(read_safetensors_header(path))
+    streamer, quantized = _skeleton(folder, hf_config, dtype, config.quant, stored)
+    model, quant = streamer.model, streamer.quant
+    layers, kv_heads, head_dim, native = _kv_shape(model)
+    elem = _elem(dtype)
+    half = _elem(sixteen_bit_dtype(dtype))
+
+    parts = {"quantized": 0, "sixteen_bit": 0, "other": 0, "buffers": 0}
+    num_params = 0
+    seen: set[int] = set()
+    quantized_weights = {f"{n}.weight" for n in quantized}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        numel = param.numel()
+        num_params += numel
+        if name in quantized_weights:
+            transposed = name.removesuffix(".weight") in streamer.transposed  # Conv1D: stored (in, out)
+            shape = (param.shape[1], param.shape[0]) if transposed else (param.shape[0], param.shape[1])
+            parts["quantized"] += _quantized_bytes(shape, quant, native)
+        elif name in streamer.sixteen_bit:
+            parts["sixteen_bit"] += numel * half
+        else:
+            parts["other"] += numel * (elem if param.is_floating_point() else param.element_size())
+    if quantized and quant is not None and not quant.load_in_8bit:
+        parts["quantized"] += _CODE_4BIT_BYTES  # one code table, shared
+        if quant.bnb_4bit_use_double_quant and not native:
+            parts["quantized"] += _NESTED_CODE_BYTES
+    for buffer in model.buffers():
+        if buffer.device.type != "meta":
+            parts["buffers"] += buffer.numel() * buffer.element_size()
+    if streamer.prequantized:
+        if not entries:
+            raise ValueError(f"{folder}: estimating a prequantized checkpoint needs safetensors files (headers)")
+        parts = _prequantized_parts(entries, model, streamer, dtype, half)
+        quantized = sorted({k.split(".weight.quant_state.")[0] for k in entries if ".weight.quant_state." in k}
+                           | {k.removesuffix(".SCB") for k in entries if k.endswith(".SCB")})
+    weight_bytes = sum(parts.values())
+
+    # KV cache, as the engine's runner sizes it
+    bytes_per_token = 2 * layers * kv_heads * head_dim * elem
+    bytes_per_block = bytes_per_token * request.block_size
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", 4096)
+    vocab = getattr(text, "vocab_size", 32000)
+    reserve = activation_reserve_bytes(hidden, vocab, elem, request.max_num_batched_tokens, request.max_num_seqs)
+    free = request.free_bytes if request.free_bytes is not None else free_memory(device)
+    if request.kv_cache_memory_gib is not None:
+        budget = request.kv_cache_memory_gib * GIB
+    elif device.type == "cuda":
+        # the runner takes its share of what is free after the weights are loaded
+        budget = ((free or 0) - weight_bytes) * request.gpu_memory_utilization - reserve
+    else:
+        budget = DEFAULT_CPU_KV_CACHE_GIB * GIB
+    blocks = max(0, int(budget // bytes_per_block))
+    kv_tokens = blocks * request.block_size
+    model_max = _model_max_len(hf_config)
+    max_model_len = request.max_model_len if request.max_model_len is not None else min(model_max, kv_tokens)
+
+    if entries:
+        largest_tensor = max(entries, key=lambda k: entries[k].nbytes)
+        big = entries[largest_tensor]
+        big_bytes, big_numel, big_dtype = big.nbytes, math.prod(big.shape), big.dtype
+    else:  # .bin: the skeleton's largest parameter, at 4 bytes on disk at most
+        largest_tensor, param = max(model.named_parameters(), key=lambda kv: kv[1].numel())
+        big_numel, big_dtype = param.numel(), torch.float32
+        big_bytes = 4 * big_numel
+    # the read buffer, its cast to the load dtype (none when it is stored in it), and the chunk
+    # quant_stats dequantizes while it measures
+    transient = big_bytes + (big_numel * elem if big_dtype != dtype else 0) + _STATS_CHUNK_BYTES
+    loading_peak = weight_bytes + transient
+
+    serving = weight_bytes + blocks * bytes_per_block + reserve
+    problems = []
+    if blocks < 1:
+        problems.append(f"the KV cache budget ({budget / GIB:.3f} GiB) holds no block of {bytes_per_block} bytes")
+    if request.max_model_len is not None and request.max_model_len > kv_tokens:
+        problems.append(f"max_model_len {request.max_model_len} is more than the KV cache holds ({kv_tokens} tokens)")
+    if free is not None and max(serving, loading_peak) > free:
+        problems.append(
+            f"needs {max(serving, loading_peak) / GIB:.2f} GiB (weights {weight_bytes / GIB:.2f}, KV cache "
+            f"{blocks * bytes_per_block / GIB:.2f}, activations {reserve / GIB:.2f}; loading peak "
+            f"{loading_peak / GIB:.2f}) but {device} has {free / GIB:.2f} GiB free"
+        )
+    room = (free if free is not None else 0) - weight_bytes - reserve
+    largest = min(model_max, max(0, int(room // bytes_per_block)) * request.block_size) if free is not None else 0
+    fits = not problems
+    quant_name = "none" if quant is None else quant.quant_name + (
+        "+dq" if quant.bnb_4bit_use_double_quant and not quant.load_in_8bit else "")
+    if streamer.prequantized:
+        quant_name += " (prequantized)"
+    verdict = (
+        f"fits: {serving / GIB:.2f} GiB needed of {free / GIB:.2f} GiB free on {device}" if fits and free is not None
+        else "fits (free memory unknown)" if fits else "does not fit: " + "; ".join(problems)
+    )
+    return MemoryEstimate(
+        model=description, folder=str(folder), device=str(device), dtype=str(dtype).removeprefix("torch."),
+        quant=quant_name, weight_bytes=weight_bytes, weight_bytes_16bit=2 * num_params, weight_bytes_by_part=parts,
+        quantized_layers=len(quantized), checkpoint_bytes=sum(p.stat().st_size for p in files),
+        largest_tensor=largest_tensor, kv_bytes_per_token=bytes_per_token, kv_block_size=request.block_size,
+        kv_cache_blocks=blocks, kv_cache_bytes=blocks * bytes_per_block, kv_cache_tokens=kv_tokens,
+        model_max_len=model_max, max_model_len=max_model_len, max_num_seqs=request.max_num_seqs,
+        kv_bytes_for_settings=max_model_len * request.max_num_seqs * bytes_per_token,
+        activation_reserve_bytes=reserve, loading_peak_bytes=loading_peak, serving_bytes=serving,
+        device_free_bytes=free, fits=fits, largest_context=largest, verdict=verdict, problems=problems,
+    )
+
+
+def _prequantized_parts(entries: dict, model: Any, streamer: Any, dtype: torch.dtype, half: int) -> dict[str, int]:
+    """A prequantized checkpoint's quantized layers take what they take on disk (minus the
+    serialized state metadata); the rest as a float checkpoint's."""
+    elem = _elem(dtype)
+    parts = {"quantized": 0, "sixteen_bit": 0, "other": 0, "buffers": 0}
+    expected = set(streamer.expected)
+    for key, entry in entries.items():
+        if ".weight.quant_state." in key or key.endswith(".weight_format"):
+            continue  # parsed into the state's fields, not kept as tensors
+        target = streamer.model_name(key)
+        if target is None or target not in expected or entry.dtype in (torch.uint8, torch.int8) or ".weight." in key \
+                or key.endswith(".SCB"):
+            parts["quantized"] += entry.nbytes
+        elif target in streamer.sixteen_bit:
+            parts["sixteen_bit"] += math.prod(entry.shape) * half
+        else:
+            parts["other"] += math.prod(entry.shape) * elem
+    for buffer in model.buffers():
+        if buffer.device.type != "meta":
+            parts["buffers"] += buffer.numel() * buffer.element_size()
+    return parts
+
+
+def _quant_from(name: str, double_quant: bool, blocksize: int = 64) -> Optional[QuantConfig]:
+    if name == "none":
+        return None
+    if name == "int8":
+        if double_quant:
+            raise ValueError("--double-quant applies to the 4-bit formats, not int8")
+        return QuantConfig(load_in_8bit=True)
+    return QuantConfig(bnb_4bit_quant_type=name, bnb_4bit_use_double_quant=double_quant, blocksize=blocksize)
+
+
+def parse_max_model_len(value: Any) -> Optional[int]:
+    """--max-model-len: a number of tokens, or "auto" / None (the longest that fits)."""
+    if value is None or value == "auto":
+        return None
+    try:
+        tokens = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--max-model-len must be a number of tokens or 'auto', got {value!r}") from None
+    if tokens < 16:
+        raise ValueError(f"--max-model-len must be at least 16, got {tokens}")
+    return tokens
+
+
+def estimate_from_args(args: Any) -> MemoryEstimate:
+    """`quantserve estimate`'s arguments -> the estimate."""
+    return estimate_memory(EstimateRequest(
+        model=args.model, revision=args.revision, quant=_quant_from(args.quant, args.double_quant, args.blocksize),
+        dtype=args.compute_dtype, device=args.device, max_model_len=parse_max_model_len(args.max_model_len),
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size, kv_cache_memory_gib=args.kv_cache_memory,
+    ))
+
+
+def estimate_for_settings(settings: Any) -> MemoryEstimate:
+    """What `serve` with these Settings will need (its check before loading)."""
+    return estimate_memory(EstimateRequest(
+        model=settings.model, revision=settings.revision, quant=_quant_from(settings.quant, settings.double_quant),
+        dtype=settings.compute_dtype, device=settings.device, max_model_len=parse_max_model_len(settings.max_model_len),
+        max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
+        block_size=settings.block_size, kv_cache_memory_gib=settings.kv_cache_memory,
+    ))
+
+
+def fit_settings(est: MemoryEstimate, auto: bool) -> dict[str, Any]:
+    """What `serve` changes in its settings for the estimate: with --max-model-len auto the longest
+    context that fits (the model's, capped by the KV cache and by free memory), and on CPU a KV
+    cache no larger than what is free beside the weights. Raises ValueError (the estimate's
+    verdict) when the model cannot be served at all."""
+    if not auto:
+        if not est.fits:
+            raise ValueError(f"{est.model} cannot be served with these settings: {est.verdict} "
+                             "(see `quantserve estimate`; --max-model-len auto picks the longest context that fits)")
+        return {}
+    if est.largest_context < 16 and est.device_free_bytes is not None:
+        raise ValueError(f"{est.model} does not fit: {est.verdict}")
+    length = min(est.model_max_len, est.kv_cache_tokens)
+    update: dict[str, Any] = {}
+    if est.device_free_bytes is not None and est.largest_context < length:
+        # the configured KV cache does not fit beside the weights: shrink it to what does
+        length = est.largest_context
+        update["kv_cache_memory"] = length * est.kv_bytes_per_token / GIB
+    if length < 16:
+        raise ValueError(f"{est.model} does not fit: {est.verdict}")
+    update["max_model_len"] = length
+    return update
+
+
+def _gib(n: Optional[int]) -> str:
+    return "?" if n is None else f"{n / GIB:,.3f} GiB" if n >= GIB else f"{n / 2**20:,.1f} MiB"
+
+
+def format_estimate(est: MemoryEstimate) -> str:
+    p = est.weight_bytes_by_part
+    lines = [
+        f"model       {est.model} ({est.quant}, {est.dtype} on {est.device})",
+        f"checkpoint  {_gib(est.checkpoint_bytes)} on disk; largest tensor {est.largest_tensor}",
+        f"weights     {_gib(est.weight_bytes)} ({est.quantized_layers} layers quantized {_gib(p['quantized'])}, "
+        f"embeddings/head at 16 bits {_gib(p['sixteen_bit'])}, other {_gib(p['other'] + p['buffers'])}); "
+        f"16-bit size {_gib(est.weight_bytes_16bit)}",
+        f"KV cache    {est.kv_bytes_per_token:,} bytes per token; {est.kv_cache_blocks:,} blocks of {est.kv_block_size} "
+        f"= {est.kv_cache_tokens:,} tokens in {_gib(est.kv_cache_bytes)}",
+        f"settings    max_model_len {est.max_model_len:,} (model: {est.model_max_len:,}) x max_num_seqs "
+        f"{est.max_num_seqs}: {_gib(est.kv_bytes_for_settings)} of KV at full length",
+        f"activations {_gib(est.activation_reserve_bytes)} reserved for one step",
+        f"loading     peak {_gib(est.loading_peak_bytes)} (the weights plus transient copies of the largest tensor)",
+        f"serving     {_gib(est.serving_bytes)} (weights + KV cache + activations); free on {est.device}: "
+        f"{_gib(est.device_free_bytes)}",
+        f"context     longest that fits beside the weights: {est.largest_context:,} tokens",
+        f"verdict     {est.verdict}",
+    ]
+    return "\n".join(lines)
