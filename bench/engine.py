@@ -16,6 +16,13 @@ greedy, exactly N output tokens: EOS ignored). Default model: the built-in SmolL
     python bench/engine.py --quant int8 --systems quantserve hf-generate --concurrency 1 16
                                                              # LLM.int8 weights (our Linear8bitLt)
 
+    python bench/engine.py --systems quantserve --concurrency 16 --loras 4
+                                                             # + "quantserve+lora": the same streams spread
+                                                             # over 4 LoRA adapters, against the base alone
+
+--loras N: N random rank---lora-rank adapters on every projection (q/k/v/o/gate/up/down), written in
+peft's format and loaded by the engine as `--lora-modules` would; client c asks for adapter c % N.
+
 --quant int8: the quantized model is transformers' with every Linear but the head swapped for our
 Linear8bitLt (threshold 6.0, as load_in_8bit); "hf-generate" then runs transformers on those layers.
 """
@@ -46,7 +53,7 @@ from quantserve.server.loading.default_model import default_model_folder  # noqa
 from quantserve.server.engine import EngineConfig, SamplingParams  # noqa: E402
 from quantserve.server.engine.engine import AsyncEngine  # noqa: E402
 
-SYSTEMS = ("quantserve", "hf-generate", "hf-generate-fp32", "hf-cb")
+SYSTEMS = ("quantserve", "hf-generate", "hf-generate-fp32", "hf-cb", "quantserve+lora")
 TEXT = (
     "The lighthouse keeper climbed the spiral stairs every evening at dusk, counting the steps as his "
     "father had taught him. There were one hundred and twelve of them, worn smooth in the middle by a "
@@ -127,22 +134,51 @@ def percentiles(values: list[float]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------- systems
 
 
-def run_quantserve(model, tokenizer, prompts, concurrency, rounds, max_tokens, args) -> dict[str, Any]:
+def write_adapters(model, count: int, rank: int, folder: Path) -> list[tuple[str, str]]:
+    """`count` random LoRA adapters in peft's format (adapter_config.json + adapter_model.safetensors)
+    on every projection of every layer; B small, as a trained adapter's update is."""
+    from safetensors.torch import save_file
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    out = []
+    for n in range(count):
+        g = torch.Generator().manual_seed(n)
+        tensors = {}
+        for name, module in model.named_modules():
+            short = name.rsplit(".", 1)[-1]
+            if short in targets:
+                key = f"base_model.model.{name}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) / module.in_features**0.5
+                tensors[f"{key}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.01
+        path = folder / f"adapter{n}"
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, path / "adapter_model.safetensors")
+        (path / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": targets, "bias": "none"}))
+        out.append((f"adapter{n}", str(path)))
+    return out
+
+
+def run_quantserve(model, tokenizer, prompts, concurrency, rounds, max_tokens, args,
+                   adapters: Optional[list[tuple[str, str]]] = None) -> dict[str, Any]:
     config = EngineConfig(max_num_seqs=max(concurrency, 1), max_num_batched_tokens=args.max_num_batched_tokens,
-                          kv_cache_memory_gib=args.kv_cache_gib)
+                          kv_cache_memory_gib=args.kv_cache_gib, max_loras=max(1, len(adapters or ())))
     rec = Recorder()
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
 
     async def main() -> float:
         engine = AsyncEngine(model, tokenizer, config)
         await engine.start()
+        for name, path in adapters or ():
+            engine.loras.load(name, path)
 
         async def client(c: int) -> None:
+            lora = adapters[c % len(adapters)][0] if adapters else None
             for r in range(rounds):
                 prompt = prompts[(c * rounds + r) % len(prompts)]
                 t0 = time.perf_counter()
                 pieces = []
-                async for out in engine.generate(prompt, params, f"c{c}-r{r}"):
+                async for out in engine.generate(prompt, params, f"c{c}-r{r}", lora=lora):
                     pieces.append((time.perf_counter(), sum(len(o.token_ids) for o in out.outputs)))
                 rec.add(t0, pieces)
 
@@ -303,7 +339,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "the transformers systems run at torch's default, highest, which is faster for them")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--quant", default="nf4", choices=["nf4", "int8"], help="weight format (default nf4)")
+    parser.add_argument("--loras", type=int, default=0,
+                        help="also run quantserve+lora: the streams spread over this many LoRA adapters")
+    parser.add_argument("--lora-rank", type=int, default=16)
     args = parser.parse_args(argv)
+    if args.loras and "quantserve+lora" not in args.systems:
+        args.systems.append("quantserve+lora")
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
 
     folder = args.model or default_model_folder()  # the loader's converted, cached copy
@@ -317,6 +358,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{args.rounds} requests per client", flush=True)
     results: dict[str, dict[int, dict[str, Any]]] = {}
     quantized = None
+    adapters: list[tuple[str, str]] = []
     for system in args.systems:
         if system == "hf-generate-fp32":
             model = load(folder, args.device, dtype, quantized=False)
@@ -328,12 +370,22 @@ def main(argv: Optional[list[str]] = None) -> int:
                 continue
             if system == "hf-generate-fp32" and c != 1:
                 continue
-            torch.set_float32_matmul_precision(args.matmul_precision if system == "quantserve" else "highest")
-            res = RUNNERS[system](model, tokenizer, prompts, c, args.rounds, args.max_tokens, args)
+            torch.set_float32_matmul_precision(args.matmul_precision if system.startswith("quantserve") else "highest")
+            if system == "quantserve+lora":
+                if not adapters:
+                    import tempfile
+
+                    adapters = write_adapters(model, max(args.loras, 1), args.lora_rank, Path(tempfile.mkdtemp()))
+                res = run_quantserve(model, tokenizer, prompts, c, args.rounds, args.max_tokens, args, adapters)
+                base = results.get("quantserve", {}).get(c)
+                if base:
+                    res["vs_base"] = round(res["tokens_per_s"] / base["tokens_per_s"], 3)
+            else:
+                res = RUNNERS[system](model, tokenizer, prompts, c, args.rounds, args.max_tokens, args)
             results.setdefault(system, {})[c] = res
             print(f"{system:18s} c={c:<3d} {res['tokens_per_s']:8.1f} tok/s  TTFT p50 {res['ttft_s'].get('p50')} s  "
-                  f"ITL p50 {res['itl_ms'].get('p50')} ms  ({res['output_tokens']} tokens in {res['wall_s']} s)",
-                  flush=True)
+                  f"ITL p50 {res['itl_ms'].get('p50')} ms  ({res['output_tokens']} tokens in {res['wall_s']} s)"
+                  + (f"  {res['vs_base']}x the base" if "vs_base" in res else ""), flush=True)
         if system == "hf-generate-fp32":
             del model
             gc.collect()

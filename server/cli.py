@@ -126,6 +126,46 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    """Perplexity, KL divergence and top-1 agreement of each quantized format against the 16-bit model."""
+    import json
+    import logging
+    from pathlib import Path
+
+    import torch
+
+    from .loading.verify import VerifyRequest, format_verify, verify
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    torch.set_float32_matmul_precision(args.matmul_precision)
+    text, source = None, "built-in public-domain text (server/loading/default_text.py)"
+    if args.text is not None:
+        try:
+            text = Path(args.text).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read --text {args.text}: {exc}") from None
+        source = args.text
+    formats = [f"{q}+dq" if args.double_quant and q in ("nf4", "fp4") else q for q in args.quant]
+    result = verify(VerifyRequest(
+        model=args.model, revision=args.revision, formats=tuple(dict.fromkeys(formats)), text=text, text_source=source,
+        window=args.window, device=args.device, dtype=args.compute_dtype, blocksize=args.blocksize,
+        progress=not args.no_progress,
+    ))
+    print(json.dumps(result, indent=2) if args.json else format_verify(result))
+    return 0
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    """Memory the model would take, from its config and tensor index alone, and whether it fits."""
+    import json
+
+    from .loading.estimate import estimate_from_args, format_estimate
+
+    est = estimate_from_args(args)
+    print(json.dumps(est.as_dict(), indent=2) if args.json else format_estimate(est))
+    return 0 if est.fits else 1
+
+
 def _run_reporting_errors(func):
     """Run a command; a bad model or setting is one line on stderr and exit status 1."""
 
@@ -172,6 +212,69 @@ def _add_loader_commands(sub) -> None:
     inspect.add_argument("--totals-only", action="store_true", help="skip the per-layer table")
     _add_load_arguments(inspect)
     inspect.set_defaults(func=_run_reporting_errors(_cmd_inspect))
+
+
+def _add_quality_commands(sub) -> None:
+    from .config import Settings
+
+    verify = sub.add_parser(
+        "verify",
+        help="what quantizing costs on a text: perplexity, KL divergence, top-1 agreement vs 16-bit",
+        description=(
+            "Load MODEL unquantized and in each --quant format and read the same text with each: "
+            "perplexity of both, the KL divergence of their next-token distributions (mean over "
+            "positions, KL(16-bit || quantized), nats) and how often their top-1 tokens agree. The "
+            "text is a built-in public-domain one (~1,000 tokens) unless --text FILE is given."
+        ),
+    )
+    verify.add_argument("model", nargs="?", metavar="MODEL", help=_MODEL_HELP)
+    verify.add_argument("--quant", nargs="+", default=["nf4"], choices=["nf4", "fp4", "int8", "nf4+dq", "fp4+dq"],
+                        help="formats to compare against the 16-bit model (default: nf4); nf4+dq = double quant")
+    verify.add_argument("--double-quant", action="store_true", help="double-quantize the 4-bit formats given")
+    verify.add_argument("--text", metavar="FILE", help="a UTF-8 text file to measure on (default: the built-in text)")
+    verify.add_argument("--window", type=int, help="tokens per forward pass (default: min(2048, the model's context))")
+    verify.add_argument("--blocksize", type=int, default=64, help="weights per absmax block, 32..4096 (default: 64)")
+    verify.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16"], help=COMPUTE_DTYPE_HELP)
+    verify.add_argument("--matmul-precision", choices=["highest", "high", "medium"], default="highest",
+                        help="torch's float32 matmul precision (default: highest, exact float32 products)")
+    verify.add_argument("--revision", help="Hub branch, tag or commit (Hub ids only)")
+    verify.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    verify.add_argument("--json", action="store_true", help="print one JSON object")
+    verify.add_argument("--no-progress", action="store_true", help="no progress bar")
+    verify.set_defaults(func=_run_reporting_errors(_cmd_verify))
+
+    fields = Settings.model_fields
+    estimate = sub.add_parser(
+        "estimate",
+        help="memory a model would take and whether it fits, before loading it",
+        description=(
+            "From MODEL's config and its checkpoint's tensor index alone (safetensors headers; no "
+            "weight is read): the weight bytes after quantization, KV cache bytes per token and for "
+            "the settings, the activation reserve, the peak while loading, and the verdict against "
+            "the device's free memory, with the longest context that fits. Exit status 1 when it "
+            "does not fit. `serve` runs the same check before loading."
+        ),
+    )
+    estimate.add_argument("model", nargs="?", metavar="MODEL", help=_MODEL_HELP)
+    estimate.add_argument("--revision", help="Hub branch, tag or commit (Hub ids only)")
+    estimate.add_argument("--quant", choices=["nf4", "fp4", "int8", "none"], default="nf4",
+                          help="weight format (default: nf4)")
+    estimate.add_argument("--double-quant", action="store_true", help="double-quantize the 4-bit absmax")
+    estimate.add_argument("--blocksize", type=int, default=64, help="weights per absmax block (default: 64)")
+    estimate.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16"], help=COMPUTE_DTYPE_HELP)
+    estimate.add_argument("--max-model-len", metavar="N|auto", default=None,
+                          help="context length (default, or auto: the model's, capped by what fits)")
+    estimate.add_argument("--max-num-seqs", type=int, default=fields["max_num_seqs"].default,
+                          help=f"sequences decoded together (default: {fields['max_num_seqs'].default})")
+    estimate.add_argument("--max-num-batched-tokens", type=int, default=fields["max_num_batched_tokens"].default,
+                          help=f"tokens per engine step (default: {fields['max_num_batched_tokens'].default})")
+    estimate.add_argument("--kv-cache-memory", type=float, metavar="GIB",
+                          help="KV cache size in GiB (default: 1 GiB on CPU, 90%% of free memory on GPU)")
+    estimate.add_argument("--block-size", type=int, default=fields["block_size"].default,
+                          help=f"tokens per KV cache block (default: {fields['block_size'].default})")
+    estimate.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    estimate.add_argument("--json", action="store_true", help="print one JSON object")
+    estimate.set_defaults(func=_run_reporting_errors(_cmd_estimate))
 
 
 def _add_serve_command(sub: Any) -> None:
@@ -221,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     env = sub.add_parser("env", help="show versions, devices and active kernel backends")
     env.set_defaults(func=_cmd_env)
     _add_loader_commands(sub)
+    _add_quality_commands(sub)
     return parser
 
 

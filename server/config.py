@@ -7,7 +7,7 @@ The validated Settings object is passed down to the app, the registry and the en
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -46,7 +46,11 @@ class Settings(BaseSettings):
     )
 
     # Engine limits
-    max_model_len: Optional[int] = Field(None, ge=16, description="context length limit (default: the model's)")
+    max_model_len: Optional[Union[Annotated[int, Field(ge=16)], Literal["auto"]]] = Field(
+        None, description="context length limit (default: the model's, capped by the KV cache); auto: the longest "
+        "that fits in free memory beside the weights (the KV cache shrunk to fit if it must), as `quantserve estimate` "
+        "computes it"
+    )
     max_num_seqs: int = Field(32, ge=1, le=4096, description="most sequences decoded together in one step")
     # 512: on a CPU a bigger prefill chunk stalls every running stream for seconds.
     max_num_batched_tokens: int = Field(512, ge=16, description="token budget of one engine step (chunked prefill)")
@@ -57,6 +61,12 @@ class Settings(BaseSettings):
     block_size: int = Field(16, ge=1, le=256, description="tokens per KV cache block")
     enable_prefix_caching: bool = Field(True, description="share KV blocks of common prompt prefixes")
     max_n: int = Field(16, ge=1, le=128, description="largest n (choices per request) accepted")
+    lora_modules: list[str] = Field(
+        default_factory=list, description="LoRA adapters (peft folders) served on top of the base: NAME=PATH ... "
+        "(or vLLM's JSON '{\"name\": ..., \"path\": ...}'); a request picks one with \"model\": NAME"
+    )
+    max_loras: int = Field(4, ge=1, le=256, description="most LoRA adapters active in one step (requests for others wait)")
+    max_lora_rank: int = Field(64, ge=1, le=1024, description="largest LoRA rank accepted (higher ones are refused at load)")
     tool_call_parser: Optional[Literal["hermes", "llama3_json", "mistral"]] = Field(
         None, description="the model's tool-call format (default: recognized from its chat template)"
     )
@@ -76,6 +86,16 @@ class Settings(BaseSettings):
         if value is not None:
             chat_template_text(value)  # refused at startup, before anything loads
         return value
+
+    @field_validator("lora_modules")
+    @classmethod
+    def _lora_pairs(cls, value: list[str]) -> list[str]:
+        lora_module_pairs(value)  # a malformed entry is refused at startup, before anything loads
+        return value
+
+    def lora_pairs(self) -> list[tuple[str, str]]:
+        """--lora-modules as (name, path) pairs."""
+        return lora_module_pairs(self.lora_modules)
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -105,3 +125,28 @@ def chat_template_text(value: str) -> str:
     if "{{" in value or "{%" in value:
         return value
     raise ValueError(f"no chat template file {value} (give a Jinja file, or the template itself)")
+
+
+def lora_module_pairs(entries: list[str]) -> list[tuple[str, str]]:
+    """--lora-modules entries (NAME=PATH, or vLLM's JSON object with "name" and "path") as pairs;
+    ValueError for a malformed entry or a name given twice."""
+    import json
+
+    pairs: list[tuple[str, str]] = []
+    for entry in entries:
+        if entry.lstrip().startswith("{"):
+            try:
+                obj = json.loads(entry)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"--lora-modules: {entry!r} is not valid JSON ({exc})") from None
+            name, path = (obj.get("name"), obj.get("path")) if isinstance(obj, dict) else (None, None)
+        else:
+            name, _, path = entry.partition("=")
+        if not isinstance(name, str) or not isinstance(path, str) or not name.strip() or not path.strip():
+            raise ValueError(f"--lora-modules: {entry!r} is not NAME=PATH")
+        pairs.append((name.strip(), path.strip()))
+    names = [n for n, _ in pairs]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"--lora-modules: the name {name!r} is given twice")
+    return pairs

@@ -75,6 +75,10 @@ def load_served_model(settings: Settings) -> Any:
     loaded = load_for_serving(settings)
     config = EngineConfig.from_settings(settings, loaded.model)
     engine = AsyncEngine(loaded.model, loaded.tokenizer, config)
+    for name, path in settings.lora_pairs():  # a bad adapter fails the start (exit 1, its reason)
+        adapter = engine.loras.load(name, path, reserved=(settings.display_name(),))
+        logger.info("LoRA adapter '%s' (rank %d, %s) from %s", name, adapter.rank, ", ".join(adapter.target_modules),
+                    path)
     return ServedModel(
         name=settings.display_name(),
         engine=engine,

@@ -18,7 +18,7 @@ from ..config import Settings
 from .errors import APIError, install_error_handlers
 from .metrics import Metrics
 from .registry import Registry
-from .routes import openai, ops, quantization, tokenize
+from .routes import lora, openai, ops, quantization, tokenize
 from .routes.common import Services
 
 logger = logging.getLogger("quantserve.server")
@@ -104,7 +104,7 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
     app = FastAPI(title="quantserve", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     install_error_handlers(app)
     services = Services(settings=settings, registry=registry, metrics=Metrics(registry))
-    for routes in (quantization, openai, tokenize, ops):  # quantization's path before /v1/models/{id}
+    for routes in (quantization, openai, tokenize, ops, lora):  # quantization's path before /v1/models/{id}
         app.include_router(routes.router(services))
     # Added last = outermost: the size guard runs first, then the key check, then CORS.
     if settings.cors_origins:

@@ -90,5 +90,7 @@ def wire_field(field: str | None, body: object) -> str | None:
 def api_error(exc: BaseException, body: object = None, request_id: str | None = None) -> APIError:
     """The OpenAI-shaped error for what the engine raised, with the request's field names."""
     if isinstance(exc, InvalidRequestError):
+        if exc.code == "model_not_found":  # a LoRA adapter unloaded between lookup and submit
+            return APIError(404, str(exc), "invalid_request_error", "model", "model_not_found")
         return bad_request(str(exc), wire_field(exc.field, body), exc.code)
     return from_exception(exc, request_id)

@@ -443,6 +443,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "quantserve"
     root: Optional[str] = None
+    parent: Optional[str] = None  # a LoRA adapter's base model (vLLM's field)
     max_model_len: Optional[int] = None
     quantization: Optional[dict[str, Any]] = None  # what quantizing cost: routes/quantization.py's summary
 
@@ -503,3 +504,16 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+class LoadLoRAAdapterRequest(_Strict):
+    """POST /v1/load_lora_adapter (vLLM's shape)."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(_Strict):
+    """POST /v1/unload_lora_adapter (vLLM's shape)."""
+
+    lora_name: str

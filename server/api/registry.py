@@ -108,16 +108,26 @@ class Registry:
         return list({id(m): m for m in self._models.values()}.values())
 
     def get(self, name: Optional[str]) -> ServedModel:
+        """The served model `name` is, or is an adapter of (404 model_not_found for neither)."""
+        return self.resolve(name)[0]
+
+    def resolve(self, name: Optional[str]) -> tuple[ServedModel, Optional[str]]:
+        """(served model, LoRA adapter name or None) for a request's "model" (vLLM's convention:
+        a loaded adapter's name picks that adapter on its base)."""
         if self.state == "loading":
             raise unavailable("The model is still loading; retry shortly.", retry_after=5)
         if self.state != "ready":
             raise unavailable(f"The model is not available ({self.error or self.state}).")
         if name is None:
-            return self.models()[0]
+            return self.models()[0], None
         served = self._models.get(name)
-        if served is None:
-            raise model_not_found(name)
-        return served
+        if served is not None:
+            return served, None
+        for served in self.models():
+            loras = getattr(served.engine, "loras", None)
+            if loras is not None and loras.get(name) is not None:
+                return served, name
+        raise model_not_found(name)
 
     def health(self) -> tuple[bool, str]:
         """(serving, reason): serving only when loaded and every engine thread is alive."""

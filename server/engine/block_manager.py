@@ -31,11 +31,15 @@ from .sequence import Sequence
 FREED = -1  # a block table entry whose block was released (out of every layer's window)
 
 
-def hash_block(parent: Optional[bytes], token_ids: list[int]) -> bytes:
-    """A collision-resistant name for a full block given the name of the block before it."""
+def hash_block(parent: Optional[bytes], token_ids: list[int], lora_id: int = 0) -> bytes:
+    """A collision-resistant name for a full block given the name of the block before it. The
+    first block of a sequence run with a LoRA adapter also names the adapter (lora_id > 0), so
+    a cached prefix never crosses adapters (their keys and values differ)."""
     h = hashlib.blake2b(digest_size=16)
     if parent is not None:
         h.update(parent)
+    elif lora_id:
+        h.update(b"lora" + lora_id.to_bytes(8, "little"))
     h.update(array("q", token_ids).tobytes())
     return h.digest()
 
@@ -85,7 +89,8 @@ class BlockManager:
         bs = self.block_size
         hashes = seq.block_hashes
         for i in range(len(hashes), num_tokens // bs):
-            hashes.append(hash_block(hashes[-1] if hashes else None, seq.token_ids[i * bs : (i + 1) * bs]))
+            hashes.append(hash_block(hashes[-1] if hashes else None, seq.token_ids[i * bs : (i + 1) * bs],
+                                     seq.lora_id))
 
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
         """Blocks holding the longest cached prefix of seq's tokens (not yet referenced).

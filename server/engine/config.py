@@ -37,6 +37,9 @@ class EngineConfig:
             modules with our paged attention), "native" or "transformers".
         seed: seed of the generator for requests that do not give their own.
         model_name: the name the engine reports (default: the model's name_or_path).
+        max_loras: most distinct LoRA adapters among the running sequences (requests for
+            other adapters wait in the queue).
+        max_lora_rank: largest LoRA rank an adapter may have.
     """
 
     block_size: int = 16
@@ -52,6 +55,8 @@ class EngineConfig:
     model_impl: str = "auto"
     seed: int = 0
     model_name: Optional[str] = None
+    max_loras: int = 4
+    max_lora_rank: int = 64
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size, 1)
@@ -77,6 +82,8 @@ class EngineConfig:
         if self.model_impl not in MODEL_IMPLS:
             raise ValueError(f"model_impl must be one of {MODEL_IMPLS}, got {self.model_impl!r}")
         _check_int("seed", self.seed, 0)
+        _check_int("max_loras", self.max_loras, 1)
+        _check_int("max_lora_rank", self.max_lora_rank, 1)
         if self.model_name is not None and not isinstance(self.model_name, str):
             raise TypeError(f"model_name must be a str, got {self.model_name!r}")
 
@@ -93,6 +100,8 @@ class EngineConfig:
             max_n=settings.max_n,
             enable_prefix_caching=settings.enable_prefix_caching,
             model_name=settings.display_name(),
+            max_loras=settings.max_loras,
+            max_lora_rank=settings.max_lora_rank,
         )
         values.update(overrides)
         return cls(**values)

@@ -29,6 +29,7 @@ from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, RequestFailedError
 from .grammar import GrammarCompiler
+from .lora import LoRARegistry, resolve
 from .model_runner import ModelRunner, model_max_len, vocab_size
 from .outputs import CompletionOutput, EngineStats, RequestOutput
 from .scheduler import ScheduledBatch, Scheduler
@@ -98,7 +99,11 @@ class AsyncEngine:
                                           config.enable_prefix_caching and self.runner.supports_prefix_caching,
                                           sliding_window=self.runner.sliding_window)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   recompute_above=self.runner.recompute_above)
+                                   recompute_above=self.runner.recompute_above, max_loras=config.max_loras)
+        # LoRA adapters by served name (engine/lora.py): loaded from any thread, held by requests.
+        lora = self.runner.lora
+        self.loras = LoRARegistry(None if lora is None else lora.targets, config.max_lora_rank, self.runner.dtype,
+                                  self.runner.device, unsupported=self.runner.lora_unsupported)
 
         self._inbox: collections.deque = collections.deque()
         self._wake = threading.Event()
@@ -157,33 +162,38 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------------------ requests
 
-    def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str) -> RequestStream:
+    def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
+                 lora: Optional[str] = None) -> RequestStream:
         """Submit a request; iterate the result for its outputs (must be called on an event loop).
 
         Raises InvalidRequestError (a ValueError) for a request that breaks a limit,
         EngineOverloadedError when too many are waiting, EngineDeadError when the engine is not running.
         """
-        return self.generate_many([prompt_token_ids], [params], [request_id])[0]
+        return self.generate_many([prompt_token_ids], [params], [request_id], lora)[0]
 
     def generate_many(self, prompts: list[list[int]], params: list[SamplingParams],
-                      request_ids: list[str]) -> list[RequestStream]:
+                      request_ids: list[str], lora: Optional[str] = None) -> list[RequestStream]:
         """Submit several requests at once (OpenAI's batched prompts): all are admitted, or none.
 
         The one place where a request's limits are checked: token ids within the vocabulary, the
         context length, the choices per call (n summed over the prompts) and the queue bound.
+        `lora` names a loaded LoRA adapter every prompt runs with (None: the base model); an
+        unknown name raises InvalidRequestError with code model_not_found.
         """
         if not len(prompts) == len(params) == len(request_ids) or not prompts:
             raise ValueError("generate_many needs as many params and request ids as prompts (at least one)")
         for sp in params:
             if not isinstance(sp, SamplingParams):
                 raise TypeError(f"params must be SamplingParams, got {type(sp).__name__}")
+        adapter = resolve(self.loras, lora)
         checked = [self._check_prompt(prompt, sp) for prompt, sp in zip(prompts, params)]
         choices = sum(sp.n for sp in params)
         if choices > self.config.max_n:
             what = "n" if len(prompts) == 1 else "n times the number of prompts"
             raise InvalidRequestError(f"{what} must be at most {self.config.max_n}, got {choices}", "n")
         loop = asyncio.get_running_loop()
-        requests = [self._new_request(rid, prompt, sp, loop) for rid, prompt, sp in zip(request_ids, checked, params)]
+        requests = [self._new_request(rid, prompt, sp, loop, adapter)
+                    for rid, prompt, sp in zip(request_ids, checked, params)]
         # Under the lock that the dying engine thread also takes: a request is either in the inbox
         # before the thread fails everything in it, or refused here; never left behind.
         with self._submit_lock:
@@ -226,9 +236,9 @@ class AsyncEngine:
         return prompt
 
     def _new_request(self, request_id: str, prompt: list[int], params: SamplingParams,
-                     loop: asyncio.AbstractEventLoop) -> _Request:
+                     loop: asyncio.AbstractEventLoop, lora: Any = None) -> _Request:
         seqs = [Sequence(request_id, prompt, params, index=i, max_model_len=self.max_model_len,
-                         eos_token_ids=self.eos_token_ids) for i in range(params.n)]
+                         eos_token_ids=self.eos_token_ids, lora=lora) for i in range(params.n)]
         detoks = [IncrementalDetokenizer(self._detok_tokenizer, prompt, params.stop) if self.tokenizer is not None
                   else None for _ in seqs]
         return _Request(request_id, seqs, detoks, Collector(), loop)

@@ -21,6 +21,8 @@ from quantserve.kernels.cpu import paged_attention as native
 from .attention import AttentionMetadata, PrefillChunk
 from .config import EngineConfig
 from .models import build_model
+from .models import lora_layers
+from .models.llama import LlamaModel
 from .models.sixteen_bit import compute_dtype, to_16bit
 from .outputs import TokenLogprob
 from .sampler import Sampler
@@ -54,6 +56,16 @@ class ModelRunner:
         to_16bit(model, self.dtype)  # in place: transformers' own forward computes the same
         self.hf_model = model
         self.model = build_model(model, config.model_impl)
+        # LoRA adapters apply on the native forward's fused linears (models/lora_layers.py); the
+        # transformers path serves none (lora_unsupported says why).
+        self.lora: Optional[lora_layers.LoRAState] = None
+        self.lora_unsupported: Optional[str] = None
+        if isinstance(self.model, LlamaModel):
+            self.lora = lora_layers.attach(self.model)
+        else:
+            self.lora_unsupported = (f"LoRA adapters need the native forward; {type(model).__name__} is served "
+                                     "through transformers' modules (model_impl 'transformers', or a family the "
+                                     "native forward does not cover)")
         # Every layer slides: blocks before the window of a sequence's next token can be freed.
         self.sliding_window: Optional[int] = getattr(self.model, "sliding_window", None)
         # Rope frequencies that depend on the sequence length make a position's keys depend on
@@ -148,6 +160,9 @@ class ModelRunner:
                 max_block = max(max_block, max(table))
         if self._zeroed_blocks < self.num_blocks:
             self._zero_new_blocks(max_block)
+        if self.lora is not None:  # the rows of each adapter, in the flattened order
+            self.lora.batch = lora_layers.step_batch([batch.seqs[i].lora for i in order],
+                                                     [batch.num_new_tokens[i] for i in order], self.device)
 
         dev = self.device
         long = dict(dtype=torch.long, device=dev)
@@ -265,6 +280,7 @@ def resident_bytes(*objects: object) -> dict[str, int]:
         if isinstance(obj, torch.Tensor):
             add(obj)
             visit(getattr(obj, "quant_state", None), depth + 1)
+            visit(getattr(obj, "SCB", None), depth + 1)  # an int8 weight's row scales (Int8Params)
         elif isinstance(obj, nn.Module):
             for t in list(obj.parameters()) + list(obj.buffers()):
                 visit(t, depth + 1)

@@ -48,8 +48,13 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         recompute_above: Optional[int] = None,
+        max_loras: Optional[int] = None,
     ) -> None:
         self.block_manager = block_manager
+        # Most distinct LoRA adapters among the running sequences (None: no limit). A waiting
+        # sequence whose adapter would exceed it is passed over (it stays in the queue, in
+        # order) until a running adapter's sequences finish.
+        self.max_loras = max_loras
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         # A sequence whose cache was computed at most this long is recomputed once it grows past
@@ -141,8 +146,14 @@ class Scheduler:
                 i += 1
 
         # Then waiting ones, in arrival order; a step that had to preempt admits nobody.
+        loras = {s.lora_id for s in self.running if s.lora_id} if self.max_loras is not None else set()
+        passed_over: list[Sequence] = []  # waiting for a LoRA slot: back to the front, in order, at the end
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.lora_id and seq.lora_id not in loras and self.max_loras is not None \
+                    and len(loras) >= self.max_loras:
+                passed_over.append(self.waiting.popleft())
+                continue
             cached = bm.find_cached_prefix(seq)
             num_cached = len(cached) * bm.block_size
             n = min(seq.num_tokens - num_cached, budget)
@@ -157,11 +168,14 @@ class Scheduler:
             if seq.num_output_tokens == 0:
                 seq.num_cached_tokens = num_cached
             self.waiting.popleft()
+            if seq.lora_id:
+                loras.add(seq.lora_id)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             seqs.append(seq)
             counts.append(n)
             budget -= n
+        self.waiting.extendleft(reversed(passed_over))
 
         if self.recompute_above is not None:
             self._long.update(s.seq_id for s in seqs if s.num_computed_tokens == 0 and s.num_tokens > self.recompute_above)

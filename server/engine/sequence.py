@@ -160,7 +160,7 @@ class Sequence:
     __slots__ = (
         "seq_id", "request_id", "index", "params", "token_ids", "num_prompt_tokens", "num_computed_tokens",
         "num_cached_tokens", "block_table", "block_hashes", "status", "finish_reason", "max_tokens",
-        "eos_token_ids", "stop_token_ids", "arrival",
+        "eos_token_ids", "stop_token_ids", "arrival", "lora", "lora_id",
     )
 
     def __init__(
@@ -172,6 +172,7 @@ class Sequence:
         max_model_len: Optional[int] = None,
         eos_token_ids: frozenset[int] = frozenset(),
         arrival: float = 0.0,
+        lora: Any = None,
     ) -> None:
         if not prompt_token_ids:
             raise ValueError("the prompt must have at least one token")
@@ -193,6 +194,10 @@ class Sequence:
         self.eos_token_ids = frozenset() if params.ignore_eos else eos_token_ids
         self.stop_token_ids = frozenset(params.stop_token_ids)
         self.arrival = arrival
+        # The LoRA adapter it runs with (engine/lora.py; None: the base) and its unique id (0: the
+        # base), which the scheduler counts and the prefix cache keys on.
+        self.lora = lora
+        self.lora_id: int = 0 if lora is None else lora.uid
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}#{self.index}, tokens={self.num_tokens}, "

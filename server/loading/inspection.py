@@ -228,8 +228,9 @@ def format_quant_cost(report, per_layer: bool = True) -> list[str]:
                          f"{st.absmax:>9.4g} {st.outlier_fraction:>9.3%}")
         lines.append("")
     if s["has_original"]:
-        error = (f"relative error (Frobenius) mean {s['rel_error_mean']:.5f}, max {s['rel_error_max']:.5f} "
-                 f"({s['rel_error_max_layer']}), all layers together {s['rel_error_overall']:.5f}")
+        where = f" ({s['rel_error_max_layer']})" if per_layer else ""
+        error = (f"relative error (Frobenius) mean {s['rel_error_mean']:.5f}, max {s['rel_error_max']:.5f}{where}, "
+                 f"all layers together {s['rel_error_overall']:.5f}")
     else:
         error = "relative error unknown: " + s.get("note", "no original weights for some layers")
     lines.append(f"error      {error}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any, Awaitable
+from typing import Any, Awaitable, Optional
 
 from fastapi import Request
 
@@ -28,12 +28,13 @@ class Services:
 
 
 def submit(services: Services, served: ServedModel, body: SamplingRequest, request_id: str,
-           prompts: list[list[int]]) -> Generation:
-    """Submit the call's prompts to the engine (all or none); the Generation the response is built from."""
+           prompts: list[list[int]], lora: Optional[str] = None) -> Generation:
+    """Submit the call's prompts to the engine (all or none), on LoRA adapter `lora` if named;
+    the Generation the response is built from."""
     params = sampling_params(body)
     ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
     try:
-        streams = served.engine.generate_many(prompts, [params] * len(prompts), ids)
+        streams = served.engine.generate_many(prompts, [params] * len(prompts), ids, lora=lora)
     except Exception as exc:  # the engine's verdict on this request: 400, 429 or 503
         raise api_error(exc, body, request_id) from None
 
@@ -43,7 +44,7 @@ def submit(services: Services, served: ServedModel, body: SamplingRequest, reque
 
     return Generation(
         request_id=request_id,
-        model=served.name,
+        model=lora or served.name,
         streams=streams,
         n=body.n,
         token_text=served.token_text,
@@ -79,6 +80,13 @@ def card(served: ServedModel) -> p.ModelCard:
 
     return p.ModelCard(id=served.name, created=served.created, root=served.name, max_model_len=served.max_model_len,
                        quantization=quantization_summary(served))
+
+
+def lora_cards(served: ServedModel) -> list[p.ModelCard]:
+    """The served model's LoRA adapters, as vLLM lists them: parent = the base, root = the adapter's path."""
+    loras = getattr(served.engine, "loras", None)
+    return [p.ModelCard(id=a.name, created=a.created, root=a.path, parent=served.name,
+                        max_model_len=served.max_model_len) for a in (loras.list() if loras is not None else [])]
 
 
 async def to_thread(fn: Any, *args: Any) -> Any:

@@ -7,9 +7,9 @@ from fastapi.responses import StreamingResponse
 
 from .. import protocol as p
 from .. import streaming
-from ..errors import bad_request
+from ..errors import bad_request, model_not_found
 from ..tools import render_chat
-from .common import Services, card, submit, to_thread, until_disconnect
+from .common import Services, card, lora_cards, submit, to_thread, until_disconnect
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -20,9 +20,9 @@ def router(services: Services) -> APIRouter:
 
     @api.post("/v1/chat/completions", response_model=None)
     async def create_chat_completion(body: p.ChatCompletionRequest, request: Request):
-        served = registry.get(body.model)
+        served, lora = registry.resolve(body.model)
         prompt, tools = await to_thread(render_chat, served, body, services.settings.tool_call_parser)
-        gen = submit(services, served, body, p.random_id("chatcmpl"), [prompt])
+        gen = submit(services, served, body, p.random_id("chatcmpl"), [prompt], lora)
         if body.stream:
             return StreamingResponse(streaming.chat_stream(gen, tools), media_type="text/event-stream",
                                      headers=_SSE_HEADERS)
@@ -30,11 +30,11 @@ def router(services: Services) -> APIRouter:
 
     @api.post("/v1/completions", response_model=None)
     async def create_completion(body: p.CompletionRequest, request: Request):
-        served = registry.get(body.model)
+        served, lora = registry.resolve(body.model)
         if body.echo and body.logprobs is not None:
             raise bad_request("echo with logprobs is not supported", "echo")
         prompts = [await to_thread(served.encode, raw) if isinstance(raw, str) else list(raw) for raw in body.prompts()]
-        gen = submit(services, served, body, p.random_id("cmpl"), prompts)
+        gen = submit(services, served, body, p.random_id("cmpl"), prompts, lora)
         if body.stream:
             return StreamingResponse(streaming.completion_stream(gen), media_type="text/event-stream",
                                      headers=_SSE_HEADERS)
@@ -46,10 +46,14 @@ def router(services: Services) -> APIRouter:
     @api.get("/v1/models")
     async def list_models() -> p.ModelList:
         registry.get(None)  # 503 while loading or failed
-        return p.ModelList(data=[card(m) for m in registry.models()])
+        return p.ModelList(data=[c for m in registry.models() for c in [card(m), *lora_cards(m)]])
 
     @api.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str) -> p.ModelCard:
-        return card(registry.get(model_id))
+        served, lora = registry.resolve(model_id)
+        found = card(served) if lora is None else next((c for c in lora_cards(served) if c.id == lora), None)
+        if found is None:  # unloaded meanwhile
+            raise model_not_found(model_id)
+        return found
 
     return api

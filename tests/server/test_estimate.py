@@ -1,0 +1,116 @@
+"""`quantserve estimate` and serve's check before loading: memory from the config and the
+safetensors headers alone, against what /v1/memory measures after a real load (its own
+model_memory function in-process for two small family models; a real server for the default
+model in test_quantization_server.py), and the refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import quantserve.quant as quant
+from quantserve.server.api.memory import model_memory
+from quantserve.server.api.registry import ServedModel
+from quantserve.server.engine import EngineConfig
+from quantserve.server.engine.engine import AsyncEngine
+from quantserve.server.loading.estimate import GIB, EstimateRequest, estimate_memory, fit_settings
+from quantserve.server.loading.loader import LoadConfig, load_model
+
+from .engine import family_models as fm
+
+QUANTS = {"nf4": quant.QuantConfig(), "nf4+dq": quant.QuantConfig(bnb_4bit_use_double_quant=True),
+          "fp4": quant.QuantConfig(bnb_4bit_quant_type="fp4"), "int8": quant.QuantConfig(load_in_8bit=True)}
+KV_GIB = 0.05
+
+
+@pytest.fixture(scope="module")
+def family_folders(tmp_path_factory):
+    import transformers
+
+    root = tmp_path_factory.mktemp("estimate")
+    folders = {}
+    for family in ("qwen3", "gpt_neox"):  # GQA with q/k norms, tied; interleaved qkv, LayerNorms, untied
+        cls_name, values = fm.FAMILIES[family]
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**fm.COMMON, **{
+            k: v for k, v in values.items() if k not in fm.COMMON}))
+        model.save_pretrained(root / family)
+        folders[family] = root / family
+    return folders
+
+
+def _no_weight_reads(monkeypatch):
+    """Reading any tensor data fails: the estimate must do without."""
+    from quantserve.server.loading import checkpoint
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the estimate read weights")
+
+    monkeypatch.setattr(checkpoint.CheckpointReader, "read", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    monkeypatch.setattr(safetensors, "safe_open", refuse)
+
+
+@pytest.mark.parametrize("setting", sorted(QUANTS))
+@pytest.mark.parametrize("family", ["qwen3", "gpt_neox"])
+def test_estimate_is_within_5_percent_of_v1_memory(family_folders, family, setting, monkeypatch):
+    folder = str(family_folders[family])
+    q = QUANTS[setting]
+    with monkeypatch.context() as m:
+        _no_weight_reads(m)
+        est = estimate_memory(EstimateRequest(model=folder, quant=q, kv_cache_memory_gib=KV_GIB, max_num_seqs=4))
+    result = load_model(LoadConfig(folder, quant=q, progress=False))
+    engine = AsyncEngine(result.model, result.tokenizer, EngineConfig(kv_cache_memory_gib=KV_GIB, max_num_seqs=4))
+    measured = model_memory(ServedModel("m", engine, result.tokenizer, engine.max_model_len, load_report=result.report))
+    weights, kv = measured["weights"]["weight_bytes"], measured["kv_cache"]["bytes_total"]
+    assert est.weight_bytes == pytest.approx(weights, rel=0.05), (est.weight_bytes_by_part, measured["weights"])
+    assert est.kv_cache_bytes == pytest.approx(kv, rel=0.05)
+    assert est.max_model_len == engine.max_model_len
+    assert est.weight_bytes_16bit == measured["weights"]["weight_bytes_16bit"]
+    assert est.quantized_layers == len(result.report.quantized)
+    # KV per token from the config's own numbers: 2 (K and V) x layers x KV heads x head dim x 4 (float32)
+    cls_name, values = fm.FAMILIES[family]
+    heads = values["num_attention_heads"]
+    kv_heads = values.get("num_key_value_heads", heads)
+    head_dim = values.get("head_dim", values["hidden_size"] // heads)
+    assert est.kv_bytes_per_token == 2 * values["num_hidden_layers"] * kv_heads * head_dim * 4
+
+
+def test_verdict_and_largest_context(family_folders):
+    folder = str(family_folders["qwen3"])
+    base = estimate_memory(EstimateRequest(model=folder, kv_cache_memory_gib=KV_GIB, free_bytes=64 * GIB))
+    assert base.fits and base.verdict.startswith("fits") and base.largest_context == base.model_max_len
+    # Free memory for the weights, the step's activations and 300 tokens of KV: the rest does not fit.
+    free = base.weight_bytes + base.activation_reserve_bytes + 300 * base.kv_bytes_per_token
+    tight = estimate_memory(EstimateRequest(model=folder, kv_cache_memory_gib=KV_GIB, free_bytes=free))
+    assert not tight.fits and "does not fit" in tight.verdict and tight.problems
+    assert tight.largest_context == 288  # whole blocks of 16
+    update = fit_settings(tight, auto=True)
+    assert update["max_model_len"] == 288 and update["kv_cache_memory"] * GIB == 288 * tight.kv_bytes_per_token
+    with pytest.raises(ValueError, match="cannot be served with these settings: does not fit"):
+        fit_settings(tight, auto=False)
+    too_long = estimate_memory(EstimateRequest(model=folder, kv_cache_memory_gib=0.001, max_model_len=4096,
+                                               free_bytes=64 * GIB))
+    assert not too_long.fits and "more than the KV cache holds" in too_long.verdict
+
+
+def test_cli_estimate(family_folders, capsys):
+    from quantserve.server.cli import main
+
+    folder = str(family_folders["gpt_neox"])
+    assert main(["estimate", folder, "--json", "--kv-cache-memory", "0.05", "--quant", "int8"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("weight_bytes", "kv_bytes_per_token", "kv_bytes_for_settings", "activation_reserve_bytes",
+                "loading_peak_bytes", "device_free_bytes", "fits", "largest_context", "verdict"):
+        assert key in out
+    assert out["quant"] == "int8" and out["fits"] is True
+    assert main(["estimate", folder, "--kv-cache-memory", "100000"]) == 1  # 100,000 GiB of KV cache
+    text = capsys.readouterr().out
+    assert "verdict     does not fit" in text and "GiB free" in text
+    assert main(["estimate", folder, "--max-model-len", "ten"]) == 1
+    assert "must be a number of tokens or 'auto'" in capsys.readouterr().err
