@@ -1,0 +1,260 @@
+"""LoRA adapters served on top of the (4-bit) base, never merged into it.
+
+An adapter is a peft folder (adapter_config.json + adapter_model.safetensors). Loading checks it
+against the base as the native forward holds it (models/llama.py: q/k/v and gate/up are fused
+linears, so each adapter module becomes a slice of one fused output) and keeps its A and B
+matrices in the compute dtype. `LoRARegistry` maps served names to loaded adapters; a request
+holds its adapter object, so unloading a name never disturbs requests already running with it.
+
+The per-step application (rows grouped by adapter: shrink x @ A^T, then expand into the
+module's output slice) is in models/lora_layers.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .errors import InvalidRequestError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight -> (3, "q_proj", "A")
+_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:\w+\.)*?(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+
+_ids = itertools.count(1)  # 0 is the base model
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served on this base (one line: which adapter and why)."""
+
+
+class AdapterNotFoundError(AdapterError):
+    """The adapter's folder or files do not exist."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where one adapter module lands in the native forward: layer `layer`'s fused linear `group`
+    ("qkv", "o_proj", "up", "down"), output columns [start, end)."""
+
+    layer: int
+    group: str
+    start: int
+    end: int
+    in_features: int
+
+
+@dataclasses.dataclass
+class GroupWeights:
+    """One fused linear's share of an adapter, as two matmuls whatever the number of its parts:
+    shrink with `a` = the A of every targeted part stacked ([sum r, in]), expand with `b_t`
+    ([sum r, end - start]) = each part's scaling * B^T in its own rows and output columns (zero
+    elsewhere: block diagonal), into the fused output's columns [start, end)."""
+
+    a: torch.Tensor
+    b_t: torch.Tensor
+    start: int
+    end: int
+
+
+@dataclasses.dataclass
+class LoRAAdapter:
+    name: str
+    path: str
+    rank: int  # the largest rank among its modules
+    uid: int  # unique per load: the prefix cache's key (a reloaded name is another adapter)
+    groups: dict[tuple[int, str], GroupWeights]  # (layer, group) -> weights
+    target_modules: tuple[str, ...]
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+    @property
+    def num_bytes(self) -> int:
+        tensors = [t for g in self.groups.values() for t in (g.a, g.b_t)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _read_config(folder: Path, name: str) -> dict[str, Any]:
+    if not folder.is_dir():
+        raise AdapterNotFoundError(f"LoRA adapter '{name}': no folder {folder}")
+    config_file, weights_file = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    if not config_file.is_file():
+        raise AdapterNotFoundError(f"LoRA adapter '{name}': {folder} has no {ADAPTER_CONFIG} (a peft adapter folder "
+                                   "holds adapter_config.json and adapter_model.safetensors)")
+    if not weights_file.is_file():
+        other = " (adapter_model.bin is not read: save with safe_serialization=True)" \
+            if (folder / "adapter_model.bin").is_file() else ""
+        raise AdapterNotFoundError(f"LoRA adapter '{name}': {folder} has no {ADAPTER_WEIGHTS}{other}")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"LoRA adapter '{name}': cannot read {config_file}: {exc}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"LoRA adapter '{name}': {config_file} is not a JSON object")
+    return config
+
+
+def _check_config(config: dict[str, Any], name: str) -> None:
+    """Refuse what the on-the-fly application does not compute (each would silently change outputs)."""
+    def refuse(why: str) -> None:
+        raise AdapterError(f"LoRA adapter '{name}': {why}")
+
+    if config.get("peft_type", "LORA") != "LORA":
+        refuse(f"peft_type {config.get('peft_type')!r} is not LORA")
+    if config.get("use_dora"):
+        refuse("DoRA (use_dora) is not supported")
+    if config.get("bias", "none") != "none":
+        refuse(f"bias={config.get('bias')!r} is not supported (only 'none')")
+    if config.get("modules_to_save"):
+        refuse(f"modules_to_save {config.get('modules_to_save')} is not supported (the base's modules are shared)")
+    if config.get("alpha_pattern"):
+        refuse("alpha_pattern is not supported")
+    if config.get("fan_in_fan_out"):
+        refuse("fan_in_fan_out is not supported")
+    if config.get("lora_bias"):
+        refuse("lora_bias is not supported")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool) or config[key] <= 0:
+            refuse(f"adapter_config.json needs a positive number '{key}', got {config.get(key)!r}")
+
+
+def load_adapter(name: str, path: str, targets: dict[tuple[int, str], Target], max_rank: int,
+                 dtype: torch.dtype, device: torch.device) -> LoRAAdapter:
+    """Read and check a peft adapter against the base's modules (`targets`: (layer, module name)
+    -> Target). Raises AdapterNotFoundError (missing folder/files) or AdapterError."""
+    from safetensors import safe_open
+
+    folder = Path(path).expanduser()
+    config = _read_config(folder, name)
+    _check_config(config, name)
+    alpha, use_rslora = float(config["lora_alpha"]), bool(config.get("use_rslora"))
+    base_names = sorted({module for _, module in targets})
+    wanted = config.get("target_modules")
+    if isinstance(wanted, (list, tuple)):
+        missing = sorted(set(wanted) - set(base_names))
+        if missing:
+            raise AdapterError(f"LoRA adapter '{name}': target modules {missing} are not in the base model "
+                               f"(its adapter-capable modules: {base_names})")
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    try:
+        with safe_open(folder / ADAPTER_WEIGHTS, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                m = _KEY.search(key)
+                if m is None:
+                    raise AdapterError(f"LoRA adapter '{name}': tensor {key} is not a LoRA A/B matrix of a decoder "
+                                       "layer's projection (embedding, head or other modules are not supported)")
+                layer, module, which = int(m.group(1)), m.group(2), m.group(3)
+                pairs.setdefault((layer, module), {})[which] = f.get_tensor(key)
+    except AdapterError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a corrupt file is the adapter's fault, said in one line
+        raise AdapterError(f"LoRA adapter '{name}': cannot read {folder / ADAPTER_WEIGHTS}: {exc}") from None
+    if not pairs:
+        raise AdapterError(f"LoRA adapter '{name}': {ADAPTER_WEIGHTS} holds no LoRA weights")
+    per_group: dict[tuple[int, str], list[tuple[Target, torch.Tensor, torch.Tensor, float]]] = {}
+    max_seen = 0
+    for (layer, module), ab in sorted(pairs.items()):
+        target = targets.get((layer, module))
+        where = f"layers.{layer}.{module}"
+        if target is None:
+            raise AdapterError(f"LoRA adapter '{name}': the base model has no module {where} "
+                               f"(its adapter-capable modules: {base_names})")
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"LoRA adapter '{name}': {where} has lora_{''.join(ab)} without its pair")
+        a, b = ab["A"], ab["B"]
+        r = a.shape[0]
+        out = target.end - target.start
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != target.in_features or b.shape != (out, r):
+            raise AdapterError(
+                f"LoRA adapter '{name}': {where} has A {tuple(a.shape)} and B {tuple(b.shape)}, but the base's module "
+                f"takes {target.in_features} inputs to {out} outputs (A must be [r, {target.in_features}], "
+                f"B [{out}, r]): was it trained on another base model?")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterError(f"LoRA adapter '{name}': {where} holds NaN or infinite weights")
+        max_seen = max(max_seen, r)
+        scaling = alpha / math.sqrt(r) if use_rslora else alpha / r  # peft's LoraLayer.update_layer
+        per_group.setdefault((layer, target.group), []).append((target, a, b, scaling))
+    if max_seen > max_rank:  # after the shape checks: an adapter for another base says so first
+        where = next(f"layers.{layer}.{module}" for (layer, module), ab in sorted(pairs.items())
+                     if ab["A"].shape[0] == max_seen)
+        raise AdapterError(f"LoRA adapter '{name}': rank {max_seen} ({where}) is over --max-lora-rank {max_rank}")
+    groups = {}
+    for key, parts in per_group.items():
+        parts.sort(key=lambda p: p[0].start)
+        start, end = parts[0][0].start, parts[-1][0].end
+        a_cat = torch.cat([a for _, a, _, _ in parts]).to(device=device, dtype=dtype).contiguous()
+        b_t = torch.zeros(a_cat.shape[0], end - start, dtype=torch.float32)
+        r0 = 0
+        for target, a, b, scaling in parts:
+            r = a.shape[0]
+            b_t[r0 : r0 + r, target.start - start : target.end - start] = b.float().t() * scaling
+            r0 += r
+        groups[key] = GroupWeights(a_cat, b_t.to(device=device, dtype=dtype).contiguous(), start, end)
+    modules = tuple(sorted({module for _, module in pairs}))
+    return LoRAAdapter(name=name, path=str(path), rank=max_seen, uid=next(_ids), groups=groups,
+                       target_modules=modules)
+
+
+class LoRARegistry:
+    """Served adapter names -> loaded adapters (thread-safe: the HTTP side loads and unloads, the
+    engine's submit path looks names up)."""
+
+    def __init__(self, targets: Optional[dict[tuple[int, str], Target]], max_rank: int, dtype: torch.dtype,
+                 device: torch.device, unsupported: Optional[str] = None) -> None:
+        self.targets = targets
+        self.max_rank = max_rank
+        self.dtype, self.device = dtype, device
+        self.unsupported = unsupported  # why this model cannot serve adapters (None: it can)
+        self._adapters: dict[str, LoRAAdapter] = {}
+        self._lock = threading.Lock()
+
+    def load(self, name: str, path: str, reserved: tuple[str, ...] = ()) -> LoRAAdapter:
+        """Load and register `name` (AdapterError if it is bad, already taken or unsupported)."""
+        if not isinstance(name, str) or not name.strip():
+            raise AdapterError("a LoRA adapter needs a non-empty name")
+        if self.unsupported is not None or self.targets is None:
+            raise AdapterError(f"LoRA adapter '{name}': {self.unsupported or 'this model cannot serve adapters'}")
+        if name in reserved:
+            raise AdapterError(f"LoRA adapter '{name}': the name is the base model's")
+        with self._lock:
+            if name in self._adapters:
+                raise AdapterError(f"The lora adapter '{name}' has already been loaded.")
+        adapter = load_adapter(name, path, self.targets, self.max_rank, self.dtype, self.device)
+        with self._lock:
+            if name in self._adapters:  # loaded by someone else meanwhile
+                raise AdapterError(f"The lora adapter '{name}' has already been loaded.")
+            self._adapters[name] = adapter
+        return adapter
+
+    def unload(self, name: str) -> LoRAAdapter:
+        """Forget `name` (KeyError if unknown). Requests already running with it finish with it."""
+        with self._lock:
+            return self._adapters.pop(name)
+
+    def get(self, name: str) -> Optional[LoRAAdapter]:
+        with self._lock:
+            return self._adapters.get(name)
+
+    def list(self) -> list[LoRAAdapter]:
+        with self._lock:
+            return list(self._adapters.values())
+
+
+def resolve(registry: LoRARegistry, name: Optional[str]) -> Optional[LoRAAdapter]:
+    """The adapter a request names (None: the base). Unknown names: InvalidRequestError with
+    code model_not_found (the HTTP layer answers 404)."""
+    if name is None:
+        return None
+    adapter = registry.get(name)
+    if adapter is None:
+        raise InvalidRequestError(f"The model '{name}' does not exist", "model", "model_not_found")
+    return adapter

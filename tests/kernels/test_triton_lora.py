@@ -1,0 +1,76 @@
+"""The LoRA shrink/expand Triton kernels (kernels/triton/lora.py) under TRITON_INTERPRET=1 on
+small fp32/fp16 shapes, against a float64 reference of the same per-row adapter product."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+@pytest.fixture(scope="module")
+def kl():
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 from the start of the process")
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not torch.cuda.is_available() and not isinstance(tl.standard.zeros, InterpretedFunction):
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this module in its own process")
+    from quantserve.kernels.triton import lora
+
+    return lora
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _reference(x, a, b, idx, scale, out, offset):
+    """float64: out[t, offset:offset+N] += scale[s] * b[s] @ (a[s] @ x[t]) for rows with a slot s."""
+    want = out.double().clone()
+    for t, s in enumerate(idx.tolist()):
+        if s < 0:
+            continue
+        y = a[s].double() @ x[t].double()
+        want[t, offset : offset + b.shape[1]] += scale[s].double() * (b[s].double() @ y)
+    return want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("T,K,R,N,M,offset", [(1, 16, 4, 24, 24, 0), (5, 70, 8, 33, 80, 40), (7, 40, 20, 17, 20, 3)])
+def test_shrink_expand_equal_float64(kl, dtype, T, K, R, N, M, offset):
+    g = torch.Generator().manual_seed(T * 100 + K)
+    L = 3
+    x = torch.randn(T, K, generator=g).to(dtype)
+    a = (torch.randn(L, R, K, generator=g) / K**0.5).to(dtype)
+    b = (torch.randn(L, N, R, generator=g) / R**0.5).to(dtype)
+    a[1, R // 2 :] = 0  # a smaller rank padded with zeros
+    b[1, :, R // 2 :] = 0
+    idx = torch.tensor([(t % (L + 1)) - 1 for t in range(T)], dtype=torch.long)  # -1: the base, untouched
+    scale = torch.tensor([2.0, 0.5, 1.25])
+    out = torch.randn(T, M, generator=g).to(dtype)
+    want = _reference(x, a, b, idx, scale, out, offset)
+    dev = [t.to(DEVICE) for t in (x, a, b, idx, scale, out)]
+    y = kl.lora_shrink(dev[0], dev[1], dev[3], block_r=8, block_k=32)
+    got = kl.lora_expand(y, dev[2], dev[3], dev[4], dev[5], offset, block_n=16, block_r=8).cpu()
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert torch.allclose(got.double(), want, rtol=tol, atol=tol), (got.double() - want).abs().max()
+    base_rows = idx < 0
+    assert torch.equal(got[base_rows], out[base_rows])  # rows without adapter untouched
+    ys = y.cpu().double()
+    for t, s in enumerate(idx.tolist()):
+        expect = torch.zeros(R, dtype=torch.float64) if s < 0 else a[s].double() @ x[t].double()
+        assert torch.allclose(ys[t], expect, rtol=tol, atol=tol)
+
+
+def test_shape_mismatch_is_refused(kl):
+    with pytest.raises(ValueError, match="do not match"):
+        kl.lora_shrink(torch.zeros(2, 8), torch.zeros(1, 4, 9), torch.zeros(2, dtype=torch.long))

@@ -1,0 +1,219 @@
+"""LoRA adapters on the engine (default model, NF4): greedy outputs equal peft's unmerged LoRA
+forward on transformers over the same 4-bit weights, for adapters on attention, on the MLP and on
+both, alone and mixed in one batch with the base; the prefix cache never crosses adapters;
+bad adapters are refused at load naming why; unknown names at request time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from quantserve.server.engine import InvalidRequestError, SamplingParams
+from quantserve.server.engine.lora import AdapterError, AdapterNotFoundError
+
+from ..lora_helpers import ALL, ATTENTION, MLP, make_adapter, peft_greedy, peft_model
+from .conftest import run
+from .helpers import Result, assert_blocks_all_free, make_prompts, started
+from .test_engine_exact import compare
+
+MAX_NEW = 16
+
+
+@pytest.fixture(scope="module")
+def adapters(smollm_folder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "attn": make_adapter(smollm_folder, root / "attn", ATTENTION, seed=1),
+        "mlp": make_adapter(smollm_folder, root / "mlp", MLP, seed=2),
+        "all": make_adapter(smollm_folder, root / "all", ALL, seed=3, r=4, alpha=8, use_rslora=True),
+    }
+
+
+async def collect(engine, prompt, params, request_id, lora=None) -> Result:
+    res = Result([[]], [""], [None], [[]], [])
+    async for out in engine.generate(prompt, params, request_id, lora=lora):
+        res.outputs.append(out)
+        res.num_cached_tokens = out.num_cached_tokens
+        for c in out.outputs:
+            res.token_ids[0] += c.token_ids
+            if c.finish_reason is not None:
+                res.finish_reason[0] = c.finish_reason
+    return res
+
+
+async def _mixed(model, tokenizer, adapters, prompts, names, **config):
+    engine = await started(model, tokenizer, **config)
+    try:
+        for name, path in adapters.items():
+            engine.loras.load(name, str(path))
+        params = SamplingParams(max_tokens=MAX_NEW, temperature=0)
+        jobs = [collect(engine, p, params, f"r{i}-{name}", lora=name)
+                for i, p in enumerate(prompts) for name in names]
+        results = await asyncio.gather(*jobs)
+        assert_blocks_all_free(engine)
+        return results, engine.stats()
+    finally:
+        await engine.shutdown()
+
+
+def _check_against_peft(smollm_folder, adapters, prompts, names, results):
+    got, want, refs_prompts, models = [], [], [], []
+    for i, p in enumerate(prompts):
+        for name in names:
+            path = None if name is None else adapters[name]
+            got.append(results.pop(0).token_ids[0])
+            want.append(peft_greedy(smollm_folder, path, p, MAX_NEW))
+            refs_prompts.append(p)
+            models.append(peft_model(smollm_folder, path))
+    notes = []
+    for g, w, p, m in zip(got, want, refs_prompts, models):
+        notes += compare(m, [p], [g], [w])
+    for note in notes:
+        warnings.warn(note)
+    assert len(notes) <= 1, notes
+    return got, want
+
+
+def test_mixed_batch_matches_peft(smollm, smollm_folder, adapters):
+    """Base + 3 adapters (attention, MLP, all with rslora) in the same steps: each request equals
+    peft's greedy output for its adapter alone; every adapter changes the base's output."""
+    model, tokenizer = smollm
+    prompts = make_prompts(tokenizer, 2)
+    names = [None, "attn", "mlp", "all"]
+    results, stats = run(_mixed(model, tokenizer, adapters, prompts, names, max_num_seqs=8, max_num_batched_tokens=512,
+                                num_kv_blocks=128, max_loras=4))
+    got, want = _check_against_peft(smollm_folder, adapters, prompts, names, results)
+    for j in (1, 2, 3):  # the test means something: each adapter changes what the base says
+        assert any(want[i * 4 + j] != want[i * 4] for i in range(len(prompts))), names[j]
+
+
+def test_max_loras_one_runs_adapters_in_turn(smollm, smollm_folder, adapters):
+    """With --max-loras 1, requests for three adapters and the base all finish (the others wait in
+    the queue), still equal to peft's outputs."""
+    model, tokenizer = smollm
+    prompts = make_prompts(tokenizer, 2)  # the same as above: peft's outputs are computed once
+    names = ["attn", None, "mlp", "all"]
+    results, _ = run(_mixed(model, tokenizer, adapters, prompts, names, max_num_seqs=8, num_kv_blocks=128,
+                            max_loras=1))
+    _check_against_peft(smollm_folder, adapters, prompts, names, results)
+
+
+def test_prefix_cache_never_crosses_adapters(smollm, smollm_folder, adapters):
+    model, tokenizer = smollm
+    prompt = make_prompts(tokenizer, 2)[0]  # a chat prompt of several blocks
+    params = SamplingParams(max_tokens=4, temperature=0)
+
+    async def go():
+        engine = await started(model, tokenizer, max_num_seqs=4, num_kv_blocks=128, block_size=16)
+        try:
+            for name in ("attn", "mlp"):
+                engine.loras.load(name, str(adapters[name]))
+            first = await collect(engine, prompt, params, "a1", lora="attn")
+            other = await collect(engine, prompt, params, "m1", lora="mlp")
+            base = await collect(engine, prompt, params, "b1")
+            again = await collect(engine, prompt, params, "a2", lora="attn")
+            # Unloaded and loaded again under the same name: another adapter for the cache.
+            engine.loras.unload("attn")
+            engine.loras.load("attn", str(adapters["mlp"]))
+            renamed = await collect(engine, prompt, params, "a3", lora="attn")
+            return first, other, base, again, renamed
+        finally:
+            await engine.shutdown()
+
+    first, other, base, again, renamed = run(go())
+    assert len(prompt) > 32
+    assert first.num_cached_tokens == 0
+    assert other.num_cached_tokens == 0 and base.num_cached_tokens == 0
+    assert again.num_cached_tokens == (len(prompt) - 1) // 16 * 16
+    assert renamed.num_cached_tokens == 0
+    assert other.token_ids[0] == renamed.token_ids[0] == peft_greedy(smollm_folder, adapters["mlp"], prompt, 4)
+
+
+def _rewrite(src, dst, config=None, tensors=None):
+    dst.mkdir()
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg.update(config or {})
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    weights = load_file(src / "adapter_model.safetensors")
+    if tensors is not None:
+        weights = tensors(weights)
+    save_file(weights, dst / "adapter_model.safetensors")
+    return dst
+
+
+def test_bad_adapters_are_refused_at_load(smollm, adapters, tmp_path):
+    model, tokenizer = smollm
+    good = adapters["attn"]
+    q_a = next(k for k in load_file(good / "adapter_model.safetensors") if "layers.0.self_attn.q_proj.lora_A" in k)
+
+    def widen(w):  # A of layer 0's q_proj for another hidden size
+        w[q_a] = torch.randn(w[q_a].shape[0], w[q_a].shape[1] + 64)
+        return w
+
+    def extra_layer(w):
+        w[q_a.replace("layers.0.", "layers.99.")] = w[q_a].clone()
+        w[q_a.replace("layers.0.", "layers.99.").replace("lora_A", "lora_B")] = w[q_a.replace("lora_A", "lora_B")].clone()
+        return w
+
+    def drop_b(w):
+        del w[q_a.replace("lora_A", "lora_B")]
+        return w
+
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
+    cases = [
+        (tmp_path / "nowhere", AdapterNotFoundError, "no folder"),
+        (no_weights, AdapterNotFoundError, "no adapter_model.safetensors"),
+        (adapters["all"].parent / "all", None, None),  # rank 4 under the limit below: loads
+        (_rewrite(good, tmp_path / "wide", tensors=widen), AdapterError, "another base model"),
+        (_rewrite(good, tmp_path / "layer99", tensors=extra_layer), AdapterError, "no module layers.99.q_proj"),
+        (_rewrite(good, tmp_path / "c_attn", {"target_modules": ["c_attn", "q_proj"]}), AdapterError,
+         "target modules ['c_attn'] are not in the base model"),
+        (_rewrite(good, tmp_path / "half", tensors=drop_b), AdapterError, "without its pair"),
+        (_rewrite(good, tmp_path / "dora", {"use_dora": True}), AdapterError, "DoRA"),
+        (good, AdapterError, "rank 8 (layers.0.k_proj) is over --max-lora-rank 4"),
+    ]
+
+    async def go():
+        engine = await started(model, tokenizer, num_kv_blocks=32, max_lora_rank=4)
+        try:
+            for i, (path, error, words) in enumerate(cases):
+                if error is None:
+                    engine.loras.load(f"ok{i}", str(path))
+                    continue
+                with pytest.raises(error) as info:
+                    engine.loras.load(f"bad{i}", str(path))
+                assert words in str(info.value) and f"bad{i}" in str(info.value)
+            with pytest.raises(AdapterError, match="already been loaded"):
+                engine.loras.load("ok2", str(adapters["all"]))
+            assert [a.name for a in engine.loras.list()] == ["ok2"]
+            with pytest.raises(InvalidRequestError) as info:
+                engine.generate([1, 2, 3], SamplingParams(max_tokens=2), "x", lora="bad0")
+            assert info.value.code == "model_not_found"
+            # the engine still serves the base and the good adapter
+            out = await collect(engine, [1, 2, 3], SamplingParams(max_tokens=2, temperature=0), "y", lora="ok2")
+            assert len(out.token_ids[0]) == 2
+        finally:
+            await engine.shutdown()
+
+    run(go())
+
+
+def test_transformers_path_refuses_adapters(smollm, adapters):
+    model, tokenizer = smollm
+
+    async def go():
+        engine = await started(model, tokenizer, num_kv_blocks=32, model_impl="transformers")
+        try:
+            with pytest.raises(AdapterError, match="need the native forward"):
+                engine.loras.load("a", str(adapters["attn"]))
+        finally:
+            await engine.shutdown()
+
+    run(go())

@@ -1,0 +1,154 @@
+"""LoRA adapters through a real `quantserve serve` process and the official openai client:
+--lora-modules, /v1/models (parent/root), "model": NAME picks the adapter (outputs equal peft's
+unmerged LoRA on transformers over the same NF4 weights), /v1/load_lora_adapter and
+/v1/unload_lora_adapter under traffic, their errors, the API key, and adapters refused at startup."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import httpx
+import openai
+import pytest
+import torch
+
+from .lora_helpers import ALL, ATTENTION, MLP, make_adapter, peft_greedy
+from .test_api_server import Server
+
+MODEL = "SmolLM2-135M-Instruct"
+PROMPT = "The lighthouse keeper climbed the spiral stairs every evening"
+
+
+@pytest.fixture(scope="module")
+def adapters(default_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("server-adapters")
+    return {
+        "attn": make_adapter(default_model_dir, root / "attn", ATTENTION, seed=11),
+        "mlp": make_adapter(default_model_dir, root / "mlp", MLP, seed=12),
+        "big": make_adapter(default_model_dir, root / "big", ALL, seed=13, r=16, alpha=16),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(default_model_dir, adapters):
+    srv = Server("--matmul-precision", "highest", "--max-lora-rank", "8", "--max-loras", "2",
+                 "--lora-modules", f"a1={adapters['attn']}", f"a2={adapters['mlp']}")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        code = srv.stop()
+        assert code == 0, srv.log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(default_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    return tokenizer, tokenizer.encode(PROMPT)
+
+
+def _oracle_text(default_model_dir, tokenizer, adapter, prompt, n):
+    torch.set_float32_matmul_precision("highest")  # as the server above
+    return tokenizer.decode(peft_greedy(default_model_dir, adapter, prompt, n))
+
+
+def test_models_list_adapters_with_parent_and_root(server, adapters):
+    cards = {m.id: m for m in server.client().models.list().data}
+    assert set(cards) == {MODEL, "a1", "a2"}
+    for name, key in (("a1", "attn"), ("a2", "mlp")):
+        card = cards[name].model_dump()
+        assert card["parent"] == MODEL and card["root"] == str(adapters[key])
+    assert server.client().models.retrieve("a2").model_dump()["parent"] == MODEL
+
+
+def test_model_name_picks_the_adapter(server, adapters, default_model_dir, prompt_ids):
+    tokenizer, prompt = prompt_ids
+    client = server.client()
+    for model, adapter in ((MODEL, None), ("a1", adapters["attn"]), ("a2", adapters["mlp"])):
+        resp = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
+        assert resp.model == model
+        assert resp.choices[0].text == _oracle_text(default_model_dir, tokenizer, adapter, prompt, 12), model
+    chat = client.chat.completions.create(model="a1", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert chat.model == "a1" and chat.choices[0].message.content
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="nope", prompt=prompt, max_tokens=2)
+    assert info.value.body["code"] == "model_not_found"
+
+
+def test_load_and_unload_under_traffic(server, adapters, default_model_dir, prompt_ids):
+    tokenizer, prompt = prompt_ids
+    url, headers = server.url, server.headers()
+
+    async def stream(client, model, n):
+        text, finish = "", None
+        async for chunk in await client.completions.create(model=model, prompt=prompt, max_tokens=n, temperature=0,
+                                                           stream=True):
+            text += chunk.choices[0].text if chunk.choices else ""
+            finish = (chunk.choices[0].finish_reason if chunk.choices else None) or finish
+        return text, finish
+
+    async def go():
+        client = server.async_client()
+        async with httpx.AsyncClient(timeout=300) as http:
+            traffic = [asyncio.ensure_future(stream(client, m, 40)) for m in (MODEL, "a1", "a1", "a2")]
+            await asyncio.sleep(0.5)
+            r = await http.post(url + "/v1/load_lora_adapter", headers=headers,
+                                json={"lora_name": "a3", "lora_path": str(adapters["mlp"])})
+            assert r.status_code == 200 and r.text == "Success: LoRA adapter 'a3' added successfully.", r.text
+            loaded = await client.completions.create(model="a3", prompt=prompt, max_tokens=8, temperature=0)
+            r = await http.post(url + "/v1/unload_lora_adapter", headers=headers, json={"lora_name": "a1"})
+            assert r.status_code == 200 and r.text == "Success: LoRA adapter 'a1' removed successfully.", r.text
+            done = await asyncio.gather(*traffic)
+            with pytest.raises(openai.NotFoundError):
+                await client.completions.create(model="a1", prompt=prompt, max_tokens=2)
+            return loaded, done
+
+    loaded, done = asyncio.run(asyncio.wait_for(go(), 600))
+    assert loaded.choices[0].text == _oracle_text(default_model_dir, tokenizer, adapters["mlp"], prompt, 8)
+    # the requests in flight on the unloaded adapter finished with it, as did the others
+    for (text, finish), adapter in zip(done, (None, adapters["attn"], adapters["attn"], adapters["mlp"])):
+        assert finish == "length"
+        assert text == _oracle_text(default_model_dir, tokenizer, adapter, prompt, 40)
+    assert {m.id for m in server.client().models.list().data} == {MODEL, "a2", "a3"}
+
+
+def test_adapter_endpoint_errors(server, adapters, tmp_path):
+    url, headers = server.url, server.headers()
+
+    def post(path, body, auth=True):
+        return httpx.post(url + path, headers=headers if auth else {}, json=body, timeout=120)
+
+    r = post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(adapters["attn"])}, auth=False)
+    assert r.status_code == 401
+    r = post("/v1/unload_lora_adapter", {"lora_name": "a2"}, auth=False)
+    assert r.status_code == 401
+    r = post("/v1/load_lora_adapter", {"lora_name": "a2", "lora_path": str(adapters["attn"])})
+    assert r.status_code == 400 and "already been loaded" in r.json()["error"]["message"]
+    r = post("/v1/load_lora_adapter", {"lora_name": "big", "lora_path": str(adapters["big"])})
+    assert r.status_code == 400 and "rank 16" in r.json()["error"]["message"] and "--max-lora-rank 8" in r.text
+    r = post("/v1/load_lora_adapter", {"lora_name": "gone", "lora_path": str(tmp_path / "nowhere")})
+    assert r.status_code == 404 and "no folder" in r.json()["error"]["message"]
+    r = post("/v1/load_lora_adapter", {"lora_name": MODEL, "lora_path": str(adapters["attn"])})
+    assert r.status_code == 400
+    r = post("/v1/load_lora_adapter", {"lora_name": "x"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path"
+    r = post("/v1/unload_lora_adapter", {"lora_name": "never"})
+    assert r.status_code == 404 and "cannot be found" in r.json()["error"]["message"]
+    # nothing else was affected
+    assert {m.id for m in server.client().models.list().data} >= {MODEL, "a2"}
+    assert httpx.get(url + "/health").status_code == 200
+
+
+def test_bad_adapter_at_startup_exits_with_its_reason(default_model_dir, tmp_path, adapters):
+    bad = Server("--lora-modules", f"good={adapters['attn']}", f"bad={tmp_path / 'missing'}")
+    code = bad.proc.wait(timeout=600)
+    log = bad.log.read_text()
+    assert code == 1, log[-2000:]
+    assert f"quantserve serve: error: LoRA adapter 'bad': no folder {tmp_path / 'missing'}" in log.strip().splitlines()[-1]
+    malformed = subprocess.run([sys.executable, "-m", "quantserve.server", "serve", "--lora-modules", "just-a-name"],
+                               capture_output=True, text=True, timeout=120)
+    assert malformed.returncode == 2 and "is not NAME=PATH" in malformed.stderr
