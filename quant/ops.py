@@ -152,6 +152,98 @@ def _(
     return torch.empty((*A.shape[:-1], shapeB[0]), device=A.device, dtype=A.dtype)
 
 
+# ---- Autograd for the 4-bit matmuls (QLoRA): gradients for the activations and the bias; the 4-bit
+# weight is frozen (integer bytes carry no gradient). As bitsandbytes' MatMul4Bit, the backward
+# dequantizes this one layer's weight in the gradient's dtype, multiplies, and drops it: a float
+# copy of one weight at a time, never of the whole model. Only the packed bytes and the absmax are
+# saved for backward (they are the model's own tensors, not copies). ----
+
+
+def _gemm_4bit_setup_context(ctx, inputs, output) -> None:
+    A, B, shapeB, absmax, blocksize, quant_type, bias = inputs
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(B, absmax)
+    ctx.shapeB, ctx.blocksize, ctx.quant_type = list(shapeB), blocksize, quant_type
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _grad_bias(ctx, grad: torch.Tensor, bias_index: int) -> Optional[torch.Tensor]:
+    # needs_input_grad leaves out trailing arguments left at their default (bias=None).
+    if len(ctx.needs_input_grad) <= bias_index or not ctx.needs_input_grad[bias_index]:
+        return None
+    return grad.reshape(-1, grad.shape[-1]).sum(0, dtype=ctx.bias_dtype)
+
+
+def _gemm_4bit_backward(ctx, grad: torch.Tensor):
+    grad_A = None
+    if ctx.needs_input_grad[0]:
+        B, absmax = ctx.saved_tensors
+        W = torch.ops.quant.dequantize_4bit(B, absmax, ctx.blocksize, ctx.quant_type, ctx.shapeB, grad.dtype)
+        grad_A = torch.matmul(grad, W)  # [..., N] @ [N, K]
+    return grad_A, None, None, None, None, None, _grad_bias(ctx, grad, 6)
+
+
+def _gemm_4bit_nested_setup_context(ctx, inputs, output) -> None:
+    A, B, shapeB, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, bias = inputs
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(B, absmax, nested_absmax, nested_code)
+    ctx.shapeB, ctx.blocksize, ctx.quant_type = list(shapeB), blocksize, quant_type
+    ctx.offset, ctx.nested_blocksize = offset, nested_blocksize
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _gemm_4bit_nested_backward(ctx, grad: torch.Tensor):
+    grad_A = None
+    if ctx.needs_input_grad[0]:
+        B, absmax, nested_absmax, nested_code = ctx.saved_tensors
+        decoded = torch.ops.quant.dequantize_blockwise(
+            absmax, nested_absmax, nested_code, ctx.nested_blocksize, torch.float32
+        ) + ctx.offset
+        W = torch.ops.quant.dequantize_4bit(B, decoded, ctx.blocksize, ctx.quant_type, ctx.shapeB, grad.dtype)
+        grad_A = torch.matmul(grad, W)
+    return (grad_A,) + (None,) * 9 + (_grad_bias(ctx, grad, 10),)
+
+
+torch.library.register_autograd(
+    f"{NAMESPACE}::gemm_4bit", _gemm_4bit_backward, setup_context=_gemm_4bit_setup_context
+)
+torch.library.register_autograd(
+    f"{NAMESPACE}::gemm_4bit_nested", _gemm_4bit_nested_backward, setup_context=_gemm_4bit_nested_setup_context
+)
+
+
+# ---- Autocast for the 4-bit matmuls: inside torch.autocast the activations (and the bias) are cast
+# to the autocast dtype, as torch does for F.linear and as bitsandbytes' matmul ends up doing; the
+# packed weight and the float32 absmax statistics are left as they are (torch.library.register_autocast
+# would cast every floating input, absmax included). The cast is differentiable, so gradients come
+# back in the activations' own dtype. ----
+
+_autocast_lib = torch.library.Library(NAMESPACE, "IMPL")  # noqa: TOR901 - autocast kernels only
+
+
+def _register_4bit_autocast(op_name: str, device_type: str) -> None:
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+    op = getattr(getattr(torch.ops, NAMESPACE), op_name).default
+    bias_index = len(op._schema.arguments) - 1
+
+    def kernel(_keyset, A, *rest):
+        dtype = torch.get_autocast_dtype(device_type)
+        rest = list(rest)
+        if A.is_floating_point() and A.device.type == device_type:
+            A = A.to(dtype)
+            if len(rest) == bias_index and rest[-1] is not None:
+                rest[-1] = rest[-1].to(dtype)
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return op(A, *rest)
+
+    _autocast_lib.impl(op_name, kernel, key, with_keyset=True)
+
+
+for _op_name in ("gemm_4bit", "gemm_4bit_nested"):
+    for _device_type in ("cpu", "cuda"):
+        _register_4bit_autocast(_op_name, _device_type)
+
 # ------------------------------------------------------------------------------------------------
 # LLM.int8 (bitsandbytes' 8-bit format, Linear8bitLt)
 #
