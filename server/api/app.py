@@ -18,12 +18,13 @@ from ..config import Settings
 from .errors import APIError, install_error_handlers
 from .metrics import Metrics
 from .registry import Registry
-from .routes import lora, openai, ops, quantization, tokenize
+from .routes import console, lora, openai, ops, quantization, tokenize
 from .routes.common import Services
 
 logger = logging.getLogger("quantserve.server")
 
-_PUBLIC_PATHS = ("/health", "/metrics")
+_PUBLIC_PATHS = ("/health", "/metrics", "/")  # "/": the console's page, which asks for the key itself
+_PUBLIC_PREFIXES = ("/console/",)  # the console's static files
 
 
 class _BodyLimit:
@@ -72,13 +73,15 @@ class _BodyLimit:
 
 
 class _ApiKey:
-    """Bearer-token check (constant-time) on everything but /health and /metrics."""
+    """Bearer-token check (constant-time) on everything but /health, /metrics and the console's files."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app, self.expected = app, f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in _PUBLIC_PATHS or scope["method"] == "OPTIONS":
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in _PUBLIC_PATHS or path.startswith(_PUBLIC_PREFIXES) \
+                or scope["method"] == "OPTIONS":
             return await self.app(scope, receive, send)
         got = dict(scope.get("headers") or []).get(b"authorization", b"")
         if not hmac.compare_digest(got, self.expected):
@@ -104,7 +107,7 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
     app = FastAPI(title="quantserve", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     install_error_handlers(app)
     services = Services(settings=settings, registry=registry, metrics=Metrics(registry))
-    for routes in (quantization, openai, tokenize, ops, lora):  # quantization's path before /v1/models/{id}
+    for routes in (quantization, openai, tokenize, ops, console, lora):  # quantization's path before /v1/models/{id}
         app.include_router(routes.router(services))
     # Added last = outermost: the size guard runs first, then the key check, then CORS.
     if settings.cors_origins:

@@ -1,0 +1,289 @@
+"""The web console (GET /) in a real headless browser: Debian's chromium driven by playwright,
+against a real `quantserve serve` process on the built-in default model with an API key.
+
+The oracles are outside the page: the official openai client (the greedy reply the page streamed),
+httpx (the server's own 401 message, /v1/memory and the quantization report the page renders), the
+browser's own console and network log (no errors, no request leaving the server's origin), and the
+pixels of the chart's canvas."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+
+import httpx
+import pytest
+
+from .test_api_server import API_KEY, MODEL, Server
+
+CHROMIUM = os.environ.get("QUANTSERVE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+if not os.path.exists(CHROMIUM):
+    # CI installs it (scripts/setup.sh, as root): there a missing browser is a failure, not a skip.
+    if os.environ.get("CI"):
+        raise RuntimeError("chromium is missing: scripts/setup.sh installs it (apt-get install chromium)")
+    pytest.skip("chromium is not installed (apt-get install chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a test extra")
+
+WAIT_MS = 180_000  # generous: the CI machine has 2 cores, and other tests may share them
+
+
+@pytest.fixture(scope="module")
+def server(default_model_dir):
+    srv = Server()
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        code = srv.stop()
+        assert code == 0, srv.log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        # Root (CI) needs --no-sandbox; playwright's own browser builds are never downloaded.
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], timeout=60_000)
+        yield b
+        b.close()
+
+
+class Page:
+    """A fresh browser context (its own sessionStorage) on the console, recording what the
+    browser's console said and every request the page made."""
+
+    def __init__(self, browser, server: Server, key: str | None) -> None:
+        self.context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        if key is not None:  # a user who already gave the key in this tab
+            self.context.add_init_script(f"sessionStorage.setItem('quantserve.apiKey', {json.dumps(key)})")
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(WAIT_MS)
+        self.errors: list[str] = []
+        self.requests: list = []
+        self.page.on("console", lambda m: m.type == "error" and self.errors.append(f"{m.text} ({m.location})"))
+        self.page.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}"))
+        self.page.on("request", lambda r: self.requests.append(r))
+        self.response = self.page.goto(server.url + "/")
+
+    def js(self, expression: str, arg=None):
+        return self.page.evaluate(expression, arg)
+
+    def wait(self, expression: str) -> None:
+        # As a function, not a bare expression: playwright evaluates an expression with eval(),
+        # which the page's Content-Security-Policy (kept on in these tests) forbids.
+        self.page.wait_for_function(f"() => ({expression})", polling=100)
+
+    def chart(self, name: str) -> list[list]:
+        """The chart's samples, one list of [seconds, value] per series."""
+        return self.js(f"window.quantserveConsole.live.charts.{name}.series.map((s) => s.points)")
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def open_page(browser, server):
+    pages: list[Page] = []
+
+    def _open(key: str | None = API_KEY) -> Page:
+        pages.append(Page(browser, server, key))
+        return pages[-1]
+
+    yield _open
+    for p in pages:
+        p.close()
+
+
+def _ready(page: Page) -> None:
+    page.wait("document.querySelector('#model').options.length > 0")
+
+
+def test_page_loads_offline_without_console_errors(open_page, server):
+    page = open_page()
+    assert page.response.status == 200 and page.response.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.response.headers["content-security-policy"]
+    _ready(page)
+    assert page.js("document.querySelector('#model').value") == MODEL
+    # Two polls make the first rate; the memory panel and the report come from the API.
+    page.wait("window.quantserveConsole.live.charts.tokens.updates >= 3")
+    page.wait("document.querySelectorAll('#quant-body tbody tr').length > 0")
+
+    report = httpx.get(f"{server.url}/v1/models/{MODEL}/quantization", headers=server.headers(), timeout=30)
+    assert report.status_code == 200
+    layers = report.json()["layers"]
+    shown = page.js("[...document.querySelectorAll('#quant-body tbody tr')].map((r) => r.cells[0].textContent)")
+    assert shown == [layer["name"] for layer in layers]
+    memory = httpx.get(server.url + "/v1/memory", headers=server.headers(), timeout=30).json()
+    weights = memory["models"][0]["weights"]["weight_bytes"]
+    assert f"weights {weights / 2**20:.1f} MiB" in page.js("document.querySelector('#memory').textContent")
+
+    assert page.errors == []
+    # Offline: every request stayed on the server's origin (no CDN, no fonts, no analytics).
+    assert page.requests and all(r.url.startswith(server.url + "/") or r.url.startswith("data:")
+                                 for r in page.requests), [r.url for r in page.requests]
+    # Every API call carried the key from sessionStorage.
+    api_calls = [r for r in page.requests if r.url.startswith(server.url + "/v1/")]
+    assert api_calls and all(r.headers.get("authorization") == f"Bearer {API_KEY}" for r in api_calls)
+
+
+def test_chat_streams_the_greedy_reply_the_openai_client_gets(open_page, server):
+    page = open_page()
+    _ready(page)
+    question = "What is the capital of France?"
+    # Every change of the reply's text, as the page makes it.
+    page.js("""() => {
+        window.snapshots = [];
+        new MutationObserver(() => {
+            const last = [...document.querySelectorAll('.msg.assistant .text')].pop();
+            const text = last ? last.textContent : '';
+            if (window.snapshots[window.snapshots.length - 1] !== text) window.snapshots.push(text);
+        }).observe(document.querySelector('#messages'), {subtree: true, childList: true, characterData: true});
+    }""")
+    page.page.fill("#temperature", "0")
+    page.page.fill("#max-tokens", "12")
+    page.page.fill("#prompt", question)
+    with page.page.expect_request(lambda r: r.url.endswith("/v1/chat/completions")) as sent:
+        page.page.press("#prompt", "Enter")
+    body = sent.value.post_data_json
+    assert body["stream"] is True and body["temperature"] == 0 and body["max_tokens"] == 12 and body["model"] == MODEL
+    page.page.wait_for_selector(".msg.assistant[data-done=true]")
+    final = page.js("document.querySelector('.msg.assistant .text').textContent")
+    snapshots = [s for s in page.js("window.snapshots") if s]
+
+    expected = server.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": question}], temperature=0, top_p=1, max_tokens=12)
+    assert final == expected.choices[0].message.content and "Paris" in final
+    # It arrived in pieces, each one extending the last.
+    assert len(snapshots) >= 3, snapshots
+    assert snapshots[-1] == final
+    assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(snapshots, snapshots[1:])), snapshots
+    assert "finish: length" in page.js("document.querySelector('.msg.assistant .stats').textContent")
+    assert page.errors == []
+
+
+def test_json_mode_sends_response_format_and_the_reply_is_json(open_page):
+    page = open_page()
+    _ready(page)
+    page.page.check("#json-mode")
+    page.page.fill("#temperature", "0")
+    page.page.fill("#max-tokens", "3")
+    page.page.fill("#prompt", "Name a color.")
+    with page.page.expect_request(lambda r: r.url.endswith("/v1/chat/completions")) as sent:
+        page.page.click("#send")
+    assert sent.value.post_data_json["response_format"] == {"type": "json_object"}
+    page.page.wait_for_selector(".msg.assistant[data-done=true]")
+    # Three tokens of a JSON object: it opens with a brace (the model unconstrained starts with words).
+    assert page.js("document.querySelector('.msg.assistant .text').textContent").lstrip().startswith("{")
+    assert page.errors == []
+
+
+def test_charts_follow_load_and_polling_stops_when_hidden(open_page, server):
+    page = open_page()
+    _ready(page)
+    page.wait("window.quantserveConsole.live.charts.tokens.updates >= 2")
+    before = page.js("document.querySelector('#chart-tokens').toDataURL()")
+    start = page.chart("tokens")[0][-1][0]  # the last sample before the load
+    usages: list = []
+
+    def one(i: int) -> None:
+        reply = server.client().completions.create(model=MODEL, prompt=f"Count from {i} to fifty:", max_tokens=24,
+                                                   temperature=0)
+        usages.append(reply.usage.completion_tokens)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        # While it runs: tokens/s above zero, requests running, KV blocks in use.
+        page.wait("window.quantserveConsole.live.charts.tokens.series[0].points.some((p) => p[1] > 0)")
+        page.wait("window.quantserveConsole.live.charts.requests.series[0].points.some((p) => p[1] >= 1)")
+        page.wait("window.quantserveConsole.live.charts.kv.series[0].points.some((p) => p[1] > 0)")
+    finally:
+        for t in threads:
+            t.join()
+    assert len(usages) == 3
+    # Finished requests bring latency samples (TTFT and inter-token, in ms) in a later poll.
+    page.wait("window.quantserveConsole.live.charts.latency.series.every((s) => s.points.some((p) => p[1] > 0))")
+    assert page.js("document.querySelector('#chart-tokens').toDataURL()") != before
+    # The tokens/s line, integrated over the seconds since the load began, is the tokens the
+    # openai client was told it got: no poll lost or counted twice.
+    points = page.chart("tokens")[0]
+    after = [i for i, (t, _) in enumerate(points) if t > start]
+    assert after and after[0] >= 1
+    generated = sum(points[i][1] * (points[i][0] - points[i - 1][0]) for i in after)
+    assert generated == pytest.approx(sum(usages), abs=0.01)
+
+    # Hidden (another tab in front): the polling stops, and starts again when shown.
+    page.js("""() => {
+        Object.defineProperty(document, 'hidden', {configurable: true, get: () => true});
+        document.dispatchEvent(new Event('visibilitychange'));
+    }""")
+    time.sleep(0.5)  # a poll already under way may finish
+    count = len([r for r in page.requests if r.url.endswith("/metrics")])
+    time.sleep(2.5)
+    assert len([r for r in page.requests if r.url.endswith("/metrics")]) == count
+    assert "paused" in page.js("document.querySelector('#live-state').textContent")
+    with page.page.expect_request(lambda r: r.url.endswith("/metrics"), timeout=5_000):
+        page.js("""() => {
+            Object.defineProperty(document, 'hidden', {configurable: true, get: () => false});
+            document.dispatchEvent(new Event('visibilitychange'));
+        }""")
+    assert page.errors == []
+
+
+def test_api_key_flow_shows_the_401_then_works(open_page, server):
+    refused = httpx.get(server.url + "/v1/models", timeout=30)
+    assert refused.status_code == 401
+    message = refused.json()["error"]["message"]
+
+    page = open_page(key=None)  # the page itself loads without a key
+    assert page.response.status == 200
+    page.page.wait_for_selector("#key-form:not([hidden])")
+    assert page.js("document.querySelector('#key-message').textContent") == message
+
+    page.page.fill("#key-input", "wrong-key")
+    with page.page.expect_response(lambda r: r.url.endswith("/v1/models")) as answer:
+        page.page.press("#key-input", "Enter")
+    assert answer.value.status == 401 and answer.value.request.headers["authorization"] == "Bearer wrong-key"
+    assert page.page.is_visible("#key-form")
+    assert page.js("document.querySelector('#key-message').textContent") == message
+    assert page.js("document.querySelector('#status').textContent") == "API key needed"
+
+    page.page.fill("#key-input", API_KEY)
+    with page.page.expect_response(lambda r: r.url.endswith("/v1/models")) as answer:
+        page.page.click("#key-form button")
+    assert answer.value.status == 200
+    _ready(page)
+    assert page.page.is_hidden("#key-form")
+    assert page.js("sessionStorage.getItem('quantserve.apiKey')") == API_KEY
+    page.wait("window.quantserveConsole.live.charts.kv.updates >= 1")  # /v1/memory answered with the key
+
+
+def test_console_files_are_public_and_nothing_else_is():
+    """The key check lets the console's files through and nothing beside them (in-process, no model)."""
+    from fastapi.testclient import TestClient
+
+    from quantserve.server.api.app import create_app
+    from quantserve.server.config import Settings
+
+    class _Never:
+        state = "loading"
+
+        async def start(self) -> None:  # the model never loads: only routing and the key check run
+            return None
+
+        async def shutdown(self) -> None:
+            return None
+
+    settings = Settings(api_key="k")
+    with TestClient(create_app(settings, _Never())) as client:  # type: ignore[arg-type]
+        assert client.get("/").status_code == 200
+        for name in ("app.js", "api.js", "chat.js", "charts.js", "live.js", "memory.js", "quant.js", "style.css"):
+            r = client.get(f"/console/{name}")
+            assert r.status_code == 200 and r.headers["content-type"].split(";")[0] in ("text/javascript", "text/css")
+        missing = client.get("/console/secret.py")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+        assert client.get("/console/../v1/models").status_code in (401, 404)
+        assert client.get("/v1/models").status_code == 401
