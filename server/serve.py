@@ -177,6 +177,10 @@ class Watchdog:
 
 # After a failure nothing is left to drain: the engine has already failed its requests.
 _FAILURE_SHUTDOWN_TIMEOUT = 5.0
+# How long before the drain limit runs out the engine fails what is still running (see shutdown):
+# a quarter of the limit, 1 to 5 s (a step on a busy CPU can take a second).
+def _drain_margin(limit: float) -> float:
+    return min(max(limit / 4, 1.0), 5.0)
 _WATCH_INTERVAL = 0.1
 
 
@@ -199,6 +203,23 @@ def _graceful_server_class() -> type:
                 await super().serve(sockets)
             finally:
                 watch.cancel()
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            # When the drain limit (--shutdown-timeout) runs out, uvicorn cancels the requests
+            # still running: a 500 and a traceback, or a stream cut without an end. A moment
+            # before that the engine fails them instead, so each gets a 503 with Retry-After (an
+            # error event and [DONE] if streaming) and its KV blocks back.
+            limit = self.config.timeout_graceful_shutdown
+            timer = None
+            if limit is not None:
+                timer = asyncio.get_running_loop().call_later(
+                    max(limit - _drain_margin(limit), 0.0), self.watchdog.registry.fail_unfinished,
+                    f"the server is shutting down and its drain limit ({limit:g} s) ran out")
+            try:
+                await super().shutdown(sockets)
+            finally:
+                if timer is not None:
+                    timer.cancel()
 
         async def _watch(self) -> None:
             while not self.should_exit:

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
+from ..engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, ShuttingDownError
 from .protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger("quantserve.server")
@@ -80,6 +80,10 @@ def from_exception(exc: BaseException, request_id: Optional[str] = None) -> APIE
         return bad_request(str(exc), exc.field, exc.code)
     if isinstance(exc, EngineOverloadedError):
         return overloaded(exc.retry_after)
+    if isinstance(exc, ShuttingDownError):
+        logger.warning("request %s: %s", request_id, exc)
+        return unavailable("The server is shutting down and could not finish this request; retry it.",
+                           retry_after=1)
     if isinstance(exc, EngineDeadError):
         logger.error("request %s: engine unavailable: %s", request_id, exc)
         return unavailable("The inference engine has stopped; the server is restarting. Retry shortly.",

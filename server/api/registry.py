@@ -99,6 +99,13 @@ class Registry:
         self._models[served.name] = served
         self.state = "ready"
 
+    def fail_unfinished(self, reason: str) -> None:
+        """Every request still running ends with 503 `reason` (see serve.py's drain limit)."""
+        from ..engine.errors import ShuttingDownError
+
+        for served in self.models():
+            served.engine.fail_unfinished(ShuttingDownError(reason))
+
     async def shutdown(self) -> None:
         self.state = "stopped"
         for served in {id(m): m for m in self._models.values()}.values():

@@ -255,6 +255,22 @@ class AsyncEngine:
         self._inbox.append(("abort", request_id))
         self._wake.set()
 
+    def fail_unfinished(self, exc: BaseException) -> None:
+        """End every request submitted so far with `exc`, from any thread. Serving uses it when its
+        drain limit runs out. The consumers get `exc` at once (the engine thread may be in the middle
+        of a long step on a busy CPU); the engine thread ends the requests at its next step and
+        frees their blocks."""
+        self._inbox.append(("fail", exc))
+        self._wake.set()
+        # list() of a dict / deque is one C call under the GIL: a consistent snapshot even while the
+        # engine thread changes them. A collector ignores errors after its first.
+        pending = list(self._requests.values()) + [item for kind, item in list(self._inbox) if kind == "add"]
+        for request in pending:
+            try:
+                request.loop.call_soon_threadsafe(request.collector.put, exc)
+            except RuntimeError:  # its event loop is closed: nobody is listening
+                pass
+
     def weight_memory(self) -> dict[str, int]:
         """Bytes of the model's weights as resident while serving ({"total", "<dtype>": ...})."""
         return self.runner.weight_memory()
@@ -341,6 +357,9 @@ class AsyncEngine:
                 self._prompt_tokens_total += item.num_prompt_tokens
                 for seq in item.seqs:
                     self.scheduler.add(seq)
+            elif kind == "fail":
+                for request in list(self._requests.values()):
+                    self._fail_request(request, item)
             else:
                 request = self._requests.get(item)
                 if request is not None:

@@ -31,5 +31,10 @@ class EngineDeadError(RuntimeError):
     """The engine thread has stopped (it failed, or the engine was shut down)."""
 
 
+class ShuttingDownError(EngineDeadError):
+    """The server is stopping and its drain limit (--shutdown-timeout) ran out before this request
+    finished."""
+
+
 class RequestFailedError(RuntimeError):
     """The engine failed this request (an error in a step it was part of)."""

@@ -462,3 +462,63 @@ def test_sigterm_drains_streams_then_exits_0(server):
         assert chunks[-1]["usage"]["completion_tokens"] == max_tokens, chunks[-1]
     assert code == 0, srv.stderr[-3000:]
     assert not _port_open(srv.port)
+
+
+# ------------------------------------------------------- SIGTERM when the drain limit runs out
+
+
+def test_drain_limit_answers_503_not_a_cancellation(tmp_path):
+    """Requests still running when --shutdown-timeout runs out end with 503 and Retry-After (a
+    whole response) or an in-band error event and [DONE] (a stream), never with uvicorn cancelling
+    them (a 500 and a traceback in the log, or a stream cut short); the process still exits 0."""
+    # The engine fails what is left 2 s before the 8 s limit; 1,500 tokens take far longer on a CPU.
+    srv = Proc(tmp_path, "--max-model-len", "2048", "--kv-cache-memory", "0.25", "--shutdown-timeout", "8")
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "Count to one thousand."}],
+           "max_tokens": 1500, "temperature": 0, "ignore_eos": True}
+    whole: list = [None]
+    events: list = []
+    streaming = threading.Event()
+
+    def post() -> None:
+        try:
+            whole[0] = httpx.post(srv.url + "/v1/chat/completions", json=ask, timeout=120)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertions below
+            whole[0] = exc
+
+    def stream() -> None:
+        try:
+            with httpx.stream("POST", srv.url + "/v1/chat/completions", json={**ask, "stream": True},
+                              timeout=120) as r:
+                for event in _sse_events(r.iter_lines()):
+                    events.append(event)
+                    streaming.set()
+        except Exception as exc:  # noqa: BLE001
+            events.append(exc)
+        streaming.set()
+
+    try:
+        srv.wait_ready()
+        threads = [threading.Thread(target=post), threading.Thread(target=stream)]
+        for t in threads:
+            t.start()
+        assert streaming.wait(120), "the stream never started"
+        assert whole[0] is None, "the whole request finished before SIGTERM: it proves nothing"
+        srv.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+        code = srv.wait(timeout=60)
+    finally:
+        srv.kill()
+    r = whole[0]
+    assert isinstance(r, httpx.Response), repr(r)
+    _assert_openai_error(r, 503, "service_unavailable")
+    assert r.headers.get("retry-after"), r.headers
+    assert not [e for e in events if isinstance(e, Exception)], events[-3:]
+    assert events[-1] == "[DONE]", events[-3:]
+    errors = [e["error"] for e in events if isinstance(e, dict) and "error" in e]
+    assert len(errors) == 1 and errors[0]["code"] == "service_unavailable", events[-3:]
+    finishes = [c["finish_reason"] for e in events if isinstance(e, dict) for c in e.get("choices", [])
+                if c.get("finish_reason")]
+    assert finishes == [], finishes  # cut by the drain limit, not finished
+    assert code == 0, srv.stderr[-3000:]
+    assert "Traceback" not in srv.stderr and "Exception in ASGI application" not in srv.stderr, srv.stderr[-3000:]
