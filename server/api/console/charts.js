@@ -93,7 +93,8 @@ export class LineChart {
   drawLegend() {
     if (!this.legend) return;
     this.legend.replaceChildren(...this.series.map((s) => {
-      const last = s.points.length ? s.points[s.points.length - 1][1] : null;
+      // The latest sample that has a value: a sparse series keeps showing its last one.
+      const last = s.points.reduce((found, p) => (p[1] === null ? found : p[1]), null);
       const item = document.createElement("span");
       item.className = "item";
       const swatch = document.createElement("i");
