@@ -14,21 +14,17 @@ import openai
 import pytest
 import torch
 
-from .lora_helpers import ALL, ATTENTION, MLP, make_adapter, peft_greedy
+from .engine.helpers import make_prompts
+from .lora_helpers import peft_greedy
 from .test_api_server import Server
 
 MODEL = "SmolLM2-135M-Instruct"
-PROMPT = "The lighthouse keeper climbed the spiral stairs every evening"
+N = 12  # as tests/server/engine/test_lora.py: peft's outputs are computed once per session
 
 
 @pytest.fixture(scope="module")
-def adapters(default_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("server-adapters")
-    return {
-        "attn": make_adapter(default_model_dir, root / "attn", ATTENTION, seed=11),
-        "mlp": make_adapter(default_model_dir, root / "mlp", MLP, seed=12),
-        "big": make_adapter(default_model_dir, root / "big", ALL, seed=13, r=16, alpha=16),
-    }
+def adapters(lora_adapters):
+    return lora_adapters  # tests/server/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +44,7 @@ def prompt_ids(default_model_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
-    return tokenizer, tokenizer.encode(PROMPT)
+    return tokenizer, make_prompts(tokenizer, 2)[1]  # a story slice, as token ids
 
 
 def _oracle_text(default_model_dir, tokenizer, adapter, prompt, n):
@@ -69,9 +65,9 @@ def test_model_name_picks_the_adapter(server, adapters, default_model_dir, promp
     tokenizer, prompt = prompt_ids
     client = server.client()
     for model, adapter in ((MODEL, None), ("a1", adapters["attn"]), ("a2", adapters["mlp"])):
-        resp = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
+        resp = client.completions.create(model=model, prompt=prompt, max_tokens=N, temperature=0)
         assert resp.model == model
-        assert resp.choices[0].text == _oracle_text(default_model_dir, tokenizer, adapter, prompt, 12), model
+        assert resp.choices[0].text == _oracle_text(default_model_dir, tokenizer, adapter, prompt, N), model
     chat = client.chat.completions.create(model="a1", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     assert chat.model == "a1" and chat.choices[0].message.content
     with pytest.raises(openai.NotFoundError) as info:
@@ -99,7 +95,7 @@ def test_load_and_unload_under_traffic(server, adapters, default_model_dir, prom
             r = await http.post(url + "/v1/load_lora_adapter", headers=headers,
                                 json={"lora_name": "a3", "lora_path": str(adapters["mlp"])})
             assert r.status_code == 200 and r.text == "Success: LoRA adapter 'a3' added successfully.", r.text
-            loaded = await client.completions.create(model="a3", prompt=prompt, max_tokens=8, temperature=0)
+            loaded = await client.completions.create(model="a3", prompt=prompt, max_tokens=N, temperature=0)
             r = await http.post(url + "/v1/unload_lora_adapter", headers=headers, json={"lora_name": "a1"})
             assert r.status_code == 200 and r.text == "Success: LoRA adapter 'a1' removed successfully.", r.text
             done = await asyncio.gather(*traffic)
@@ -108,11 +104,13 @@ def test_load_and_unload_under_traffic(server, adapters, default_model_dir, prom
             return loaded, done
 
     loaded, done = asyncio.run(asyncio.wait_for(go(), 600))
-    assert loaded.choices[0].text == _oracle_text(default_model_dir, tokenizer, adapters["mlp"], prompt, 8)
-    # the requests in flight on the unloaded adapter finished with it, as did the others
+    assert loaded.choices[0].text == _oracle_text(default_model_dir, tokenizer, adapters["mlp"], prompt, N)
+    # the requests in flight on the unloaded adapter finished with it (all 40 tokens, the first N
+    # peft's), as did the others
     for (text, finish), adapter in zip(done, (None, adapters["attn"], adapters["attn"], adapters["mlp"])):
         assert finish == "length"
-        assert text == _oracle_text(default_model_dir, tokenizer, adapter, prompt, 40)
+        assert text.startswith(_oracle_text(default_model_dir, tokenizer, adapter, prompt, N))
+    assert done[1] == done[2]
     assert {m.id for m in server.client().models.list().data} == {MODEL, "a2", "a3"}
 
 
@@ -152,3 +150,13 @@ def test_bad_adapter_at_startup_exits_with_its_reason(default_model_dir, tmp_pat
     malformed = subprocess.run([sys.executable, "-m", "quantserve.server", "serve", "--lora-modules", "just-a-name"],
                                capture_output=True, text=True, timeout=120)
     assert malformed.returncode == 2 and "is not NAME=PATH" in malformed.stderr
+
+
+def test_lora_modules_flag_forms():
+    from quantserve.server.config import Settings
+
+    s = Settings(lora_modules=["a=/x/a", '{"name": "b", "path": "/x/b", "base_model_name": "m"}'])
+    assert s.lora_pairs() == [("a", "/x/a"), ("b", "/x/b")]  # vLLM's two forms
+    for bad in (["a"], ["=/x"], ["a=/x", "a=/y"], ['{"name": "c"}'], ["{not json"]):
+        with pytest.raises(ValueError):
+            Settings(lora_modules=bad)
