@@ -188,7 +188,7 @@ def test_charts_follow_load_and_polling_stops_when_hidden(open_page, server):
     usages: list = []
 
     def one(i: int) -> None:
-        reply = server.client().completions.create(model=MODEL, prompt=f"Count from {i} to fifty:", max_tokens=24,
+        reply = server.client().completions.create(model=MODEL, prompt=f"Count from {i} to fifty:", max_tokens=16,
                                                    temperature=0)
         usages.append(reply.usage.completion_tokens)
 
@@ -287,3 +287,38 @@ def test_console_files_are_public_and_nothing_else_is():
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
         assert client.get("/console/../v1/models").status_code in (401, 404)
         assert client.get("/v1/models").status_code == 401
+
+
+@pytest.mark.slow
+def test_adapter_picker_chats_with_the_adapter(browser, default_model_dir, tmp_path):
+    """A LoRA adapter appears in the picker as one (its base as parent); picked, the chat goes to
+    it and the reply equals the openai client's for that adapter; charts and report stay the base's."""
+    from .lora_helpers import ATTENTION, make_adapter
+
+    adapter = make_adapter(default_model_dir, tmp_path / "attn", ATTENTION, seed=11)
+    srv = Server("--lora-modules", f"a1={adapter}")
+    try:
+        srv.wait_ready()
+        page = Page(browser, srv, API_KEY)
+        _ready(page)
+        options = page.js("[...document.querySelectorAll('#model option')].map((o) => [o.value, o.textContent])")
+        assert options == [[MODEL, MODEL], ["a1", f"a1 (LoRA adapter on {MODEL})"]]
+        page.page.select_option("#model", "a1")
+        page.page.fill("#temperature", "0")
+        page.page.fill("#max-tokens", "8")
+        page.page.fill("#prompt", "Hi")
+        with page.page.expect_request(lambda r: r.url.endswith("/v1/chat/completions")) as sent:
+            page.page.press("#prompt", "Enter")
+        assert sent.value.post_data_json["model"] == "a1"
+        page.page.wait_for_selector(".msg.assistant[data-done=true]")
+        expected = srv.client().chat.completions.create(
+            model="a1", messages=[{"role": "user", "content": "Hi"}], temperature=0, top_p=1, max_tokens=8)
+        assert page.js("document.querySelector('.msg.assistant .text').textContent") == \
+            expected.choices[0].message.content
+        # The tokens the adapter generated show on the base model's chart (its metrics label).
+        page.wait("window.quantserveConsole.live.charts.tokens.series[0].points.some((p) => p[1] > 0)")
+        page.wait("document.querySelectorAll('#quant-body tbody tr').length > 0")
+        assert page.errors == []
+        page.close()
+    finally:
+        assert srv.stop() == 0, srv.log.read_text()[-3000:]

@@ -7,7 +7,13 @@ import { Live } from "./live.js";
 import { QuantReport } from "./quant.js";
 
 const $ = (id) => document.getElementById(id);
+let cards = []; // /v1/models' data: the served models, and LoRA adapters with their base as `parent`
 const selectedModel = () => $("model").value;
+// Metrics, memory and the quantization report belong to the base model an adapter runs on.
+const selectedBase = () => {
+  const card = cards.find((c) => c.id === selectedModel());
+  return card ? card.parent || card.id : "";
+};
 
 function status(text, bad = false) {
   $("status").textContent = text;
@@ -31,7 +37,7 @@ function askForKey(err) {
 }
 
 const chat = new Chat({ model: selectedModel, onAuthError: askForKey });
-const live = new Live({ model: selectedModel, onAuthError: askForKey, onStatus: status });
+const live = new Live({ model: selectedBase, onAuthError: askForKey, onStatus: status });
 const quant = new QuantReport({ onAuthError: askForKey });
 let retry = null;
 
@@ -50,22 +56,23 @@ async function connect() {
   $("key-form").hidden = true;
   const picker = $("model");
   const previous = picker.value;
-  picker.replaceChildren(...models.data.map((card) => {
+  cards = models.data;
+  picker.replaceChildren(...cards.map((card) => {
     const option = document.createElement("option");
     option.value = card.id;
-    option.textContent = card.root && card.root !== card.id ? `${card.id} (adapter on ${card.root})` : card.id;
+    option.textContent = card.parent ? `${card.id} (LoRA adapter on ${card.parent})` : card.id;
     return option;
   }));
-  if (models.data.some((c) => c.id === previous)) picker.value = previous;
-  const card = models.data.find((c) => c.id === picker.value);
+  if (cards.some((c) => c.id === previous)) picker.value = previous;
+  const card = cards.find((c) => c.id === picker.value);
   status(card ? `ready · context ${card.max_model_len ?? "?"} tokens` : "no model served", !card);
   live.start();
-  if (card) quant.load(card.id);
+  if (card) quant.load(selectedBase());
 }
 
 $("model").addEventListener("change", () => {
   live.previous = null;
-  quant.load(selectedModel());
+  quant.load(selectedBase());
 });
 $("key-form").addEventListener("submit", (e) => {
   e.preventDefault();
