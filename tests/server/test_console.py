@@ -128,6 +128,29 @@ def test_page_loads_offline_without_console_errors(open_page, server):
     assert api_calls and all(r.headers.get("authorization") == f"Bearer {API_KEY}" for r in api_calls)
 
 
+def test_memory_panel_on_a_gpu_splits_the_device_and_keeps_the_host(open_page, server):
+    """A CPU machine cannot show the GPU branch for real: the server's own /v1/memory answer, with
+    one device entry added as a CUDA server reports it, is handed to the page instead."""
+    memory = httpx.get(server.url + "/v1/memory", headers=server.headers(), timeout=30).json()
+    gib = 2**30
+    memory["devices"] = [{"device": "cuda:0", "name": "NVIDIA H200", "total_bytes": 140 * gib,
+                          "free_bytes": 100 * gib, "allocated_bytes": 30 * gib, "reserved_bytes": 32 * gib,
+                          "peak_allocated_bytes": 31 * gib}]
+    weights = memory["models"][0]["weights"]["weight_bytes"]
+    kv_total = memory["models"][0]["kv_cache"]["bytes_total"]
+    page = open_page()
+    page.page.route("**/v1/memory", lambda route: route.fulfill(json=memory))
+    _ready(page)
+    page.wait("document.querySelectorAll('#memory .membar').length == 2")
+    titles = page.js("[...document.querySelectorAll('#memory .membar-title')].map((t) => t.textContent)")
+    assert titles[0].startswith("cuda:0 NVIDIA H200: 140.0 GiB total, 100.0 GiB free, 31.0 GiB peak allocated")
+    assert titles[1].startswith("host RSS:")
+    legend = page.js("document.querySelector('#memory .membar-legend').textContent")
+    rest = (30 * gib - weights - kv_total) / gib
+    assert f"weights {weights / 2**20:.1f} MiB" in legend and f"activations, workspace {rest:.1f} GiB" in legend
+    assert page.errors == []
+
+
 def test_chat_streams_the_greedy_reply_the_openai_client_gets(open_page, server):
     page = open_page()
     _ready(page)

@@ -37,7 +37,7 @@ function askForKey(err) {
 }
 
 const chat = new Chat({ model: selectedModel, onAuthError: askForKey });
-const live = new Live({ model: selectedBase, onAuthError: askForKey, onStatus: status });
+const live = new Live({ model: selectedBase, onAuthError: askForKey, onStatus: status, onRecover: () => connect() });
 const quant = new QuantReport({ onAuthError: askForKey });
 let retry = null;
 

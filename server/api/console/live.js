@@ -29,10 +29,12 @@ function total(samples, name, model) {
 }
 
 export class Live {
-  constructor({ model, onAuthError, onStatus }) {
-    this.model = model; // () => the selected model's id
+  constructor({ model, onAuthError, onStatus, onRecover }) {
+    this.model = model; // () => the base model whose figures to show
     this.onAuthError = onAuthError;
     this.onStatus = onStatus;
+    this.onRecover = onRecover; // called once polling succeeds again after a failure
+    this.failing = false;
     this.timer = null;
     this.previous = null;
     this.started = performance.now();
@@ -79,7 +81,12 @@ export class Live {
     } catch (err) {
       if (err.status === 401) this.onAuthError(err);
       else this.onStatus(`live figures unavailable: ${err.message}`, true);
+      this.failing = true;
       return;
+    }
+    if (this.failing) {
+      this.failing = false;
+      this.onRecover();
     }
     const t = (performance.now() - this.started) / 1000;
     const samples = parsePrometheus(text);
