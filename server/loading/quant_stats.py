@@ -9,8 +9,11 @@ passes through anyway) and the quantized parameter; `layer_stats` compares them:
 - bits_per_param: the bytes the layer's data actually takes (packed codes and their scales:
   absmax, nested absmax, or int8 rows and SCB) x 8 / weights.
 
-The dequantized weight is rebuilt a chunk of whole blocks (or rows) at a time, so the check adds
-at most CHUNK_ELEMENTS floats to the loader's peak memory. A prequantized checkpoint has no
+On CPU (float32) one kernel pass (kernels/cpu/quant_error.cpp) sums W^2 and (W - dequantized)^2
+without materializing the dequantized weight; a layer larger than SAMPLE_ELEMENTS is measured on
+every k-th block or row (`sampled_fraction` says how much; ||W|| and the RMS are then estimates
+from the same sample). Elsewhere the dequantized weight is rebuilt a chunk of whole blocks (or
+rows) at a time, so the check adds at most CHUNK_ELEMENTS floats to the loader's peak memory. A prequantized checkpoint has no
 original: its rel_error is None (unknown, not zero) and absmax / outliers describe the stored,
 dequantized weights (`has_original` says which).
 """
@@ -31,6 +34,10 @@ CHUNK_ELEMENTS = 1 << 20  # dequantized floats held at once (4 MiB in float32)
 # A group whose stored scale is at least this share of the threshold is read: double-quantized
 # absmax codes are within ~1% of the true absmax (8-bit dynamic map), float16 SCB within 0.05%.
 _MARGIN = 0.9
+# On CPU the error of a layer larger than this is measured on every k-th block (or row), evenly
+# spread, this many weights at least: a ratio estimate whose spread is ~0.5% of rel_error, at a
+# fraction of the cost of a pass over a large layer (measured: bench/quant_stats_cost.py).
+SAMPLE_ELEMENTS = 1 << 18
 _INV_127 = 7.874015718698502e-3  # the float32 reciprocal bitsandbytes multiplies int8 rows by
 
 
@@ -49,6 +56,7 @@ class LayerQuantStats:
     double_quant: bool = False
     blocksize: Optional[int] = None  # 4-bit only
     has_original: bool = True
+    sampled_fraction: float = 1.0  # share of the weights rel_error (and the RMS) was measured on
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -112,6 +120,28 @@ def _one_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def _sampled_elements(n: int, group: int, stride: int) -> int:
+    """Weights in every `stride`-th group of `group` (the last group may be short)."""
+    groups = -(-n // group)
+    picked = -(-groups // stride)
+    last = (picked - 1) * stride  # index of the last group visited
+    return (picked - 1) * group + min(group, n - last * group)
+
+
+def _native_sums(param: Any, flat: torch.Tensor, scales: torch.Tensor, stride: int) -> Optional[tuple[float, float]]:
+    """(sum W^2, sum (W - dequantized)^2) over every `stride`-th block (4-bit) or row (int8), from
+    the CPU kernel; None where it does not apply."""
+    if flat.device.type != "cpu" or flat.dtype != torch.float32:
+        return None
+    from quantserve.kernels.cpu import quant_error
+
+    state = getattr(param, "quant_state", None)
+    if state is not None:
+        packed = param.data.reshape(-1).view(torch.uint8)
+        return quant_error.error_4bit(flat.contiguous(), packed, scales.contiguous(), state.code, state.blocksize, stride)
+    return quant_error.error_int8(flat.reshape(param.data.shape).contiguous(), param.data, param.SCB, stride)
+
+
 def _tail_stats(flat: torch.Tensor, scales: torch.Tensor, group: int, threshold: float) -> tuple[float, int]:
     """(max |w|, count of |w| > threshold) of the original weights, read only where they can be:
     in the groups (4-bit blocks, int8 rows) whose scale -- their absmax, as quantizing computed it;
@@ -158,13 +188,27 @@ def _layer_stats(name: str, param: Any, original: Optional[torch.Tensor]) -> Lay
             flat = original.detach().reshape(-1)
             if flat.numel() != n:
                 raise ValueError(f"{name}: original has {flat.numel()} elements, the quantized weight {n}")
-            # Four passes over memory the loader has just touched: ||W||, dequantize, subtract, norm
-            # (float32 sums within a chunk, which torch sums pairwise; Python floats across chunks).
-            sum_sq = float(torch.linalg.vector_norm(flat, dtype=torch.float32)) ** 2
+            stride = max(1, n // SAMPLE_ELEMENTS)  # groups (blocks or rows) apart: n / stride weights measured
+            if state is not None and shape[1] % group == 0:
+                # blocks tile rows: a stride sharing a factor with the blocks per row would visit
+                # the same columns in every row (columns often differ in scale)
+                while math.gcd(stride, shape[1] // group) != 1:
+                    stride -= 1
+            sums = _native_sums(param, flat, scales, stride)
+            if sums is not None:  # one pass over the original and the codes (kernels/cpu/quant_error.cpp)
+                sum_sq, err_sq = sums
+                sampled = _sampled_elements(n, group, stride)
+                sum_sq *= n / sampled  # the whole layer's ||W||^2, estimated from the sample
+                err_sq *= n / sampled
+            else:
+                # Four passes: ||W||, dequantize, subtract, norm (float32 sums within a chunk, which
+                # torch sums pairwise; Python floats across chunks).
+                sum_sq = float(torch.linalg.vector_norm(flat, dtype=torch.float32)) ** 2
+                err_sq = 0.0
+                for start, end, deq in chunks:
+                    err_sq += float(torch.linalg.vector_norm(deq.sub_(flat[start:end]), dtype=torch.float32)) ** 2
+                sampled = n
             threshold = OUTLIER_RMS * math.sqrt(sum_sq / n)
-            err_sq = 0.0
-            for start, end, deq in chunks:
-                err_sq += float(torch.linalg.vector_norm(deq.sub_(flat[start:end]), dtype=torch.float32)) ** 2
             rel_error = math.sqrt(err_sq / sum_sq) if sum_sq > 0 else 0.0
             absmax, outliers = _tail_stats(flat, scales, group, threshold)
         else:  # the stored weights are all there is: two passes over them, never all at once
@@ -175,11 +219,11 @@ def _layer_stats(name: str, param: Any, original: Optional[torch.Tensor]) -> Lay
             threshold = OUTLIER_RMS * math.sqrt(sum_sq / n)
             _, chunks = _chunks_4bit(param) if state is not None else _chunks_int8(param)
             outliers = sum(int(torch.count_nonzero(deq.abs_() > threshold)) for _, _, deq in chunks)
-            rel_error = None
+            rel_error, sampled = None, n
     return LayerQuantStats(
         name=name, format=fmt, shape=shape, bits_per_param=8 * stored / n, rel_error=rel_error,
         absmax=absmax, outlier_fraction=outliers / n, frobenius_norm=math.sqrt(sum_sq), double_quant=dq, blocksize=bs,
-        has_original=original is not None,
+        has_original=original is not None, sampled_fraction=sampled / n,
     )
 
 
@@ -204,6 +248,8 @@ def summarize(stats: list[LayerQuantStats], seconds: float = 0.0) -> dict[str, A
         "absmax_max": max((s.absmax for s in stats), default=None),
         "outlier_fraction_mean": sum(s.outlier_fraction for s in stats) / len(stats) if stats else None,
         "outlier_threshold_rms": OUTLIER_RMS,
+        "error_sampled_fraction": sum(s.sampled_fraction * s.shape[0] * s.shape[1] for s in known) / sum(
+            s.shape[0] * s.shape[1] for s in known) if known else None,
         "stats_seconds": round(seconds, 4),
     }
     norms_sq = sum(s.frobenius_norm**2 for s in known)
