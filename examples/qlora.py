@@ -27,11 +27,14 @@ DEFAULT_DATA = Path(__file__).with_name("data") / "qlora_facts.jsonl"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None,
-                        help="base model: a folder, a .gguf file or a Hub id (default: the built-in SmolLM2-135M-Instruct)")
+                        help="base model: a folder, a .gguf file or a Hub id "
+                             "(default: the built-in SmolLM2-135M-Instruct)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                        help="JSON lines with 'instruction' and 'answer' (default: the shipped examples/data/qlora_facts.jsonl)")
+                        help="JSON lines with 'instruction' and 'answer' "
+                             "(default: the shipped examples/data/qlora_facts.jsonl)")
     parser.add_argument("--out", type=Path, default=Path("qlora-adapter"), help="where the adapter is saved")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -64,7 +67,8 @@ def load_pairs(path: Path) -> list[tuple[str, str]]:
         if not line.strip():
             continue
         row = json.loads(line)
-        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or not isinstance(row.get("answer"), str):
+        if not (isinstance(row, dict) and isinstance(row.get("instruction"), str)
+                and isinstance(row.get("answer"), str)):
             raise ValueError(f"{path}:{number}: expected an object with string 'instruction' and 'answer'")
         pairs.append((row["instruction"], row["answer"]))
     if not pairs:

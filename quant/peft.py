@@ -52,13 +52,13 @@ class LoraLinear4bit(torch.nn.Module, LoraLayer):
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         return (self.lora_B[adapter].weight @ self.lora_A[adapter].weight) * self.scaling[adapter]
 
-    def _requantize(self, update) -> None:
-        # Merging changes the weight: dequantize, apply the float update, quantize again with the
+    def _requantize(self, delta: torch.Tensor) -> None:
+        # Merging changes the weight: dequantize, add the float delta, quantize again with the
         # same settings (a rounding step, as in peft's bitsandbytes layer, so merged outputs differ
         # slightly from unmerged ones).
         base = self.get_base_layer()
         weight = base.weight
-        dense = update(dequantize_4bit(weight, weight.quant_state, torch.float32))
+        dense = dequantize_4bit(weight, weight.quant_state, torch.float32) + delta
         if not torch.isfinite(dense).all():
             raise ValueError("non-finite values in the merged weight: the adapter is broken")
         dense = dense.to(weight.quant_state.dtype)
@@ -70,8 +70,7 @@ class LoraLinear4bit(torch.nn.Module, LoraLayer):
             if adapter not in self.lora_A:
                 continue
             warnings.warn("merging LoRA into a 4-bit weight requantizes it: outputs change by its rounding")
-            delta = self.get_delta_weight(adapter).detach().float()
-            self._requantize(lambda w: w + delta)
+            self._requantize(self.get_delta_weight(adapter).detach().float())
             if self.lora_bias[adapter]:
                 self.get_base_layer().bias.data += self.lora_B[adapter].bias.detach() * self.scaling[adapter]
             self.merged_adapters.append(adapter)
@@ -84,8 +83,7 @@ class LoraLinear4bit(torch.nn.Module, LoraLayer):
             adapter = self.merged_adapters.pop()
             if adapter not in self.lora_A:
                 continue
-            delta = self.get_delta_weight(adapter).detach().float()
-            self._requantize(lambda w: w - delta)
+            self._requantize(-self.get_delta_weight(adapter).detach().float())
             if self.lora_bias[adapter]:
                 self.get_base_layer().bias.data -= self.lora_B[adapter].bias.detach() * self.scaling[adapter]
 

@@ -60,8 +60,9 @@ def prepare_model_for_kbit_training(
     enable_input_require_grads(model)
     if use_gradient_checkpointing:
         if not hasattr(model, "gradient_checkpointing_enable"):
-            raise ValueError("gradient checkpointing needs a model with gradient_checkpointing_enable() (transformers)")
-        kwargs = {"use_reentrant": True} if gradient_checkpointing_kwargs is None else dict(gradient_checkpointing_kwargs)
+            raise ValueError("gradient checkpointing needs a model with gradient_checkpointing_enable() "
+                             "(transformers)")
+        kwargs = dict(gradient_checkpointing_kwargs or {"use_reentrant": True})
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "use_cache"):

@@ -98,8 +98,10 @@ def _layer_pair(bnb, quant_type="nf4", double_quant=True, bias=True):
     )
     theirs = bnb.nn.Linear4bit(256, 128, bias=bias, compute_dtype=torch.float32, quant_type=quant_type,
                                compress_statistics=double_quant)
-    theirs.weight = bnb.nn.Params4bit(ours.weight.data.clone(), requires_grad=False, quant_state=_bnb_state(bnb, ours.quant_state),
-                                      bnb_quantized=True, quant_type=quant_type, compress_statistics=double_quant)
+    theirs.weight = bnb.nn.Params4bit(
+        ours.weight.data.clone(), requires_grad=False, quant_state=_bnb_state(bnb, ours.quant_state),
+        bnb_quantized=True, quant_type=quant_type, compress_statistics=double_quant,
+    )
     if bias:
         theirs.bias = nn.Parameter(linear.bias.detach().clone())
     return ours.train(), theirs.train()
@@ -133,7 +135,7 @@ class _Block(nn.Module):
 
 def _blocks(bnb):
     torch.manual_seed(1)
-    up, up_ref = _layer_pair(bnb)
+    up, _ = _layer_pair(bnb)
     down_lin = nn.Linear(128, 256)
     down = Linear4bit.from_linear(down_lin, quant.QuantConfig(bnb_4bit_compute_dtype=torch.float32))
     return _Block(up, down), up, down
