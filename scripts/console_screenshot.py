@@ -38,7 +38,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
+            raise SystemExit(f"the server exited with {proc.returncode} (its log: {tempfile.gettempdir()})")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return
@@ -74,9 +74,10 @@ def main() -> None:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = tempfile.NamedTemporaryFile(prefix="quantserve-console-", suffix=".log", delete=False)
-    proc = subprocess.Popen([sys.executable, "-m", "quantserve.server", "serve", "--port", str(port),
-                             "--kv-cache-memory", "0.25"], stdout=log, stderr=subprocess.STDOUT)
+    log = Path(tempfile.gettempdir()) / f"quantserve-console-{port}.log"  # the server's output, if it fails
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "quantserve.server", "serve", "--port", str(port),
+                                 "--kv-cache-memory", "0.25"], stdout=out, stderr=subprocess.STDOUT)
     stop = threading.Event()
     try:
         wait_ready(url, proc)

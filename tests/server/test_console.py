@@ -8,6 +8,7 @@ pixels of the chart's canvas."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -181,7 +182,7 @@ def test_chat_streams_the_greedy_reply_the_openai_client_gets(open_page, server)
     # It arrived in pieces, each one extending the last.
     assert len(snapshots) >= 3, snapshots
     assert snapshots[-1] == final
-    assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(snapshots, snapshots[1:])), snapshots
+    assert all(b.startswith(a) and len(b) > len(a) for a, b in itertools.pairwise(snapshots)), snapshots
     assert "finish: length" in page.js("document.querySelector('.msg.assistant .stats').textContent")
     assert page.errors == []
 
@@ -199,6 +200,25 @@ def test_json_mode_sends_response_format_and_the_reply_is_json(open_page):
     page.page.wait_for_selector(".msg.assistant[data-done=true]")
     # Three tokens of a JSON object: it opens with a brace (the model unconstrained starts with words).
     assert page.js("document.querySelector('.msg.assistant .text').textContent").lstrip().startswith("{")
+    assert page.errors == []
+
+
+def test_stop_aborts_the_stream_and_the_server_frees_it(open_page, server):
+    page = open_page()
+    _ready(page)
+    page.page.fill("#max-tokens", "400")
+    page.page.fill("#prompt", "Tell me a long story about a lighthouse.")
+    page.page.click("#send")
+    page.wait("(document.querySelector('.msg.assistant .text') || {}).textContent?.length > 0")
+    page.page.click("#stop")
+    page.page.wait_for_selector(".msg.assistant[data-done=true]")
+    assert "finish: stopped" in page.js("document.querySelector('.msg.assistant .stats').textContent")
+    assert page.page.is_enabled("#send") and page.page.is_disabled("#stop")
+    # The server saw the client go: nothing left running, no KV block held (its own /metrics).
+    deadline = time.time() + 60
+    while server.metric("vllm:num_requests_running") or server.metric("vllm:kv_cache_usage_perc"):
+        assert time.time() < deadline, "the stopped request still holds the engine"
+        time.sleep(0.2)
     assert page.errors == []
 
 
@@ -227,7 +247,10 @@ def test_charts_follow_load_and_polling_stops_when_hidden(open_page, server):
         for t in threads:
             t.join()
     assert len(usages) == 3
-    # Finished requests bring latency samples (TTFT and inter-token, in ms) in a later poll.
+    # Two more polls: one under way may have scraped before the last token.
+    polls = page.js("window.quantserveConsole.live.charts.tokens.updates")
+    page.wait(f"window.quantserveConsole.live.charts.tokens.updates >= {polls + 2}")
+    # Finished requests brought latency samples (TTFT and inter-token, in ms).
     page.wait("window.quantserveConsole.live.charts.latency.series.every((s) => s.points.some((p) => p[1] > 0))")
     assert page.js("document.querySelector('#chart-tokens').toDataURL()") != before
     # The tokens/s line, integrated over the seconds since the load began, is the tokens the
@@ -287,7 +310,6 @@ def test_api_key_flow_shows_the_401_then_works(open_page, server):
 def test_console_files_are_public_and_nothing_else_is():
     """The key check lets the console's files through and nothing beside them (in-process, no model)."""
     from fastapi.testclient import TestClient
-
     from quantserve.server.api.app import create_app
     from quantserve.server.config import Settings
 
