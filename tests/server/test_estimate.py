@@ -114,3 +114,25 @@ def test_cli_estimate(family_folders, capsys):
     assert "verdict     does not fit" in text and "GiB free" in text
     assert main(["estimate", folder, "--max-model-len", "ten"]) == 1
     assert "must be a number of tokens or 'auto'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--double-quant"], ["--quant", "int8"]])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # native path; transformers path with Conv1D weights
+def test_estimate_of_a_prequantized_checkpoint(tmp_path, arch, flags, monkeypatch):
+    """Prequantized layers take their stored bytes (from the headers); the rest as loaded."""
+    from quantserve.server.cli import main
+
+    from .loader_helpers import save_tiny
+
+    folder = tmp_path / "q"
+    assert main(["quantize", str(save_tiny(arch, tmp_path / arch)), str(folder), "--no-progress", *flags]) == 0
+    q = quant.QuantConfig(load_in_8bit=True) if "int8" in flags else quant.QuantConfig()
+    with monkeypatch.context() as m:
+        _no_weight_reads(m)
+        est = estimate_memory(EstimateRequest(model=str(folder), quant=q, kv_cache_memory_gib=KV_GIB))
+    result = load_model(LoadConfig(str(folder), quant=q, progress=False))
+    engine = AsyncEngine(result.model, result.tokenizer, EngineConfig(kv_cache_memory_gib=KV_GIB))
+    measured = model_memory(ServedModel("m", engine, result.tokenizer, engine.max_model_len, load_report=result.report))
+    assert est.quant.endswith("(prequantized)") and est.quantized_layers == len(result.report.quantized)
+    assert est.weight_bytes == pytest.approx(measured["weights"]["weight_bytes"], rel=0.05)
+    assert est.kv_cache_bytes == measured["kv_cache"]["bytes_total"]
