@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from .engine.helpers import make_prompts
-from .lora_helpers import peft_greedy
+from .lora_helpers import check_greedy
 from .test_api_server import Server
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -44,12 +44,16 @@ def prompt_ids(default_model_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
-    return tokenizer, make_prompts(tokenizer, 2)[1]  # a story slice, as token ids
+    return tokenizer, make_prompts(tokenizer, 1)[0]  # the engine tests' chat prompt, as token ids
 
 
-def _oracle_text(default_model_dir, tokenizer, adapter, prompt, n):
+def _check(default_model_dir, tokenizer, adapter, prompt, choice) -> str:
+    """The answer's tokens (its text re-encoded) are peft's greedy continuation of the prompt."""
     torch.set_float32_matmul_precision("highest")  # as the server above
-    return tokenizer.decode(peft_greedy(default_model_dir, adapter, prompt, n))
+    ids = tokenizer.encode(choice.text, add_special_tokens=False)
+    assert tokenizer.decode(ids) == choice.text
+    assert len(check_greedy(default_model_dir, adapter, prompt, ids)) <= 1
+    return choice.text
 
 
 def test_models_list_adapters_with_parent_and_root(server, adapters):
@@ -64,10 +68,12 @@ def test_models_list_adapters_with_parent_and_root(server, adapters):
 def test_model_name_picks_the_adapter(server, adapters, default_model_dir, prompt_ids):
     tokenizer, prompt = prompt_ids
     client = server.client()
+    texts = {}
     for model, adapter in ((MODEL, None), ("a1", adapters["attn"]), ("a2", adapters["mlp"])):
         resp = client.completions.create(model=model, prompt=prompt, max_tokens=N, temperature=0)
         assert resp.model == model
-        assert resp.choices[0].text == _oracle_text(default_model_dir, tokenizer, adapter, prompt, N), model
+        texts[model] = _check(default_model_dir, tokenizer, adapter, prompt, resp.choices[0])
+    assert texts["a1"] != texts[MODEL] or texts["a2"] != texts[MODEL]
     chat = client.chat.completions.create(model="a1", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     assert chat.model == "a1" and chat.choices[0].message.content
     with pytest.raises(openai.NotFoundError) as info:
@@ -82,10 +88,15 @@ def test_load_and_unload_under_traffic(server, adapters, default_model_dir, prom
     async def stream(client, model, n):
         text, finish = "", None
         async for chunk in await client.completions.create(model=model, prompt=prompt, max_tokens=n, temperature=0,
-                                                           stream=True):
+                                                           stream=True, extra_body={"ignore_eos": True}):
             text += chunk.choices[0].text if chunk.choices else ""
             finish = (chunk.choices[0].finish_reason if chunk.choices else None) or finish
         return text, finish
+
+    expected = {}  # each model's first N tokens, checked against peft
+    for model, adapter in ((MODEL, None), ("a1", adapters["attn"]), ("a2", adapters["mlp"])):
+        resp = server.client().completions.create(model=model, prompt=prompt, max_tokens=N, temperature=0)
+        expected[model] = _check(default_model_dir, tokenizer, adapter, prompt, resp.choices[0])
 
     async def go():
         client = server.async_client()
@@ -104,12 +115,13 @@ def test_load_and_unload_under_traffic(server, adapters, default_model_dir, prom
             return loaded, done
 
     loaded, done = asyncio.run(asyncio.wait_for(go(), 600))
-    assert loaded.choices[0].text == _oracle_text(default_model_dir, tokenizer, adapters["mlp"], prompt, N)
+    assert loaded.choices[0].text == _check(default_model_dir, tokenizer, adapters["mlp"], prompt, loaded.choices[0])
+    assert loaded.choices[0].text == expected["a2"]  # the same weights under another name
     # the requests in flight on the unloaded adapter finished with it (all 40 tokens, the first N
-    # peft's), as did the others
-    for (text, finish), adapter in zip(done, (None, adapters["attn"], adapters["attn"], adapters["mlp"])):
+    # as checked above), as did the others
+    for (text, finish), model in zip(done, (MODEL, "a1", "a1", "a2")):
         assert finish == "length"
-        assert text.startswith(_oracle_text(default_model_dir, tokenizer, adapter, prompt, N))
+        assert text.startswith(expected[model]), model
     assert done[1] == done[2]
     assert {m.id for m in server.client().models.list().data} == {MODEL, "a2", "a3"}
 

@@ -16,10 +16,9 @@ from safetensors.torch import load_file, save_file
 from quantserve.server.engine import InvalidRequestError, SamplingParams
 from quantserve.server.engine.lora import AdapterError, AdapterNotFoundError
 
-from ..lora_helpers import peft_greedy, peft_model
+from ..lora_helpers import check_greedy
 from .conftest import run
 from .helpers import Result, assert_blocks_all_free, make_prompts, started
-from .test_engine_exact import compare
 
 MAX_NEW = 12  # the real-server tests ask for as many: peft's outputs are computed once
 
@@ -57,41 +56,41 @@ async def _mixed(model, tokenizer, adapters, prompts, names, **config):
 
 
 def _check_against_peft(smollm_folder, adapters, prompts, names, results):
-    got, want, refs_prompts, models = [], [], [], []
-    for i, p in enumerate(prompts):
+    """Each request's tokens are peft's greedy continuation (check_greedy: one teacher-forced
+    forward per request); at most one accepted near-tie in all. Returns the tokens."""
+    got, notes = [], []
+    for p in prompts:
         for name in names:
-            path = None if name is None else adapters[name]
-            got.append(results.pop(0).token_ids[0])
-            want.append(peft_greedy(smollm_folder, path, p, MAX_NEW))
-            refs_prompts.append(p)
-            models.append(peft_model(smollm_folder, path))
-    notes = []
-    for g, w, p, m in zip(got, want, refs_prompts, models):
-        notes += compare(m, [p], [g], [w])
+            result = results.pop(0)
+            tokens = result.token_ids[0]
+            notes += check_greedy(smollm_folder, None if name is None else adapters[name], p, tokens)
+            # ended by EOS, or by max_tokens
+            assert result.finish_reason[0] == ("length" if len(tokens) == MAX_NEW else "stop")
+            got.append(tokens)
     for note in notes:
         warnings.warn(note)
     assert len(notes) <= 1, notes
-    return got, want
+    return got
 
 
 def test_mixed_batch_matches_peft(smollm, smollm_folder, adapters):
     """Base + 3 adapters (attention, MLP, all with rslora) in the same steps: each request equals
     peft's greedy output for its adapter alone; every adapter changes the base's output."""
     model, tokenizer = smollm
-    prompts = make_prompts(tokenizer, 2)
+    prompts = make_prompts(tokenizer, 1)  # a chat prompt (peft's reference generations are what takes time)
     names = [None, "attn", "mlp", "all"]
     results, stats = run(_mixed(model, tokenizer, adapters, prompts, names, max_num_seqs=8, max_num_batched_tokens=512,
                                 num_kv_blocks=128, max_loras=4))
-    got, want = _check_against_peft(smollm_folder, adapters, prompts, names, results)
+    got = _check_against_peft(smollm_folder, adapters, prompts, names, results)
     for j in (1, 2, 3):  # the test means something: each adapter changes what the base says
-        assert any(want[i * 4 + j] != want[i * 4] for i in range(len(prompts))), names[j]
+        assert any(got[i * 4 + j] != got[i * 4] for i in range(len(prompts))), names[j]
 
 
 def test_max_loras_one_runs_adapters_in_turn(smollm, smollm_folder, adapters):
     """With --max-loras 1, requests for three adapters and the base all finish (the others wait in
     the queue), still equal to peft's outputs."""
     model, tokenizer = smollm
-    prompts = make_prompts(tokenizer, 2)  # the same as above: peft's outputs are computed once
+    prompts = make_prompts(tokenizer, 1)  # the same as above: peft's outputs are computed once
     names = ["attn", None, "mlp", "all"]
     results, _ = run(_mixed(model, tokenizer, adapters, prompts, names, max_num_seqs=8, num_kv_blocks=128,
                             max_loras=1))
@@ -100,7 +99,7 @@ def test_max_loras_one_runs_adapters_in_turn(smollm, smollm_folder, adapters):
 
 def test_prefix_cache_never_crosses_adapters(smollm, smollm_folder, adapters):
     model, tokenizer = smollm
-    prompt = make_prompts(tokenizer, 2)[0]  # a chat prompt of several blocks (as in the tests above)
+    prompt = make_prompts(tokenizer, 1)[0]  # a chat prompt of several blocks (as in the tests above)
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0)
 
     async def go():
@@ -126,7 +125,8 @@ def test_prefix_cache_never_crosses_adapters(smollm, smollm_folder, adapters):
     assert other.num_cached_tokens == 0 and base.num_cached_tokens == 0
     assert again.num_cached_tokens == (len(prompt) - 1) // 16 * 16
     assert renamed.num_cached_tokens == 0
-    assert other.token_ids[0] == renamed.token_ids[0] == peft_greedy(smollm_folder, adapters["mlp"], prompt, MAX_NEW)
+    assert other.token_ids[0] == renamed.token_ids[0]
+    assert len(check_greedy(smollm_folder, adapters["mlp"], prompt, other.token_ids[0])) <= 1
 
 
 def _rewrite(src, dst, config=None, tensors=None):
