@@ -34,6 +34,19 @@ def make_adapter(base_folder: Path, out: Path, targets: list[str], seed: int, r:
 
 
 @functools.lru_cache(maxsize=None)
+def bnb_peft_model(base_folder: Path, adapter: Path):
+    """transformers + bitsandbytes NF4 (its float32 dequantize-and-matmul path) with the adapter
+    applied by peft's bitsandbytes LoRA layers: the reference QLoRA users run."""
+    from peft import PeftModel
+
+    import quantserve.quant as quant
+
+    from .loader_helpers import bnb_reference
+
+    return PeftModel.from_pretrained(bnb_reference(base_folder, quant.QuantConfig()), adapter).eval()
+
+
+@functools.lru_cache(maxsize=None)
 def peft_model(base_folder: Path, adapter: Path | None):
     """transformers with quant's NF4 layers (as the engine tests' reference), the adapter applied by
     peft's own LoRA layers (never merged). adapter None: the base alone."""
@@ -53,18 +66,20 @@ def peft_model(base_folder: Path, adapter: Path | None):
 NEAR_TIE = {"highest": 1e-3, "high": 1e-3, "medium": 0.25}
 
 
-def check_greedy(base_folder: Path, adapter: Path | None, prompt: list[int], tokens: list[int]) -> list[str]:
+def check_greedy(base_folder: Path, adapter: Path | None, prompt: list[int], tokens: list[int],
+                 bitsandbytes: bool = False) -> list[str]:
     """Check that `tokens` are the greedy continuation of `prompt` per peft's model (teacher
     forcing: one forward over prompt + tokens, each token the argmax of the logits before it, or
     second at a near-tie). Much cheaper than generating the reference token by token. Returns notes
-    on accepted near-ties; fails on anything else."""
-    return list(_check_greedy(base_folder, adapter, tuple(prompt), tuple(tokens), torch.get_float32_matmul_precision()))
+    on accepted near-ties; fails on anything else. bitsandbytes: against bnb_peft_model instead."""
+    return list(_check_greedy(base_folder, adapter, tuple(prompt), tuple(tokens), torch.get_float32_matmul_precision(),
+                              bitsandbytes))
 
 
 @functools.lru_cache(maxsize=None)
 def _check_greedy(base_folder: Path, adapter: Path | None, prompt: tuple[int, ...], tokens: tuple[int, ...],
-                  precision: str) -> tuple[str, ...]:
-    model = peft_model(base_folder, adapter)
+                  precision: str, bitsandbytes: bool) -> tuple[str, ...]:
+    model = bnb_peft_model(base_folder, adapter) if bitsandbytes else peft_model(base_folder, adapter)
     ids = torch.tensor([list(prompt) + list(tokens)])
     with torch.inference_mode():
         logits = model(ids).logits[0, len(prompt) - 1 : len(prompt) + len(tokens) - 1].float()

@@ -86,6 +86,20 @@ def test_mixed_batch_matches_peft(smollm, smollm_folder, adapters):
         assert any(got[i * 4 + j] != got[i * 4] for i in range(len(prompts))), names[j]
 
 
+@pytest.mark.slow
+def test_adapters_match_peft_on_bitsandbytes(smollm, smollm_folder, adapters):
+    """The same engine outputs against peft on transformers + bitsandbytes NF4 (bitsandbytes'
+    Linear4bit under peft's own bitsandbytes LoRA layers)."""
+    model, tokenizer = smollm
+    prompts = make_prompts(tokenizer, 1)
+    names = ["attn", "mlp", "all"]
+    results, _ = run(_mixed(model, tokenizer, adapters, prompts, names, max_num_seqs=8, num_kv_blocks=128))
+    notes = []
+    for name, result in zip(names, results):
+        notes += check_greedy(smollm_folder, adapters[name], prompts[0], result.token_ids[0], bitsandbytes=True)
+    assert len(notes) <= 1, notes
+
+
 def test_max_loras_one_runs_adapters_in_turn(smollm, smollm_folder, adapters):
     """With --max-loras 1, requests for three adapters and the base all finish (the others wait in
     the queue), still equal to peft's outputs."""
