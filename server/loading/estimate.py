@@ -15,7 +15,8 @@ loader and the engine compute them:
 - KV cache: 2 x layers x KV heads x head dim x dtype bytes per token, in blocks; the engine's own
   budget rule (--kv-cache-memory, else 1 GiB on CPU, else a share of the free GPU memory).
 - activations: the engine's reserve for one step's activations and logits.
-- loading peak: the final weights plus the loader's transient copies of the largest tensor.
+- loading peak: the checkpoint walked in the loader's reading order, what is placed so far plus
+  the transient copies of the tensor in hand.
 """
 
 from __future__ import annotations
@@ -253,7 +254,10 @@ def estimate_memory(request: EstimateRequest) -> MemoryEstimate:
     # the read buffer, its cast to the load dtype (none when it is stored in it), and the chunk
     # quant_stats dequantizes while it measures
     transient = big_bytes + (big_numel * elem if big_dtype != dtype else 0) + _STATS_CHUNK_BYTES
-    loading_peak = weight_bytes + transient
+    loading_peak = weight_bytes + transient  # an upper bound; the walk below replaces it when it can
+    if entries and not streamer.prequantized:
+        loading_peak = _loading_peak(entries, files, streamer, quantized_weights, quant, native, elem, half,
+                                     weight_bytes)
 
     serving = weight_bytes + blocks * bytes_per_block + reserve
     problems = []
@@ -289,6 +293,42 @@ def estimate_memory(request: EstimateRequest) -> MemoryEstimate:
         activation_reserve_bytes=reserve, loading_peak_bytes=loading_peak, serving_bytes=serving,
         device_free_bytes=free, fits=fits, largest_context=largest, verdict=verdict, problems=problems,
     )
+
+
+def _loading_peak(entries: dict, files: list, streamer: Any, quantized_weights: set, quant: Any, native: bool,
+                  elem: int, half: int, weight_bytes: int) -> int:
+    """The loader's peak, walking the checkpoint in its reading order (files in order, tensors by
+    offset): what is placed so far, plus the tensor in hand -- its read buffer, its cast to the
+    load dtype when stored in another, what it becomes, and the measurement's chunk. The weights
+    that are not in the checkpoint's tensors (buffers, a double-quantized absmax decoded later)
+    count from the start."""
+    order = sorted(entries, key=lambda k: (files.index(entries[k].path), entries[k].offset))
+    placed_total = 0
+    placed: set[str] = set()
+    peak = 0
+    for key in order:
+        entry = entries[key]
+        target = streamer.model_name(key)
+        if target is None or target in placed:
+            continue
+        group = streamer.tied.get(target, [target])
+        placed.update(group)
+        numel = math.prod(entry.shape)
+        if target in quantized_weights:
+            shape = (entry.shape[0], numel // entry.shape[0]) if entry.shape else (1, 1)
+            final = _quantized_bytes(shape, quant, native)
+            cast = numel * elem if entry.dtype != streamer.dtype else 0  # quantized from the load dtype
+            in_hand = entry.nbytes + cast + final + _STATS_CHUNK_BYTES
+        else:
+            sixteen = target in streamer.sixteen_bit or any(n in streamer.sixteen_bit for n in group)
+            size = half if sixteen else (elem if entry.dtype.is_floating_point else entry.dtype.itemsize)
+            final = numel * size
+            # cast straight to its dtype; stored in it already, the read buffer is kept as is
+            in_hand = entry.nbytes + (final if entry.nbytes != final or not entry.dtype.is_floating_point
+                                      or entry.dtype.itemsize != size else 0)
+        peak = max(peak, placed_total + in_hand)
+        placed_total += final
+    return max(peak, weight_bytes) + max(0, weight_bytes - placed_total)
 
 
 def _prequantized_parts(entries: dict, model: Any, streamer: Any, dtype: torch.dtype, half: int) -> dict[str, int]:
@@ -398,7 +438,7 @@ def format_estimate(est: MemoryEstimate) -> str:
         f"settings    max_model_len {est.max_model_len:,} (model: {est.model_max_len:,}) x max_num_seqs "
         f"{est.max_num_seqs}: {_gib(est.kv_bytes_for_settings)} of KV at full length",
         f"activations {_gib(est.activation_reserve_bytes)} reserved for one step",
-        f"loading     peak {_gib(est.loading_peak_bytes)} (the weights plus transient copies of the largest tensor)",
+        f"loading     peak {_gib(est.loading_peak_bytes)} (placed weights + the tensor in hand, in reading order)",
         f"serving     {_gib(est.serving_bytes)} (weights + KV cache + activations); free on {est.device}: "
         f"{_gib(est.device_free_bytes)}",
         f"context     longest that fits beside the weights: {est.largest_context:,} tokens",

@@ -136,3 +136,44 @@ def test_estimate_of_a_prequantized_checkpoint(tmp_path, arch, flags, monkeypatc
     assert est.quant.endswith("(prequantized)") and est.quantized_layers == len(result.report.quantized)
     assert est.weight_bytes == pytest.approx(measured["weights"]["weight_bytes"], rel=0.05)
     assert est.kv_cache_bytes == measured["kv_cache"]["bytes_total"]
+
+
+PEAK_SCRIPT = """
+import json, sys
+import quantserve.quant as quant
+from quantserve.server.loading.loader import LoadConfig, load_model
+from quantserve.kernels.cpu import load as load_quant_kernels, quant_error
+from quantserve.server.loading.estimate import EstimateRequest, estimate_memory
+from quantserve.server.loading.peak_memory import release_free_memory
+q = quant.QuantConfig(load_in_8bit=True) if sys.argv[2] == "int8" else quant.QuantConfig()
+# warm: the model's code imported and built once on the meta device, native kernels mapped (not weights)
+estimate_memory(EstimateRequest(model=sys.argv[1], quant=q))
+load_quant_kernels(); quant_error.load()
+release_free_memory()
+report = load_model(LoadConfig(sys.argv[1], quant=q, progress=False)).report
+print(json.dumps({"peak": report.peak_rss - report.rss_before, "lifetime": report.peak_rss_is_lifetime}))
+"""
+
+
+@pytest.mark.parametrize("setting", ["nf4", "int8"])
+def test_loading_peak_matches_a_measured_load(tmp_path, setting):
+    """The loading peak, walked in the checkpoint's reading order, against the resident-set growth
+    of a real load in a fresh process (a bf16 checkpoint loaded in float32; RSS has allocator
+    slack, hence 15%)."""
+    import subprocess
+    import sys
+
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=16000, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                                      num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False)
+    transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    est = estimate_memory(EstimateRequest(model=str(tmp_path / "m"), quant=QUANTS[setting]))
+    done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path / "m"), setting], capture_output=True,
+                          text=True, timeout=300, check=True)
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    if measured["lifetime"]:
+        pytest.skip("this kernel cannot reset the peak RSS: only the process's lifetime peak is known")
+    assert est.loading_peak_bytes == pytest.approx(measured["peak"], rel=0.15)
+    assert est.loading_peak_bytes < est.weight_bytes + 2 * 16000 * 384 * 4  # not the float model
