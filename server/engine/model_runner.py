@@ -257,8 +257,13 @@ class ModelRunner:
 
     def weight_memory(self) -> dict[str, int]:
         """Bytes the model and its adapter hold (KV cache aside), each storage counted once and
-        whole: {"total": ..., "<dtype>": ...}. This is what stays resident while serving."""
-        return resident_bytes(self.hf_model, self.model)
+        whole: {"total": ..., "<dtype>": ...}. This is what stays resident while serving.
+        Counted once (walking every tensor takes ~20 ms, and the console polls /v1/memory and
+        /metrics every second); the weights do not change while serving."""
+        cached = getattr(self, "_weight_memory", None)
+        if cached is None:
+            cached = self._weight_memory = resident_bytes(self.hf_model, self.model)
+        return dict(cached)
 
 
 def resident_bytes(*objects: object) -> dict[str, int]:
