@@ -24,6 +24,8 @@ def _flag_type(annotation: Any) -> tuple[Any, Optional[list[str]], bool]:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if origin in (typing.Union, types.UnionType) and len(args) == 1:
         return _flag_type(args[0])
+    if origin in (typing.Union, types.UnionType):  # e.g. a number or "auto": Settings parses the text
+        return str, None, False
     if origin is typing.Literal:
         return str, [str(a) for a in typing.get_args(annotation)], False
     if origin is list:
@@ -72,6 +74,7 @@ def load_served_model(settings: Settings) -> Any:
     torch.set_float32_matmul_precision(settings.matmul_precision)
     logger.info("float32 matmul precision: %s%s", settings.matmul_precision,
                 " (bf16 products where the CPU has AVX-512-BF16)" if settings.matmul_precision == "medium" else "")
+    settings = fit_to_memory(settings)
     loaded = load_for_serving(settings)
     config = EngineConfig.from_settings(settings, loaded.model)
     engine = AsyncEngine(loaded.model, loaded.tokenizer, config)
@@ -86,6 +89,28 @@ def load_served_model(settings: Settings) -> Any:
         max_model_len=engine.max_model_len,
         load_report=loaded.report,
     )
+
+
+def fit_to_memory(settings: Settings) -> Settings:
+    """The check before loading (server/loading/estimate.py, from the config and the tensor index):
+    ValueError, with the estimate's explanation, when the model cannot fit; with --max-model-len
+    auto, the settings with the longest context that fits (logged)."""
+    from .loading.estimate import estimate_for_settings, fit_settings
+
+    try:
+        estimate = estimate_for_settings(settings)
+    except (ValueError, OSError):
+        raise  # the model itself cannot be read: the loader would say the same
+    except Exception as exc:  # noqa: BLE001 - a gap in the estimate must not stop a model that loads
+        logger.warning("memory estimate failed (%s: %s); loading without the check", type(exc).__name__, exc)
+        return settings.model_copy(update={"max_model_len": None}) if settings.max_model_len == "auto" else settings
+    logger.info("memory estimate: %s", estimate.verdict)
+    update = fit_settings(estimate, auto=settings.max_model_len == "auto")
+    if settings.max_model_len == "auto":
+        kv = update.get("kv_cache_memory")
+        logger.info("--max-model-len auto: %d tokens (model: %d, KV cache %s)", update["max_model_len"],
+                    estimate.model_max_len, f"shrunk to {kv:.3f} GiB to fit" if kv else "as configured")
+    return settings.model_copy(update=update) if update else settings
 
 
 def run(settings: Settings) -> int:
