@@ -49,8 +49,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch's float32 matmul precision: 'medium' (the server's default) lets float32 "
                              "matmuls, the 4-bit ones included, use bf16 products with float32 sums, about twice "
                              "as fast on CPUs with AVX-512-BF16 / AMX; 'highest' keeps full float32")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice, one per core); 1 is faster when "
+                             "other work is busy on the same cores")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     for name in ("steps", "batch_size", "rank"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -164,6 +169,8 @@ def train(args: argparse.Namespace) -> dict:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.set_float32_matmul_precision(args.matmul_precision)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     base, tokenizer, base_name = load_base(args.model)
     examples = encode(tokenizer, load_pairs(args.data))
