@@ -111,6 +111,64 @@ def _build(cxx: str, flags: tuple[str, ...]) -> Path:
     return build_source(cxx, SOURCE, flags)
 
 
+class NativeLibrary:
+    """One C++ source of kernels/cpu, compiled on first use into the kernel cache and loaded with
+    ctypes, once per process (thread-safe). `load()` gives None when there is no compiler or the
+    build or load fails (one warning saying what the caller falls back to): callers then compute
+    the same with torch. `flag_sets` are tried in order (e.g. with OpenMP, then without); `abi` is
+    the (symbol, version) pair that must match, so a stale build never runs."""
+
+    def __init__(self, source: Path, flag_sets: tuple[tuple[str, ...], ...], signatures: dict[str, tuple],
+                 abi: tuple[str, int], fallback: str) -> None:
+        self.source, self.flag_sets, self.signatures = source, flag_sets, signatures
+        self.abi_symbol, self.abi_version = abi
+        self.fallback = fallback
+        self.path: Optional[Path] = None
+        self.error: Optional[str] = None
+        self._lib: Optional[ctypes.CDLL] = None
+        self._done = False
+        self._lock = threading.Lock()
+
+    def load(self) -> Optional[ctypes.CDLL]:
+        if self._done:
+            return self._lib
+        with self._lock:
+            if not self._done:
+                try:
+                    self.path = self._build()
+                    lib = ctypes.CDLL(str(self.path))
+                    for name, (restype, argtypes) in self.signatures.items():
+                        getattr(lib, name).restype = restype
+                        getattr(lib, name).argtypes = argtypes
+                    found = getattr(lib, self.abi_symbol)()
+                    if found != self.abi_version:
+                        raise RuntimeError(f"{self.path} has ABI {found}, expected {self.abi_version}")
+                    self._lib = lib
+                except Exception as exc:  # noqa: BLE001 - any failure means: the caller's fallback
+                    self.error = f"{type(exc).__name__}: {exc}"
+                    _log.warning("%s unavailable, %s: %s", self.source.name, self.fallback, self.error)
+                self._done = True
+        return self._lib
+
+    def _build(self) -> Path:
+        cxx = find_compiler()
+        if cxx is None:
+            raise BuildError("no C++ compiler found (set CXX or install g++)")
+        first: Optional[BuildError] = None
+        for flags in self.flag_sets:
+            try:
+                path = build_source(cxx, self.source, flags)
+            except BuildError as exc:
+                first = first or exc
+                continue
+            if first is not None:
+                _log.warning("%s built with %s after the first flags failed: %s", self.source.name,
+                             " ".join(flags), first)
+            return path
+        assert first is not None
+        raise first
+
+
 def build_source(cxx: str, source: Path, flags: tuple[str, ...]) -> Path:
     """Compile one C++ source into a cached shared library (the engine's kernels use this too)."""
     target = library_path(cxx, flags, source)

@@ -10,12 +10,12 @@ warning logged) and the engine uses its pure-PyTorch attention.
 from __future__ import annotations
 
 import ctypes
-import logging
-import threading
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from .build import NativeLibrary
 
 SOURCE = Path(__file__).with_name("paged_attention.cpp")
 # No fused multiply-adds but the explicit ones: the compiler would fuse the portable loops'
@@ -23,9 +23,6 @@ SOURCE = Path(__file__).with_name("paged_attention.cpp")
 CXXFLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off")
 ABI_VERSION = 6
 
-_log = logging.getLogger(__name__)
-_lock = threading.Lock()
-_state: dict[str, object] = {}
 
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
@@ -40,35 +37,12 @@ _SIGNATURES = {
 }
 
 
-def _build() -> Path:
-    from .build import build_source, find_compiler
-
-    cxx = find_compiler()
-    if cxx is None:
-        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-    return build_source(cxx, SOURCE, CXXFLAGS)
+_LIB = NativeLibrary(SOURCE, (CXXFLAGS,), _SIGNATURES, ("qs_abi_version", ABI_VERSION), "using PyTorch attention")
 
 
 def load() -> Optional[ctypes.CDLL]:
     """The library (built on first use), or None if it cannot be built or loaded."""
-    if "lib" in _state:
-        return _state["lib"]  # type: ignore[return-value]
-    with _lock:
-        if "lib" not in _state:
-            lib = None
-            try:
-                path = _build()
-                lib = ctypes.CDLL(str(path))
-                for name, (restype, argtypes) in _SIGNATURES.items():
-                    getattr(lib, name).restype = restype
-                    getattr(lib, name).argtypes = argtypes
-                if lib.qs_abi_version() != ABI_VERSION:
-                    raise RuntimeError(f"{path} has ABI {lib.qs_abi_version()}, expected {ABI_VERSION}")
-            except Exception as exc:  # noqa: BLE001 - any failure means: use the PyTorch attention
-                _log.warning("engine native attention unavailable, using PyTorch attention: %s", exc)
-                lib = None
-            _state["lib"] = lib
-    return _state["lib"]  # type: ignore[return-value]
+    return _LIB.load()
 
 
 def supported(v_cache: torch.Tensor, num_heads: int) -> bool:

@@ -9,20 +9,17 @@ computes the same sums with torch.
 from __future__ import annotations
 
 import ctypes
-import logging
-import threading
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from .build import NativeLibrary
+
 SOURCE = Path(__file__).with_name("quant_error.cpp")
 CXXFLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-ffp-contract=off")
 ABI_VERSION = 2
 
-_log = logging.getLogger(__name__)
-_lock = threading.Lock()
-_state: dict[str, object] = {}
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
@@ -32,31 +29,12 @@ _SIGNATURES = {
 }
 
 
+_LIB = NativeLibrary(SOURCE, (CXXFLAGS,), _SIGNATURES, ("qse_abi_version", ABI_VERSION), "computing with torch")
+
+
 def load() -> Optional[ctypes.CDLL]:
     """The library (built on first use), or None if it cannot be built or loaded."""
-    if "lib" in _state:
-        return _state["lib"]  # type: ignore[return-value]
-    with _lock:
-        if "lib" not in _state:
-            lib = None
-            try:
-                from .build import build_source, find_compiler
-
-                cxx = find_compiler()
-                if cxx is None:
-                    raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-                path = build_source(cxx, SOURCE, CXXFLAGS)
-                lib = ctypes.CDLL(str(path))
-                for name, (restype, argtypes) in _SIGNATURES.items():
-                    getattr(lib, name).restype = restype
-                    getattr(lib, name).argtypes = argtypes
-                if lib.qse_abi_version() != ABI_VERSION:
-                    raise RuntimeError(f"{path} has ABI {lib.qse_abi_version()}, expected {ABI_VERSION}")
-            except Exception as exc:  # noqa: BLE001 - any failure means: compute with torch
-                _log.warning("quantization error kernel unavailable, using torch: %s", exc)
-                lib = None
-            _state["lib"] = lib
-    return _state["lib"]  # type: ignore[return-value]
+    return _LIB.load()
 
 
 def _ok(*tensors: torch.Tensor) -> bool:
