@@ -231,8 +231,10 @@ def test_charts_follow_load_and_polling_stops_when_hidden(open_page, server):
     usages: list = []
 
     def one(i: int) -> None:
-        reply = server.client().completions.create(model=MODEL, prompt=f"Count from {i} to fifty:", max_tokens=16,
-                                                   temperature=0)
+        # Long enough (several seconds, EOS ignored) for the 1 s polls to see the requests running
+        # on a fast idle machine too: with 16 tokens CI's run finished between two polls.
+        reply = server.client().completions.create(model=MODEL, prompt=f"Count from {i} to fifty:", max_tokens=160,
+                                                   temperature=0, extra_body={"ignore_eos": True})
         usages.append(reply.usage.completion_tokens)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
