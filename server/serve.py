@@ -202,11 +202,13 @@ class Watchdog:
 
 # After a failure nothing is left to drain: the engine has already failed its requests.
 _FAILURE_SHUTDOWN_TIMEOUT = 5.0
-# How long before the drain limit runs out the engine fails what is still running (see shutdown):
-# a quarter of the limit, 1 to 5 s (a step on a busy CPU can take a second).
-def _drain_margin(limit: float) -> float:
-    return min(max(limit / 4, 1.0), 5.0)
 _WATCH_INTERVAL = 0.1
+
+
+def _drain_margin(limit: float) -> float:
+    """How long before the drain limit runs out the engine fails what is still running (see
+    GracefulServer.shutdown): a quarter of the limit, 1 to 5 s (a step on a busy CPU can take a second)."""
+    return min(max(limit / 4, 1.0), 5.0)
 
 
 def _graceful_server_class() -> type:

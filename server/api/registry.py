@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any, Callable, Literal, Optional
 
+from ..engine.errors import ShuttingDownError
 from .errors import APIError, model_not_found, unavailable
 
 logger = logging.getLogger("quantserve.server")
@@ -101,8 +102,6 @@ class Registry:
 
     def fail_unfinished(self, reason: str) -> None:
         """Every request still running ends with 503 `reason` (see serve.py's drain limit)."""
-        from ..engine.errors import ShuttingDownError
-
         for served in self.models():
             served.engine.fail_unfinished(ShuttingDownError(reason))
 
