@@ -11,7 +11,9 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import openai
@@ -57,6 +59,19 @@ class Server:
             time.sleep(0.1)
         raise TimeoutError(self.log.read_text()[-4000:])
 
+    @classmethod
+    @contextmanager
+    def serving(cls, *flags: str, api_key: str | None = API_KEY) -> Iterator["Server"]:
+        """A ready server for a fixture's scope; on the way out it must stop with exit status 0
+        (SIGTERM drains and succeeds)."""
+        srv = cls(*flags, api_key=api_key)
+        try:
+            srv.wait_ready()
+            yield srv
+        finally:
+            code = srv.stop()
+            assert code == 0, srv.log.read_text()[-3000:]
+
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -85,13 +100,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(default_model_dir):
-    srv = Server()
-    try:
-        srv.wait_ready()
+    with Server.serving() as srv:
         yield srv
-    finally:
-        code = srv.stop()
-        assert code == 0, srv.log.read_text()[-3000:]
 
 
 @pytest.fixture(scope="module")

@@ -33,13 +33,8 @@ WAIT_MS = 180_000  # generous: the CI machine has 2 cores, and other tests may s
 
 @pytest.fixture(scope="module")
 def server(default_model_dir):
-    srv = Server()
-    try:
-        srv.wait_ready()
+    with Server.serving() as srv:
         yield srv
-    finally:
-        code = srv.stop()
-        assert code == 0, srv.log.read_text()[-3000:]
 
 
 @pytest.fixture(scope="module")

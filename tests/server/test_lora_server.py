@@ -29,14 +29,9 @@ def adapters(lora_adapters):
 
 @pytest.fixture(scope="module")
 def server(default_model_dir, adapters):
-    srv = Server("--matmul-precision", "highest", "--max-lora-rank", "8", "--max-loras", "2",
-                 "--lora-modules", f"a1={adapters['attn']}", f"a2={adapters['mlp']}")
-    try:
-        srv.wait_ready()
+    with Server.serving("--matmul-precision", "highest", "--max-lora-rank", "8", "--max-loras", "2",
+                        "--lora-modules", f"a1={adapters['attn']}", f"a2={adapters['mlp']}") as srv:
         yield srv
-    finally:
-        code = srv.stop()
-        assert code == 0, srv.log.read_text()[-3000:]
 
 
 @pytest.fixture(scope="module")

@@ -74,13 +74,8 @@ WEATHER_Q = [{"role": "user", "content": "What is the weather like in Paris toda
 
 @pytest.fixture(scope="module")
 def server(default_model_dir):
-    srv = Server()
-    try:
-        srv.wait_ready()
+    with Server.serving() as srv:
         yield srv
-    finally:
-        code = srv.stop()
-        assert code == 0, srv.log.read_text()[-3000:]
 
 
 def _response_format(schema: dict) -> dict:
