@@ -1,16 +1,29 @@
-"""Paged-attention decode: one query token per sequence against its paged KV cache.
+"""Paged attention in Triton on the engine's KV cache, for decode rows and prefill chunks alike.
 
-Layout (the engine's cache): key_cache / value_cache [num_blocks, block_size, num_kv_heads, head_dim];
-block_tables int32 [num_seqs, max_blocks_per_seq] (page i of sequence s holds its tokens
-i * block_size ..); context_lens int32 [num_seqs]. Entries of a block table past the sequence's
-last page are never read.
+The cache is read in place through a [blocks, block_size, kv_heads, head_dim] view given by its
+four strides, so one kernel serves the engine's layout (keys transposed within a block:
+[blocks, kv_heads, head_dim, block_size], server/engine/attention.py) and the op contract's plain
+one (kernels/attention.py). Values are [blocks, block_size, kv_heads, head_dim] with dense dims.
 
-One program per (sequence, KV head, context partition) handles every query head of its GQA group,
-so each K/V row is read once. It streams BLOCK_T tokens per step (looking their pages up in the
-block table) with an online softmax in fp32. With more than one partition (flash-decoding, for few
-sequences with long contexts) each program writes an unnormalized partial output plus its running
-max and sum, and `paged_attention_reduce_kernel` combines them. The partition count comes from the
-block table's width, never from context_lens, so the launch needs no host sync.
+Work items (int32 [W, 4]): (first row, rows, position of the first row, offset of the sequence's
+block table in `tables`). Row r of an item sits at position pos0 + r of its sequence and attends
+to key positions k <= pos0 + r (and k > pos0 + r - window with a sliding window); the item's
+keys, new ones included, are already in the cache. The host cuts each sequence's rows into items
+of at most BLOCK_Q rows; a decode is an item of one row. rows = 0 is an empty item (padding of a
+captured batch): nothing is written. pos0 = -1 with one row: no key is visible, the row gets zeros.
+
+One program per (item, KV head, split) computes a [BLOCK_M, head_dim] tile whose rows are
+(query position, query head of the KV head's GQA group) pairs, so each K/V tile is loaded once
+for the whole group and multiplied with tl.dot (tensor cores; BLOCK_M >= 16 for them): scores
+q @ K^T [BLOCK_M, BLOCK_N] in float32, online softmax in float32, P (cast to the cache's dtype, as
+FlashAttention does) @ V accumulated in float32. Page lookups are per key (t // block_size), so
+BLOCK_N does not depend on the block size.
+
+Split-K (flash-decoding): with SPLITS > 1 each program takes 1/SPLITS of its item's visible key
+range (whole BLOCK_N tiles) and writes an unnormalized partial output with its running max and
+sum; `paged_attention_reduce_kernel` merges them. The ranges come from each item's own context, so
+a grid fixed at CUDA-graph capture still spreads a short context over every split. Every launch is
+asynchronous and capturable: no host syncs, allocations depend on shapes only.
 """
 
 from __future__ import annotations
@@ -20,86 +33,145 @@ import triton.language as tl
 
 
 @triton.jit
-def paged_attention_decode_kernel(
-    q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, out_ptr, partial_ptr, max_ptr, sum_ptr,
-    scale, num_partitions,
-    stride_qs, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
-    stride_os, stride_oh,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, PARTITION_SIZE: tl.constexpr, SPLIT: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    part = tl.program_id(2)
-    context_len = tl.load(context_lens_ptr + seq)
+def _tanh(x):
+    # tl has no tanh on every Triton version the engine meets; exp(-2|x|) never overflows.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
 
-    g = tl.arange(0, GROUP_PAD)
-    heads = kv_head * GROUP + g
-    gmask = g < GROUP
+
+@triton.jit
+def paged_attention_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, work_ptr, tables_ptr, part_acc_ptr, part_ml_ptr,
+    scale, softcap, window,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+):
+    item = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    row0 = tl.load(work_ptr + item * 4)
+    nrows = tl.load(work_ptr + item * 4 + 1)
+    pos0 = tl.load(work_ptr + item * 4 + 2)
+    table = tables_ptr + tl.load(work_ptr + item * 4 + 3).to(tl.int64)
+
+    m = tl.arange(0, BLOCK_M)
+    qi = m // GROUP  # query position within the item
+    head = kv_head * GROUP + m % GROUP
+    rmask = (qi < nrows) & (qi < BLOCK_Q)
     d = tl.arange(0, HEAD_DIM_PAD)
     dmask = d < HEAD_DIM
-    q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :],
-                mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # [G, D]
+    rows = (row0 + qi).to(tl.int64)
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0)  # [M, D]
+    pos = pos0 + qi  # [M]
 
-    m_i = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((GROUP_PAD,), dtype=tl.float32)
-    acc = tl.zeros((GROUP_PAD, HEAD_DIM_PAD), dtype=tl.float32)
-    t_start = part * PARTITION_SIZE
-    t_end = tl.minimum(t_start + PARTITION_SIZE, context_len)
-    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for t0 in range(t_start, t_end, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        tmask = t < t_end
-        page = tl.load(table + t // PAGE_SIZE, mask=tmask, other=0).to(tl.int64)
-        in_page = t % PAGE_SIZE
-        kd_mask = tmask[:, None] & dmask[None, :]
-        k = tl.load(k_ptr + (page * stride_kb + in_page * stride_kt + kv_head * stride_kh)[:, None] + d[None, :],
-                    mask=kd_mask, other=0.0).to(tl.float32)  # [T, D]
-        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [G, T]
-        s = tl.where(tmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: this step has at least one token
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+    # Visible keys of the whole item: [lo, hi); this split's share of them: [k_start, k_end).
+    hi = pos0 + nrows
+    lo = 0
+    if WINDOW:
+        lo = tl.maximum(pos0 - window + 1, 0)
+    chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), SPLITS), BLOCK_N) * BLOCK_N
+    k_start = lo + split * chunk
+    k_end = tl.minimum(k_start + chunk, hi)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM_PAD), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_N):
+        t = k0 + tl.arange(0, BLOCK_N)
+        tmask = t < k_end
+        page = tl.load(table + t // PAGE, mask=tmask, other=0).to(tl.int64)
+        slot = page * stride_kb + (t % PAGE) * stride_kt + kv_head * stride_kh
+        k = tl.load(k_ptr + slot[None, :] + d[:, None] * stride_kd,
+                    mask=dmask[:, None] & tmask[None, :], other=0.0)  # [D, N]
+        s = tl.dot(q, k, input_precision="ieee") * scale  # [M, N] float32
+        if SOFTCAP:
+            s = softcap * _tanh(s / softcap)
+        vis = tmask[None, :] & (t[None, :] <= pos[:, None])
+        if WINDOW:
+            vis = vis & (t[None, :] > pos[:, None] - window)
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + (page * stride_vb + in_page * stride_vt + kv_head * stride_vh)[:, None] + d[None, :],
-                    mask=kd_mask, other=0.0).to(tl.float32)  # [T, D]
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        vslot = page * stride_vb + (t % PAGE) * stride_vt + kv_head * stride_vh
+        v = tl.load(v_ptr + vslot[:, None] + d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)  # [N, D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
 
-    hd_mask = gmask[:, None] & dmask[None, :]
-    if SPLIT:
-        row = seq * (tl.num_programs(1) * GROUP) + heads  # [G], index of (seq, head)
-        stat = row * num_partitions + part
-        tl.store(max_ptr + stat, m_i, mask=gmask)
-        tl.store(sum_ptr + stat, l_i, mask=gmask)
-        tl.store(partial_ptr + stat.to(tl.int64)[:, None] * HEAD_DIM + d[None, :], acc, mask=hd_mask)
+    if SPLITS == 1:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # nothing visible: zeros
+        tl.store(out_ptr + rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
     else:
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty context: acc = 0, zeros out
-        tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=hd_mask)
+        part = ((item * tl.num_programs(1) + kv_head) * SPLITS + split).to(tl.int64) * BLOCK_M + m  # [M]
+        tl.store(part_ml_ptr + part * 2, m_i)
+        tl.store(part_ml_ptr + part * 2 + 1, l_i)
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM_PAD + d[None, :], acc)
 
 
 @triton.jit
 def paged_attention_reduce_kernel(
-    out_ptr, partial_ptr, max_ptr, sum_ptr, num_heads, num_partitions, stride_os, stride_oh,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PARTITIONS_PAD: tl.constexpr,
+    out_ptr, work_ptr, part_acc_ptr, part_ml_ptr, stride_ot, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, SPLITS: tl.constexpr,
 ):
-    """Combine the partitions of one (sequence, head): grid (num_seqs, num_heads)."""
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    row = seq * num_heads + head
-    p = tl.arange(0, PARTITIONS_PAD)
-    pmask = p < num_partitions
+    """Merge the SPLITS partial tiles of one (item, KV head): grid (items, kv_heads)."""
+    item = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    row0 = tl.load(work_ptr + item * 4)
+    nrows = tl.load(work_ptr + item * 4 + 1)
+    m = tl.arange(0, BLOCK_M)
+    qi = m // GROUP
+    head = kv_head * GROUP + m % GROUP
+    rmask = (qi < nrows) & (qi < BLOCK_Q)
     d = tl.arange(0, HEAD_DIM_PAD)
     dmask = d < HEAD_DIM
-    m = tl.load(max_ptr + row * num_partitions + p, mask=pmask, other=float("-inf"))
-    m_max = tl.max(m, axis=0)
-    m_max = tl.where(m_max > float("-inf"), m_max, 0.0)  # an empty context: every partition is empty
-    # Partitions past the context never ran a step: their max is -inf and they weigh 0.
-    w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)
-    total = tl.sum(w * tl.load(sum_ptr + row * num_partitions + p, mask=pmask, other=0.0), axis=0)
-    parts = tl.load(partial_ptr + (row * num_partitions + p).to(tl.int64)[:, None] * HEAD_DIM + d[None, :],
-                    mask=pmask[:, None] & dmask[None, :], other=0.0)
-    out = tl.sum(w[:, None] * parts, axis=0)
-    out = out / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + seq * stride_os + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=dmask)
+    m_run = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_run = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM_PAD), dtype=tl.float32)
+    for split in range(SPLITS):
+        part = ((item * tl.num_programs(1) + kv_head) * SPLITS + split).to(tl.int64) * BLOCK_M + m
+        m_s = tl.load(part_ml_ptr + part * 2)
+        l_s = tl.load(part_ml_ptr + part * 2 + 1)
+        a_s = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM_PAD + d[None, :])
+        m_new = tl.maximum(m_run, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # an empty split weighs exp(-inf) = 0
+        alpha = tl.exp(m_run - m_safe)
+        beta = tl.exp(m_s - m_safe)
+        l_run = l_run * alpha + l_s * beta
+        acc = acc * alpha[:, None] + a_s * beta[:, None]
+        m_run = m_new
+    out = acc / tl.where(l_run > 0, l_run, 1.0)[:, None]
+    rows = (row0 + qi).to(tl.int64)
+    tl.store(out_ptr + rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def write_kv_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kb, stride_kslot, stride_kh_c, stride_kd, stride_vb, stride_vslot, stride_vh_c,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAGE: tl.constexpr,
+):
+    """k, v [T, kv_heads, head_dim] into their cache slots; grid (T, kv_heads). A negative slot (a
+    padded row of a captured batch) writes nothing."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    slot = tl.load(slots_ptr + t)
+    if slot >= 0:
+        d = tl.arange(0, HEAD_DIM_PAD)
+        dmask = d < HEAD_DIM
+        block = slot // PAGE
+        off = slot % PAGE
+        k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=dmask)
+        v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=dmask)
+        tl.store(k_cache_ptr + block * stride_kb + off * stride_kslot + h * stride_kh_c + d * stride_kd, k, mask=dmask)
+        tl.store(v_cache_ptr + block * stride_vb + off * stride_vslot + h * stride_vh_c + d, v, mask=dmask)

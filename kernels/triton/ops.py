@@ -2,6 +2,8 @@
 
     dequantize_4bit(B, n, code, absmax, blocksize, dtype, nested=None) -> [n] tensor
     gemm_4bit(A, B, N, K, code, absmax, blocksize, bias=None, nested=None) -> A @ W.T (+ bias)
+    paged_attention(q, key_cache, value_cache, work, tables, scale, window, softcap) -> [T, H, D] (attention.py)
+    write_kv(k, v, key_cache, value_cache, slots): the step's new keys/values into their cache slots
     paged_attention_decode(query, key_cache, value_cache, block_tables, context_lens, scale) -> [S, H, D]
 
 `B` is the packed weight viewed as uint8, `code` the 16 float32 code values on B's device, `absmax`
@@ -29,7 +31,7 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from . import configs
-from .attention import paged_attention_decode_kernel, paged_attention_reduce_kernel
+from .attention import paged_attention_kernel, paged_attention_reduce_kernel, write_kv_kernel
 from .dequant import dequantize_4bit_kernel
 from .gemm import gemm_4bit_kernel
 from .gemv import gemv_4bit_kernel
@@ -193,6 +195,99 @@ def dequantize_4bit(
     return out
 
 
+def paged_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    work: torch.Tensor,
+    tables: torch.Tensor,
+    scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
+    block_q: Optional[int] = None,
+    splits: int = 1,
+    block_n: int = 64,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Paged attention of the rows of q [T, H, D] described by `work` (int32 [W, 4], see
+    attention.py) -> out [T, H, D] in q's dtype (rows of no item are left as they were).
+
+    key_cache: any [blocks, block_size, KVH, D] view (strided: the engine's transposed keys are
+    `keys_view(k_cache)`); value_cache [blocks, block_size, KVH, D] with dense heads and dims;
+    tables: int32, every item's block table at its offset. block_q: the rows per item the host
+    cut (default: what fits in 16 tile rows with this GQA group); splits: key-range splits per
+    item (flash-decoding), merged by a second kernel."""
+    T, H, D = q.shape
+    _, page, kvh, _ = key_cache.shape
+    group = H // kvh
+    if out is None:
+        out = torch.empty_like(q)
+    W = work.shape[0]
+    if W == 0 or T == 0:
+        return out
+    if block_q is None:
+        block_q = default_block_q(group, 16)
+    block_m = tile_rows(group, block_q)
+    d_pad = max(16, triton.next_power_of_2(D))
+    if splits > 1:
+        part_acc = torch.empty(W * kvh * splits * block_m * d_pad, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(W * kvh * splits * block_m * 2, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out  # unused
+    ks = key_cache.stride()
+    vs = value_cache.stride()
+    wrap_triton(paged_attention_kernel)[(W, kvh, splits)](
+        q, key_cache, value_cache, out, work, tables, part_acc, part_ml,
+        float(scale), float(softcap or 0.0), int(window or 0),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        ks[0], ks[1], ks[2], ks[3], vs[0], vs[1], vs[2],
+        GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=d_pad, PAGE=page, BLOCK_M=block_m, BLOCK_Q=block_q,
+        BLOCK_N=block_n, SPLITS=splits, WINDOW=bool(window), SOFTCAP=bool(softcap), num_warps=4,
+    )
+    if splits > 1:
+        wrap_triton(paged_attention_reduce_kernel)[(W, kvh)](
+            out, work, part_acc, part_ml, out.stride(0), out.stride(1),
+            GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=d_pad, BLOCK_M=block_m, BLOCK_Q=block_q, SPLITS=splits,
+            num_warps=4,
+        )
+    return out
+
+
+def tile_rows(group: int, block_q: int) -> int:
+    """BLOCK_M: rows of a program's tile (block_q positions x group heads), a power of two >= 16
+    (tl.dot's smallest tile on tensor cores)."""
+    return max(16, triton.next_power_of_2(group * block_q))
+
+
+def default_block_q(group: int, block_m: int) -> int:
+    """Query positions per item that fill (at most) block_m tile rows with this GQA group."""
+    return max(1, block_m // group)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """k, v [T, KVH, D] (dense dims) into their slots (int64 [T]; negative: skipped) of the cache,
+    key_cache a [blocks, block_size, KVH, D] view, value_cache [blocks, block_size, KVH, D]."""
+    T, kvh, D = k.shape
+    if T == 0:
+        return
+    ks, vs = key_cache.stride(), value_cache.stride()
+    wrap_triton(write_kv_kernel)[(T, kvh)](
+        k, v, key_cache, value_cache, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        ks[0], ks[1], ks[2], ks[3], vs[0], vs[1], vs[2],
+        HEAD_DIM=D, HEAD_DIM_PAD=triton.next_power_of_2(D), PAGE=key_cache.shape[1], num_warps=1,
+    )
+
+
+def decode_splits(items: int, kv_heads: int, max_context: int, sms: Optional[int] = None,
+                  block_n: int = 64, max_splits: int = 16) -> int:
+    """Key-range splits per item that fill the GPU: ~2 programs per SM, each with >= 2 tiles of keys."""
+    sms = configs.num_sms() if sms is None else sms
+    programs = max(1, items * kv_heads)
+    want = triton.cdiv(2 * sms, programs)
+    return max(1, min(want, max_splits, max_context // (2 * block_n)))
+
+
 def paged_attention_decode(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -200,57 +295,22 @@ def paged_attention_decode(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
-    partition_size: Optional[int] = None,
-    block_t: Optional[int] = None,
+    splits: Optional[int] = None,
 ) -> torch.Tensor:
-    """softmax(q K^T * scale) V per sequence over its paged cache; out [num_seqs, num_heads, head_dim] in q's dtype.
-
-    The last dimension of every input must be contiguous. partition_size (tokens, a multiple of
-    block_t): split each context into partitions (flash-decoding); default: split only when
-    num_seqs * num_kv_heads is too small to fill the GPU.
-    """
-    num_seqs, num_heads, head_dim = query.shape
-    _, page_size, num_kv_heads, _ = key_cache.shape
-    group = num_heads // num_kv_heads
-    out = torch.empty_like(query)
+    """The op contract's decode (kernels/attention.py): one query per sequence over its first
+    context_lens[s] tokens; out [num_seqs, num_heads, head_dim] in q's dtype. The work items are
+    built on the device (no host sync); splits default from the block table's width."""
+    num_seqs = query.shape[0]
     if num_seqs == 0:
-        return out
-    group_pad = triton.next_power_of_2(group)
-    head_dim_pad = triton.next_power_of_2(head_dim)
-    if block_t is None:
-        # Keeps the [group, tokens, head_dim] fp32 products of a step at <= 8K values (registers).
-        block_t = max(1, min(64, 8192 // (group_pad * head_dim_pad)))
-    max_context = block_tables.shape[1] * page_size
-    if partition_size is None:
-        programs = num_seqs * num_kv_heads
-        want = triton.cdiv(2 * configs.num_sms(), programs)  # partitions per (seq, kv head) to fill the GPU
-        partition_size = max(512, triton.cdiv(triton.cdiv(max_context, want), 512) * 512) if want > 1 else max_context
-    partition_size = max(block_t, triton.cdiv(partition_size, block_t) * block_t)
-    num_partitions = max(1, triton.cdiv(max_context, partition_size))
-    split = num_partitions > 1
-    if split:
-        rows = num_seqs * num_heads
-        partial = torch.empty(rows * num_partitions * head_dim, dtype=torch.float32, device=query.device)
-        maxes = torch.empty(rows * num_partitions, dtype=torch.float32, device=query.device)
-        sums = torch.empty_like(maxes)
-    else:
-        partial = maxes = sums = out  # unused
-    wrap_triton(paged_attention_decode_kernel)[(num_seqs, num_kv_heads, num_partitions)](
-        query, key_cache, value_cache, block_tables, context_lens, out, partial, maxes, sums,
-        float(scale), num_partitions,
-        query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size,
-        BLOCK_T=block_t, PARTITION_SIZE=partition_size, SPLIT=split, num_warps=4,
-    )
-    if split:
-        wrap_triton(paged_attention_reduce_kernel)[(num_seqs, num_heads)](
-            out, partial, maxes, sums, num_heads, num_partitions, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PARTITIONS_PAD=triton.next_power_of_2(num_partitions),
-            num_warps=4,
-        )
-    return out
+        return torch.empty_like(query)
+    page = key_cache.shape[1]
+    max_blocks = block_tables.shape[1]
+    seq = torch.arange(num_seqs, dtype=torch.int32, device=query.device)
+    work = torch.stack([seq, torch.ones_like(seq), context_lens.to(torch.int32) - 1, seq * max_blocks], 1)
+    if splits is None:
+        splits = decode_splits(num_seqs, key_cache.shape[2], max_blocks * page)
+    return paged_attention(query, key_cache, value_cache, work.contiguous(), block_tables.reshape(-1).to(torch.int32),
+                           scale, block_q=1, splits=splits)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -294,11 +294,11 @@ def test_paged_attention_reference_matches_sdpa(case):
 
 @pytest.mark.parametrize("case", PAGED_CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("partition_size", [None, 16])
-def test_paged_attention_kernel_matches_reference(kt, case, dtype, partition_size):
+@pytest.mark.parametrize("splits", [None, 3])
+def test_paged_attention_kernel_matches_reference(kt, case, dtype, splits):
     query, kc, vc, bt, cl = _paged_case(*case, dtype=dtype, max_pages=12)
     scale = case[3] ** -0.5
-    out = kt.paged_attention_decode(query, kc, vc, bt, cl, scale, partition_size=partition_size, block_t=8)
+    out = kt.paged_attention_decode(query, kc, vc, bt, cl, scale, splits=splits)
     expected = attention.reference(query, kc, vc, bt, cl, scale)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
