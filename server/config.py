@@ -37,6 +37,11 @@ class Settings(BaseSettings):
         "the 4-bit matmuls run in it (default: float32 on CPU, bfloat16 on CUDA); the same in quantize and inspect"
     )
     device: Optional[str] = Field(None, description="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    cpu_threads: Optional[int] = Field(
+        None, ge=1, le=1024, description="threads for CPU compute (torch and the native kernels); default: the cores "
+        "this process may use (its affinity mask, capped by a cgroup CPU quota such as docker --cpus), logged at "
+        "startup and shown on /health"
+    )
     # medium: on the 2-core AVX-512-BF16 CPU we measure on, 4-bit matmuls with many rows run ~2x
     # faster; NF4 perplexity of the default model 31.27 vs 31.11 (bitsandbytes' own CPU kernel: 31.14).
     matmul_precision: Literal["highest", "high", "medium"] = Field(

@@ -69,11 +69,14 @@ def load_served_model(settings: Settings) -> Any:
     from .engine import AsyncEngine, EngineConfig
     from .loading.loader import load_for_serving
     from .api.registry import ServedModel
+    from .cpu_threads import apply_cpu_threads
 
     # Process-wide, as torch has it: this process serves one model.
     torch.set_float32_matmul_precision(settings.matmul_precision)
     logger.info("float32 matmul precision: %s%s", settings.matmul_precision,
                 " (bf16 products where the CPU has AVX-512-BF16)" if settings.matmul_precision == "medium" else "")
+    threads, why = apply_cpu_threads(settings.cpu_threads)
+    logger.info("CPU threads: %d (%s)", threads, why)
     settings = fit_to_memory(settings)
     loaded = load_for_serving(settings)
     config = EngineConfig.from_settings(settings, loaded.model)

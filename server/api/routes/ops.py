@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from ...cpu_threads import cpu_report
 from ..errors import unavailable
 from ..memory import device_memory, host_memory, model_memory
 from .common import Services
@@ -21,7 +22,7 @@ def router(services: Services) -> APIRouter:
     async def health() -> Response:
         serving, reason = registry.health()
         if serving:
-            return JSONResponse({"status": "ok", "models": [m.name for m in registry.models()]})
+            return JSONResponse({"status": "ok", "models": [m.name for m in registry.models()], "cpu": cpu_report()})
         if registry.state == "loading":
             elapsed = int(time.time() - registry.started_at)
             return unavailable(f"The model is loading ({elapsed} s so far).", retry_after=5).response()
