@@ -64,6 +64,15 @@ class Settings(BaseSettings):
         None, gt=0, description="KV cache size in GiB (default: 1 GiB on CPU, 90%% of free memory on GPU)"
     )
     block_size: int = Field(16, ge=1, le=256, description="tokens per KV cache block")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="fraction of the GPU's memory the server may use: the KV cache gets what is "
+        "left of it after the weights, one step's activations and the CUDA graphs (measured at startup)"
+    )
+    attention_backend: Literal["auto", "native", "torch", "triton"] = Field(
+        "auto", description="paged attention kernels: auto (Triton on a GPU; native C++ on a CPU), native, torch "
+        "(gather + sdpa), triton (on a CPU only with TRITON_INTERPRET=1, for tests)"
+    )
+    enforce_eager: bool = Field(False, description="no CUDA graphs: decode steps run eagerly (as vLLM's flag)")
     enable_prefix_caching: bool = Field(True, description="share KV blocks of common prompt prefixes")
     max_n: int = Field(16, ge=1, le=128, description="largest n (choices per request) accepted")
     lora_modules: list[str] = Field(

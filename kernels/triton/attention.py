@@ -159,19 +159,22 @@ def write_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kb, stride_kslot, stride_kh_c, stride_kd, stride_vb, stride_vslot, stride_vh_c,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAGE: tl.constexpr,
+    KV_HEADS: tl.constexpr, KV_HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    PAGE: tl.constexpr,
 ):
-    """k, v [T, kv_heads, head_dim] into their cache slots; grid (T, kv_heads). A negative slot (a
-    padded row of a captured batch) writes nothing."""
+    """k, v [T, kv_heads, head_dim] into their cache slots; grid (T,), one token's heads per
+    program. A negative slot (a padded row of a captured batch) writes nothing."""
     t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
     slot = tl.load(slots_ptr + t)
     if slot >= 0:
+        h = tl.arange(0, KV_HEADS_PAD)
         d = tl.arange(0, HEAD_DIM_PAD)
-        dmask = d < HEAD_DIM
+        mask = (h < KV_HEADS)[:, None] & (d < HEAD_DIM)[None, :]
         block = slot // PAGE
         off = slot % PAGE
-        k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=dmask)
-        v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=dmask)
-        tl.store(k_cache_ptr + block * stride_kb + off * stride_kslot + h * stride_kh_c + d * stride_kd, k, mask=dmask)
-        tl.store(v_cache_ptr + block * stride_vb + off * stride_vslot + h * stride_vh_c + d, v, mask=dmask)
+        k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
+        v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
+        tl.store(k_cache_ptr + block * stride_kb + off * stride_kslot + h[:, None] * stride_kh_c
+                 + d[None, :] * stride_kd, k, mask=mask)
+        tl.store(v_cache_ptr + block * stride_vb + off * stride_vslot + h[:, None] * stride_vh_c + d[None, :], v,
+                 mask=mask)

@@ -41,6 +41,9 @@ SPLIT_GEMM_MAX_ROWS = 64
 MAX_SPLIT_K = 8  # the largest SPLIT_K in configs.py; sizes the split-K workspace
 # False: config=None means configs.heuristic_config instead of autotuning (fast start, e.g. tests).
 AUTOTUNE = True
+# False once a server has tuned at startup (model_runner.tune): a key the tuners have not met takes
+# the heuristic configuration instead of minutes of benchmarking inside a served step.
+TUNE_NEW_KEYS = True
 
 Config = Union[None, str, dict]
 
@@ -73,6 +76,25 @@ def _gemm_tuned(split: bool):
     cfgs = [c for c in configs.gemm_configs() if split or c.kwargs["SPLIT_K"] == 1]
     return triton.autotune(configs=cfgs, key=["M_KEY", "N", "K", "BLOCKSIZE", "NESTED"],
                            prune_configs_by={"early_config_prune": configs.prune_gemm})(gemm_4bit_kernel)
+
+
+def _tuned(gemv: bool, split: bool, M: int, N: int, K: int, blocksize: int, nested: bool) -> bool:
+    """Whether the tuner gemm_4bit would call has a choice for this key (its key begins with the
+    autotune key's values: M_KEY, N, K, BLOCKSIZE, NESTED; the argument dtypes follow)."""
+    tuner = _gemv_tuned() if gemv else _gemm_tuned(split)
+    count, prefixes = _TUNED_PREFIXES.get(id(tuner), (-1, set()))
+    if count != len(tuner.cache):  # rebuilt only when the tuner learnt something
+        prefixes = {key[:5] for key in tuner.cache}
+        _TUNED_PREFIXES[id(tuner)] = (len(tuner.cache), prefixes)
+    return (triton.next_power_of_2(M), N, K, blocksize, nested) in prefixes
+
+
+_TUNED_PREFIXES: dict[int, tuple[int, set]] = {}
+
+
+def tuners() -> dict:
+    """The autotuned kernels by name (tune_cache.py saves and restores their choices)."""
+    return {"gemv": _gemv_tuned(), "gemm_split": _gemm_tuned(True), "gemm": _gemm_tuned(False)}
 
 
 # Split-K tile counters, zero between launches (the kernels reset what they use). One buffer per
@@ -132,6 +154,8 @@ def gemm_4bit(
     if config is None and interpreting():
         config = "default"
     elif config is None and not AUTOTUNE:
+        config = "heuristic"
+    elif config is None and not TUNE_NEW_KEYS and not _tuned(gemv, split, M, N, K, blocksize, nested is not None):
         config = "heuristic"
     if config == "default":
         config = dict(configs.DEFAULT_GEMV if gemv else configs.DEFAULT_GEMM)
@@ -272,10 +296,11 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor, value_ca
     if T == 0:
         return
     ks, vs = key_cache.stride(), value_cache.stride()
-    wrap_triton(write_kv_kernel)[(T, kvh)](
+    wrap_triton(write_kv_kernel)[(T,)](
         k, v, key_cache, value_cache, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         ks[0], ks[1], ks[2], ks[3], vs[0], vs[1], vs[2],
-        HEAD_DIM=D, HEAD_DIM_PAD=triton.next_power_of_2(D), PAGE=key_cache.shape[1], num_warps=1,
+        KV_HEADS=kvh, KV_HEADS_PAD=triton.next_power_of_2(kvh), HEAD_DIM=D, HEAD_DIM_PAD=triton.next_power_of_2(D),
+        PAGE=key_cache.shape[1], num_warps=4,
     )
 
 

@@ -87,4 +87,8 @@ def model_memory(served: Any) -> dict[str, Any]:
     }
     if kv["bytes_total"] is not None:
         kv["bytes_used"] = int(kv["bytes_total"] * stats.kv_cache_usage)
-    return {"model": served.name, "weights": weights, "kv_cache": kv}
+    out = {"model": served.name, "weights": weights, "kv_cache": kv}
+    plan = served.engine.device_memory_plan() if callable(getattr(served.engine, "device_memory_plan", None)) else {}
+    if plan:  # on a GPU: how --gpu-memory-utilization was shared out at startup (model_runner._gpu_budget)
+        out["device_budget"] = plan
+    return out

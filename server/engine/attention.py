@@ -9,6 +9,8 @@ Per layer, the keys/values of every new token of the step are written first, the
 attention reads the cache (so a block registered for prefix sharing during scheduling is filled
 before anyone reads it in the same step).
 
+With the Triton kernels (the GPU's path, triton_attention.py), two launches per layer write the new
+keys/values and attend for every row, reading the cache in place as the native kernel does.
 With the native kernel (CPU, float32), one call per layer computes every row: row r of a chunk
 at sequence position p attends to positions 0..p through the sequence's block table, read in
 place (decodes, fresh prompts, chunked-prefill continuations and prefix hits alike). Otherwise:
@@ -34,6 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from quantserve.kernels.cpu import paged_attention as native
+from . import triton_attention
+from .triton_attention import TritonPlan
 
 
 @dataclasses.dataclass
@@ -63,6 +67,9 @@ class AttentionMetadata:
     rope_lengths: Optional[torch.Tensor] = None
     # The native kernel's (seqs [S, 4], block tables) for this step: built by the first layer.
     native_plan: Optional[tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default=None, repr=False)
+    # The Triton path's work items (triton_attention.py), built by the runner: when set, every layer
+    # writes and attends with the Triton kernels (the GPU's path; the interpreter's on a CPU).
+    triton: Optional[TritonPlan] = dataclasses.field(default=None, repr=False)
 
 
 def keys_view(k_cache: torch.Tensor) -> torch.Tensor:
@@ -93,6 +100,9 @@ def paged_attention(
 ) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KVH, D] (the step's new tokens). Returns [T, H * D].
     window > 0: sliding-window attention; softcap > 0: soft-capped attention logits."""
+    if meta.triton is not None:
+        return triton_attention.attention(q, k, v, k_cache, v_cache, meta.triton, meta.slot_mapping, scale,
+                                          int(window or 0), float(softcap or 0.0))
     write_kv(k_cache, v_cache, k, v, meta)
     window, softcap = int(window or 0), float(softcap or 0.0)
     if meta.native_decode:

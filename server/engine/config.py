@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any, Optional
 
 MODEL_IMPLS = ("auto", "native", "transformers")
+ATTENTION_BACKENDS = ("auto", "native", "torch", "triton")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -40,6 +41,10 @@ class EngineConfig:
         max_loras: most distinct LoRA adapters among the running sequences (requests for
             other adapters wait in the queue).
         max_lora_rank: largest LoRA rank an adapter may have.
+        attention_backend: "auto" (Triton kernels on a GPU; on a CPU the native C++ kernel where it
+            applies, else PyTorch), "native", "torch" (gather blocks + sdpa) or "triton" (on a CPU
+            only under the interpreter: TRITON_INTERPRET=1 from the start of the process).
+        enforce_eager: never capture CUDA graphs (vLLM's --enforce-eager); decode steps run eagerly.
     """
 
     block_size: int = 16
@@ -57,6 +62,8 @@ class EngineConfig:
     model_name: Optional[str] = None
     max_loras: int = 4
     max_lora_rank: int = 64
+    attention_backend: str = "auto"
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size, 1)
@@ -84,6 +91,10 @@ class EngineConfig:
         _check_int("seed", self.seed, 0)
         _check_int("max_loras", self.max_loras, 1)
         _check_int("max_lora_rank", self.max_lora_rank, 1)
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if not isinstance(self.enforce_eager, bool):
+            raise TypeError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
         if self.model_name is not None and not isinstance(self.model_name, str):
             raise TypeError(f"model_name must be a str, got {self.model_name!r}")
 
@@ -102,6 +113,9 @@ class EngineConfig:
             model_name=settings.display_name(),
             max_loras=settings.max_loras,
             max_lora_rank=settings.max_lora_rank,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            attention_backend=settings.attention_backend,
+            enforce_eager=settings.enforce_eager,
         )
         values.update(overrides)
         return cls(**values)

@@ -30,7 +30,7 @@ from .detokenizer import IncrementalDetokenizer
 from .errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, RequestFailedError
 from .grammar import GrammarCompiler
 from .lora import LoRARegistry, resolve
-from .model_runner import ModelRunner, model_max_len, vocab_size
+from .model_runner import ModelRunner, device_guard, model_max_len, vocab_size
 from .outputs import CompletionOutput, EngineStats, RequestOutput
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import FinishReason, SamplingParams, Sequence
@@ -275,6 +275,15 @@ class AsyncEngine:
         """Bytes of the model's weights as resident while serving ({"total", "<dtype>": ...})."""
         return self.runner.weight_memory()
 
+    def device_memory_plan(self) -> dict[str, float]:
+        """How the GPU's memory was shared out at startup (weights and others in use, activation
+        peak, CUDA graphs estimated and measured, KV cache); empty on a CPU or a fixed KV size."""
+        return dict(self.runner.memory_plan)
+
+    def startup_seconds(self) -> dict[str, float]:
+        """The engine's startup phases in seconds (warmup, and on a GPU profile, tune, capture)."""
+        return dict(self.runner.startup_seconds)
+
     def stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(
@@ -307,8 +316,13 @@ class AsyncEngine:
     # ------------------------------------------------------------------------------ engine thread
 
     def _thread_main(self, ready: concurrent.futures.Future) -> None:
+        # --device cuda:N: every launch of this thread (Triton's included) goes to the engine's GPU.
+        with device_guard(self.runner.device):
+            self._thread_body(ready)
+
+    def _thread_body(self, ready: concurrent.futures.Future) -> None:
         try:
-            self.runner.warmup()
+            self.runner.warmup(self.max_model_len)
         except BaseException as exc:  # noqa: BLE001 - reported to start()'s caller
             with self._submit_lock:
                 self._dead_error = f"warmup failed: {exc!r}"

@@ -9,15 +9,19 @@ and `weight_memory()` counts every byte the model and its adapter hold, once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import os
+import time
 from typing import Optional
 
 import torch
 from torch import nn
 
 from quantserve.kernels.cpu import paged_attention as native
+from . import cuda_graphs, triton_attention
 from .attention import AttentionMetadata, PrefillChunk
 from .config import EngineConfig
 from .models import build_model
@@ -32,7 +36,54 @@ from .sequence import SamplingParams, Sequence
 logger = logging.getLogger(__name__)
 
 GIB = 2**30
+MIB = 2**20
 DEFAULT_CPU_KV_CACHE_GIB = 1.0
+# What each captured graph holds besides the activations in the shared pool (its nodes, kernel
+# parameters): an allowance in the KV budget; the measured total is reported after capture.
+GRAPH_ALLOWANCE_BYTES = 4 * MIB
+
+
+def device_guard(device: torch.device):
+    """Make `device` current for the block: Triton launches and torch.cuda calls without an explicit
+    device go to the current one (cuda:0 unless set), so --device cuda:N needs this around all work."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def kv_budget_bytes(total: int, utilization: float, in_use: int, activations: int, graphs: int) -> int:
+    """The KV cache's share of a GPU, as vLLM computes it: `utilization` of the device's total memory,
+    less what is already in use (weights, CUDA context, other processes), one step's peak activations
+    and the CUDA graphs' pool."""
+    return int(total * utilization) - in_use - activations - graphs
+
+
+def tune_buckets(max_num_seqs: int, max_num_batched_tokens: int) -> list[int]:
+    """Row counts whose 4-bit matmul kernels a server can meet: every power of two up to the largest
+    step (the kernels' autotuning key rounds M up to a power of two, so these cover every M)."""
+    top = max(max_num_seqs, max_num_batched_tokens)
+    buckets, m = [], 1
+    while m < top:
+        buckets.append(m)
+        m *= 2
+    buckets.append(m)
+    return buckets
+
+
+def triton_unusable(device: torch.device) -> Optional[str]:
+    """Why the Triton attention path cannot run on `device` (None: it can)."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device.type == "cuda":
+        return None
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return "on a CPU the Triton kernels run only under the interpreter: set TRITON_INTERPRET=1 before starting"
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl.standard.zeros, InterpretedFunction):
+        return "triton was imported before TRITON_INTERPRET=1 was set; set it before the process starts"
+    return None
 
 
 @dataclasses.dataclass
@@ -79,11 +130,45 @@ class ModelRunner:
         layers, kv_heads, head_dim = self.model.num_layers, self.model.num_kv_heads, self.model.head_dim
         elem = torch.empty((), dtype=self.dtype).element_size()
         self.bytes_per_block = 2 * layers * config.block_size * kv_heads * head_dim * elem
-        self.num_blocks = self._num_blocks(model)
+        self.attention_backend = self._attention_backend(config.attention_backend)
+        # Decode attention reading the paged cache in place (CPU, float32), else PyTorch's sdpa.
+        self.native_attention = self.attention_backend == "native"
+        self.graphs: Optional[cuda_graphs.DecodeGraphs] = None
+        self.startup_seconds: dict[str, float] = {}  # by phase: profile, tune, capture
+        self.memory_plan: dict[str, float] = {}  # how the GPU's memory was shared out (/v1/memory)
+        with device_guard(self.device):
+            self.num_blocks = self._num_blocks(model)
+            self._allocate_cache(self.num_blocks)
+        if self.memory_plan:
+            self.memory_plan["kv_cache_bytes"] = self.num_blocks * self.bytes_per_block
+        self.sampler = Sampler(self.device, config.seed)
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s); attention: %s", self.num_blocks,
+                    config.block_size, self.num_blocks * self.bytes_per_block / GIB, self.device, self.attention_backend)
+
+    def _attention_backend(self, wanted: str) -> str:
+        kvh, d = self.model.num_kv_heads, self.model.head_dim
+        probe = torch.empty((1, self.config.block_size, kvh, d), dtype=self.dtype, device=self.device)
+        native_ok = self.device.type == "cpu" and native.supported(probe, self.model.num_heads) \
+            and native.load() is not None
+        if wanted == "auto":
+            if self.device.type == "cuda" and triton_unusable(self.device) is None:
+                return "triton"
+            return "native" if native_ok else "torch"
+        if wanted == "native" and not native_ok:
+            raise ValueError("attention_backend 'native' needs a CPU, float32 and the C++ kernel built")
+        if wanted == "triton":
+            reason = triton_unusable(self.device)
+            if reason is not None:
+                raise ValueError(f"attention_backend 'triton': {reason}")
+        return wanted
+
+    def _allocate_cache(self, num_blocks: int) -> None:
+        layers, kv_heads, head_dim = self.model.num_layers, self.model.num_kv_heads, self.model.head_dim
+        bs = self.config.block_size
         # [layers, 2, blocks, block_size, kv_heads, head_dim]. On CPU the memory is left
         # untouched (no RSS) until blocks are first used; they are zeroed then (see _zero_new_blocks):
         # masked slots must hold finite numbers, since softmax weight 0 times NaN is NaN.
-        shape = (layers, 2, self.num_blocks, config.block_size, kv_heads, head_dim)
+        shape = (layers, 2, num_blocks, bs, kv_heads, head_dim)
         if self.device.type == "cpu":
             self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
             native.advise_huge_pages(self.kv_cache)  # before the first touch (see _zero_new_blocks)
@@ -91,16 +176,10 @@ class ModelRunner:
             self._zero_new_blocks(0)
         else:
             self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            self._zeroed_blocks = self.num_blocks
+            self._zeroed_blocks = num_blocks
         # Keys transposed within a block (see attention.py): [blocks, KVH, D, block_size].
-        self.kv_caches = [(self.kv_cache[i, 0].view(self.num_blocks, kv_heads, head_dim, config.block_size),
-                           self.kv_cache[i, 1]) for i in range(layers)]
-        self.sampler = Sampler(self.device, config.seed)
-        # Decode attention reading the paged cache in place (CPU, float32), else PyTorch's sdpa.
-        self.native_attention = native.supported(self.kv_caches[0][1], self.model.num_heads) \
-            and native.load() is not None
-        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s)", self.num_blocks, config.block_size,
-                    self.num_blocks * self.bytes_per_block / GIB, self.device)
+        self.kv_caches = [(self.kv_cache[i, 0].view(num_blocks, kv_heads, head_dim, bs), self.kv_cache[i, 1])
+                          for i in range(layers)]
 
     # ------------------------------------------------------------------------------ memory
 
@@ -111,13 +190,7 @@ class ModelRunner:
         if config.kv_cache_memory_gib is not None:
             budget = config.kv_cache_memory_gib * GIB
         elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            # Room for one step's activations and logits, roughly.
-            hidden = getattr(model.config, "hidden_size", 4096)
-            vocab = getattr(model.config, "vocab_size", 32000)
-            elem = torch.empty((), dtype=self.dtype).element_size()
-            reserve = config.max_num_batched_tokens * hidden * 32 * elem + config.max_num_seqs * vocab * 16
-            budget = free * config.gpu_memory_utilization - reserve
+            budget = self._gpu_budget(model)
         else:
             budget = DEFAULT_CPU_KV_CACHE_GIB * GIB
         blocks = int(budget // self.bytes_per_block)
@@ -127,6 +200,40 @@ class ModelRunner:
                 "give more memory (kv_cache_memory_gib / gpu_memory_utilization)"
             )
         return blocks
+
+    def _gpu_budget(self, model: nn.Module) -> int:
+        """KV bytes from --gpu-memory-utilization, after measuring one step's peak activations (a
+        prefill chunk of max_num_batched_tokens on a scratch cache) and allowing for the graphs."""
+        config, dev = self.config, self.device
+        start = time.perf_counter()
+        self.sampler = Sampler(dev, config.seed)
+        tokens = config.max_num_batched_tokens
+        blocks = -(-tokens // config.block_size)
+        self._allocate_cache(blocks)
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        seq = Sequence("profile", [0] * tokens, SamplingParams(max_tokens=1))
+        seq.block_table = list(range(blocks))
+        self.run(ScheduledBatch([seq], [tokens], [True]))
+        self.release(seq)
+        torch.cuda.synchronize(dev)
+        # + the float32 logits of a full decode batch and the sampler's copy of them
+        activations = torch.cuda.max_memory_allocated(dev) - base + 2 * config.max_num_seqs * vocab_size(model) * 4
+        del self.kv_cache, self.kv_caches
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        graphs = 0
+        if self.attention_backend == "triton" and not config.enforce_eager:
+            ladder = cuda_graphs.batch_ladder(config.max_num_seqs)
+            # the pool holds the largest captured batch's activations: they scale with its rows
+            graphs = int(activations * min(1.0, config.max_num_seqs / tokens)) + GRAPH_ALLOWANCE_BYTES * len(ladder)
+        budget = kv_budget_bytes(total, config.gpu_memory_utilization, total - free, activations, graphs)
+        self.memory_plan = {"total_bytes": total, "gpu_memory_utilization": config.gpu_memory_utilization,
+                            "in_use_before_kv_bytes": total - free, "activation_peak_bytes": activations,
+                            "cuda_graph_estimate_bytes": graphs, "kv_cache_budget_bytes": max(budget, 0)}
+        self.startup_seconds["profile"] = time.perf_counter() - start
+        return budget
 
     def _zero_new_blocks(self, max_block: int) -> None:
         if max_block >= self._zeroed_blocks:
@@ -166,6 +273,16 @@ class ModelRunner:
 
         dev = self.device
         long = dict(dtype=torch.long, device=dev)
+        sample_idx = [i for i, s in enumerate(batch.sample) if s]
+        rows = torch.tensor([last_row[i] for i in sample_idx], **long)
+        rope = torch.tensor(rope_lengths, **long) if self.length_dependent_rope else None
+        if self.attention_backend == "triton":
+            slot_mapping = torch.tensor(slots, **long)
+            meta = AttentionMetadata(slot_mapping=slot_mapping, slot_blocks=slot_mapping, slot_offsets=slot_mapping,
+                                     num_decodes=len(decodes), decode_block_tables=None, decode_context_lens=None,
+                                     decode_mask=None, prefills=[], num_tokens=len(input_ids), rope_lengths=rope,
+                                     triton=self._triton_plan(batch, order))
+            return torch.tensor(input_ids, **long), torch.tensor(positions, **long), meta, rows, sample_idx
         nd = len(decodes)
         decode_tables = decode_lens = decode_mask = None
         if nd:
@@ -203,20 +320,37 @@ class ModelRunner:
             prefills=chunks,
             num_tokens=len(input_ids),
             native_decode=self.native_attention,
-            rope_lengths=torch.tensor(rope_lengths, **long) if self.length_dependent_rope else None,
+            rope_lengths=rope,
         )
-        sample_idx = [i for i, s in enumerate(batch.sample) if s]
-        rows = torch.tensor([last_row[i] for i in sample_idx], **long)
         return torch.tensor(input_ids, **long), torch.tensor(positions, **long), meta, rows, sample_idx
+
+    def _triton_plan(self, batch: ScheduledBatch, order: list[int]) -> triton_attention.TritonPlan:
+        """Work items of the Triton kernel: each sequence's rows (in the flattened order) with the
+        blocks covering its context; -1 (freed, before every window) becomes block 0, never read."""
+        bs = self.block_size
+        entries, row = [], 0
+        for i in order:
+            seq, n = batch.seqs[i], batch.num_new_tokens[i]
+            context = seq.num_computed_tokens + n
+            table = [max(b, 0) for b in seq.block_table[: -(-context // bs)]]
+            entries.append(triton_attention.Entry(row, n, context, table))
+            row += n
+        group = self.model.num_heads // self.model.num_kv_heads
+        return triton_attention.build_plan(entries, group, self.model.num_kv_heads, self.device)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
-        input_ids, positions, meta, rows, sample_idx = self._prepare(batch)
         tokens: list[Optional[int]] = [None] * len(batch)
         logprobs: list[Optional[TokenLogprob]] = [None] * len(batch)
+        sample_idx = [i for i, s in enumerate(batch.sample) if s]
         sampling = [batch.seqs[i] for i in sample_idx]
         self.sampler.prepare(sampling)  # grammar masks are built while the model runs
-        logits = self.model.forward_logits(input_ids, positions, meta, self.kv_caches, rows)
+        logits = self._replay(batch) if self.graphs is not None and self._graphable(batch) else None
+        if logits is not None:
+            logits = logits if len(sample_idx) == len(batch) else logits[sample_idx]
+        else:
+            input_ids, positions, meta, rows, sample_idx = self._prepare(batch)
+            logits = self.model.forward_logits(input_ids, positions, meta, self.kv_caches, rows)
         if sample_idx:
             sampled, lps = self.sampler(logits, sampling)
             for j, i in enumerate(sample_idx):
@@ -224,14 +358,55 @@ class ModelRunner:
                 logprobs[i] = lps[j]
         return StepResult(tokens, logprobs)
 
+    def _graphable(self, batch: ScheduledBatch) -> bool:
+        """A decode-only step without LoRA rows (their per-step state is not in the graphs' buffers)."""
+        return all(n == 1 for n in batch.num_new_tokens) and all(s.lora is None for s in batch.seqs)
+
+    def _replay(self, batch: ScheduledBatch, eager: bool = False) -> Optional[torch.Tensor]:
+        """float32 logits [len(batch), V] from the captured graph of the batch's padded size (None if
+        none holds it). eager: the same padded static inputs without a graph (CPU tests)."""
+        bs = self.block_size
+        ids, positions, slots, contexts, tables = [], [], [], [], []
+        for seq in batch.seqs:
+            p = seq.num_computed_tokens
+            ids.append(seq.token_ids[p])
+            positions.append(p)
+            slots.append(seq.block_table[p // bs] * bs + p % bs)
+            contexts.append(p + 1)
+            tables.append([max(b, 0) for b in seq.block_table[: p // bs + 1]])
+        if self._zeroed_blocks < self.num_blocks:
+            self._zero_new_blocks(max(max(t) for t in tables))
+        if self.lora is not None:
+            self.lora.batch = None
+        return self.graphs.replay(ids, positions, slots, contexts, tables, eager=eager)
+
     def release(self, seq: Sequence) -> None:
         """Forget per-sequence state (its seeded generator) once it has finished."""
         self.sampler.release(seq)
 
     @torch.inference_mode()
-    def warmup(self) -> None:
+    def warmup(self, max_model_len: Optional[int] = None) -> None:
         """One prefill and one decode on a scratch sequence (kernels built, caches warm); the
-        blocks it used are zeroed again afterwards."""
+        blocks it used are zeroed again afterwards. On a GPU then: every 4-bit matmul shape x row
+        bucket tuned (choices cached on disk) and the decode graphs captured; each phase timed."""
+        with device_guard(self.device):
+            start = time.perf_counter()
+            self._warmup_step()
+            self.startup_seconds["warmup"] = time.perf_counter() - start
+            if self.device.type != "cuda":
+                return
+            start = time.perf_counter()
+            self.tune()
+            self.startup_seconds["tune"] = time.perf_counter() - start
+            if self.attention_backend == "triton" and not self.config.enforce_eager \
+                    and isinstance(self.model, LlamaModel) and not self.length_dependent_rope:
+                start = time.perf_counter()
+                self.capture_graphs(max_model_len or self.capacity_tokens)
+                self.startup_seconds["capture"] = time.perf_counter() - start
+            logger.info("startup on %s: %s", self.device,
+                        ", ".join(f"{k} {v:.1f} s" for k, v in self.startup_seconds.items()))
+
+    def _warmup_step(self) -> None:
         n = max(1, min(self.block_size, 8) - 1)
         num_blocks = -(-(n + 1) // self.block_size)
         if num_blocks > self.num_blocks:
@@ -244,6 +419,65 @@ class ModelRunner:
         self.run(ScheduledBatch([seq], [1], [True]))
         self.release(seq)
         self.kv_cache[:, :, :num_blocks].zero_()
+
+    def tune(self) -> int:
+        """Autotune every 4-bit matmul of the model for every row bucket a step can have, starting
+        from the choices saved for this GPU, and save them back; afterwards a key never met here
+        takes the heuristic configuration instead of tuning inside a served step. Returns the
+        number of (shape, bucket) calls made."""
+        if not isinstance(self.model, LlamaModel):
+            return 0
+        from quantserve.kernels.triton import ops, tune_cache
+
+        path = tune_cache.cache_path(torch.cuda.get_device_name(self.device))
+        restored = tune_cache.load(ops.tuners(), path)
+        shapes = {}
+        for layer in self.model.layers:
+            for linear in (layer.qkv, layer.o_proj, layer.up, layer.down):
+                state = linear.state
+                if state is not None:  # 4-bit
+                    shapes.setdefault((tuple(state.shape), state.blocksize, state.quant_type, linear.compute_dtype),
+                                      linear)
+        calls = 0
+        for linear in shapes.values():
+            for m in tune_buckets(self.config.max_num_seqs, self.config.max_num_batched_tokens):
+                linear(torch.zeros(m, linear.state.shape[1], dtype=linear.compute_dtype, device=self.device))
+                calls += 1
+        torch.cuda.synchronize(self.device)
+        saved = tune_cache.save(ops.tuners(), path)
+        ops.TUNE_NEW_KEYS = False
+        logger.info("4-bit matmuls tuned: %d shapes x row buckets, %d choices restored from %s, %d saved",
+                    calls, restored, path, saved)
+        return calls
+
+    def capture_graphs(self, max_model_len: int) -> None:
+        """CUDA graphs of the decode step for every batch size of the ladder (cuda_graphs.py)."""
+        from quantserve.kernels.triton import ops
+
+        kvh = self.model.num_kv_heads
+        width = -(-max_model_len // self.block_size)
+
+        def splits_for(size: int) -> int:
+            return ops.decode_splits(size, kvh, max_model_len, block_n=triton_attention.BLOCK_N)
+
+        def forward(ids, positions, meta, rows):
+            return self.model.forward_logits(ids, positions, meta, self.kv_caches, rows)
+
+        if self.lora is not None:
+            self.lora.batch = None
+        graphs = cuda_graphs.DecodeGraphs(forward, cuda_graphs.batch_ladder(self.config.max_num_seqs), width,
+                                          self.device, splits_for)
+        torch.cuda.synchronize(self.device)
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        graphs.capture()
+        used = free_before - torch.cuda.mem_get_info(self.device)[0]
+        self.memory_plan["cuda_graph_bytes"] = used
+        estimate = self.memory_plan.get("cuda_graph_estimate_bytes")
+        if estimate is not None and used > estimate:
+            logger.warning("CUDA graphs took %.0f MiB, more than the %.0f MiB allowed for them in the KV budget",
+                           used / MIB, estimate / MIB)
+        self.graphs = graphs
+        logger.info("CUDA graphs: decode batch sizes %s captured (%.0f MiB)", graphs.ladder, used / MIB)
 
     @property
     def capacity_tokens(self) -> int:
