@@ -2,7 +2,7 @@
 
 Triton benchmarks every configuration that survives pruning on the first call for a new
 (M bucket, N, K, ...) key, so each list is short. The lists are picked once per process from the
-first GPU (`torch.cuda.get_device_properties(0)`); the families differ in what limits them:
+current GPU's properties; the families differ in what limits them:
 
 - hopper  (sm_90+ datacenter, 228 KB shared memory, ~3.3-4.8 TB/s): deep pipelines, wide tiles.
 - ampere  (sm_80 datacenter, 164 KB shared memory, ~1.5-2 TB/s): three or four stages.
@@ -68,14 +68,19 @@ DEFAULT_GEMV = dict(BLOCK_N=8, BLOCK_KB=128, SPLIT_K=1, num_warps=4, num_stages=
 DEFAULT_GEMM = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_KB=32, SPLIT_K=1, num_warps=4, num_stages=2)
 
 
-@functools.cache
 def gpu_family() -> str:
-    """'hopper', 'ampere', 'consumer' or 'amd' for GPU 0 ('consumer' when no GPU is visible)."""
+    """'hopper', 'ampere', 'consumer' or 'amd' for the current GPU ('consumer' when none is visible);
+    the current one, not GPU 0: a server on --device cuda:1 runs under a device guard."""
     if not torch.cuda.is_available():
         return "consumer"
+    return _family(torch.cuda.current_device())
+
+
+@functools.cache
+def _family(index: int) -> str:
     if torch.version.hip is not None:
         return "amd"
-    props = torch.cuda.get_device_properties(0)
+    props = torch.cuda.get_device_properties(index)
     smem = getattr(props, "shared_memory_per_block_optin", 0)
     if props.major >= 9 and smem >= 200 * 1024:
         return "hopper"
@@ -84,9 +89,13 @@ def gpu_family() -> str:
     return "consumer"
 
 
-@functools.cache
 def num_sms() -> int:
-    return torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 1
+    return _num_sms(torch.cuda.current_device()) if torch.cuda.is_available() else 1
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def gemv_configs() -> list[triton.Config]:

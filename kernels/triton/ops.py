@@ -65,17 +65,34 @@ def interpreting() -> bool:
 # Autotuned kernels, built on first use (building reads the GPU's properties).
 
 
+def _quick_bench(fn, quantiles=None):
+    # Triton's default (25 ms warm-up, 100 ms of repetitions per config) made a server's startup
+    # tuning of ~50 shape x bucket keys take minutes; these kernels run 5-500 us, so 20 ms still
+    # times each config over 40+ runs.
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+def _autotune_options() -> dict:
+    import inspect
+
+    return {"do_bench": _quick_bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
+
+
 @functools.cache
 def _gemv_tuned():
     return triton.autotune(configs=configs.gemv_configs(), key=["M_KEY", "N", "K", "BLOCKSIZE", "NESTED"],
-                           prune_configs_by={"early_config_prune": configs.prune_gemv})(gemv_4bit_kernel)
+                           prune_configs_by={"early_config_prune": configs.prune_gemv},
+                           **_autotune_options())(gemv_4bit_kernel)
 
 
 @functools.cache
 def _gemm_tuned(split: bool):
     cfgs = [c for c in configs.gemm_configs() if split or c.kwargs["SPLIT_K"] == 1]
     return triton.autotune(configs=cfgs, key=["M_KEY", "N", "K", "BLOCKSIZE", "NESTED"],
-                           prune_configs_by={"early_config_prune": configs.prune_gemm})(gemm_4bit_kernel)
+                           prune_configs_by={"early_config_prune": configs.prune_gemm},
+                           **_autotune_options())(gemm_4bit_kernel)
 
 
 def _tuned(gemv: bool, split: bool, M: int, N: int, K: int, blocksize: int, nested: bool) -> bool:
