@@ -161,7 +161,8 @@ def write_adapters(model, count: int, rank: int, folder: Path) -> list[tuple[str
 
 def run_quantserve(model, tokenizer, prompts, concurrency, rounds, max_tokens, args,
                    adapters: Optional[list[tuple[str, str]]] = None) -> dict[str, Any]:
-    config = EngineConfig(max_num_seqs=max(concurrency, 1), max_num_batched_tokens=args.max_num_batched_tokens,
+    config = EngineConfig(max_num_seqs=args.max_num_seqs or max(concurrency, 1),
+                          max_num_batched_tokens=args.max_num_batched_tokens,
                           kv_cache_memory_gib=args.kv_cache_gib, max_loras=max(1, len(adapters or ())))
     rec = Recorder()
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
@@ -330,6 +331,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--kv-cache-gib", type=float, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=0,
+                        help="quantserve's max_num_seqs (default 0: the concurrency, so that no request queues; "
+                        "give the server's default to see the queueing a server would have)")
     parser.add_argument("--hf-max-concurrency", type=int, default=64,
                         help="skip the transformers systems above this concurrency (they are slow)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -355,7 +359,8 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{dtype}, {args.quant} weights, quantserve's matmul precision {args.matmul_precision}; "
           f"prompts {args.prompt_tokens} tokens, "
           f"{args.max_tokens} output tokens, "
-          f"{args.rounds} requests per client", flush=True)
+          f"{args.rounds} requests per client"
+          + (f", quantserve's max_num_seqs {args.max_num_seqs}" if args.max_num_seqs else ""), flush=True)
     results: dict[str, dict[int, dict[str, Any]]] = {}
     quantized = None
     adapters: list[tuple[str, str]] = []
