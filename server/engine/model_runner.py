@@ -431,6 +431,7 @@ class ModelRunner:
 
         path = tune_cache.cache_path(torch.cuda.get_device_name(self.device))
         restored = tune_cache.load(ops.tuners(), path)
+        ops.TUNE_NEW_KEYS = True  # this model's shapes may be new to the tuners
         shapes = {}
         for layer in self.model.layers:
             for linear in (layer.qkv, layer.o_proj, layer.up, layer.down):
