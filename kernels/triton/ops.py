@@ -122,9 +122,14 @@ _COUNTERS: dict[torch.device, torch.Tensor] = {}
 def _persistent_counters(device: torch.device, n: int) -> torch.Tensor:
     buf = _COUNTERS.get(device)
     if buf is None or buf.numel() < n:
+        if buf is not None:  # a captured CUDA graph may still launch kernels on it: never free it
+            _RETIRED_COUNTERS.append(buf)
         buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
         _COUNTERS[device] = buf
     return buf
+
+
+_RETIRED_COUNTERS: list[torch.Tensor] = []
 
 
 def _absmax_args(absmax: torch.Tensor, nested: Optional[Nested]):

@@ -23,9 +23,11 @@ class EngineConfig:
     Attributes:
         block_size: tokens per KV cache block (page).
         num_kv_blocks: exact number of KV blocks; overrides the memory budget (tests use tiny ones).
-        kv_cache_memory_gib: KV cache size in GiB. Default: 1 GiB on CPU; on a GPU,
-            `gpu_memory_utilization` of the memory free after loading the model.
-        gpu_memory_utilization: fraction of free device memory the KV cache may take (GPU only).
+        kv_cache_memory_gib: KV cache size in GiB. Default: 1 GiB on CPU; on a GPU, what
+            `gpu_memory_utilization` leaves (model_runner.kv_budget_bytes).
+        gpu_memory_utilization: fraction of the GPU's total memory the engine may use (as vLLM's):
+            the KV cache gets it less what is in use after loading, one step's measured activation
+            peak and the CUDA graphs' allowance (GPU only).
         max_num_seqs: most sequences in one step (running batch size).
         max_num_batched_tokens: token budget of one step; longer prompts are prefilled in chunks.
         max_model_len: context length limit (prompt + output). None: the model's

@@ -163,6 +163,7 @@ class ModelRunner:
         return wanted
 
     def _allocate_cache(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
         layers, kv_heads, head_dim = self.model.num_layers, self.model.num_kv_heads, self.model.head_dim
         bs = self.config.block_size
         # [layers, 2, blocks, block_size, kv_heads, head_dim]. On CPU the memory is left
