@@ -225,7 +225,7 @@ class ModelRunner:
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(dev)
         graphs = 0
-        if self.attention_backend == "triton" and not config.enforce_eager:
+        if self._no_graphs_reason() is None:
             ladder = cuda_graphs.batch_ladder(config.max_num_seqs)
             # the pool holds the largest captured batch's activations: they scale with its rows
             graphs = int(activations * min(1.0, config.max_num_seqs / tokens)) + GRAPH_ALLOWANCE_BYTES * len(ladder)
@@ -399,13 +399,33 @@ class ModelRunner:
             start = time.perf_counter()
             self.tune()
             self.startup_seconds["tune"] = time.perf_counter() - start
-            if self.attention_backend == "triton" and not self.config.enforce_eager \
-                    and isinstance(self.model, LlamaModel) and not self.length_dependent_rope:
+            reason = self._no_graphs_reason()
+            if reason is None:
                 start = time.perf_counter()
-                self.capture_graphs(max_model_len or self.capacity_tokens)
+                try:
+                    self.capture_graphs(max_model_len or self.capacity_tokens)
+                except RuntimeError as exc:  # e.g. an op that syncs with the host: serve eagerly, say why
+                    self.graphs = None
+                    logger.warning("CUDA graph capture failed, decoding eagerly: %s", exc)
                 self.startup_seconds["capture"] = time.perf_counter() - start
+            else:
+                logger.info("CUDA graphs off: %s", reason)
             logger.info("startup on %s: %s", self.device,
                         ", ".join(f"{k} {v:.1f} s" for k, v in self.startup_seconds.items()))
+
+    def _no_graphs_reason(self) -> Optional[str]:
+        if self.config.enforce_eager:
+            return "--enforce-eager"
+        if self.attention_backend != "triton":
+            return f"attention backend {self.attention_backend} (graphs replay the Triton path's buffers)"
+        if not isinstance(self.model, LlamaModel):
+            return "the model runs through transformers' modules (model_impl 'transformers')"
+        if self.length_dependent_rope:
+            return "rope frequencies that depend on the sequence length (per-step state)"
+        if any(lin.int8 is not None for layer in self.model.layers
+               for lin in (layer.qkv, layer.o_proj, layer.up, layer.down)):
+            return "LLM.int8 weights (their outlier split depends on each step's activations)"
+        return None
 
     def _warmup_step(self) -> None:
         n = max(1, min(self.block_size, 8) - 1)
