@@ -31,6 +31,7 @@ from .errors import EngineDeadError, EngineOverloadedError, InvalidRequestError,
 from .grammar import GrammarCompiler
 from .lora import LoRARegistry, resolve
 from .model_runner import ModelRunner, device_guard, model_max_len, vocab_size
+from .models import lora_layers
 from .outputs import CompletionOutput, EngineStats, RequestOutput
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import FinishReason, SamplingParams, Sequence
@@ -102,7 +103,8 @@ class AsyncEngine:
                                    recompute_above=self.runner.recompute_above, max_loras=config.max_loras)
         # LoRA adapters by served name (engine/lora.py): loaded from any thread, held by requests.
         lora = self.runner.lora
-        self.loras = LoRARegistry(None if lora is None else lora.targets, config.max_lora_rank, self.runner.dtype,
+        self.loras = LoRARegistry(None if lora is None else lora.targets, config.max_lora_rank,
+                                  lora_layers.weight_dtype(self.runner.device, self.runner.dtype),
                                   self.runner.device, unsupported=self.runner.lora_unsupported)
 
         self._inbox: collections.deque = collections.deque()

@@ -54,17 +54,27 @@ class Target:
     in_features: int
 
 
-@dataclasses.dataclass
-class GroupWeights:
-    """One fused linear's share of an adapter, as two matmuls whatever the number of its parts:
-    shrink with `a` = the A of every targeted part stacked ([sum r, in]), expand with `b_t`
-    ([sum r, end - start]) = each part's scaling * B^T in its own rows and output columns (zero
-    elsewhere: block diagonal), into the fused output's columns [start, end)."""
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One targeted module of a fused linear: rows [r0, r1) of its group's stacked A, and
+    `b_t` = scaling * B^T ([r1 - r0, end - start]) into the fused output's columns [start, end)."""
 
-    a: torch.Tensor
-    b_t: torch.Tensor
+    r0: int
+    r1: int
     start: int
     end: int
+    b_t: torch.Tensor
+
+
+@dataclasses.dataclass
+class GroupWeights:
+    """One fused linear's share of an adapter: one shrink with `a` = the A of every targeted part
+    stacked ([sum r, in]), then each part's expand into its own columns. (A block-diagonal B for
+    the whole group would be one matmul, but two thirds zeros for q/k/v: reading those bytes is
+    most of what adapters cost on CPU.)"""
+
+    a: torch.Tensor
+    parts: tuple[Part, ...]
 
 
 @dataclasses.dataclass
@@ -79,7 +89,7 @@ class LoRAAdapter:
 
     @property
     def num_bytes(self) -> int:
-        tensors = [t for g in self.groups.values() for t in (g.a, g.b_t)]
+        tensors = [t for g in self.groups.values() for t in (g.a, *(p.b_t for p in g.parts))]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -190,15 +200,14 @@ def load_adapter(name: str, path: str, targets: dict[tuple[int, str], Target], m
     groups = {}
     for key, parts in per_group.items():
         parts.sort(key=lambda p: p[0].start)
-        start, end = parts[0][0].start, parts[-1][0].end
         a_cat = torch.cat([a for _, a, _, _ in parts]).to(device=device, dtype=dtype).contiguous()
-        b_t = torch.zeros(a_cat.shape[0], end - start, dtype=torch.float32)
-        r0 = 0
+        compact, r0 = [], 0
         for target, a, b, scaling in parts:
             r = a.shape[0]
-            b_t[r0 : r0 + r, target.start - start : target.end - start] = b.float().t() * scaling
+            b_t = (b.float().t() * scaling).to(device=device, dtype=dtype).contiguous()
+            compact.append(Part(r0, r0 + r, target.start, target.end, b_t))
             r0 += r
-        groups[key] = GroupWeights(a_cat, b_t.to(device=device, dtype=dtype).contiguous(), start, end)
+        groups[key] = GroupWeights(a_cat, tuple(compact))
     modules = tuple(sorted({module for _, module in pairs}))
     return LoRAAdapter(name=name, path=str(path), rank=max_seen, uid=next(_ids), groups=groups,
                        target_modules=modules)

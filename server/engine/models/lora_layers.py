@@ -1,27 +1,47 @@
 """LoRA on the native forward: each fused linear of every layer gets a wrapper that adds the
 deltas of the adapters in this step's batch to the rows that asked for them.
 
-Per step the runner sets `LoRAState.batch` to [(adapter, rows)]: the rows (flattened batch
-positions) of each adapter; rows is None when the whole batch uses one adapter. Per fused
-linear and adapter, two matmuls however many of its parts (q, k, v / gate, up) are targeted:
-shrink s = x[rows] @ A^T with the A's of the targeted parts stacked ([n, sum r]), expand
-s @ (scaling * B^T) with the B's block diagonal, added into the fused output's columns of those
-parts (peft computes base(x) + lora_B(lora_A(x)) * scaling). Base rows are untouched, so a
-base request computes exactly what it computes without adapters. The Triton kernels for the
-same shrink/expand (kernels/triton/lora.py, one program per row) are not wired in yet: this
-grouped PyTorch path runs on every device.
+Per step the runner sets `LoRAState.batch` to a `StepAdapters` (`step_batch`): the adapters in the
+batch, each flattened row's slot among them, and [(adapter, rows)]. peft computes base(x) +
+lora_B(lora_A(x)) * scaling; per fused linear and adapter: one shrink s = x @ A^T with the A's of
+the targeted parts (q, k, v / gate, up) stacked ([n, sum r]), then per part an expand of its
+columns of s by scaling * B^T, added into the fused output's columns of that part. Base rows are
+untouched, so a base request computes exactly what it computes without adapters.
+
+On CPU, one native call per fused linear does every row of every adapter (kernels/cpu/lora.cpp;
+its header says why the torch ops were too slow: in the engine even a prefill chunk's grouped
+torch ops took ~5 ms a linear). Elsewhere (GPU, no compiler) the grouped torch ops below run.
+Adapters are kept in bfloat16 on CPU at bf16 matmul precision (`weight_dtype`). The Triton
+kernels for the same shrink/expand (kernels/triton/lora.py) are not wired in yet.
 """
 
 from __future__ import annotations
 
+import collections
 from typing import Any, Optional
 
 import torch
+
+from quantserve.kernels.cpu import linear16
+from quantserve.kernels.cpu import lora as lora_cpu
 
 from . import families
 from ..lora import LoRAAdapter, Target
 
 GROUPS = ("qkv", "o_proj", "up", "down")
+FEW_ROWS = 128  # up to this many rows, one torch thread beats two on these tiny matmuls
+_TABLE_SETS = 32  # adapter sets whose native tables are kept (a set recurs while its requests run)
+
+
+class StepAdapters:
+    """One step's adapters: `adapters` in slot order, `slot` [rows] int32 (each flattened row's
+    slot, -1: the base) for the native kernel, and `groups` [(adapter, rows)] for the torch path
+    (rows None: every row is that adapter's)."""
+
+    def __init__(self, adapters: tuple[LoRAAdapter, ...], slot: torch.Tensor,
+                 groups: list[tuple[LoRAAdapter, Optional[torch.Tensor]]]) -> None:
+        self.adapters, self.slot, self.groups = adapters, slot, groups
+        self.key = tuple(a.uid for a in adapters)
 
 
 class LoRAState:
@@ -29,7 +49,29 @@ class LoRAState:
 
     def __init__(self, targets: dict[tuple[int, str], Target]) -> None:
         self.targets = targets
-        self.batch: Optional[list[tuple[LoRAAdapter, Optional[torch.Tensor]]]] = None
+        self.batch: Optional[StepAdapters] = None
+        self._tables: collections.OrderedDict[tuple[int, ...], dict] = collections.OrderedDict()
+
+    def native_table(self, step: StepAdapters, key: tuple[int, str]) -> Optional[torch.Tensor]:
+        """The native kernel's slot table for fused linear `key` under this step's adapters (built
+        once per adapter set), or None when an adapter's weights are not float32 CPU tensors. An
+        entry keeps its adapters alive, so the pointers in it stay valid even after an unload."""
+        entry = self._tables.get(step.key)
+        if entry is None:
+            entry = {"adapters": step.adapters}
+            self._tables[step.key] = entry
+            while len(self._tables) > _TABLE_SETS:
+                self._tables.popitem(last=False)
+        else:
+            self._tables.move_to_end(step.key)
+        if key not in entry:
+            groups = [adapter.groups.get(key) for adapter in step.adapters]
+            try:
+                entry[key] = lora_cpu.table([[] if g is None else [(g.a[p.r0 : p.r1], p.b_t, p.start, p.end)
+                                                                   for p in g.parts] for g in groups])
+            except ValueError:
+                entry[key] = None
+        return entry[key]
 
 
 class LoRALinear:
@@ -42,10 +84,11 @@ class LoRALinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        batch = self.state.batch
-        if not batch:
+        step = self.state.batch
+        if step is None or self._add_native(x, out, step):
             return out
-        if x.device.type != "cpu" or torch.get_num_threads() == 1:
+        batch = step.groups
+        if x.device.type != "cpu" or torch.get_num_threads() == 1 or step.slot.numel() > FEW_ROWS:
             self._add_deltas(x, out, batch)
             return out
         # On CPU these matmuls are tiny ([rows, 576] x [576, 48]): on one thread ~30 us each,
@@ -59,6 +102,20 @@ class LoRALinear:
             torch.set_num_threads(threads)
         return out
 
+    def _add_native(self, x: torch.Tensor, out: torch.Tensor, step: StepAdapters) -> bool:
+        """Add the deltas with the native kernel if it takes this call (False: it did nothing)."""
+        if x.device.type != "cpu" or x.dtype != torch.float32 or out.dtype != torch.float32 \
+                or not out.is_contiguous():
+            return False
+        lib = lora_cpu.load()
+        table = None if lib is None else self.state.native_table(step, self.key)
+        if table is None:
+            return False
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        return lora_cpu.add(lib, x2, out.view(-1, out.shape[-1]), step.slot, table)
+
     def _add_deltas(self, x: torch.Tensor, out: torch.Tensor,
                     batch: list[tuple[LoRAAdapter, Optional[torch.Tensor]]]) -> None:
         for adapter, rows in batch:
@@ -66,11 +123,25 @@ class LoRALinear:
             if weights is None:
                 continue
             xs = x if rows is None else x.index_select(0, rows)
-            delta = (xs @ weights.a.t()) @ weights.b_t  # [n, sum r] -> [n, end - start], scaled
-            if rows is None:
-                out[:, weights.start : weights.end] += delta
-            else:
-                out[:, weights.start : weights.end].index_add_(0, rows, delta)
+            s = xs @ weights.a.to(xs.dtype).t()  # [n, sum r]; bf16 weights on CPU: a long prefill chunk
+            for p in weights.parts:
+                delta = s[:, p.r0 : p.r1] @ p.b_t.to(xs.dtype)  # [n, end - start], scaled
+                if rows is None:
+                    out[:, p.start : p.end] += delta
+                else:
+                    out[:, p.start : p.end].index_add_(0, rows, delta)
+
+
+def weight_dtype(device: torch.device, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype adapters are kept in. On CPU with float32 compute at bf16 matmul precision
+    ("medium", as the 4-bit kernels and the 16-bit head read it) and the native kernel there:
+    bfloat16, which it widens exactly and sums in float32. Reading the adapters is most of their
+    cost (rank 16 on every projection of the default model: 29 MB of float32 per adapter, more
+    than its 4-bit base), and this halves it. Otherwise the compute dtype."""
+    if device.type == "cpu" and compute_dtype == torch.float32 and linear16.bf16_products_allowed() \
+            and lora_cpu.load() is not None:
+        return torch.bfloat16
+    return compute_dtype
 
 
 def attach(model: Any) -> LoRAState:
@@ -100,19 +171,24 @@ def attach(model: Any) -> LoRAState:
 
 
 def step_batch(adapters: list[Optional[LoRAAdapter]], counts: list[int],
-               device: torch.device) -> Optional[list[tuple[LoRAAdapter, Optional[torch.Tensor]]]]:
-    """[(adapter, rows)] for a step whose flattened batch holds counts[i] rows of adapters[i], in
-    order (None adapters: the base). rows None: every row is that adapter's."""
+               device: torch.device) -> Optional[StepAdapters]:
+    """The StepAdapters of a step whose flattened batch holds counts[i] rows of adapters[i], in
+    order (None adapters: the base); None when no row has an adapter."""
     if not any(a is not None for a in adapters):
         return None
     rows: dict[int, tuple[LoRAAdapter, list[int]]] = {}
+    slot: list[int] = []
     offset = 0
     for adapter, n in zip(adapters, counts):
-        if adapter is not None:
+        if adapter is None:
+            slot.extend([-1] * n)
+        else:
             rows.setdefault(adapter.uid, (adapter, []))[1].extend(range(offset, offset + n))
+            slot.extend([list(rows).index(adapter.uid)] * n)
         offset += n
-    if len(rows) == 1:
-        adapter, idx = next(iter(rows.values()))
-        if len(idx) == offset:
-            return [(adapter, None)]
-    return [(adapter, torch.tensor(idx, dtype=torch.long, device=device)) for adapter, idx in rows.values()]
+    in_order = tuple(adapter for adapter, _ in rows.values())
+    slots = torch.tensor(slot, dtype=torch.int32)  # read by the CPU kernel only
+    if len(rows) == 1 and len(next(iter(rows.values()))[1]) == offset:
+        return StepAdapters(in_order, slots, [(in_order[0], None)])
+    return StepAdapters(in_order, slots, [(adapter, torch.tensor(idx, dtype=torch.long, device=device))
+                                          for adapter, idx in rows.values()])
