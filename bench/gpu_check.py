@@ -364,7 +364,11 @@ def report(outdir: Path) -> dict:
         data["checks"] = {name: value for name, (value, _) in checks.items()}
         md += ["", f"batch-1 ceiling: {_f(ceiling)} tok/s (weights read per token over the copy bandwidth)", ""]
         md += [f"- {name}: {_mark(value, target)}" for name, (value, target) in checks.items()]
-        md += ["", "### Startup by phase (seconds)", "", "| start | " + " | ".join(PHASES) + " |",
+        md += ["", "### Startup by phase (seconds)", "",
+               "cold: the first engine on the NF4 model (tunes, saves the choices); warm: a second engine in the same "
+               "process (choices read back from disk; Triton's compiled kernels already in memory, so a fresh "
+               "process would add their loading from Triton's disk cache)", "",
+               "| start | " + " | ".join(PHASES) + " |",
                "|---|" + "---|" * len(PHASES)]
         for key in ("startup_cold", "startup_warm"):
             s = nf4.get(key, {})

@@ -56,8 +56,8 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', 
 'bitsandbytes', bitsandbytes.__version__, torch.cuda.get_device_name(0))" >&2 || true
 fi
 
-part pytest 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/pytest.xml" \
+part pytest 110 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/pytest.xml" \
     tests/server/engine/test_gpu_engine.py tests/kernels/test_gpu_paged_attention.py tests/kernels/test_gpu.py
-part kernels 75 "$PY" bench/gpu_check.py kernels "$OUT" $DRY
-part e2e 210 "$PY" bench/gpu_check.py e2e "$OUT" $DRY
+part kernels 80 "$PY" bench/gpu_check.py kernels "$OUT" $DRY
+part e2e 170 "$PY" bench/gpu_check.py e2e "$OUT" $DRY
 "$PY" bench/gpu_check.py report "$OUT"
