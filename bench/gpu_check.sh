@@ -31,7 +31,8 @@ part() {  # part NAME LIMIT_SECONDS COMMAND...: run, log, time
     local name=$1 limit=$2; shift 2
     local t0=$SECONDS
     echo "== $name (limit ${limit}s)" >&2
-    timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    # SIGINT first: pytest still writes its junit XML of the tests run so far, the parts their JSON
+    timeout -s INT --kill-after=15 "$limit" "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
     echo "$name $((SECONDS - t0))" >>"$OUT/times.txt"
     echo "   $name: exit $rc after $((SECONDS - t0)) s" >&2
