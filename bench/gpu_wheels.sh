@@ -8,8 +8,9 @@
 # stack (FastAPI, Starlette, pydantic + pydantic-core + pydantic-settings, uvicorn, llguidance for
 # grammars) at the versions this project's CI uses, and a wheel of quantserve itself (the check
 # prefers installing the tree it runs in; this one is the fallback). No dependencies are resolved
-# (--no-deps): what the image already has (anyio, h11, click, typing-extensions, numpy ...) is not
-# brought again, since two versions of one package stop `pip install --no-index`. About 50 MB: the
+# (--no-deps): what the image already has (anyio, h11, click, numpy ...) is not
+# brought again (typing-extensions is: pydantic 2.14 needs a recent one; installed with --target, it
+# shadows the image's through PYTHONPATH). About 50 MB: the
 # device tool carries at most 64 MiB with the working tree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +26,7 @@ PLATFORMS=(--platform manylinux_2_35_x86_64 --platform manylinux_2_34_x86_64 --p
     bitsandbytes==0.50.2 \
     fastapi==0.165.0 starlette==1.10.0 annotated-doc==0.0.7 \
     pydantic==2.14.4 pydantic-core==2.50.5 pydantic-settings==2.16.3 python-dotenv==1.2.4 \
-    annotated-types==0.8.0 typing-inspection==0.4.5 \
+    annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 \
     uvicorn==0.54.0 llguidance==1.9.1
 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$DEST" .
 du -sh "$DEST"
