@@ -288,7 +288,9 @@ def paged_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         ks[0], ks[1], ks[2], ks[3], vs[0], vs[1], vs[2],
         GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=d_pad, PAGE=page, BLOCK_M=block_m, BLOCK_Q=block_q,
-        BLOCK_N=block_n, SPLITS=splits, WINDOW=bool(window), SOFTCAP=bool(softcap), num_warps=4,
+        BLOCK_N=block_n, SPLITS=splits, WINDOW=bool(window), SOFTCAP=bool(softcap),
+        # a prefill tile's float32 accumulator (64 x 128: 32 KB) would take 64 registers a thread with 4 warps
+        num_warps=8 if block_m * d_pad > 64 * 64 else 4,
     )
     if splits > 1:
         wrap_triton(paged_attention_reduce_kernel)[(W, kvh)](
