@@ -7,8 +7,9 @@
 a and b stack the adapters' matrices per slot (ranks padded with zeros to R); idx[t] = -1 marks a
 row without adapter (left untouched). One program per (row, output tile): a decode batch mixes
 adapters row by row, so no two rows share a weight tile and grouping buys nothing on a GPU;
-sums in float32. Not yet called by the engine (models/lora_layers.py's grouped PyTorch matmuls
-run on every device); tested under TRITON_INTERPRET=1 against a float64 reference.
+sums in float32. The engine calls them on CUDA (server/engine/models/lora_layers.py, one shrink and
+one expand per fused linear); tested under TRITON_INTERPRET=1 against a float64 reference, also
+through the engine's LoRA layer.
 """
 
 from __future__ import annotations

@@ -74,3 +74,53 @@ def test_shrink_expand_equal_float64(kl, dtype, T, K, R, N, M, offset):
 def test_shape_mismatch_is_refused(kl):
     with pytest.raises(ValueError, match="do not match"):
         kl.lora_shrink(torch.zeros(2, 8), torch.zeros(1, 4, 9), torch.zeros(2, dtype=torch.long))
+
+
+def test_engine_lora_layer_on_the_triton_path(kl):
+    """The engine's LoRA wrapper (server/engine/models/lora_layers.py) with the Triton kernels, as
+    it runs on CUDA: a fused q/k/v-shaped linear, adapters targeting different parts (one only v,
+    one none of them), rows of the base among them; against float64 of the unmerged LoRA sum."""
+    from quantserve.server.engine.lora import GroupWeights, LoRAAdapter, Part
+    from quantserve.server.engine.models import lora_layers
+
+    g = torch.Generator().manual_seed(7)
+    K, sizes = 24, (16, 8, 8)  # q, k, v columns [0, 16), [16, 24), [24, 32)
+    bounds = [(0, 16), (16, 24), (24, 32)]
+    weight = torch.randn(sum(sizes), K, generator=g)
+
+    class Base:  # the fused linear under the adapters: a plain float32 matmul
+        def __init__(self):
+            self.sizes = list(sizes)
+
+        def __call__(self, x):
+            return x @ weight.t()
+
+    def adapter(uid, parts_wanted, r):
+        a, parts, r0 = [], [], 0
+        for i in parts_wanted:
+            start, end = bounds[i]
+            a.append(torch.randn(r, K, generator=g))
+            parts.append(Part(r0, r0 + r, start, end, torch.randn(r, end - start, generator=g) * 0.3))
+            r0 += r
+        groups = {(0, "qkv"): GroupWeights(torch.cat(a).contiguous(), tuple(parts))} if parts_wanted else {}
+        return LoRAAdapter(name=f"a{uid}", path="", rank=r, uid=uid, groups=groups, target_modules=())
+
+    adapters = [adapter(101, [0, 1, 2], 4), adapter(102, [2], 3), adapter(103, [], 2)]
+    seq_adapters = [adapters[0], None, adapters[1], adapters[2], adapters[0]]
+    counts = [2, 1, 3, 1, 1]  # a prefill of 2 and of 3 tokens among decodes
+    state = lora_layers.LoRAState({})
+    state.use_triton = True  # on CPU tensors, through the interpreter
+    layer = lora_layers.LoRALinear(Base(), 0, "qkv", state)
+    state.batch = lora_layers.step_batch(seq_adapters, counts, torch.device(DEVICE))
+    x = torch.randn(sum(counts), K, generator=g)
+    got = layer(x.to(DEVICE)).cpu().double()
+
+    want = x.double() @ weight.double().t()
+    row = 0
+    for ad, n in zip(seq_adapters, counts):
+        for t in range(row, row + n):
+            gw = None if ad is None else ad.groups.get((0, "qkv"))
+            for p in gw.parts if gw is not None else ():
+                want[t, p.start : p.end] += (x[t].double() @ gw.a[p.r0 : p.r1].double().t()) @ p.b_t.double()
+        row += n
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-4), (got - want).abs().max()

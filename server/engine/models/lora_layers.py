@@ -10,14 +10,16 @@ untouched, so a base request computes exactly what it computes without adapters.
 
 On CPU, one native call per fused linear does every row of every adapter (kernels/cpu/lora.cpp;
 its header says why the torch ops were too slow: in the engine even a prefill chunk's grouped
-torch ops took ~5 ms a linear). Elsewhere (GPU, no compiler) the grouped torch ops below run.
-Adapters are kept in bfloat16 on CPU at bf16 matmul precision (`weight_dtype`). The Triton
-kernels for the same shrink/expand (kernels/triton/lora.py) are not wired in yet.
+torch ops took ~5 ms a linear). On CUDA the Triton shrink/expand kernels
+(kernels/triton/lora.py) do the same, one launch each per fused linear; elsewhere (no compiler,
+no Triton) the grouped torch ops below run. Adapters are kept in bfloat16 on CPU at bf16 matmul
+precision (`weight_dtype`).
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Any, Optional
 
 import torch
@@ -42,6 +44,15 @@ class StepAdapters:
                  groups: list[tuple[LoRAAdapter, Optional[torch.Tensor]]]) -> None:
         self.adapters, self.slot, self.groups = adapters, slot, groups
         self.key = tuple(a.uid for a in adapters)
+        self._slot_on: dict[torch.device, torch.Tensor] = {}
+
+    def slot_on(self, device: torch.device) -> torch.Tensor:
+        """`slot` on `device` (copied once per step)."""
+        if device.type == "cpu":
+            return self.slot
+        if device not in self._slot_on:
+            self._slot_on[device] = self.slot.to(device)
+        return self._slot_on[device]
 
 
 class LoRAState:
@@ -50,20 +61,28 @@ class LoRAState:
     def __init__(self, targets: dict[tuple[int, str], Target]) -> None:
         self.targets = targets
         self.batch: Optional[StepAdapters] = None
-        self._tables: collections.OrderedDict[tuple[int, ...], dict] = collections.OrderedDict()
+        # The Triton kernels (kernels/triton/lora.py) on CUDA; a test sets True to run them on CPU
+        # tensors under TRITON_INTERPRET=1.
+        self.use_triton: Optional[bool] = None
+        self._sets: collections.OrderedDict[tuple[int, ...], dict] = collections.OrderedDict()
 
-    def native_table(self, step: StepAdapters, key: tuple[int, str]) -> Optional[torch.Tensor]:
-        """The native kernel's slot table for fused linear `key` under this step's adapters (built
-        once per adapter set), or None when an adapter's weights are not float32 CPU tensors. An
-        entry keeps its adapters alive, so the pointers in it stay valid even after an unload."""
-        entry = self._tables.get(step.key)
+    def _per_set(self, step: StepAdapters) -> dict:
+        """What is built once per adapter set (kernel tables, stacked weights), by fused linear. An
+        entry keeps its adapters alive, so pointers into their weights stay valid after an unload."""
+        entry = self._sets.get(step.key)
         if entry is None:
             entry = {"adapters": step.adapters}
-            self._tables[step.key] = entry
-            while len(self._tables) > _TABLE_SETS:
-                self._tables.popitem(last=False)
+            self._sets[step.key] = entry
+            while len(self._sets) > _TABLE_SETS:
+                self._sets.popitem(last=False)
         else:
-            self._tables.move_to_end(step.key)
+            self._sets.move_to_end(step.key)
+        return entry
+
+    def native_table(self, step: StepAdapters, key: tuple[int, str]) -> Optional[lora_cpu.Table]:
+        """The native kernel's table for fused linear `key` under this step's adapters, or None
+        when their weights are not ones it takes."""
+        entry = self._per_set(step)
         if key not in entry:
             groups = [adapter.groups.get(key) for adapter in step.adapters]
             try:
@@ -72,6 +91,29 @@ class LoRAState:
             except ValueError:
                 entry[key] = None
         return entry[key]
+
+    def stacked(self, step: StepAdapters, key: tuple[int, str], width: int,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Triton kernels' weights for fused linear `key`: A of every slot [slots, R, K] and
+        B [slots, width, R] over the fused output's columns, zero-padded to the largest rank sum R
+        and zero outside each part's block; scaling is in B."""
+        entry = self._per_set(step)
+        name = ("stacked", key)
+        if name not in entry:
+            groups = [adapter.groups.get(key) for adapter in step.adapters]
+            present = [g for g in groups if g is not None]
+            rank = max(g.a.shape[0] for g in present)
+            dtype = present[0].a.dtype
+            a = torch.zeros(len(groups), rank, present[0].a.shape[1], dtype=dtype, device=device)
+            b = torch.zeros(len(groups), width, rank, dtype=dtype, device=device)
+            for q, g in enumerate(groups):
+                if g is None:
+                    continue
+                a[q, : g.a.shape[0]] = g.a
+                for p in g.parts:
+                    b[q, p.start : p.end, p.r0 : p.r1] = p.b_t.t()
+            entry[name] = (a, b)
+        return entry[name]
 
 
 class LoRALinear:
@@ -85,7 +127,7 @@ class LoRALinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         step = self.state.batch
-        if step is None or self._add_native(x, out, step):
+        if step is None or self._add_triton(x, out, step) or self._add_native(x, out, step):
             return out
         batch = step.groups
         if x.device.type != "cpu" or torch.get_num_threads() == 1 or step.slot.numel() > FEW_ROWS:
@@ -116,6 +158,23 @@ class LoRALinear:
             x2 = x2.contiguous()
         return lora_cpu.add(lib, x2, out.view(-1, out.shape[-1]), step.slot, table)
 
+    def _add_triton(self, x: torch.Tensor, out: torch.Tensor, step: StepAdapters) -> bool:
+        """Add the deltas with the Triton shrink/expand kernels: on CUDA (or when a test forces
+        them), one launch of each per fused linear for every row whatever its adapter."""
+        use = self.state.use_triton
+        if use is None:
+            use = self.state.use_triton = x.device.type == "cuda" and _triton_lora() is not None
+        if not use or not any(a.groups.get(self.key) is not None for a in step.adapters) \
+                or not out.is_contiguous():
+            return False
+        kernels = _triton_lora()
+        x2, out2 = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+        a, b = self.state.stacked(step, self.key, out2.shape[1], x.device)
+        idx = step.slot_on(x.device)
+        y = kernels.lora_shrink(x2, a, idx)
+        kernels.lora_expand(y, b, idx, torch.ones(a.shape[0], device=x.device), out2)
+        return True
+
     def _add_deltas(self, x: torch.Tensor, out: torch.Tensor,
                     batch: list[tuple[LoRAAdapter, Optional[torch.Tensor]]]) -> None:
         for adapter, rows in batch:
@@ -130,6 +189,16 @@ class LoRALinear:
                     out[:, p.start : p.end] += delta
                 else:
                     out[:, p.start : p.end].index_add_(0, rows, delta)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_lora() -> Any:
+    """kernels/triton/lora.py, or None without Triton."""
+    try:
+        from quantserve.kernels.triton import lora
+    except ImportError:
+        return None
+    return lora
 
 
 def weight_dtype(device: torch.device, compute_dtype: torch.dtype) -> torch.dtype:
