@@ -93,10 +93,10 @@ class LoRAState:
         return entry[key]
 
     def stacked(self, step: StepAdapters, key: tuple[int, str], width: int,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The Triton kernels' weights for fused linear `key`: A of every slot [slots, R, K] and
         B [slots, width, R] over the fused output's columns, zero-padded to the largest rank sum R
-        and zero outside each part's block; scaling is in B."""
+        and zero outside each part's block, and the per-slot scale (ones: scaling is in B)."""
         entry = self._per_set(step)
         name = ("stacked", key)
         if name not in entry:
@@ -112,7 +112,7 @@ class LoRAState:
                 a[q, : g.a.shape[0]] = g.a
                 for p in g.parts:
                     b[q, p.start : p.end, p.r0 : p.r1] = p.b_t.t()
-            entry[name] = (a, b)
+            entry[name] = (a, b, torch.ones(len(groups), device=device))
         return entry[name]
 
 
@@ -169,10 +169,9 @@ class LoRALinear:
             return False
         kernels = _triton_lora()
         x2, out2 = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
-        a, b = self.state.stacked(step, self.key, out2.shape[1], x.device)
+        a, b, scale = self.state.stacked(step, self.key, out2.shape[1], x.device)
         idx = step.slot_on(x.device)
-        y = kernels.lora_shrink(x2, a, idx)
-        kernels.lora_expand(y, b, idx, torch.ones(a.shape[0], device=x.device), out2)
+        kernels.lora_expand(kernels.lora_shrink(x2, a, idx), b, idx, scale, out2)
         return True
 
     def _add_deltas(self, x: torch.Tensor, out: torch.Tensor,
@@ -182,7 +181,7 @@ class LoRALinear:
             if weights is None:
                 continue
             xs = x if rows is None else x.index_select(0, rows)
-            s = xs @ weights.a.to(xs.dtype).t()  # [n, sum r]; bf16 weights on CPU: a long prefill chunk
+            s = xs @ weights.a.to(xs.dtype).t()  # [n, sum r] (bf16 weights beside float32 x: widened)
             for p in weights.parts:
                 delta = s[:, p.r0 : p.r1] @ p.b_t.to(xs.dtype)  # [n, end - start], scaled
                 if rows is None:
