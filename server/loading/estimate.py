@@ -53,7 +53,7 @@ class EstimateRequest:
     dtype: Optional[str | torch.dtype] = None  # compute dtype (LoadConfig's default when None)
     device: Optional[str] = None
     max_model_len: Optional[int] = None  # None: the model's own
-    max_num_seqs: int = 32
+    max_num_seqs: int = 64  # serve's default (Settings.max_num_seqs)
     max_num_batched_tokens: int = 512
     block_size: int = 16
     kv_cache_memory_gib: Optional[float] = None
