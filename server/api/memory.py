@@ -88,6 +88,12 @@ def model_memory(served: Any) -> dict[str, Any]:
     if kv["bytes_total"] is not None:
         kv["bytes_used"] = int(kv["bytes_total"] * stats.kv_cache_usage)
     out = {"model": served.name, "weights": weights, "kv_cache": kv}
+    loras = getattr(served.engine, "loras", None)
+    if loras is not None and loras.list():  # adapters held beside the base (never merged into it)
+        held = loras.list()
+        out["lora_adapters"] = {"count": len(held), "bytes": sum(a.num_bytes for a in held),
+                                "dtype": str(loras.dtype).removeprefix("torch."),
+                                "by_name": {a.name: a.num_bytes for a in held}}
     plan = served.engine.device_memory_plan() if callable(getattr(served.engine, "device_memory_plan", None)) else {}
     if plan:  # on a GPU: how --gpu-memory-utilization was shared out at startup (model_runner._gpu_budget)
         out["device_budget"] = plan

@@ -167,3 +167,19 @@ def test_lora_modules_flag_forms():
     for bad in (["a"], ["=/x"], ["a=/x", "a=/y"], ['{"name": "c"}'], ["{not json"]):
         with pytest.raises(ValueError):
             Settings(lora_modules=bad)
+
+
+def test_memory_reports_the_adapters(server, adapters):
+    """/v1/memory counts the loaded adapters' bytes: every A and B element of their files, once (the
+    server runs at "highest" precision, so they are kept in float32: 4 bytes an element)."""
+    from safetensors import safe_open
+
+    def elements(folder):
+        with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
+            return sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys())
+
+    report = httpx.get(f"{server.url}/v1/memory", headers=server.headers(), timeout=30).json()["models"][0]["lora_adapters"]
+    assert report["dtype"] == "float32"
+    want = {"a1": 4 * elements(adapters["attn"]), "a2": 4 * elements(adapters["mlp"])}
+    assert {k: v for k, v in report["by_name"].items() if k in want} == want
+    assert report["bytes"] == sum(report["by_name"].values()) and report["count"] == len(report["by_name"])

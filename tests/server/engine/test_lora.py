@@ -86,6 +86,26 @@ def test_mixed_batch_matches_peft(smollm, smollm_folder, adapters):
         assert any(got[i * 4 + j] != got[i * 4] for i in range(len(prompts))), names[j]
 
 
+def test_mixed_batch_at_medium_precision_matches_peft(smollm, smollm_folder, adapters):
+    """At the server's default matmul precision ("medium") adapters are kept in bf16 and run
+    through the native CPU kernel: each request still equals peft's greedy output (float32 LoRA
+    weights; at this precision a near-tie is a gap under 0.25 logits)."""
+    from quantserve.server.engine.models import lora_layers
+
+    model, tokenizer = smollm
+    prompts = make_prompts(tokenizer, 1)
+    names = [None, "attn", "mlp", "all"]
+    torch.set_float32_matmul_precision("medium")
+    try:
+        assert lora_layers.weight_dtype(torch.device("cpu"), torch.float32) == torch.bfloat16 \
+            or lora_layers.lora_cpu.load() is None
+        results, _ = run(_mixed(model, tokenizer, adapters, prompts, names, max_num_seqs=8,
+                                max_num_batched_tokens=512, num_kv_blocks=128, max_loras=4))
+        _check_against_peft(smollm_folder, adapters, prompts, names, results)
+    finally:
+        torch.set_float32_matmul_precision("highest")
+
+
 @pytest.mark.slow
 def test_adapters_match_peft_on_bitsandbytes(smollm, smollm_folder, adapters):
     """The same engine outputs against peft on transformers + bitsandbytes NF4 (bitsandbytes'
