@@ -31,7 +31,11 @@
 
 typedef int64_t i64;
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define QS_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#else
+#define QS_CLONES
+#endif
 #define T512 __attribute__((target("avx512f")))
 
 namespace {
