@@ -15,6 +15,8 @@ import sys
 import pytest
 import torch
 
+from .triton_helpers import triton_module
+
 if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -32,16 +34,7 @@ DTYPES = [torch.float32, torch.float16]
 
 @pytest.fixture(scope="module")
 def kt():
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs TRITON_INTERPRET=1 from the start of the process (automatic on machines without a GPU)")
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(tl.standard.zeros, InterpretedFunction):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this module in its own process")
-    from quantserve.kernels.triton import int8
-
-    return int8
+    return triton_module("int8")
 
 
 def _activations(shape, dtype, seed=0):

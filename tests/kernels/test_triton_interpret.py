@@ -21,6 +21,8 @@ import sys
 import pytest
 import torch
 
+from .triton_helpers import triton_module
+
 if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # the interpreter is the only way to run Triton here
 
@@ -35,18 +37,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 @pytest.fixture(scope="module")
 def kt():
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs TRITON_INTERPRET=1 from the start of the process (automatic on machines without a GPU)")
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(tl.standard.zeros, InterpretedFunction):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this module in its own process")
-    try:
-        from quantserve.kernels.triton import ops
-    except ImportError as exc:  # pragma: no cover - triton too old, or a foreign "kernels" package
-        pytest.skip(f"kernels.triton not importable: {exc}")
-    return ops
+    return triton_module("ops")
 
 
 def _quantize(N, K, blocksize, quant_type, nested=False, dtype=torch.float32):

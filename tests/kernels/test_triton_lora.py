@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+from .triton_helpers import triton_module
+
 if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -18,16 +20,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 @pytest.fixture(scope="module")
 def kl():
-    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-        pytest.skip("needs TRITON_INTERPRET=1 from the start of the process")
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not torch.cuda.is_available() and not isinstance(tl.standard.zeros, InterpretedFunction):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this module in its own process")
-    from quantserve.kernels.triton import lora
-
-    return lora
+    return triton_module("lora", gpu_ok=True)
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
