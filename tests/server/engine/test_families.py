@@ -162,7 +162,7 @@ def test_family_greedy_matches_transformers(family):
         engine = await started(model, None, num_kv_blocks=12, max_num_batched_tokens=48, max_num_seqs=8)
         assert isinstance(engine.runner.model, LlamaModel)
         try:
-            res = await asyncio.gather(*[collect(engine, p, params, f"r{i}", delay=0.01 * i)
+            res = await asyncio.gather(*[collect(engine, p, params, f"r{i}")
                                          for i, p in enumerate(prompts)])
             assert_blocks_all_free(engine)
             return ([r.token_ids[0] for r in res], engine.stats(), engine.block_manager.num_released_out_of_window,
