@@ -170,10 +170,16 @@ def test_loading_peak_matches_a_measured_load(tmp_path, setting):
                                       num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False)
     transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "m")
     est = estimate_memory(EstimateRequest(model=str(tmp_path / "m"), quant=QUANTS[setting]))
-    done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path / "m"), setting], capture_output=True,
-                          text=True, timeout=300, check=True)
-    measured = json.loads(done.stdout.strip().splitlines()[-1])
-    if measured["lifetime"]:
+    # The same load in a fresh process grows its RSS by amounts up to ~8 MB apart from run to run on
+    # a busy VM (measured 36.1 and 45.0 MB back to back for this model): what the system adds
+    # varies, the load's own peak does not, so the least of three runs is the measurement.
+    runs = []
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path / "m"), setting], capture_output=True,
+                              text=True, timeout=300, check=True)
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    if any(run["lifetime"] for run in runs):
         pytest.skip("this kernel cannot reset the peak RSS: only the process's lifetime peak is known")
-    assert est.loading_peak_bytes == pytest.approx(measured["peak"], rel=0.15)
+    measured = min(run["peak"] for run in runs)
+    assert est.loading_peak_bytes == pytest.approx(measured, rel=0.15), runs
     assert est.loading_peak_bytes < est.weight_bytes + 2 * 16000 * 384 * 4  # not the float model
