@@ -11,6 +11,8 @@ import os
 import pytest
 import torch
 
+from .triton_helpers import work_items
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -37,16 +39,6 @@ def case(seqs, H, KVH, D, bs, dtype, seed=0):
         entries.append((row, n, ctx, [perm.pop() for _ in range(b)]))
         row += n
     return q, k_cache, v_cache, entries
-
-
-def plan(entries, block_q):
-    work, tables = [], []
-    for row0, n, ctx, table in entries:
-        off = len(tables)
-        tables += table
-        for j in range(0, n, block_q):
-            work.append((row0 + j, min(block_q, n - j), ctx - n + j, off))
-    return (torch.tensor(work, dtype=torch.int32, device=DEV), torch.tensor(tables, dtype=torch.int32, device=DEV))
 
 
 def reference(q, k_cache, v_cache, entries, scale, window=0, softcap=0.0):
@@ -81,7 +73,7 @@ def test_llama3_heads_long_contexts(dtype, window, softcap, splits):
     seqs = [(1, 4000), (1, 17), (1, 1), (300, 2100), (64, 64), (1, 1025)]  # decodes, a chunk after a prefix, a prompt
     q, kc, vc, entries = case(seqs, 32, 8, 128, 16, dtype)
     block_q = 64 // 4
-    work, tables = plan(entries, block_q)
+    work, tables = work_items(entries, block_q, DEV)
     out = ops.paged_attention(q, keys_view(kc), vc, work, tables, 128 ** -0.5, window=window, softcap=softcap,
                               block_q=block_q, splits=splits)
     want = reference(q, kc, vc, entries, 128 ** -0.5, window, softcap)
@@ -93,7 +85,7 @@ def test_graph_replay_with_new_work_items():
     from quantserve.kernels.triton import ops
 
     q, kc, vc, entries = case([(1, 700), (1, 33), (1, 9), (1, 2000)], 32, 8, 128, 16, torch.bfloat16)
-    work, tables = plan(entries, 1)
+    work, tables = work_items(entries, 1, DEV)
     static_work, static_tables = torch.zeros_like(work), torch.zeros(256, dtype=torch.int32, device=DEV)
     static_work[:, 2] = -1  # captured on rows that see no key
     out = torch.empty_like(q)

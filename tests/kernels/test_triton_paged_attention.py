@@ -20,7 +20,7 @@ import sys
 import pytest
 import torch
 
-from .triton_helpers import triton_module
+from .triton_helpers import triton_module, work_items
 
 if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # the interpreter is the only way to run Triton here
@@ -61,17 +61,6 @@ def make_case(seqs, H, KVH, D, bs, dtype, window=0, seed=0):
         entries.append((row, n_q, ctx, table))
         row += n_q
     return q, k_cache, v_cache, entries
-
-
-def work_items(entries, block_q):
-    """(work int32 [W, 4], tables int32): each sequence's rows cut into items of <= block_q rows."""
-    work, tables = [], []
-    for row0, n_q, ctx, table in entries:
-        offset = len(tables)
-        tables += table
-        for j in range(0, n_q, block_q):
-            work.append((row0 + j, min(block_q, n_q - j), ctx - n_q + j, offset))
-    return torch.tensor(work, dtype=torch.int32).view(-1, 4), torch.tensor(tables, dtype=torch.int32)
 
 
 def reference(q, k_cache, v_cache, entries, scale, window=0, softcap=0.0):

@@ -28,3 +28,16 @@ def triton_module(name: str, gpu_ok: bool = False) -> ModuleType:
         return importlib.import_module(f"quantserve.kernels.triton.{name}")
     except ImportError as exc:  # pragma: no cover - triton too old, or a foreign "kernels" package
         pytest.skip(f"kernels.triton not importable: {exc}")
+
+
+def work_items(entries, block_q: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The paged-attention kernels' inputs for entries [(first row, rows, context, block table)]:
+    (work int32 [W, 4], tables int32), each sequence's rows cut into items of <= block_q rows."""
+    work, tables = [], []
+    for row0, n_q, ctx, table in entries:
+        offset = len(tables)
+        tables += table
+        for j in range(0, n_q, block_q):
+            work.append((row0 + j, min(block_q, n_q - j), ctx - n_q + j, offset))
+    return (torch.tensor(work, dtype=torch.int32, device=device).view(-1, 4),
+            torch.tensor(tables, dtype=torch.int32, device=device))

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-from quantserve.kernels.cpu import linear16
+from quantserve.kernels.cpu import build, linear16
 from quantserve.kernels.cpu import lora as lora_cpu
 
 from . import families
@@ -202,12 +202,14 @@ def _triton_lora() -> Any:
 
 def weight_dtype(device: torch.device, compute_dtype: torch.dtype) -> torch.dtype:
     """The dtype adapters are kept in. On CPU with float32 compute at bf16 matmul precision
-    ("medium", as the 4-bit kernels and the 16-bit head read it) and the native kernel there:
+    ("medium", as the 4-bit kernels and the 16-bit head read it) and a compiler for the native kernel:
     bfloat16, which it widens exactly and sums in float32. Reading the adapters is most of their
     cost (rank 16 on every projection of the default model: 29 MB of float32 per adapter, more
     than its 4-bit base), and this halves it. Otherwise the compute dtype."""
+    # A compiler is what the kernel needs; it is built on the first adapter step, not at every
+    # engine start (without it the torch path widens bf16 weights itself, only slower).
     if device.type == "cpu" and compute_dtype == torch.float32 and linear16.bf16_products_allowed() \
-            and lora_cpu.load() is not None:
+            and build.find_compiler() is not None:
         return torch.bfloat16
     return compute_dtype
 
