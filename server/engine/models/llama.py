@@ -23,7 +23,7 @@ from quantserve.quant.functional import dequantize_absmax
 
 from ..attention import AttentionMetadata, paged_attention
 from .int8_linear import FusedInt8
-from . import families
+from . import families, native_step
 from .rope import Rope, apply_rope
 
 logger = logging.getLogger(__name__)
@@ -151,15 +151,25 @@ def norm_fn(module: Optional[nn.Module]) -> Optional[Callable[[torch.Tensor], to
     eps = next((getattr(module, n) for n in _RMS_NORM_EPS if isinstance(getattr(module, n, None), float)), None)
     if "RMSNorm" not in type(module).__name__ or weight is None or eps is None or weight.dtype != torch.float32:
         return module
-    shape = (weight.shape[0],)
     g = torch.Generator().manual_seed(0)  # not the global generator: building must not move it
-    probe = (torch.randn(4, 3, shape[0], generator=g) * 3).to(weight.device)
+    probe = (torch.randn(4, 3, weight.shape[0], generator=g) * 3).to(weight.device)
     for w in (weight.detach(), 1.0 + weight.detach()):  # plain, or Gemma's (1 + weight)
-        fused = (lambda w: lambda x: nn.functional.rms_norm(x, shape, w, eps))(w)
+        fused = RMSNorm(w, eps)
         with torch.inference_mode():
             if torch.equal(fused(probe), module(probe)):
                 return fused
     return module
+
+
+class RMSNorm:
+    """nn.functional.rms_norm over the last dim with a fixed multiplier (Gemma's 1 + weight already
+    added) and eps: what norm_fn found equal to the model's module; the fused step reads both."""
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        self.weight, self.eps, self.shape = weight, float(eps), (weight.shape[0],)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.rms_norm(x, self.shape, self.weight, self.eps)
 
 
 class _Layer:
@@ -290,6 +300,13 @@ class LlamaModel:
         # Sequences longer than this are recomputed from scratch once (see families.Family).
         longrope = [r.threshold for r in self.ropes if r.rope_type == "longrope"]
         self.recompute_above: Optional[int] = min(longrope) if longrope and family.longrope_recompute else None
+        # The whole stack in one native call per step where it covers the model (native_step.py).
+        why_not = native_step.reason(self)
+        self.native_step: Optional[native_step.NativeStep] = native_step.NativeStep(self) if why_not is None else None
+        if self.native_step is not None and self.native_step.disabled:
+            why_not, self.native_step = self.native_step.disabled, None
+        logger.info("decoder step: %s", "one native call per step" if why_not is None
+                    else f"Python forward ({why_not})")
 
     @property
     def length_dependent_rope(self) -> bool:
@@ -306,6 +323,10 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        if self.native_step is not None:
+            hidden = self.native_step(input_ids, positions, meta, kv_caches)
+            if hidden is not None:
+                return hidden
         hidden = self.embed_tokens(input_ids)  # [T, hidden], in the compute dtype (sixteen_bit.py)
         cos_sin = self._cos_sin(positions, meta, hidden.dtype)
         for layer, kv in zip(self.layers, kv_caches):
