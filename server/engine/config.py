@@ -47,6 +47,9 @@ class EngineConfig:
             applies, else PyTorch), "native", "torch" (gather blocks + sdpa) or "triton" (on a CPU
             only under the interpreter: TRITON_INTERPRET=1 from the start of the process).
         enforce_eager: never capture CUDA graphs (vLLM's --enforce-eager); decode steps run eagerly.
+        follow_cpu_load: on a CPU, lower torch's thread count (at most the count at start) while
+            other processes take some of our cores, and raise it again when they stop
+            (engine/cpu_load.py). The server turns it on unless --cpu-threads pins the count.
     """
 
     block_size: int = 16
@@ -66,6 +69,7 @@ class EngineConfig:
     max_lora_rank: int = 64
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    follow_cpu_load: bool = False
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size, 1)
@@ -97,6 +101,8 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if not isinstance(self.enforce_eager, bool):
             raise TypeError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
+        if not isinstance(self.follow_cpu_load, bool):
+            raise TypeError(f"follow_cpu_load must be a bool, got {self.follow_cpu_load!r}")
         if self.model_name is not None and not isinstance(self.model_name, str):
             raise TypeError(f"model_name must be a str, got {self.model_name!r}")
 
@@ -118,6 +124,7 @@ class EngineConfig:
             gpu_memory_utilization=settings.gpu_memory_utilization,
             attention_backend=settings.attention_backend,
             enforce_eager=settings.enforce_eager,
+            follow_cpu_load=settings.cpu_threads is None,  # --cpu-threads N pins the count
         )
         values.update(overrides)
         return cls(**values)

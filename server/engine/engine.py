@@ -26,6 +26,7 @@ from torch import nn
 from quantserve.kernels.cpu import paged_attention as native
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .cpu_load import CpuLoadFollower
 from .detokenizer import IncrementalDetokenizer
 from .errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, RequestFailedError
 from .grammar import GrammarCompiler
@@ -125,6 +126,7 @@ class AsyncEngine:
         self._num_requests_finished = 0
         self._num_steps = 0
         self._recent_finishes: collections.deque = collections.deque(maxlen=64)  # monotonic times
+        self._cpu_load: Optional[CpuLoadFollower] = None  # made on the engine thread (config.follow_cpu_load)
         self._release_cpu_threads()  # this thread (the loader's) is done with parallel CPU work
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -286,6 +288,10 @@ class AsyncEngine:
         """The engine's startup phases in seconds (warmup, and on a GPU profile, tune, capture)."""
         return dict(self.runner.startup_seconds)
 
+    def cpu_load_report(self) -> Optional[dict[str, object]]:
+        """The thread-count controller's state for /health (None when the count is pinned)."""
+        return None if self._cpu_load is None else self._cpu_load.report()
+
     def stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(
@@ -330,6 +336,8 @@ class AsyncEngine:
                 self._dead_error = f"warmup failed: {exc!r}"
             ready.set_exception(exc)
             return
+        if self.config.follow_cpu_load and self.runner.device.type == "cpu":
+            self._cpu_load = CpuLoadFollower.for_current_threads()
         ready.set_result(None)
         try:
             self._loop()
@@ -340,6 +348,8 @@ class AsyncEngine:
             self._fail_all(EngineDeadError(self._dead_error))
             self._flush()
             return
+        if self._cpu_load is not None:
+            self._cpu_load.close()  # torch's thread count back to what the server started with
         with self._submit_lock:
             self._dead_error = "engine shut down"
         for request in list(self._requests.values()):
@@ -357,6 +367,8 @@ class AsyncEngine:
                     continue
                 self._wake.wait()
                 continue
+            if self._cpu_load is not None:
+                self._cpu_load.maybe_update()  # returns at once unless its interval has passed
             self._step()
             self._flush()
 
