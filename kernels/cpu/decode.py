@@ -20,7 +20,7 @@ SOURCE = Path(__file__).with_name("decode.cpp")
 # -ffp-contract=off: rope's products and sums rounded one at a time, as torch computes them.
 CXXFLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off")
 CXXFLAGS_NO_OPENMP = tuple(f for f in CXXFLAGS if f != "-fopenmp")
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 
@@ -42,7 +42,8 @@ class Step(ctypes.Structure):
     _fields_ = [("x", _P), ("out", _P), ("work", _P), ("T", _L), ("hidden", _L), ("cos", _P), ("sin", _P),
                 ("rot_dims", _P), ("slots", _P), ("seqs", _P), ("S", _L), ("tables", _P), ("block_size", _L), ("cache_dtype", _I),
                 ("lora_slot", _P), ("final_norm", _P), ("final_eps", _F), ("bf16_products", _I), ("threads", _I),
-                ("gemm", _P), ("write_kv", _P), ("attention", _P), ("lora", _P)]
+                ("num_decodes", _L),
+                ("gemm", _P), ("write_kv", _P), ("attention", _P), ("lora", _P), ("amx", _P)]
 
 
 _SIGNATURES = {

@@ -26,6 +26,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from quantserve.kernels.cpu import amx as amx_cpu
 from quantserve.kernels.cpu import build as quant4_cpu
 from quantserve.kernels.cpu import decode as native
 from quantserve.kernels.cpu import lora as lora_cpu
@@ -84,6 +85,8 @@ class NativeStep:
         self.gemm_lib = quant4_cpu.load()
         self.attn_lib = attention_cpu.load()
         self.lib = native.load()
+        # Intel AMX tiles for prompt rows, with bf16 products only (kernels/cpu/amx.cpp, decode.cpp's amx_split).
+        self.amx_lib = amx_cpu.load() if amx_cpu.available() else None
         self.disabled: Optional[str] = None
         if self.lib is None or self.gemm_lib is None or self.attn_lib is None:
             self.disabled = "a native library is unavailable"
@@ -198,14 +201,17 @@ class NativeStep:
         lora_slot = None if lora_step is None else lora_step.slot
         final = self.model.norm
         step = native.Step(
-            x.data_ptr(), out.data_ptr(), self._work.data_ptr(), T, hidden, ctypes.cast(cos_p, ctypes.c_void_p),
-            ctypes.cast(sin_p, ctypes.c_void_p), ctypes.cast(dims_t, ctypes.c_void_p), slots.data_ptr(),
-            seqs.data_ptr(), seqs.shape[0], tables.data_ptr(), v0.shape[1], cache_dtype,
-            None if lora_slot is None else lora_slot.data_ptr(), final.weight.data_ptr(), final.eps,
-            int(quant_cpu.bf16_products_allowed()), torch.get_num_threads(),
-            self._fn(self.gemm_lib, "q4_gemm"), self._fn(self.attn_lib, "qs_write_kv"),
-            self._fn(self.attn_lib, "qs_paged_attention"),
-            None if lora_step is None else self._fn(lora_cpu.load(), "qslora_add"))
+            x=x.data_ptr(), out=out.data_ptr(), work=self._work.data_ptr(), T=T, hidden=hidden,
+            cos=ctypes.cast(cos_p, ctypes.c_void_p), sin=ctypes.cast(sin_p, ctypes.c_void_p),
+            rot_dims=ctypes.cast(dims_t, ctypes.c_void_p), slots=slots.data_ptr(), seqs=seqs.data_ptr(),
+            S=seqs.shape[0], tables=tables.data_ptr(), block_size=v0.shape[1], cache_dtype=cache_dtype,
+            lora_slot=None if lora_slot is None else lora_slot.data_ptr(), final_norm=final.weight.data_ptr(),
+            final_eps=final.eps, bf16_products=int(quant_cpu.bf16_products_allowed()),
+            threads=torch.get_num_threads(), num_decodes=meta.num_decodes,
+            gemm=self._fn(self.gemm_lib, "q4_gemm"), write_kv=self._fn(self.attn_lib, "qs_write_kv"),
+            attention=self._fn(self.attn_lib, "qs_paged_attention"),
+            lora=None if lora_step is None else self._fn(lora_cpu.load(), "qslora_add"),
+            amx=self._fn(self.amx_lib, "qamx_gemm4") if self.amx_lib is not None else None)
         rc = self.lib.qsd_forward(ctypes.addressof(self._layers), len(self.model.layers), ctypes.addressof(step))
         if rc:
             self.disabled = f"the native step declined (code {rc})"
