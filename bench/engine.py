@@ -163,7 +163,8 @@ def run_quantserve(model, tokenizer, prompts, concurrency, rounds, max_tokens, a
                    adapters: Optional[list[tuple[str, str]]] = None) -> dict[str, Any]:
     config = EngineConfig(max_num_seqs=args.max_num_seqs or max(concurrency, 1),
                           max_num_batched_tokens=args.max_num_batched_tokens,
-                          kv_cache_memory_gib=args.kv_cache_gib, max_loras=max(1, len(adapters or ())))
+                          kv_cache_memory_gib=args.kv_cache_gib, max_loras=max(1, len(adapters or ())),
+                          kv_cache_dtype=args.kv_cache_dtype)
     rec = Recorder()
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
 
@@ -331,6 +332,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--kv-cache-gib", type=float, default=None)
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        choices=["auto", "float32", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2"],
+                        help="quantserve's --kv-cache-dtype (auto: bfloat16 on a CPU with the native attention)")
     parser.add_argument("--max-num-seqs", type=int, default=0,
                         help="quantserve's max_num_seqs (default 0: the concurrency, so that no request queues; "
                         "give the server's default to see the queueing a server would have)")
@@ -360,7 +364,8 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"prompts {args.prompt_tokens} tokens, "
           f"{args.max_tokens} output tokens, "
           f"{args.rounds} requests per client"
-          + (f", quantserve's max_num_seqs {args.max_num_seqs}" if args.max_num_seqs else ""), flush=True)
+          + (f", quantserve's max_num_seqs {args.max_num_seqs}" if args.max_num_seqs else "")
+          + f", quantserve's KV cache dtype {args.kv_cache_dtype}", flush=True)
     results: dict[str, dict[int, dict[str, Any]]] = {}
     quantized = None
     adapters: list[tuple[str, str]] = []

@@ -76,6 +76,11 @@ class Settings(BaseSettings):
         "auto", description="paged attention kernels: auto (Triton on a GPU; native C++ on a CPU), native, torch "
         "(gather + sdpa), triton (on a CPU only with TRITON_INTERPRET=1, for tests)"
     )
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2"] = Field(
+        "auto", description="dtype of the KV cache (as vLLM's flag; fp8 = fp8_e4m3): auto picks bfloat16 on a CPU "
+        "where the native attention kernel runs (half the bytes per token: twice the tokens in the same memory), else "
+        "the model's compute dtype (on a GPU too); attention computes in float32 on the stored values"
+    )
     enforce_eager: bool = Field(False, description="no CUDA graphs: decode steps run eagerly (as vLLM's flag)")
     enable_prefix_caching: bool = Field(True, description="share KV blocks of common prompt prefixes")
     max_n: int = Field(16, ge=1, le=128, description="largest n (choices per request) accepted")

@@ -9,7 +9,12 @@
 // transformers' sliding-window mask): keys before the window are neither read nor scored, so
 // blocks wholly before every row's window may be freed (the table entry is then never read).
 // Attention logit soft-capping (Gemma 2) replaces each score s by cap * tanh(s / cap).
-// Plain C ABI over raw pointers; float32 only (the engine's CPU dtype). Built with
+// Plain C ABI over raw pointers. Queries, outputs and all arithmetic are float32; the cache holds
+// keys/values as float32, bfloat16, float16, fp8 e4m3fn or fp8 e5m2 (the `cache_dtype` code,
+// CacheDtype below), converted to float32 as they are loaded (exactly: every one of those values is
+// a float32), so a row's result on a 16-bit cache equals its result on a float32 cache holding the
+// same (rounded) values. qs_write_kv rounds float32 to the cache dtype as torch's .to() does
+// (nearest, ties to even; fp8 e4m3fn saturates at +-448 as torch does). Built with
 //   g++ -O3 -std=c++17 -fPIC -shared -fopenmp -ffp-contract=off
 // and no -march / -ffast-math: AVX-512 code is compiled per function (target attributes) and
 // chosen at run time; the portable functions are target_clones (AVX-512, AVX2+FMA, baseline).
@@ -70,8 +75,8 @@ int g_allow_fast = 1;  // qs_set_fast(0): portable code only (tests exercise it 
 struct Args {
     const float* q;
     i64 q_row, q_head;  // strides of q (floats)
-    const float* k_cache;
-    const float* v_cache;
+    const void* k_cache;  // elements of type `dtype`
+    const void* v_cache;
     float* out;
     i64 out_row;
     const i64* seqs;
@@ -82,6 +87,7 @@ struct Args {
     i64 window;     // sliding window in tokens, 0: none
     float softcap;  // logit soft-capping, 0: none
     float* partial;  // split decodes: per part and query head, (m, l, acc[D])
+    int dtype;       // CacheDtype of k_cache / v_cache
 };
 
 enum Kind : int32_t { kDecodeFast, kTileFast, kDecodePortable, kTilePortable };
@@ -118,6 +124,148 @@ inline float exp_nonpositive(float x) {
     float scale;
     std::memcpy(&scale, &bits, sizeof scale);
     return y * scale;
+}
+
+// ------------------------------------------------------------------------------ cache dtypes
+
+// The cache_dtype codes of the C functions (paged_attention.py mirrors them).
+enum CacheDtype : int { kF32 = 0, kBF16 = 1, kF16 = 2, kE4M3 = 3, kE5M2 = 4, kNumDtypes = 5 };
+
+inline uint32_t bits_of(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    return u;
+}
+inline float float_of(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+inline float bf16_to_float(uint16_t h) { return float_of((uint32_t)h << 16); }
+
+// Nearest, ties to even (c10's round_to_nearest_even); NaN -> quiet NaN.
+inline uint16_t float_to_bf16(float f) {
+    if (std::isnan(f)) return 0x7fc0;
+    const uint32_t u = bits_of(f);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0) return float_of(bits_of((float)m * 5.9604644775390625e-8f) | sign);  // m * 2^-24, exact
+    if (e == 31) return float_of(sign | 0x7f800000u | (m << 13));
+    return float_of(sign | ((e + 112) << 23) | (m << 13));
+}
+
+// c10's fp16_ieee_from_fp32_value (software path): nearest, ties to even, overflow -> inf.
+inline uint16_t float_to_half(float f) {
+    const float scale_to_inf = float_of(UINT32_C(239) << 23), scale_to_zero = float_of(UINT32_C(17) << 23);
+    float base = (std::fabs(f) * scale_to_inf) * scale_to_zero;
+    const uint32_t w = bits_of(f), shl1_w = w + w, sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xff000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = float_of((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = bits_of(base);
+    const uint32_t nonsign = ((bits >> 13) & 0x7c00u) + (bits & 0x0fffu);
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u : nonsign));
+}
+
+// c10's fp8e4m3fn_from_fp32_value: nearest, ties to even; beyond the largest finite (448)
+// saturates to +-448 (torch 2.13), NaN -> NaN.
+inline uint8_t float_to_e4m3(float f) {
+    uint32_t u = bits_of(f);
+    const uint32_t sign = u & 0x80000000u;
+    u ^= sign;
+    uint8_t r;
+    if (u >= (UINT32_C(1087) << 20)) {
+        r = u > 0x7f800000u ? 0x7f : 0x7e;
+    } else if (u < (UINT32_C(121) << 23)) {  // below 2^-6: subnormal, rounded by a float add
+        const uint32_t denorm = UINT32_C(141) << 23;
+        r = (uint8_t)(bits_of(float_of(u) + float_of(denorm)) - denorm);
+    } else {
+        const uint32_t odd = (u >> 20) & 1u;
+        u += ((uint32_t)(7 - 127) << 23) + 0x7ffffu + odd;
+        r = (uint8_t)(u >> 20);
+        if (r == 0x7f) r = 0x7e;
+    }
+    return (uint8_t)(r | (sign >> 24));
+}
+
+// c10's fp8e5m2_from_fp32_value: nearest, ties to even, overflow -> inf, NaN -> NaN.
+inline uint8_t float_to_e5m2(float f) {
+    uint32_t u = bits_of(f);
+    const uint32_t sign = u & 0x80000000u;
+    u ^= sign;
+    uint8_t r;
+    if (u >= (UINT32_C(143) << 23)) {
+        r = u > 0x7f800000u ? 0x7f : 0x7c;
+    } else if (u < (UINT32_C(113) << 23)) {
+        const uint32_t denorm = UINT32_C(134) << 23;
+        r = (uint8_t)(bits_of(float_of(u) + float_of(denorm)) - denorm);
+    } else {
+        const uint32_t odd = (u >> 21) & 1u;
+        u += ((uint32_t)(15 - 127) << 23) + 0xfffffu + odd;
+        r = (uint8_t)(u >> 21);
+    }
+    return (uint8_t)(r | (sign >> 24));
+}
+
+// fp8 -> float32 by table (256 entries each, built when the library loads).
+struct Fp8Tables {
+    alignas(64) float e4m3[256];
+    alignas(64) float e5m2[256];
+    Fp8Tables() {
+        for (int b = 0; b < 256; ++b) {
+            const int e = (b >> 3) & 15, m = b & 7;
+            float v = (b & 0x7f) == 0x7f ? std::numeric_limits<float>::quiet_NaN()
+                      : e == 0           ? std::ldexp((float)m, -9)
+                                         : std::ldexp(1.0f + (float)m / 8.0f, e - 7);
+            e4m3[b] = b & 0x80 ? -v : v;
+            e5m2[b] = half_to_float((uint16_t)(b << 8));  // e5m2 is the top byte of a float16
+        }
+    }
+};
+const Fp8Tables g_fp8;
+
+inline int dtype_bytes(int dt) { return dt == kF32 ? 4 : dt == kBF16 || dt == kF16 ? 2 : 1; }
+
+// n elements of a cache (element offset off, stride elements apart) -> float32 dst.
+void load_floats(int dt, const void* base, i64 off, i64 stride, i64 n, float* dst) {
+    switch (dt) {
+        case kBF16: {
+            const uint16_t* s = (const uint16_t*)base + off;
+            for (i64 i = 0; i < n; ++i) dst[i] = bf16_to_float(s[i * stride]);
+            break;
+        }
+        case kF16: {
+            const uint16_t* s = (const uint16_t*)base + off;
+            for (i64 i = 0; i < n; ++i) dst[i] = half_to_float(s[i * stride]);
+            break;
+        }
+        case kE4M3:
+        case kE5M2: {
+            const uint8_t* s = (const uint8_t*)base + off;
+            const float* table = dt == kE4M3 ? g_fp8.e4m3 : g_fp8.e5m2;
+            for (i64 i = 0; i < n; ++i) dst[i] = table[s[i * stride]];
+            break;
+        }
+        default: {
+            const float* s = (const float*)base + off;
+            for (i64 i = 0; i < n; ++i) dst[i] = s[i * stride];
+        }
+    }
+}
+
+// float32 -> one cache element (index i of base).
+inline void store_float(int dt, void* base, i64 i, float x) {
+    switch (dt) {
+        case kBF16: ((uint16_t*)base)[i] = float_to_bf16(x); break;
+        case kF16: ((uint16_t*)base)[i] = float_to_half(x); break;
+        case kE4M3: ((uint8_t*)base)[i] = float_to_e4m3(x); break;
+        case kE5M2: ((uint8_t*)base)[i] = float_to_e5m2(x); break;
+        default: ((float*)base)[i] = x;
+    }
 }
 
 inline const float* q_ptr(const Args& a, i64 row, i64 head) { return a.q + row * a.q_row + head * a.q_head; }
@@ -158,14 +306,25 @@ void decode_portable(const Args& a, i64 s, i64 h) {
     }
     std::fill(acc, acc + G * D, 0.0f);
     alignas(64) float s_[kMaxBlock];
-    const i64 vrow = KVH * D;  // floats between consecutive tokens of a V block
+    const i64 vrow = KVH * D;  // elements between consecutive tokens of a V block
     const i64 nblocks = (ctx + BS - 1) / BS;
     const i64 lo = first_visible(a, ctx - 1);
+    // A cache in another dtype: each block's K and V of head h converted to float32 first.
+    std::vector<float> conv(a.dtype == kF32 ? 0 : (size_t)(2 * D * BS));
     for (i64 j = lo / BS; j < nblocks; ++j) {
         const i64 n = std::min(BS, ctx - j * BS);
         const i64 t0 = std::max<i64>(0, lo - j * BS);  // keys before the window: not read
-        const float* kt = a.k_cache + (table[j] * KVH + h) * D * BS;  // [D][BS]
-        const float* vb = a.v_cache + table[j] * BS * vrow + h * D;
+        const i64 koff = (table[j] * KVH + h) * D * BS, voff = table[j] * BS * vrow + h * D;
+        const float* kt = (const float*)a.k_cache + koff;  // [D][BS]
+        const float* vb = (const float*)a.v_cache + voff;  // V[t][d] = vb[t * vs + d]
+        i64 vs = vrow;
+        if (a.dtype != kF32) {
+            load_floats(a.dtype, a.k_cache, koff, 1, D * BS, conv.data());
+            for (i64 t = t0; t < n; ++t) load_floats(a.dtype, a.v_cache, voff + t * vrow, 1, D, conv.data() + D * BS + t * D);
+            kt = conv.data();
+            vb = conv.data() + D * BS;
+            vs = D;
+        }
         for (i64 g = 0; g < G; ++g) {
             const float* qg = q_ptr(a, row, h * G + g);
             for (i64 t = t0; t < n; ++t) s_[t] = 0.0f;
@@ -190,7 +349,7 @@ void decode_portable(const Args& a, i64 s, i64 h) {
             for (i64 d = 0; d < D; ++d) o[d] *= corr;
             for (i64 t = t0; t < n; ++t) {
                 const float p = s_[t];
-                const float* vt = vb + t * vrow;
+                const float* vt = vb + t * vs;
                 for (i64 d = 0; d < D; ++d) o[d] += p * vt[d];
             }
             m[g] = bm;
@@ -213,6 +372,7 @@ void tile_portable(const Args& a, i64 s, i64 h, i64 v0, i64 v1) {
     alignas(64) float qt[kMaxHeadDim][kLanes];  // queries transposed: lanes = query vectors
     alignas(64) float ot[kMaxHeadDim][kLanes];
     alignas(64) float sc[kLanes][kLanes];  // [key][lane]
+    alignas(64) float kconv[kMaxHeadDim];  // one key's (or value's) row in float32 (16-bit / fp8 caches)
     alignas(64) float m[kLanes], l[kLanes], corr[kLanes];
     i64 pos[kLanes], lo[kLanes];
     for (i64 i = 0; i < kLanes; ++i) {
@@ -232,10 +392,17 @@ void tile_portable(const Args& a, i64 s, i64 h, i64 v0, i64 v1) {
         const i64 nk = std::min<i64>(kLanes, maxpos + 1 - k0);
         for (i64 t = 0; t < nk; ++t) {
             const i64 kp = k0 + t;
-            const float* kt = a.k_cache + (table[kp / BS] * KVH + h) * D * BS + kp % BS;
+            const i64 koff = (table[kp / BS] * KVH + h) * D * BS + kp % BS;
+            const float* kt = (const float*)a.k_cache + koff;  // K[d] = kt[d * ks]
+            i64 ks = BS;
+            if (a.dtype != kF32) {  // another cache dtype: this key converted to float32 first
+                load_floats(a.dtype, a.k_cache, koff, BS, D, kconv);
+                kt = kconv;
+                ks = 1;
+            }
             float acc[kLanes] = {};
             for (i64 d = 0; d < D; ++d) {
-                const float kd = kt[d * BS];
+                const float kd = kt[d * ks];
                 for (int i = 0; i < kLanes; ++i) acc[i] += kd * qt[d][i];
             }
             if (a.softcap > 0.0f)
@@ -266,7 +433,12 @@ void tile_portable(const Args& a, i64 s, i64 h, i64 v0, i64 v1) {
             for (int i = 0; i < kLanes; ++i) ot[d][i] *= corr[i];
         for (i64 t = 0; t < nk; ++t) {
             const i64 kp = k0 + t;
-            const float* vt = a.v_cache + (table[kp / BS] * BS + kp % BS) * vrow + h * D;
+            const i64 voff = (table[kp / BS] * BS + kp % BS) * vrow + h * D;
+            const float* vt = (const float*)a.v_cache + voff;
+            if (a.dtype != kF32) {
+                load_floats(a.dtype, a.v_cache, voff, 1, D, kconv);
+                vt = kconv;
+            }
             for (i64 d = 0; d < D; ++d) {
                 const float vd = vt[d];
                 for (int i = 0; i < kLanes; ++i) ot[d][i] += vd * sc[t][i];
@@ -316,13 +488,34 @@ T512 inline __m512 softcap16(__m512 x, float cap) {
     return _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), sign)), _mm512_set1_ps(cap));
 }
 
+// Cache element types of the AVX-512 kernels (templates over them): load16 reads 16 consecutive
+// elements as float32 (exact conversions).
+struct CF32 { using T = float; static constexpr int code = kF32; };
+struct CBF16 { using T = uint16_t; static constexpr int code = kBF16; };
+struct CF16 { using T = uint16_t; static constexpr int code = kF16; };
+struct CE4M3 { using T = uint8_t; static constexpr int code = kE4M3; };
+struct CE5M2 { using T = uint8_t; static constexpr int code = kE5M2; };
+
+T512 inline __m512 load16(const float* p, CF32) { return _mm512_loadu_ps(p); }
+T512 inline __m512 load16(const uint16_t* p, CBF16) {  // bf16 = the top half of a float32
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+T512 inline __m512 load16(const uint16_t* p, CF16) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+T512 inline __m512 load16(const uint8_t* p, CE4M3) {
+    return _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)), g_fp8.e4m3, 4);
+}
+T512 inline __m512 load16(const uint8_t* p, CE5M2) {
+    return _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)), g_fp8.e5m2, 4);
+}
+
 // The next decode step's K and V of one kv head (n groups of 16 keys), prefetched line by line
 // during this step's FMAs: the cache streams from memory, and the out-of-order window alone
 // keeps too few of its lines in flight (prefetching a whole step at once, or two steps ahead,
 // or into L2 only, measured slower).
+template <class E>
 struct DecodePrefetch {
-    const float* k[kDecodeGroups];
-    const float* v[kDecodeGroups];
+    const E* k[kDecodeGroups];
+    const E* v[kDecodeGroups];
     int n;
 };
 
@@ -335,9 +528,9 @@ struct DecodeState {
 // PV part of a decode step: o[g] = o[g] * corr[g] + sum_t p[g][t] V[t] over keys t0..n-1 (V[t][d] =
 // vb[t * vrow + d]; p[g][t] = p[g * PS + t]). Each p broadcast feeds DVB vectors of V, each V
 // vector NG queries.
-template <int NG, int N, int PS>
-T512 inline void decode_pv(const float* vb, i64 D, i64 vrow, int t0, int n, const float* p, const float* corr,
-                           float* o, bool first, const float* pfv) {
+template <int NG, int N, int PS, class C>
+T512 inline void decode_pv(const typename C::T* vb, i64 D, i64 vrow, int t0, int n, const float* p, const float* corr,
+                           float* o, bool first, const typename C::T* pfv) {
     constexpr int DVB = NG == 1 ? 8 : 16 / NG;  // output vectors per query held in registers
     for (i64 dv0 = 0; dv0 < D; dv0 += 16 * DVB) {
         const int nb = (int)std::min<i64>(DVB, (D - dv0) / 16);
@@ -359,7 +552,7 @@ T512 inline void decode_pv(const float* vb, i64 D, i64 vrow, int t0, int n, cons
             for (int g = 0; g < NG; ++g) pb[g] = _mm512_set1_ps(p[g * PS + t]);
             for (int c = 0; c < DVB; ++c)
                 if (c < nb) {
-                    const __m512 v = _mm512_loadu_ps(vb + t * vrow + dv0 + 16 * c);
+                    const __m512 v = load16(vb + t * vrow + dv0 + 16 * c, C{});
                     for (int g = 0; g < NG; ++g) acc[g][c] = _mm512_fmadd_ps(pb[g], v, acc[g][c]);
                 }
         }
@@ -373,23 +566,23 @@ T512 inline void decode_pv(const float* vb, i64 D, i64 vrow, int t0, int n, cons
 // lanes): group j has keys lo[j] <= t < n[j] <= 16 visible at kt[j] / vb[j]; cap > 0 soft-caps.
 // K[t][d] = kt[d * BS + t]; V[t][d] = vb[t * vrow + d]; qs, o: [NG][kMaxHeadDim]. Each q
 // broadcast feeds KG groups, each K vector all NG queries; the groups' pages stream in together.
-template <int NG, int KG>
-T512 inline void decode_step(const float* const* kt, const float* const* vb, const int* lo, const int* n, i64 D,
-                             i64 BS, i64 vrow, float cap, const float* qs, float* o, DecodeState* st,
-                             const DecodePrefetch& pf) {
-    constexpr int C = NG * KG <= 8 ? 2 : 1;  // independent FMA chains per query and group
+template <int NG, int KG, class C>
+T512 inline void decode_step(const typename C::T* const* kt, const typename C::T* const* vb, const int* lo,
+                             const int* n, i64 D, i64 BS, i64 vrow, float cap, const float* qs, float* o,
+                             DecodeState* st, const DecodePrefetch<typename C::T>& pf) {
+    constexpr int NC = NG * KG <= 8 ? 2 : 1;  // independent FMA chains per query and group
     alignas(64) float p[NG][16 * KG];
-    __m512 sc[NG][KG][C];
+    __m512 sc[NG][KG][NC];
     for (int g = 0; g < NG; ++g)
         for (int j = 0; j < KG; ++j)
-            for (int c = 0; c < C; ++c) sc[g][j][c] = _mm512_setzero_ps();
-    for (i64 d = 0; d < D; d += C) {
+            for (int c = 0; c < NC; ++c) sc[g][j][c] = _mm512_setzero_ps();
+    for (i64 d = 0; d < D; d += NC) {
 #pragma GCC unroll 2
-        for (int c = 0; c < C; ++c) {
+        for (int c = 0; c < NC; ++c) {
             for (int j = 0; j < pf.n; ++j) _mm_prefetch((const char*)(pf.k[j] + (d + c) * BS), _MM_HINT_T0);
             __m512 k[KG];
             for (int j = 0; j < KG; ++j) {
-                k[j] = _mm512_loadu_ps(kt[j] + (d + c) * BS);
+                k[j] = load16(kt[j] + (d + c) * BS, C{});
                 __asm__("" : "+v"(k[j]));  // one load each, not one per query
             }
 #pragma GCC unroll 4
@@ -408,7 +601,7 @@ T512 inline void decode_step(const float* const* kt, const float* const* vb, con
         const __m512 mv = _mm512_set1_ps(st[g].m);
         for (int j = 0; j < KG; ++j) {
             x[j] = sc[g][j][0];
-            for (int c = 1; c < C; ++c) x[j] = _mm512_add_ps(x[j], sc[g][j][c]);
+            for (int c = 1; c < NC; ++c) x[j] = _mm512_add_ps(x[j], sc[g][j][c]);
             if (cap > 0.0f) x[j] = softcap16(x[j], cap);
             x[j] = _mm512_mask_blend_ps((__mmask16)(((1u << n[j]) - 1u) & ~((1u << lo[j]) - 1u)), ninf, x[j]);
             up |= _mm512_cmp_ps_mask(x[j], mv, _CMP_GT_OQ);
@@ -432,30 +625,34 @@ T512 inline void decode_step(const float* const* kt, const float* const* vb, con
     }
     for (int j = 0; j < KG; ++j) {
         if (n[j] == 16 && lo[j] == 0)
-            decode_pv<NG, 16, 16 * KG>(vb[j], D, vrow, 0, 16, &p[0][16 * j], corr, o, moved && j == 0,
+            decode_pv<NG, 16, 16 * KG, C>(vb[j], D, vrow, 0, 16, &p[0][16 * j], corr, o, moved && j == 0,
                                        j < pf.n ? pf.v[j] : nullptr);
         else
-            decode_pv<NG, 0, 16 * KG>(vb[j], D, vrow, lo[j], n[j], &p[0][16 * j], corr, o, moved && j == 0,
+            decode_pv<NG, 0, 16 * KG, C>(vb[j], D, vrow, lo[j], n[j], &p[0][16 * j], corr, o, moved && j == 0,
                                       j < pf.n ? pf.v[j] : nullptr);
     }
 }
 
-template <int KG>
-T512 inline void decode_step_ng(int nqg, const float* const* kt, const float* const* vb, const int* lo, const int* n,
-                                i64 D, i64 BS, i64 vrow, float cap, const float* qs, float* o, DecodeState* st,
-                                const DecodePrefetch& pf) {
+template <int KG, class C>
+T512 inline void decode_step_ng(int nqg, const typename C::T* const* kt, const typename C::T* const* vb, const int* lo,
+                                const int* n, i64 D, i64 BS, i64 vrow, float cap, const float* qs, float* o,
+                                DecodeState* st, const DecodePrefetch<typename C::T>& pf) {
     switch (nqg) {
-        case 1: decode_step<1, KG>(kt, vb, lo, n, D, BS, vrow, cap, qs, o, st, pf); break;
-        case 2: decode_step<2, KG>(kt, vb, lo, n, D, BS, vrow, cap, qs, o, st, pf); break;
-        case 3: decode_step<3, KG>(kt, vb, lo, n, D, BS, vrow, cap, qs, o, st, pf); break;
-        default: decode_step<4, KG>(kt, vb, lo, n, D, BS, vrow, cap, qs, o, st, pf); break;
+        case 1: decode_step<1, KG, C>(kt, vb, lo, n, D, BS, vrow, cap, qs, o, st, pf); break;
+        case 2: decode_step<2, KG, C>(kt, vb, lo, n, D, BS, vrow, cap, qs, o, st, pf); break;
+        case 3: decode_step<3, KG, C>(kt, vb, lo, n, D, BS, vrow, cap, qs, o, st, pf); break;
+        default: decode_step<4, KG, C>(kt, vb, lo, n, D, BS, vrow, cap, qs, o, st, pf); break;
     }
 }
 
 // Decode: the query heads of kv heads [h0, h1) of one row, keys [k0, k1) (k0 a multiple of 16; keys
 // before the row's window, in the first group only, are masked).
 // block_size and D are multiples of 16. part >= 0: unnormalized results into a.partial.
+template <class C>
 T512 void decode_fast(const Args& a, i64 s, i64 h0, i64 h1, i64 k0, i64 k1, int part) {
+    using E = typename C::T;
+    const E* k_cache = (const E*)a.k_cache;
+    const E* v_cache = (const E*)a.v_cache;
     const i64* sq = a.seqs + 4 * s;
     const i64 row = sq[0], first = first_visible(a, sq[2] - 1);
     const i64* table = a.tables + sq[3];
@@ -492,18 +689,18 @@ T512 void decode_fast(const Args& a, i64 s, i64 h0, i64 h1, i64 k0, i64 k1, int 
             nblk[j] = table[(nkey + 16 * j) / BS];
             noff[j] = (nkey + 16 * j) % BS;
         }
-        const DecodePrefetch nopf{{}, {}, 0};
+        const DecodePrefetch<E> nopf{{}, {}, 0};
         for (i64 h = h0; h < h1; ++h) {
-            const float* kt[kDecodeGroups];
-            const float* vb[kDecodeGroups];
+            const E* kt[kDecodeGroups];
+            const E* vb[kDecodeGroups];
             for (i64 j = 0; j < ng; ++j) {
-                kt[j] = a.k_cache + (blk[j] * KVH + h) * D * BS + off[j];
-                vb[j] = a.v_cache + (blk[j] * BS + off[j]) * vrow + h * D;
+                kt[j] = k_cache + (blk[j] * KVH + h) * D * BS + off[j];
+                vb[j] = v_cache + (blk[j] * BS + off[j]) * vrow + h * D;
             }
-            DecodePrefetch pf{{}, {}, nng};
+            DecodePrefetch<E> pf{{}, {}, nng};
             for (int j = 0; j < nng; ++j) {
-                pf.k[j] = a.k_cache + (nblk[j] * KVH + h) * D * BS + noff[j];
-                pf.v[j] = a.v_cache + (nblk[j] * BS + noff[j]) * vrow + h * D;
+                pf.k[j] = k_cache + (nblk[j] * KVH + h) * D * BS + noff[j];
+                pf.v[j] = v_cache + (nblk[j] * BS + noff[j]) * vrow + h * D;
             }
             for (i64 g0 = 0; g0 < G; g0 += 4) {
                 const i64 r = (h - h0) * G + g0;
@@ -511,12 +708,12 @@ T512 void decode_fast(const Args& a, i64 s, i64 h0, i64 h1, i64 k0, i64 k1, int 
                 float* orr = o + r * kMaxHeadDim;
                 const int nqg = (int)std::min<i64>(4, G - g0);
                 const float cap = a.softcap;
-                const DecodePrefetch& p = g0 ? nopf : pf;
+                const DecodePrefetch<E>& p = g0 ? nopf : pf;
                 switch (ng) {
-                    case 1: decode_step_ng<1>(nqg, kt, vb, lo, n, D, BS, vrow, cap, qr, orr, st + r, p); break;
-                    case 2: decode_step_ng<2>(nqg, kt, vb, lo, n, D, BS, vrow, cap, qr, orr, st + r, p); break;
-                    case 3: decode_step_ng<3>(nqg, kt, vb, lo, n, D, BS, vrow, cap, qr, orr, st + r, p); break;
-                    default: decode_step_ng<4>(nqg, kt, vb, lo, n, D, BS, vrow, cap, qr, orr, st + r, p); break;
+                    case 1: decode_step_ng<1, C>(nqg, kt, vb, lo, n, D, BS, vrow, cap, qr, orr, st + r, p); break;
+                    case 2: decode_step_ng<2, C>(nqg, kt, vb, lo, n, D, BS, vrow, cap, qr, orr, st + r, p); break;
+                    case 3: decode_step_ng<3, C>(nqg, kt, vb, lo, n, D, BS, vrow, cap, qr, orr, st + r, p); break;
+                    default: decode_step_ng<4, C>(nqg, kt, vb, lo, n, D, BS, vrow, cap, qr, orr, st + r, p); break;
                 }
             }
         }
@@ -581,8 +778,12 @@ T512 void write_keys_fast(const float* k, i64 k_stride, float* dst, i64 n, i64 K
 // of LG vectors. block_size and D are multiples of 16. Scores: passes of KP keys x LG vectors of
 // lanes (16 accumulators: each K element broadcast feeds LG FMAs); outputs: chunks of DP dims x
 // LG vectors (each V element broadcast feeds LG FMAs). LG = 2 needs ~40% fewer loads per FMA.
-template <int LG>
+template <int LG, class C>
 T512 void tile_fast(const Args& a, i64 s, i64 h, i64 v0, i64 v1) {
+    using E = typename C::T;
+    constexpr bool kConvert = C::code != kF32;
+    const E* k_cache = (const E*)a.k_cache;
+    const E* v_cache = (const E*)a.v_cache;
     constexpr int W = 16 * LG, KP = 16 / LG, DP = 16 / LG;
     const i64* sq = a.seqs + 4 * s;
     const i64 row0 = sq[0], nq = sq[1], ctx = sq[2];
@@ -591,6 +792,9 @@ T512 void tile_fast(const Args& a, i64 s, i64 h, i64 v0, i64 v1) {
     alignas(64) float qt[kMaxHeadDim * W];  // [d][lane], scaled queries
     alignas(64) float ot[kMaxHeadDim * W];  // [d][lane], unnormalized outputs
     alignas(64) float pt[16 * W];           // [key][lane], scores then probabilities
+    // 16 keys' K ([d][16]) and V ([16][D]) in float32 when the cache holds another dtype
+    alignas(64) float kconv[kConvert ? kMaxHeadDim * 16 : 16];
+    alignas(64) float vconv[kConvert ? 16 * kMaxHeadDim : 16];
     alignas(64) int32_t pos[W], lo[W];
     const float* qrow[W];
     for (int i = 0; i < W; ++i) {
@@ -619,12 +823,26 @@ T512 void tile_fast(const Args& a, i64 s, i64 h, i64 v0, i64 v1) {
     // Lanes' positions ascend: the first key any lane sees is lo[0]; groups of 16 stay in one block.
     for (i64 key = lo[0] / 16 * 16; key <= maxpos; key += 16) {
         const i64 blk = table[key / BS], off = key % BS;
-        const float* kt = a.k_cache + (blk * KVH + h) * D * BS + off;  // K[t][d] = kt[d * BS + t]
-        const float* vb = a.v_cache + (blk * BS + off) * vrow + h * D;  // V[t][d] = vb[t * vrow + d]
+        const E* kc = k_cache + (blk * KVH + h) * D * BS + off;  // K[t][d] = kc[d * BS + t]
+        const E* vc = v_cache + (blk * BS + off) * vrow + h * D;  // V[t][d] = vc[t * vrow + d]
+        // As float32: K[t][d] = kt[d * ks + t], V[t][d] = vb[t * vs + d]. Another cache dtype: these
+        // 16 keys' K and V converted once into kconv / vconv, then read as a float32 cache.
+        const float* kt = (const float*)kc;
+        const float* vb = (const float*)vc;
+        i64 ks = BS, vs = vrow;
+        if constexpr (kConvert) {
+            for (i64 d = 0; d < D; ++d) _mm512_store_ps(kconv + d * 16, load16(kc + d * BS, C{}));
+            for (int t = 0; t < 16; ++t)
+                for (i64 dc = 0; dc < D; dc += 16) _mm512_store_ps(vconv + t * D + dc, load16(vc + t * vrow + dc, C{}));
+            kt = kconv;
+            vb = vconv;
+            ks = 16;
+            vs = D;
+        }
         // The next 16 keys' K and V lines are prefetched during these FMAs (measured ~6% faster).
         const i64 nkey = key + 16 <= maxpos ? key + 16 : key, nblk = table[nkey / BS], noff = nkey % BS;
-        const float* nkt = a.k_cache + (nblk * KVH + h) * D * BS + noff;
-        const float* nvb = a.v_cache + (nblk * BS + noff) * vrow + h * D;
+        const E* nkt = k_cache + (nblk * KVH + h) * D * BS + noff;
+        const E* nvb = v_cache + (nblk * BS + noff) * vrow + h * D;
         for (int k0 = 0; k0 < 16; k0 += KP) {
             __m512 acc[KP][LG];
             for (int t = 0; t < KP; ++t)
@@ -632,7 +850,7 @@ T512 void tile_fast(const Args& a, i64 s, i64 h, i64 v0, i64 v1) {
             for (i64 d = 0; d < D; ++d) {
                 __m512 qd[LG];
                 for (int g = 0; g < LG; ++g) qd[g] = _mm512_load_ps(qt + d * W + 16 * g);
-                const float* kd = kt + d * BS + k0;
+                const float* kd = kt + d * ks + k0;
                 if (k0 == 0) _mm_prefetch((const char*)(nkt + d * BS), _MM_HINT_T0);
 #pragma GCC unroll 16
                 for (int t = 0; t < KP; ++t) {
@@ -686,7 +904,7 @@ T512 void tile_fast(const Args& a, i64 s, i64 h, i64 v0, i64 v1) {
             for (int t = 0; t < nk; ++t) {
                 __m512 pv[LG];
                 for (int g = 0; g < LG; ++g) pv[g] = _mm512_load_ps(pt + t * W + 16 * g);
-                const float* vr = vb + t * vrow + dc;
+                const float* vr = vb + t * vs + dc;
                 if (dc % 16 == 0) _mm_prefetch((const char*)(nvb + t * vrow + dc), _MM_HINT_T0);
 #pragma GCC unroll 16
                 for (int k = 0; k < DP; ++k) {
@@ -717,6 +935,29 @@ T512 void tile_fast(const Args& a, i64 s, i64 h, i64 v0, i64 v1) {
 }
 #endif
 
+#if QS_AVX512
+// One AVX-512 work item on a cache of element type C.
+template <class C>
+T512 void run_fast(const Args& a, const Item& it) {
+    if (it.kind == kDecodeFast)
+        decode_fast<C>(a, it.seq, it.h0, it.h1, it.a0, it.a1, it.part);
+    else if (it.a1 - it.a0 > 16)
+        tile_fast<2, C>(a, it.seq, it.h0, it.a0, it.a1);
+    else
+        tile_fast<1, C>(a, it.seq, it.h0, it.a0, it.a1);
+}
+
+void run_fast_dtype(const Args& a, const Item& it) {
+    switch (a.dtype) {
+        case kBF16: run_fast<CBF16>(a, it); break;
+        case kF16: run_fast<CF16>(a, it); break;
+        case kE4M3: run_fast<CE4M3>(a, it); break;
+        case kE5M2: run_fast<CE5M2>(a, it); break;
+        default: run_fast<CF32>(a, it); break;
+    }
+}
+#endif
+
 // Split decodes: combine the parts' (max, sum, unnormalized output) of every query head.
 void merge_parts(const Args& a, i64 s, int first_part, int nparts) {
     const i64 D = a.D, row = a.seqs[4 * s];
@@ -741,7 +982,7 @@ void merge_parts(const Args& a, i64 s, int first_part, int nparts) {
 
 extern "C" {
 
-int qs_abi_version() { return 6; }
+int qs_abi_version() { return 7; }
 
 // 0: portable code only; 1 (default): AVX-512 code where the CPU has it. Returns the previous value.
 int qs_set_fast(int allow) {
@@ -761,11 +1002,29 @@ int qs_fast_path(i64 D, i64 BS) {
 #endif
 }
 
-// Write T new tokens' keys and values ([T, KVH, D] each, row strides k_stride / v_stride floats)
-// into their cache slots (slot = block * BS + offset). Single-threaded: a few hundred KB at most.
-int qs_write_kv(const float* k, i64 k_stride, const float* v, i64 v_stride, float* k_cache, float* v_cache,
-                const i64* slots, i64 T, i64 KVH, i64 D, i64 BS) {
-    if (T < 0 || KVH <= 0 || D <= 0 || BS <= 0) return 1;
+// Write T new tokens' keys and values ([T, KVH, D] each, float32, row strides k_stride / v_stride
+// floats) into their cache slots (slot = block * BS + offset), rounded to the cache's dtype
+// (cache_dtype, as qs_paged_attention). Single-threaded: a few hundred KB at most.
+int qs_write_kv(const float* k, i64 k_stride, const float* v, i64 v_stride, void* k_cache_, void* v_cache_,
+                const i64* slots, i64 T, i64 KVH, i64 D, i64 BS, int cache_dtype) {
+    if (T < 0 || KVH <= 0 || D <= 0 || BS <= 0 || cache_dtype < 0 || cache_dtype >= kNumDtypes) return 1;
+    if (cache_dtype != kF32) {
+        for (i64 t = 0; t < T; ++t) {
+            const i64 blk = slots[t] / BS, off = slots[t] % BS;
+            const float* kt = k + t * k_stride;
+            const float* vt = v + t * v_stride;
+            for (i64 h = 0; h < KVH; ++h) {
+                const i64 kbase = (blk * KVH + h) * D * BS + off, vbase = ((blk * BS + off) * KVH + h) * D;
+                for (i64 d = 0; d < D; ++d) {
+                    store_float(cache_dtype, k_cache_, kbase + d * BS, kt[h * D + d]);
+                    store_float(cache_dtype, v_cache_, vbase + d, vt[h * D + d]);
+                }
+            }
+        }
+        return 0;
+    }
+    float* k_cache = (float*)k_cache_;
+    float* v_cache = (float*)v_cache_;
 #if QS_AVX512
     const bool fast = qs_fast_path(D, BS) != 0;
 #endif
@@ -799,15 +1058,16 @@ int qs_write_kv(const float* k, i64 k_stride, const float* v, i64 v_stride, floa
 }
 
 // Attention of every query row of a step (see the top of the file). q [T, H, D] with strides
-// (q_row, q_head, 1); out [T, H, D] with row stride out_row (heads dense). seqs [S, 4] int64:
+// (q_row, q_head, 1); out [T, H, D] with row stride out_row (heads dense); the caches' elements
+// are of type cache_dtype (CacheDtype: 0 float32, 1 bfloat16, 2 float16, 3 fp8 e4m3fn, 4 fp8 e5m2). seqs [S, 4] int64:
 // (first row, n_q, ctx, offset in tables). window: sliding window in tokens (0: none); softcap:
 // logit soft-capping (0: none). Returns 0 on success, nonzero when the arguments are outside
 // what this kernel handles (nothing written then).
-int qs_paged_attention(const float* q, i64 q_row, i64 q_head, const float* k_cache, const float* v_cache,
+int qs_paged_attention(const float* q, i64 q_row, i64 q_head, const void* k_cache, const void* v_cache,
                        float* out, i64 out_row, const i64* seqs, i64 S, const i64* tables, i64 H, i64 KVH, i64 D,
-                       i64 BS, float scale, i64 window, float softcap, int nthreads) {
+                       i64 BS, float scale, i64 window, float softcap, int nthreads, int cache_dtype) {
     if (S < 0 || H <= 0 || KVH <= 0 || H % KVH || D <= 0 || D > kMaxHeadDim || BS <= 0 || BS > kMaxBlock ||
-        window < 0 || !(softcap >= 0.0f) || std::isinf(softcap))
+        window < 0 || !(softcap >= 0.0f) || std::isinf(softcap) || cache_dtype < 0 || cache_dtype >= kNumDtypes)
         return 1;
     for (i64 s = 0; s < S; ++s) {
         const i64 nq = seqs[4 * s + 1], ctx = seqs[4 * s + 2];
@@ -862,7 +1122,7 @@ int qs_paged_attention(const float* q, i64 q_row, i64 q_head, const float* k_cac
     std::vector<float> partial((size_t)nparts * H * (D + 2));
     std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
     Args a{q, q_row, q_head, k_cache, v_cache, out, out_row, seqs, tables, H, KVH, D, BS, G, scale, window, softcap,
-           partial.data()};
+           partial.data(), cache_dtype};
     const i64 n = (i64)items.size();
 #pragma omp parallel num_threads(nthreads)
     {
@@ -871,13 +1131,8 @@ int qs_paged_attention(const float* q, i64 q_row, i64 q_head, const float* k_cac
             const Item& it = items[i];
             switch (it.kind) {
 #if QS_AVX512
-                case kDecodeFast: decode_fast(a, it.seq, it.h0, it.h1, it.a0, it.a1, it.part); break;
-                case kTileFast:
-                    if (it.a1 - it.a0 > 16)
-                        tile_fast<2>(a, it.seq, it.h0, it.a0, it.a1);
-                    else
-                        tile_fast<1>(a, it.seq, it.h0, it.a0, it.a1);
-                    break;
+                case kDecodeFast:
+                case kTileFast: run_fast_dtype(a, it); break;
 #endif
                 case kDecodePortable: decode_portable(a, it.seq, it.h0); break;
                 default: tile_portable(a, it.seq, it.h0, it.a0, it.a1); break;

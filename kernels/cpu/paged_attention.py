@@ -21,7 +21,19 @@ SOURCE = Path(__file__).with_name("paged_attention.cpp")
 # No fused multiply-adds but the explicit ones: the compiler would fuse the portable loops'
 # vector and scalar copies differently, and a row's result would depend on its tile.
 CXXFLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off")
-ABI_VERSION = 6
+ABI_VERSION = 7  # 7: the cache_dtype code appended to qs_paged_attention and qs_write_kv
+
+# The `cache_dtype` code the C functions take last: the element type of k_cache / v_cache. Queries,
+# outputs and the new keys/values given to qs_write_kv are float32 whatever the cache holds; the
+# kernel converts cache elements to float32 exactly as it loads them, and qs_write_kv rounds to the
+# cache dtype as torch's .to() does (nearest, ties to even).
+CACHE_DTYPE_CODES = {
+    torch.float32: 0,
+    torch.bfloat16: 1,
+    torch.float16: 2,
+    torch.float8_e4m3fn: 3,
+    torch.float8_e5m2: 4,
+}
 
 
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -30,10 +42,10 @@ _SIGNATURES = {
     "qs_set_fast": (_I, [_I]),
     "qs_fast_path": (_I, [_L, _L]),
     # q, q row/head strides, k_cache, v_cache, out, out row stride, seqs, S, tables, H, KVH, D, BS, scale,
-    # window, softcap, threads
-    "qs_paged_attention": (_I, [_P, _L, _L, _P, _P, _P, _L, _P, _L, _P, _L, _L, _L, _L, _F, _L, _F, _I]),
-    # k, k row stride, v, v row stride, k_cache, v_cache, slots, T, KVH, D, BS
-    "qs_write_kv": (_I, [_P, _L, _P, _L, _P, _P, _P, _L, _L, _L, _L]),
+    # window, softcap, threads, cache_dtype
+    "qs_paged_attention": (_I, [_P, _L, _L, _P, _P, _P, _L, _P, _L, _P, _L, _L, _L, _L, _F, _L, _F, _I, _I]),
+    # k, k row stride, v, v row stride, k_cache, v_cache, slots, T, KVH, D, BS, cache_dtype
+    "qs_write_kv": (_I, [_P, _L, _P, _L, _P, _P, _P, _L, _L, _L, _L, _I]),
 }
 
 
@@ -46,9 +58,10 @@ def load() -> Optional[ctypes.CDLL]:
 
 
 def supported(v_cache: torch.Tensor, num_heads: int) -> bool:
-    """Whether the native kernel handles this cache (float32 on CPU, sizes within its limits)."""
+    """Whether the native kernel handles this cache (on CPU, a dtype of CACHE_DTYPE_CODES, sizes
+    within its limits). Queries must be float32 whatever the cache dtype."""
     _, block_size, kv_heads, head_dim = v_cache.shape
-    return (v_cache.device.type == "cpu" and v_cache.dtype == torch.float32 and num_heads % kv_heads == 0
+    return (v_cache.device.type == "cpu" and v_cache.dtype in CACHE_DTYPE_CODES and num_heads % kv_heads == 0
             and head_dim <= 256 and block_size <= 256)
 
 
@@ -64,13 +77,14 @@ def attention(
 ) -> Optional[torch.Tensor]:
     """Attention of every row of q [T, H, D] (float32; rows and heads may be strided, dims dense)
     against the paged cache (k_cache [blocks, KVH, D, block_size], v_cache [blocks, block_size,
-    KVH, D]) -> [T, H * D]. seqs [S, 4] int64: (first row, rows, context length, offset of its block
+    KVH, D], both of one dtype of CACHE_DTYPE_CODES) -> [T, H * D] float32. seqs [S, 4] int64: (first row, rows, context length, offset of its block
     table in tables), the rows being the sequence's last positions (causal); every row of q must
     belong to one entry. window > 0: the row at position p sees keys p - window < k <= p only (the
     table entries of blocks before every row's window are not read); softcap > 0: scores become
     softcap * tanh(score / softcap). None if the kernel is unavailable or does not take these shapes."""
     lib = load()
-    if lib is None or q.dtype != torch.float32 or q.stride(2) != 1:
+    code = CACHE_DTYPE_CODES.get(v_cache.dtype)
+    if lib is None or q.dtype != torch.float32 or q.stride(2) != 1 or code is None or k_cache.dtype != v_cache.dtype:
         return None
     T, H, D = q.shape
     _, bs, kvh, _ = v_cache.shape
@@ -78,7 +92,7 @@ def attention(
     rc = lib.qs_paged_attention(
         q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), H * D,
         seqs.data_ptr(), seqs.shape[0], tables.data_ptr(), H, kvh, D, bs, scale, int(window), float(softcap),
-        torch.get_num_threads(),
+        torch.get_num_threads(), code,
     )
     return None if rc else out
 
@@ -99,15 +113,19 @@ def set_fast(allow: bool) -> bool:
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slots: torch.Tensor) -> bool:
     """k, v [T, KVH, D] (float32; rows may be strided, heads and dims dense) into their cache
-    slots (k_cache [blocks, KVH, D, block_size], v_cache [blocks, block_size, KVH, D]).
+    slots (k_cache [blocks, KVH, D, block_size], v_cache [blocks, block_size, KVH, D], one dtype of
+    CACHE_DTYPE_CODES: rounded to it as torch's .to() does).
     False if the kernel is unavailable or the layout is not one it takes."""
     lib = load()
     T, kvh, d = k.shape
-    if lib is None or k.stride()[1:] != (d, 1) or v.stride()[1:] != (d, 1) or not slots.is_contiguous():
+    code = CACHE_DTYPE_CODES.get(v_cache.dtype)
+    if (lib is None or code is None or k_cache.dtype != v_cache.dtype or k.dtype != torch.float32
+            or v.dtype != torch.float32 or k.stride()[1:] != (d, 1) or v.stride()[1:] != (d, 1)
+            or not slots.is_contiguous()):
         return False
     bs = v_cache.shape[1]
     return lib.qs_write_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(),
-                           v_cache.data_ptr(), slots.data_ptr(), T, kvh, d, bs) == 0
+                           v_cache.data_ptr(), slots.data_ptr(), T, kvh, d, bs, code) == 0
 
 
 def advise_huge_pages(t: torch.Tensor) -> bool:

@@ -15,8 +15,11 @@ captured batch): nothing is written. pos0 = -1 with one row: no key is visible, 
 One program per (item, KV head, split) computes a [BLOCK_M, head_dim] tile whose rows are
 (query position, query head of the KV head's GQA group) pairs, so each K/V tile is loaded once
 for the whole group and multiplied with tl.dot (tensor cores; BLOCK_M >= 16 for them): scores
-q @ K^T [BLOCK_M, BLOCK_N] in float32, online softmax in float32, P (cast to the cache's dtype, as
-FlashAttention does) @ V accumulated in float32. Page lookups are per key (t // block_size), so
+q @ K^T [BLOCK_M, BLOCK_N] in float32, online softmax in float32, P (cast to the query's dtype, as
+FlashAttention does) @ V accumulated in float32. The cache may hold another dtype than the queries
+(--kv-cache-dtype: float32, bfloat16, float16, fp8 where the GPU converts it): K and V tiles are
+converted to the query's dtype as they are loaded; the KV write rounds to the cache's dtype
+(nearest, ties to even). Page lookups are per key (t // block_size), so
 BLOCK_N does not depend on the block size.
 
 Split-K (flash-decoding): with SPLITS > 1 each program takes 1/SPLITS of its item's visible key
@@ -87,7 +90,7 @@ def paged_attention_kernel(
         page = tl.load(table + t // PAGE, mask=tmask, other=0).to(tl.int64)
         slot = page * stride_kb + (t % PAGE) * stride_kt + kv_head * stride_kh
         k = tl.load(k_ptr + slot[None, :] + d[:, None] * stride_kd,
-                    mask=dmask[:, None] & tmask[None, :], other=0.0)  # [D, N]
+                    mask=dmask[:, None] & tmask[None, :], other=0.0).to(q.dtype)  # [D, N], from the cache's dtype
         s = tl.dot(q, k, input_precision="ieee") * scale  # [M, N] float32
         if SOFTCAP:
             s = softcap * _tanh(s / softcap)
@@ -101,7 +104,8 @@ def paged_attention_kernel(
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         vslot = page * stride_vb + (t % PAGE) * stride_vt + kv_head * stride_vh
-        v = tl.load(v_ptr + vslot[:, None] + d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)  # [N, D]
+        v = tl.load(v_ptr + vslot[:, None] + d[None, :], mask=tmask[:, None] & dmask[None, :],
+                    other=0.0).to(q.dtype)  # [N, D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
 
@@ -175,6 +179,6 @@ def write_kv_kernel(
         k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
         v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
         tl.store(k_cache_ptr + block * stride_kb + off * stride_kslot + h[:, None] * stride_kh_c
-                 + d[None, :] * stride_kd, k, mask=mask)
-        tl.store(v_cache_ptr + block * stride_vb + off * stride_vslot + h[:, None] * stride_vh_c + d[None, :], v,
-                 mask=mask)
+                 + d[None, :] * stride_kd, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + block * stride_vb + off * stride_vslot + h[:, None] * stride_vh_c + d[None, :],
+                 v.to(v_cache_ptr.dtype.element_ty), mask=mask)

@@ -83,10 +83,13 @@ def model_memory(served: Any) -> dict[str, Any]:
         "blocks_used": round(stats.kv_cache_usage * stats.num_kv_blocks),
         "usage": stats.kv_cache_usage,
         "bytes_total": getattr(stats, "kv_cache_bytes", None),
+        "dtype": getattr(stats, "kv_cache_dtype", None) or None,  # --kv-cache-dtype as resolved
         "prefix_cache_hit_rate": stats.prefix_cache_hit_rate,
     }
     if kv["bytes_total"] is not None:
         kv["bytes_used"] = int(kv["bytes_total"] * stats.kv_cache_usage)
+        if stats.num_kv_blocks:  # 2 x layers x KV heads x head dim x the dtype's bytes
+            kv["bytes_per_token"] = kv["bytes_total"] // (stats.num_kv_blocks * stats.block_size)
     out = {"model": served.name, "weights": weights, "kv_cache": kv}
     loras = getattr(served.engine, "loras", None)
     if loras is not None and loras.list():  # adapters held beside the base (never merged into it)

@@ -11,7 +11,8 @@ before anyone reads it in the same step).
 
 With the Triton kernels (the GPU's path, triton_attention.py), two launches per layer write the new
 keys/values and attend for every row, reading the cache in place as the native kernel does.
-With the native kernel (CPU, float32), one call per layer computes every row: row r of a chunk
+With the native kernel (CPU, float32 queries; the cache in float32, bfloat16, float16 or fp8, see
+--kv-cache-dtype), one call per layer computes every row: row r of a chunk
 at sequence position p attends to positions 0..p through the sequence's block table, read in
 place (decodes, fresh prompts, chunked-prefill continuations and prefix hits alike). Otherwise:
 - Decode tokens (one new token per sequence) are batched: their blocks are gathered into a
@@ -79,10 +80,14 @@ def keys_view(k_cache: torch.Tensor) -> torch.Tensor:
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              meta: AttentionMetadata) -> None:
-    """k, v: [T, num_kv_heads, head_dim] -> their slots of the cache."""
+    """k, v: [T, num_kv_heads, head_dim] -> their slots of the cache, rounded to the cache's dtype
+    (--kv-cache-dtype) as torch's .to() rounds."""
     if meta.native_decode and native.write_kv(k, v, k_cache, v_cache, meta.slot_mapping):
         return
     kvh, d = v_cache.shape[-2:]
+    k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    if v_cache.dtype.itemsize == 1:  # fp8: no CPU index_copy_ for it; the bytes are what we store
+        k_cache, v_cache, k, v = (t.view(torch.uint8) for t in (k_cache, v_cache, k, v))
     keys_view(k_cache).index_put_((meta.slot_blocks, meta.slot_offsets), k)
     v_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, v)
 
@@ -128,9 +133,12 @@ def paged_attention(
         if chunk.block_ids is None:
             keys = k[rows].unsqueeze(0).transpose(1, 2)
             values = v[rows].unsqueeze(0).transpose(1, 2)
-        else:
+            if k_cache.dtype != q.dtype:  # the values as stored, as every later step (and the native path) sees them
+                keys, values = keys.to(k_cache.dtype).to(q.dtype), values.to(v_cache.dtype).to(q.dtype)
+        else:  # earlier context from the cache, in the query's dtype (the cache may hold another)
             keys = keys_view(k_cache).index_select(0, chunk.block_ids).view(-1, kvh, D)[:n].transpose(0, 1).unsqueeze(0)
             values = v_cache.index_select(0, chunk.block_ids).view(-1, kvh, D)[:n].transpose(0, 1).unsqueeze(0)
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
         if chunk.block_ids is None and not window and not softcap:
             o = F.scaled_dot_product_attention(qc, keys, values, scale=scale, is_causal=True, enable_gqa=gqa)
         else:
@@ -201,6 +209,7 @@ def _decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     # [nd * max_blocks, bs, KVH, D] -> [nd, KVH, L, D] (a strided view, as sdpa accepts)
     keys = keys_view(k_cache).index_select(0, tables).view(nd, -1, kvh, D).transpose(1, 2)
     values = v_cache.index_select(0, tables).view(nd, -1, kvh, D).transpose(1, 2)
+    keys, values = keys.to(q.dtype), values.to(q.dtype)  # a cache in another dtype (--kv-cache-dtype)
     mask = meta.decode_mask
     if mask is None or window:
         L = keys.shape[2]

@@ -7,6 +7,8 @@ from typing import Any, Optional
 
 MODEL_IMPLS = ("auto", "native", "transformers")
 ATTENTION_BACKENDS = ("auto", "native", "torch", "triton")
+# vLLM's --kv-cache-dtype names (fp8 = fp8_e4m3) plus float32; the runner maps them to torch dtypes.
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -47,6 +49,10 @@ class EngineConfig:
             applies, else PyTorch), "native", "torch" (gather blocks + sdpa) or "triton" (on a CPU
             only under the interpreter: TRITON_INTERPRET=1 from the start of the process).
         enforce_eager: never capture CUDA graphs (vLLM's --enforce-eager); decode steps run eagerly.
+        kv_cache_dtype: dtype the KV cache stores keys/values in (vLLM's --kv-cache-dtype; "fp8" is
+            "fp8_e4m3"). "auto": bfloat16 on a CPU where the native attention kernel runs, else the
+            model's compute dtype (on CUDA too). Attention computes in float32 on the stored values.
+            A combination the chosen attention path cannot run is refused at startup.
         follow_cpu_load: on a CPU, lower torch's thread count (at most the count at start) while
             other processes take some of our cores, and raise it again when they stop
             (engine/cpu_load.py). The server turns it on unless --cpu-threads pins the count.
@@ -69,6 +75,7 @@ class EngineConfig:
     max_lora_rank: int = 64
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    kv_cache_dtype: str = "auto"
     follow_cpu_load: bool = False
 
     def __post_init__(self) -> None:
@@ -101,6 +108,8 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if not isinstance(self.enforce_eager, bool):
             raise TypeError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if not isinstance(self.follow_cpu_load, bool):
             raise TypeError(f"follow_cpu_load must be a bool, got {self.follow_cpu_load!r}")
         if self.model_name is not None and not isinstance(self.model_name, str):
@@ -124,6 +133,7 @@ class EngineConfig:
             gpu_memory_utilization=settings.gpu_memory_utilization,
             attention_backend=settings.attention_backend,
             enforce_eager=settings.enforce_eager,
+            kv_cache_dtype=settings.kv_cache_dtype,
             follow_cpu_load=settings.cpu_threads is None,  # --cpu-threads N pins the count
         )
         values.update(overrides)

@@ -305,6 +305,7 @@ class AsyncEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_hit_rate=bm.prefix_cache_hit_rate,
             kv_cache_bytes=self.runner.num_blocks * self.runner.bytes_per_block,
+            kv_cache_dtype=str(self.runner.kv_dtype).removeprefix("torch."),
             num_requests_finished=self._num_requests_finished,
             num_steps=self._num_steps,
         )

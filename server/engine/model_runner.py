@@ -86,6 +86,33 @@ def triton_unusable(device: torch.device) -> Optional[str]:
     return None
 
 
+# --kv-cache-dtype names -> torch dtypes (vLLM's: "fp8" is fp8_e4m3, OCP's e4m3fn: no infinities, max 448).
+KV_CACHE_TORCH_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+
+
+def triton_fp8_unusable(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why the Triton attention cannot run on an fp8 cache on `device` (None: it can). Triton
+    compiles fp8 e4m3 (its fp8e4nv) for NVIDIA GPUs of compute capability 8.9+, e5m2 from 8.0. The
+    CPU interpreter reads fp8 right but its float32 -> fp8 stores do not round as torch does
+    (against .to() on randn values: 2.4% of e4m3 and 4.9% of e5m2 bytes differ), so the KV write
+    would store other values. (Its bf16 stores truncate too, half the values one ulp off: bf16
+    stays allowed, the interpreter being a test mode whose bf16 arithmetic is known wrong.)"""
+    if device.type != "cuda":
+        return "the Triton interpreter's float32 -> fp8 stores do not round to nearest as torch does"
+    need = (8, 9) if dtype == torch.float8_e4m3fn else (8, 0)
+    have = torch.cuda.get_device_capability(device)
+    if have < need:
+        return f"needs a GPU of compute capability {need[0]}.{need[1]}+ (this one is {have[0]}.{have[1]})"
+    return None
+
+
 @dataclasses.dataclass
 class StepResult:
     token_ids: list[Optional[int]]  # per batch entry: the sampled token, None if it did not sample
@@ -128,9 +155,10 @@ class ModelRunner:
             logger.info("prefix caching off: the model's rope frequencies depend on the sequence length")
         self.block_size = config.block_size
         layers, kv_heads, head_dim = self.model.num_layers, self.model.num_kv_heads, self.model.head_dim
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        self.bytes_per_block = 2 * layers * config.block_size * kv_heads * head_dim * elem
         self.attention_backend = self._attention_backend(config.attention_backend)
+        self.kv_dtype = self._kv_cache_dtype(config.kv_cache_dtype)
+        # The KV budget counts the cache dtype's bytes: 16 bits hold twice the tokens of float32.
+        self.bytes_per_block = 2 * layers * config.block_size * kv_heads * head_dim * self.kv_dtype.itemsize
         # Decode attention reading the paged cache in place (CPU, float32), else PyTorch's sdpa.
         self.native_attention = self.attention_backend == "native"
         self.graphs: Optional[cuda_graphs.DecodeGraphs] = None
@@ -142,14 +170,30 @@ class ModelRunner:
         if self.memory_plan:
             self.memory_plan["kv_cache_bytes"] = self.num_blocks * self.bytes_per_block
         self.sampler = Sampler(self.device, config.seed)
-        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s); attention: %s", self.num_blocks,
-                    config.block_size, self.num_blocks * self.bytes_per_block / GIB, self.device, self.attention_backend)
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s, %s); attention: %s", self.num_blocks,
+                    config.block_size, self.num_blocks * self.bytes_per_block / GIB, self.device,
+                    str(self.kv_dtype).removeprefix("torch."), self.attention_backend)
+
+    def _kv_cache_dtype(self, wanted: str) -> torch.dtype:
+        """The cache's torch dtype for --kv-cache-dtype on the chosen attention path (auto: bfloat16
+        where the native CPU kernel runs, else the compute dtype, as vLLM's auto on CUDA). A
+        combination that path cannot run is refused here, at startup."""
+        if wanted == "auto":
+            return torch.bfloat16 if self.attention_backend == "native" else self.dtype
+        dtype = KV_CACHE_TORCH_DTYPES[wanted]
+        if self.attention_backend == "triton" and dtype.itemsize == 1:
+            reason = triton_fp8_unusable(self.device, dtype)
+            if reason is not None:
+                raise ValueError(f"kv_cache_dtype {wanted!r} with the Triton attention: {reason}; "
+                                 "use bfloat16 / float16, or attention_backend 'torch'")
+        return dtype
 
     def _attention_backend(self, wanted: str) -> str:
         kvh, d = self.model.num_kv_heads, self.model.head_dim
         probe = torch.empty((1, self.config.block_size, kvh, d), dtype=self.dtype, device=self.device)
-        native_ok = self.device.type == "cpu" and native.supported(probe, self.model.num_heads) \
-            and native.load() is not None
+        # float32 queries (the kernel's arithmetic); the cache may hold any dtype it converts
+        native_ok = self.device.type == "cpu" and self.dtype == torch.float32 \
+            and native.supported(probe, self.model.num_heads) and native.load() is not None
         if wanted == "auto":
             if self.device.type == "cuda" and triton_unusable(self.device) is None:
                 return "triton"
@@ -171,12 +215,12 @@ class ModelRunner:
         # masked slots must hold finite numbers, since softmax weight 0 times NaN is NaN.
         shape = (layers, 2, num_blocks, bs, kv_heads, head_dim)
         if self.device.type == "cpu":
-            self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            self.kv_cache = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
             native.advise_huge_pages(self.kv_cache)  # before the first touch (see _zero_new_blocks)
             self._zeroed_blocks = 0
             self._zero_new_blocks(0)
         else:
-            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
             self._zeroed_blocks = num_blocks
         # Keys transposed within a block (see attention.py): [blocks, KVH, D, block_size].
         self.kv_caches = [(self.kv_cache[i, 0].view(num_blocks, kv_heads, head_dim, bs), self.kv_cache[i, 1])

@@ -68,5 +68,6 @@ class EngineStats:
     num_preemptions: int
     prefix_cache_hit_rate: float  # fraction of admitted prompt tokens found in the prefix cache
     kv_cache_bytes: int = 0  # the whole KV cache
+    kv_cache_dtype: str = ""  # what it stores keys/values in (--kv-cache-dtype resolved), e.g. "bfloat16"
     num_requests_finished: int = 0
     num_steps: int = 0

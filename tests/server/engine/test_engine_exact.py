@@ -62,7 +62,8 @@ def compare(model, prompts, results, refs) -> list[str]:
 
 async def _staggered(model, tokenizer, count, **config):
     prompts = make_prompts(tokenizer, count)
-    engine = await started(model, tokenizer, **config)
+    # float32 KV cache: compared token for token with transformers (whose cache is float32)
+    engine = await started(model, tokenizer, **{"kv_cache_dtype": "float32", **config})
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0)
     try:
         results = await asyncio.gather(*[

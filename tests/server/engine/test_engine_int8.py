@@ -117,8 +117,9 @@ def test_engine_native_and_generic_paths(smollm_int8, many):
 
     async def one_at_a_time(model, impl):
         # Whole prompts in one chunk and no prefix cache: each matmul sees the rows transformers sees.
+        # float32 KV cache: compared with transformers' greedy output (float32 cache)
         engine = await started(model, tokenizer, num_kv_blocks=128, model_impl=impl, enable_prefix_caching=False,
-                               max_num_batched_tokens=512)
+                               max_num_batched_tokens=512, kv_cache_dtype="float32")
         kind = type(engine.runner.model).__name__
         try:
             out = [(await collect(engine, p, params, f"r{i}")).token_ids[0] for i, p in enumerate(prompts)]
@@ -144,7 +145,9 @@ def test_engine_batched_streams(smollm_int8):
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True)
 
     async def main():
-        engine = await started(model, tokenizer, num_kv_blocks=512, max_num_seqs=16, max_num_batched_tokens=256)
+        # float32 KV cache: compared with transformers' greedy output (float32 cache)
+        engine = await started(model, tokenizer, num_kv_blocks=512, max_num_seqs=16, max_num_batched_tokens=256,
+                               kv_cache_dtype="float32")
         try:
             res = await asyncio.gather(*[collect(engine, p, params, f"r{i}", delay=0.01 * i)
                                          for i, p in enumerate(prompts)])

@@ -75,11 +75,14 @@ def oracle(key: str, model, prompts) -> list[tuple[list[int], torch.Tensor]]:
     return _oracles[key]
 
 
-def engine_logits(model, tokens: list[list[int]], prompt_lens: list[int], num_blocks: int, budget: int):
+def engine_logits(model, tokens: list[list[int]], prompt_lens: list[int], num_blocks: int, budget: int,
+                  kv_cache_dtype: str = "float32"):
     """Teacher-forced run of the runner under its scheduler: {(seq, position): logits when the
     position was first computed}, and the scheduler's statistics. Each sequence is fed tokens[i]
-    (its prompt, then the given tokens)."""
-    runner = ModelRunner(model, EngineConfig(num_kv_blocks=num_blocks, max_num_batched_tokens=budget))
+    (its prompt, then the given tokens). A float32 KV cache by default: the logits are compared
+    with transformers' (float32 cache)."""
+    runner = ModelRunner(model, EngineConfig(num_kv_blocks=num_blocks, max_num_batched_tokens=budget,
+                                             kv_cache_dtype=kv_cache_dtype))
     bm = BlockManager(runner.num_blocks, 16, runner.supports_prefix_caching, sliding_window=runner.sliding_window)
     sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=budget, recompute_above=runner.recompute_above)
     seqs = []
@@ -159,7 +162,9 @@ def test_family_greedy_matches_transformers(family):
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True)
 
     async def main():
-        engine = await started(model, None, num_kv_blocks=12, max_num_batched_tokens=48, max_num_seqs=8)
+        # float32 KV cache: compared token for token with transformers (float32 cache)
+        engine = await started(model, None, num_kv_blocks=12, max_num_batched_tokens=48, max_num_seqs=8,
+                               kv_cache_dtype="float32")
         assert isinstance(engine.runner.model, LlamaModel)
         try:
             res = await asyncio.gather(*[collect(engine, p, params, f"r{i}")

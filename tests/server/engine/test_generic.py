@@ -47,8 +47,9 @@ def test_generic_path_matches_transformers(kind, smollm):
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 
     async def main():
+        # float32 KV cache: compared token for token with transformers (whose cache is float32)
         engine = await started(model, tokenizer, num_kv_blocks=128, max_num_batched_tokens=64,
-                               model_impl="transformers")
+                               model_impl="transformers", kv_cache_dtype="float32")
         from quantserve.server.engine.models.generic import TransformersModel
 
         assert isinstance(engine.runner.model, TransformersModel)

@@ -41,7 +41,8 @@ async def collect(engine, prompt, params, request_id, lora=None) -> Result:
 
 
 async def _mixed(model, tokenizer, adapters, prompts, names, **config):
-    engine = await started(model, tokenizer, **config)
+    # float32 KV cache: compared with peft's generations on transformers (float32 cache)
+    engine = await started(model, tokenizer, **{"kv_cache_dtype": "float32", **config})
     try:
         for name in ("attn", "mlp", "all"):
             engine.loras.load(name, str(adapters[name]))

@@ -180,7 +180,8 @@ def test_sliding_model_serves_sequences_longer_than_its_cache(one_thread):
     params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
 
     async def main():
-        engine = await started(model, None, num_kv_blocks=4, max_num_batched_tokens=32)
+        # float32 KV cache: compared token for token with transformers (float32 cache)
+        engine = await started(model, None, num_kv_blocks=4, max_num_batched_tokens=32, kv_cache_dtype="float32")
         try:
             assert engine.runner.sliding_window == fm.WINDOW and engine.max_model_len > 64
             res = await collect(engine, prompt, params, "long")

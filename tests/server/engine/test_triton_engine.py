@@ -49,8 +49,9 @@ def interpreted():
 
 def teacher_forced(model, backend: str, tokens, prompt_lens, num_blocks=9, budget=48):
     """{(sequence, position): logits} from the runner under a scheduler (as test_families.engine_logits)."""
+    # float32 KV cache on both paths: the native one would default to bfloat16, Triton's to float32
     runner = ModelRunner(model, EngineConfig(num_kv_blocks=num_blocks, max_num_batched_tokens=budget,
-                                             attention_backend=backend))
+                                             attention_backend=backend, kv_cache_dtype="float32"))
     assert runner.attention_backend == backend
     bm = BlockManager(runner.num_blocks, 16, runner.supports_prefix_caching, sliding_window=runner.sliding_window)
     sched = Scheduler(bm, max_num_seqs=6, max_num_batched_tokens=budget, recompute_above=runner.recompute_above)
@@ -105,8 +106,9 @@ def test_engine_greedy_equals_native_path():
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
     async def generate(backend):
+        # float32 KV cache on both paths (the native one would default to bfloat16)
         engine = await started(model, None, num_kv_blocks=16, max_num_batched_tokens=48, max_num_seqs=4,
-                               attention_backend=backend)
+                               kv_cache_dtype="float32", attention_backend=backend)
         try:
             res = await asyncio.gather(*[collect(engine, p, params, f"r{i}", delay=0.01 * i)
                                          for i, p in enumerate(prompts)])
