@@ -95,7 +95,7 @@ class NativeStep:
         self._keep: list = []
         self._lora_key: Optional[tuple] = None
         self._work = torch.empty(0, dtype=torch.float32)
-        self.steps = 0  # steps computed here (tests check that it ran)
+        self.steps = self.lora_steps = 0  # steps computed here, and those with adapter rows (tests check)
         self._ropes = list(dict.fromkeys(layer.rope for layer in model.layers if layer.rope is not None))
 
     # ------------------------------------------------------------------------------------- plan
@@ -218,6 +218,7 @@ class NativeStep:
             logger.warning("fused decode step off, computing with the Python forward: %s", self.disabled)
             return None
         self.steps += 1
+        self.lora_steps += lora_step is not None
         return out
 
     _fns: dict[tuple[int, str], int] = {}

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from quantserve.kernels.cpu import decode as fused_decode
 from quantserve.server.engine import InvalidRequestError, SamplingParams
 from quantserve.server.engine.lora import AdapterError, AdapterNotFoundError
 
@@ -51,6 +52,8 @@ async def _mixed(model, tokenizer, adapters, prompts, names, **config):
                 for i, p in enumerate(prompts) for name in names]
         results = await asyncio.gather(*jobs)
         assert_blocks_all_free(engine)
+        if fused_decode.load() is not None:  # the one-call step adds the adapters' deltas itself
+            assert engine.runner.model.native_step.lora_steps > 0
         return results, engine.stats()
     finally:
         await engine.shutdown()
