@@ -270,6 +270,8 @@ def _add_quality_commands(sub) -> None:
                           help=f"tokens per engine step (default: {fields['max_num_batched_tokens'].default})")
     estimate.add_argument("--kv-cache-memory", type=float, metavar="GIB",
                           help="KV cache size in GiB (default: 1 GiB on CPU, 90%% of free memory on GPU)")
+    estimate.add_argument("--kv-cache-dtype", choices=list(fields["kv_cache_dtype"].annotation.__args__),
+                          default="auto", help=fields["kv_cache_dtype"].description)
     estimate.add_argument("--block-size", type=int, default=fields["block_size"].default,
                           help=f"tokens per KV cache block (default: {fields['block_size'].default})")
     estimate.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")

@@ -57,6 +57,7 @@ class EstimateRequest:
     max_num_batched_tokens: int = 512
     block_size: int = 16
     kv_cache_memory_gib: Optional[float] = None
+    kv_cache_dtype: str = "auto"  # serve's --kv-cache-dtype
     gpu_memory_utilization: float = 0.9
     cache_dir: Optional[str | Path] = None
     free_bytes: Optional[int] = None  # the device's free memory; None: measured now
@@ -143,6 +144,19 @@ def _skeleton(folder: Path, hf_config: Any, dtype: torch.dtype, quant: Optional[
     return streamer, [n for n in to_quantize if n in linears]
 
 
+def _kv_dtype(name: str, device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int) -> torch.dtype:
+    """The KV cache dtype the runner will pick (model_runner.ModelRunner._kv_cache_dtype): auto is
+    bfloat16 where the native CPU attention runs (float32 compute, its size limits), else `dtype`."""
+    from quantserve.kernels.cpu import paged_attention as native
+    from quantserve.server.engine.model_runner import KV_CACHE_TORCH_DTYPES
+
+    if name != "auto":
+        return KV_CACHE_TORCH_DTYPES[name]
+    native_ok = (device.type == "cpu" and dtype == torch.float32 and head_dim <= 256 and block_size <= 256
+                 and native.load() is not None)
+    return torch.bfloat16 if native_ok else dtype
+
+
 def _kv_shape(model: Any) -> tuple[int, int, int, bool]:
     """(layers, KV heads, head dim, native path?) as the engine's adapter will see them."""
     from quantserve.server.engine.models import families, generic
@@ -224,7 +238,8 @@ def estimate_memory(request: EstimateRequest) -> MemoryEstimate:
     weight_bytes = sum(parts.values())
 
     # KV cache, as the engine's runner sizes it
-    bytes_per_token = 2 * layers * kv_heads * head_dim * elem
+    kv_elem = _elem(_kv_dtype(request.kv_cache_dtype, device, dtype, head_dim, request.block_size))
+    bytes_per_token = 2 * layers * kv_heads * head_dim * kv_elem
     bytes_per_block = bytes_per_token * request.block_size
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", 4096)
@@ -383,7 +398,7 @@ def estimate_from_args(args: Any) -> MemoryEstimate:
         model=args.model, revision=args.revision, quant=_quant_from(args.quant, args.double_quant, args.blocksize),
         dtype=args.compute_dtype, device=args.device, max_model_len=parse_max_model_len(args.max_model_len),
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.block_size, kv_cache_memory_gib=args.kv_cache_memory,
+        block_size=args.block_size, kv_cache_memory_gib=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
     ))
 
 
@@ -394,6 +409,7 @@ def estimate_for_settings(settings: Any) -> MemoryEstimate:
         dtype=settings.compute_dtype, device=settings.device, max_model_len=parse_max_model_len(settings.max_model_len),
         max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
         block_size=settings.block_size, kv_cache_memory_gib=settings.kv_cache_memory,
+        kv_cache_dtype=settings.kv_cache_dtype,
     ))
 
 

@@ -18,7 +18,7 @@ from .triton_helpers import triton_module, work_items
 if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from .test_triton_paged_attention import MIXED, keys_view, make_case, reference  # noqa: E402
+from .test_triton_paged_attention import MIXED, keys_view, make_case, reference
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 

@@ -73,12 +73,15 @@ def test_estimate_is_within_5_percent_of_v1_memory(family_folders, family, setti
     assert est.max_model_len == engine.max_model_len
     assert est.weight_bytes_16bit == measured["weights"]["weight_bytes_16bit"]
     assert est.quantized_layers == len(result.report.quantized)
-    # KV per token from the config's own numbers: 2 (K and V) x layers x KV heads x head dim x 4 (float32)
+    # KV per token from the config's own numbers: 2 (K and V) x layers x KV heads x head dim x the
+    # cache dtype's bytes (2: bfloat16, --kv-cache-dtype auto on a CPU with the native attention)
     cls_name, values = fm.FAMILIES[family]
     heads = values["num_attention_heads"]
     kv_heads = values.get("num_key_value_heads", heads)
     head_dim = values.get("head_dim", values["hidden_size"] // heads)
-    assert est.kv_bytes_per_token == 2 * values["num_hidden_layers"] * kv_heads * head_dim * 4
+    itemsize = engine.runner.kv_dtype.itemsize
+    assert est.kv_bytes_per_token == 2 * values["num_hidden_layers"] * kv_heads * head_dim * itemsize
+    assert measured["kv_cache"]["bytes_per_token"] == est.kv_bytes_per_token
 
 
 def test_verdict_and_largest_context(family_folders):
