@@ -58,6 +58,7 @@ class EstimateRequest:
     block_size: int = 16
     kv_cache_memory_gib: Optional[float] = None
     kv_cache_dtype: str = "auto"  # serve's --kv-cache-dtype
+    attention_backend: str = "auto"  # serve's --attention-backend (auto's KV cache dtype depends on it)
     gpu_memory_utilization: float = 0.9
     cache_dir: Optional[str | Path] = None
     free_bytes: Optional[int] = None  # the device's free memory; None: measured now
@@ -144,7 +145,8 @@ def _skeleton(folder: Path, hf_config: Any, dtype: torch.dtype, quant: Optional[
     return streamer, [n for n in to_quantize if n in linears]
 
 
-def _kv_dtype(name: str, device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int) -> torch.dtype:
+def _kv_dtype(name: str, device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int,
+              backend: str = "auto") -> torch.dtype:
     """The KV cache dtype the runner will pick (model_runner.ModelRunner._kv_cache_dtype): auto is
     bfloat16 where the native CPU attention runs (float32 compute, its size limits), else `dtype`."""
     from quantserve.kernels.cpu import paged_attention as native
@@ -152,8 +154,8 @@ def _kv_dtype(name: str, device: torch.device, dtype: torch.dtype, head_dim: int
 
     if name != "auto":
         return KV_CACHE_TORCH_DTYPES[name]
-    native_ok = (device.type == "cpu" and dtype == torch.float32 and head_dim <= 256 and block_size <= 256
-                 and native.load() is not None)
+    native_ok = (backend in ("auto", "native") and device.type == "cpu" and dtype == torch.float32
+                 and head_dim <= 256 and block_size <= 256 and native.load() is not None)
     return torch.bfloat16 if native_ok else dtype
 
 
@@ -238,7 +240,8 @@ def estimate_memory(request: EstimateRequest) -> MemoryEstimate:
     weight_bytes = sum(parts.values())
 
     # KV cache, as the engine's runner sizes it
-    kv_elem = _elem(_kv_dtype(request.kv_cache_dtype, device, dtype, head_dim, request.block_size))
+    kv_elem = _elem(_kv_dtype(request.kv_cache_dtype, device, dtype, head_dim, request.block_size,
+                              request.attention_backend))
     bytes_per_token = 2 * layers * kv_heads * head_dim * kv_elem
     bytes_per_block = bytes_per_token * request.block_size
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
@@ -409,7 +412,7 @@ def estimate_for_settings(settings: Any) -> MemoryEstimate:
         dtype=settings.compute_dtype, device=settings.device, max_model_len=parse_max_model_len(settings.max_model_len),
         max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
         block_size=settings.block_size, kv_cache_memory_gib=settings.kv_cache_memory,
-        kv_cache_dtype=settings.kv_cache_dtype,
+        kv_cache_dtype=settings.kv_cache_dtype, attention_backend=settings.attention_backend,
     ))
 
 
