@@ -25,6 +25,9 @@ peft's format and loaded by the engine as `--lora-modules` would; client c asks 
 
 --quant int8: the quantized model is transformers' with every Linear but the head swapped for our
 Linear8bitLt (threshold 6.0, as load_in_8bit); "hf-generate" then runs transformers on those layers.
+
+--quantize-lm-head int8|nf4: the quantized model's output head (and its tied embedding) as the
+server's flag makes it (server/engine/models/quantized_head.py); the hf systems then run it too.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ import quantserve.quant as quant  # noqa: E402
 from quantserve.server.loading.default_model import default_model_folder  # noqa: E402
 from quantserve.server.engine import EngineConfig, SamplingParams  # noqa: E402
 from quantserve.server.engine.engine import AsyncEngine  # noqa: E402
+from quantserve.server.engine.models.quantized_head import HEAD_QUANTIZATIONS, quantize_lm_head  # noqa: E402
+from quantserve.server.engine.models.sixteen_bit import to_16bit  # noqa: E402
 
 SYSTEMS = ("quantserve", "hf-generate", "hf-generate-fp32", "hf-cb", "quantserve+lora")
 TEXT = (
@@ -68,11 +73,15 @@ TEXT = (
 # ---------------------------------------------------------------------------------- model
 
 
-def load(folder: Path, device: str, dtype: torch.dtype, quantized: bool, quant_name: str = "nf4"):
+def load(folder: Path, device: str, dtype: torch.dtype, quantized: bool, quant_name: str = "nf4",
+         lm_head: str = "none"):
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
     if quantized:
         config = quant.QuantConfig(load_in_8bit=True) if quant_name == "int8" else quant.QuantConfig()
         quant.quantize_model(model, config)
+        if lm_head != "none":  # as the server loads it: the head at 16 bits first, then quantized from those
+            to_16bit(model)
+            quantize_lm_head(model, lm_head)
     return model.eval()
 
 
@@ -322,6 +331,18 @@ def table(results: dict[str, dict[int, dict[str, Any]]], concurrencies: list[int
     return "\n".join(lines)
 
 
+def choose_forward(which: str) -> None:
+    """Benchmark switch (not a serving option): turn the fused step's AMX prompts, or the fused step
+    itself, off for this process, to measure what each brings."""
+    from quantserve.kernels.cpu import amx
+    from quantserve.server.engine.models import native_step
+
+    if which == "python":
+        native_step.reason = lambda model: "turned off by bench/engine.py --forward python"
+    elif which == "fused":
+        amx.available = lambda: False
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="HF folder (default: the built-in default model)")
@@ -347,10 +368,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "the transformers systems run at torch's default, highest, which is faster for them")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--quant", default="nf4", choices=["nf4", "int8"], help="weight format (default nf4)")
+    parser.add_argument("--quantize-lm-head", default="none", choices=HEAD_QUANTIZATIONS,
+                        help="the quantized model's output head, as the server's flag (default none: 16-bit)")
     parser.add_argument("--loras", type=int, default=0,
                         help="also run quantserve+lora: the streams spread over this many LoRA adapters")
     parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--forward", default="shipped", choices=["shipped", "fused", "python"],
+                        help="quantserve's CPU forward: as shipped (one native call per step, AMX for prompt rows "
+                             "where the CPU has it), fused without AMX, or the Python forward (the fused step off)")
     args = parser.parse_args(argv)
+    choose_forward(args.forward)
     if args.loras and "quantserve+lora" not in args.systems:
         args.systems.append("quantserve+lora")
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
@@ -360,12 +387,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     prompts = make_prompts(tokenizer, max(args.concurrency) * args.rounds, args.prompt_tokens)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, device {args.device}, "
-          f"{dtype}, {args.quant} weights, quantserve's matmul precision {args.matmul_precision}; "
+          f"{dtype}, {args.quant} weights, output head {args.quantize_lm_head}, quantserve's matmul precision {args.matmul_precision}; "
           f"prompts {args.prompt_tokens} tokens, "
           f"{args.max_tokens} output tokens, "
           f"{args.rounds} requests per client"
           + (f", quantserve's max_num_seqs {args.max_num_seqs}" if args.max_num_seqs else "")
-          + f", quantserve's KV cache dtype {args.kv_cache_dtype}", flush=True)
+          + f", quantserve's KV cache dtype {args.kv_cache_dtype}, forward {args.forward}", flush=True)
     results: dict[str, dict[int, dict[str, Any]]] = {}
     quantized = None
     adapters: list[tuple[str, str]] = []
@@ -373,7 +400,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if system == "hf-generate-fp32":
             model = load(folder, args.device, dtype, quantized=False)
         else:
-            quantized = quantized or load(folder, args.device, dtype, quantized=True, quant_name=args.quant)
+            quantized = quantized or load(folder, args.device, dtype, quantized=True, quant_name=args.quant,
+                                          lm_head=args.quantize_lm_head)
             model = quantized
         for c in args.concurrency:
             if system.startswith("hf") and c > args.hf_max_concurrency:

@@ -3,6 +3,11 @@ NF4 + double quant / FP4 / int8 (LLM.int8) next to transformers (fp32) and trans
 bitsandbytes (the same 4-bit settings; load_in_8bit for int8), all on the same tokens.
 
     python bench/perplexity.py [--model FOLDER_OR_HUB_ID] [--device cpu|cuda] [--settings int8,...]
+                               [--lm-heads none,int8,nf4]
+
+--lm-heads: each setting also with its output head quantized as `--quantize-lm-head` makes it
+(rows "nf4/head int8" ...); transformers/bitsandbytes have no such head, so those rows leave the
+bnb columns empty.
 
 bitsandbytes runs as users get it: in eval mode on a CPU with AVX-512-BF16 its Linear4bit uses a
 fused kernel that computes in bf16; the "bnb exact" rows switch that off (dequantize + fp32 matmul),
@@ -31,6 +36,8 @@ def main() -> None:
     parser.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--cache-dir", help="quantserve cache ($QUANTSERVE_CACHE)")
     parser.add_argument("--settings", help="comma-separated subset of fp32,nf4,nf4+dq,fp4,int8 (default: all)")
+    parser.add_argument("--lm-heads", default="none", help="comma-separated output head formats: none,int8,nf4 "
+                        "(default: none, the 16-bit head)")
     args = parser.parse_args()
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import bitsandbytes as bnb
@@ -39,6 +46,7 @@ def main() -> None:
     import quantserve.quant as quant
     from quantserve.server.loading.loader import LoadConfig, load_model
     from quantserve.server.loading.sources import resolve_source
+    from quantserve.server.engine.models.quantized_head import HEAD_QUANTIZATIONS
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     settings = {
@@ -54,16 +62,21 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown settings {unknown}; choose from {sorted(settings)}")
         settings = {name: settings[name] for name in wanted}
+    heads = [name.strip() for name in args.lm_heads.split(",") if name.strip()]
+    if not heads or set(heads) - set(HEAD_QUANTIZATIONS):
+        parser.error(f"--lm-heads takes {', '.join(HEAD_QUANTIZATIONS)}, got {args.lm_heads!r}")
     base = LoadConfig(args.model, device=device, dtype=torch.float32, cache_dir=args.cache_dir, progress=False)
     folder, description = resolve_source(base.model, base.revision, base.cache_dir)
     tokenizer = tf.AutoTokenizer.from_pretrained(folder)
     ids = tokenizer(TEXT, return_tensors="pt").input_ids.to(device)
     print(f"{description}: {ids.shape[1]} tokens of public-domain text, fp32 activations, device {device}")
-    print(f"{'setting':<8} {'quantserve':>11} {'ours, medium':>13} {'transformers/bnb':>17} {'bnb exact':>10}"
+    print(f"{'setting':<15} {'quantserve':>11} {'ours, medium':>13} {'transformers/bnb':>17} {'bnb exact':>10}"
           "   seconds (ours, bnb)")
-    for name, q in settings.items():
+    for (name, q), head in [(item, head) for item in settings.items() for head in heads]:
+        label = name if head == "none" else f"{name}/head {head}"
         start = time.perf_counter()
-        ours = load_model(LoadConfig(args.model, device=device, dtype=torch.float32, quant=q, cache_dir=args.cache_dir, progress=False))
+        ours = load_model(LoadConfig(args.model, device=device, dtype=torch.float32, quant=q, cache_dir=args.cache_dir,
+                                     progress=False, quantize_lm_head=head))
         ppl_ours = perplexity(ours.model, ids)
         seconds_ours = time.perf_counter() - start
         torch.set_float32_matmul_precision("medium")
@@ -72,6 +85,10 @@ def main() -> None:
         finally:
             torch.set_float32_matmul_precision("highest")
         del ours
+        if head != "none":  # no transformers/bitsandbytes counterpart of a quantized head
+            print(f"{label:<15} {ppl_ours:>11.4f} {ppl_medium:>13.4f} {'-':>17} {'-':>10}   {seconds_ours:.1f}, -",
+                  flush=True)
+            continue
         kwargs = {}
         if q is not None and q.load_in_8bit:
             kwargs["quantization_config"] = tf.BitsAndBytesConfig(load_in_8bit=True)
@@ -93,7 +110,7 @@ def main() -> None:
                     module.support_avx512bf16_for_cpu = False
             exact = f"{perplexity(ref, ids):.4f}"
         del ref
-        print(f"{name:<8} {ppl_ours:>11.4f} {ppl_medium:>13.4f} {ppl_ref:>17.4f} {exact:>10}   "
+        print(f"{label:<15} {ppl_ours:>11.4f} {ppl_medium:>13.4f} {ppl_ref:>17.4f} {exact:>10}   "
               f"{seconds_ours:.1f}, {seconds_ref:.1f}", flush=True)
 
 

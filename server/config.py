@@ -32,6 +32,11 @@ class Settings(BaseSettings):
         "nf4", description="weight format: 4-bit nf4/fp4, int8 (LLM.int8, bitsandbytes' load_in_8bit), or none"
     )
     double_quant: bool = Field(False, description="double-quantize the absmax statistics (~0.37 bit/param less)")
+    quantize_lm_head: Literal["none", "int8", "nf4"] = Field(
+        "none", description="output head format: none (16-bit), int8 (per-row absmax, float32 activations) or nf4 "
+        "(blocksize 64); half or a quarter of the head's bytes read per token, at some perplexity; a tied input "
+        "embedding reads its rows from the quantized head"
+    )
     compute_dtype: Optional[Literal["float32", "float16", "bfloat16"]] = Field(
         None, description="dtype the model computes in: weights are loaded in it, unquantized tensors stay in it and "
         "the 4-bit matmuls run in it (default: float32 on CPU, bfloat16 on CUDA); the same in quantize and inspect"

@@ -74,6 +74,8 @@ def model_memory(served: Any) -> dict[str, Any]:
         "weight_bytes_16bit": getattr(report, "weight_bytes_16bit", None),
         "quantized_layers": len(getattr(report, "quantized", []) or []),
         "kept_layers": len(getattr(report, "skipped", {}) or {}),
+        # The output head as held after loading (--quantize-lm-head): quantization, dtype, bytes, tied.
+        "lm_head": getattr(report, "lm_head", None),
     }
     if weights["weight_bytes"] and weights["weight_bytes_16bit"]:
         weights["saving_ratio"] = round(weights["weight_bytes_16bit"] / weights["weight_bytes"], 3)

@@ -31,6 +31,7 @@ import torch
 
 from quantserve.quant import QuantConfig
 from quantserve.quant.convert import model_nbytes
+from quantserve.server.engine.models.quantized_head import HEAD_QUANTIZATIONS, head_memory, quantize_lm_head
 
 from .checkpoint import CheckpointReader
 from .default_model import default_cache_dir
@@ -62,6 +63,9 @@ class LoadConfig:
         progress: show a tqdm bar over the checkpoint's tensors.
         quant_stats: measure each quantized layer's error against its original while loading
             (quant_stats.py; LoadReport.layer_stats); off only to measure what it costs.
+        quantize_lm_head: "none" (the output head at 16 bits), "int8" or "nf4": the head quantized
+            after loading (server/engine/models/quantized_head.py; a tied input embedding reads
+            its rows from it).
     """
 
     model: Optional[str] = None
@@ -72,6 +76,7 @@ class LoadConfig:
     cache_dir: Optional[str | Path] = None
     progress: bool = True
     quant_stats: bool = True
+    quantize_lm_head: str = "none"
 
     def __post_init__(self) -> None:
         if self.model is not None:
@@ -103,6 +108,9 @@ class LoadConfig:
         if self.quant is not None and not isinstance(self.quant, QuantConfig):
             raise ValueError(f"quant must be a quant.QuantConfig or None (unquantized), got {self.quant!r}")
         object.__setattr__(self, "cache_dir", Path(self.cache_dir) if self.cache_dir is not None else default_cache_dir())
+        if self.quantize_lm_head not in HEAD_QUANTIZATIONS:
+            raise ValueError(f"quantize_lm_head must be one of {', '.join(HEAD_QUANTIZATIONS)}, "
+                             f"got {self.quantize_lm_head!r}")
 
 
 @dataclasses.dataclass
@@ -132,6 +140,7 @@ class LoadReport:
     device_peak_bytes: Optional[int] = None  # CUDA peak during the load
     layer_stats: list = dataclasses.field(default_factory=list)  # quant_stats.LayerQuantStats per quantized layer
     stats_seconds: float = 0.0  # of load_seconds, spent measuring layer_stats
+    lm_head: Optional[dict] = None  # the output head as held (quantized_head.head_memory)
 
     def quantization_summary(self) -> dict:
         """What quantizing cost, the whole model in one object (quant_stats.summarize)."""
@@ -148,6 +157,8 @@ class LoadReport:
             dq = "+double quant" if self.quant.bnb_4bit_use_double_quant and not self.quant.load_in_8bit else ""
             how = f"{len(self.quantized)} layers {self.quant.quant_name}{dq}"
             how += " (prequantized)" if self.prequantized else ""
+        if self.lm_head and self.lm_head["quantization"] != "none":
+            how += f", output head {self.lm_head['quantization']}"
         line = (
             f"loaded {self.source} on {self.device} in {self.load_seconds:.1f}s: {how}, "
             f"{self.weight_bytes / mib:.1f} MiB (16-bit: {self.weight_bytes_16bit / mib:.1f} MiB)"
@@ -203,6 +214,7 @@ def load_for_serving(settings: Any) -> LoadResult:
             device=getattr(settings, "device", None),
             dtype=getattr(settings, "compute_dtype", None),
             quant=quant,
+            quantize_lm_head=getattr(settings, "quantize_lm_head", "none"),
         )
     )
     template = getattr(settings, "chat_template", None)
@@ -235,7 +247,8 @@ def _load(config: LoadConfig) -> LoadResult:
             model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
         except (ValueError, OSError) as exc:
             logger.warning("ignoring %s: %s", folder / "generation_config.json", exc)
-    num_params = count_params(model)
+    num_params = count_params(model)  # before the head is quantized: the original model's count
+    quantize_lm_head(model, config.quantize_lm_head)  # logs what it did
     report = LoadReport(
         source=description,
         folder=folder,
@@ -261,6 +274,7 @@ def _load(config: LoadConfig) -> LoadResult:
         device_peak_bytes=memory.device_peak,
         layer_stats=streamer.layer_stats,
         stats_seconds=streamer.stats_seconds,
+        lm_head=head_memory(model),
     )
     logger.info(report.summary())
     return LoadResult(model=model, tokenizer=tokenizer, config=config, report=report)
