@@ -107,3 +107,19 @@ def test_a_server_started_with_one_cpu_thread_reports_one(default_model_dir):
         assert cpu["threads"] == 1
         assert cpu["affinity"] == len(os.sched_getaffinity(0))
         assert "CPU threads: 1 (--cpu-threads 1;" in srv.log.read_text()
+        assert cpu["follows_load"] is False  # the flag pins the count: no controller
+
+
+def test_a_server_at_its_default_follows_the_load(default_model_dir):
+    """Without --cpu-threads the engine's controller (engine/cpu_load.py) runs, its ceiling the
+    budget's count; /health shows the engine thread's count and the others' use once sampled."""
+    budget = cpu_budget().threads
+    with Server.serving(api_key=None) as srv:
+        body = {"model": "default", "prompt": "Once upon a time", "max_tokens": 48, "ignore_eos": True}
+        models = httpx.get(srv.url + "/v1/models", timeout=10).json()["data"]
+        body["model"] = models[0]["id"]
+        assert httpx.post(srv.url + "/v1/completions", json=body, timeout=120).status_code == 200
+        cpu = httpx.get(srv.url + "/health", timeout=10).json()["cpu"]
+        assert cpu["follows_load"] is True and cpu["threads_max"] == budget
+        assert 1 <= cpu["threads"] <= budget
+        assert cpu["others_cpus"] is None or cpu["others_cpus"] >= 0
