@@ -58,8 +58,9 @@ def servers(default_model_dir, tmp_path_factory):
     before = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        # float32 products, as this process's oracle computes (the server's default is bf16 products)
-        flags = ("--matmul-precision", "highest")
+        # float32 products, as this process's oracle computes (the server's default is bf16 products),
+        # and a float32 KV cache, as transformers' (a CPU server's default is bfloat16)
+        flags = ("--matmul-precision", "highest", "--kv-cache-dtype", "float32")
         started = {
             "qwen3": Server(str(folders["qwen3"]), "--served-model-name", "qwen3", *flags,
                             "--chat-template", str(root / "template.jinja")),

@@ -29,7 +29,9 @@ def adapters(lora_adapters):
 
 @pytest.fixture(scope="module")
 def server(default_model_dir, adapters):
-    with Server.serving("--matmul-precision", "highest", "--max-lora-rank", "8", "--max-loras", "2",
+    # float32 KV cache: outputs compared with peft's on transformers (float32 cache)
+    with Server.serving("--matmul-precision", "highest", "--kv-cache-dtype", "float32", "--max-lora-rank", "8",
+                        "--max-loras", "2",
                         "--lora-modules", f"a1={adapters['attn']}", f"a2={adapters['mlp']}") as srv:
         yield srv
 

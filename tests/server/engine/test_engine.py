@@ -172,7 +172,8 @@ def test_n_choices_share_the_prompt_and_logprobs(smollm):
     assert len(prompt) >= 33
 
     async def main():
-        engine = await started(model, tok, num_kv_blocks=128)
+        # float32 KV cache: the first logprob is compared with transformers' float32 forward (1e-4)
+        engine = await started(model, tok, num_kv_blocks=128, kv_cache_dtype="float32")
         try:
             greedy = await collect(engine, prompt, SamplingParams(max_tokens=6, temperature=0, logprobs=3), "g")
             many = await collect(engine, prompt, SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=5,
