@@ -68,6 +68,7 @@ def load_served_model(settings: Settings) -> Any:
 
     from .engine import AsyncEngine, EngineConfig
     from .loading.loader import load_for_serving
+    from .loading.peak_memory import release_free_memory
     from .api.registry import ServedModel
     from .cpu_threads import apply_cpu_threads
 
@@ -81,6 +82,9 @@ def load_served_model(settings: Settings) -> Any:
     loaded = load_for_serving(settings)
     config = EngineConfig.from_settings(settings, loaded.model)
     engine = AsyncEngine(loaded.model, loaded.tokenizer, config)
+    # The engine's build and warm-up leave freed temporaries in the C heap: give them back to the OS
+    # now (34 MiB on the default model, RSS before/after in one process) instead of holding them idle.
+    release_free_memory()
     for name, path in settings.lora_pairs():  # a bad adapter fails the start (exit 1, its reason)
         adapter = engine.loras.load(name, path, reserved=(settings.display_name(),))
         logger.info("LoRA adapter '%s' (rank %d, %s) from %s", name, adapter.rank, ", ".join(adapter.target_modules),
@@ -128,6 +132,9 @@ def run(settings: Settings) -> int:
         _check_listen(settings.host, settings.port)
     except (ValueError, OSError) as exc:
         return _fail(str(exc))
+    from .process_memory import prepare_serving_process
+
+    prepare_serving_process(settings)  # before any thread allocates and before transformers imports torch._dynamo
 
     import uvicorn
 
