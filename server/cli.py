@@ -269,7 +269,7 @@ def _add_quality_commands(sub) -> None:
     estimate.add_argument("--max-num-batched-tokens", type=int, default=fields["max_num_batched_tokens"].default,
                           help=f"tokens per engine step (default: {fields['max_num_batched_tokens'].default})")
     estimate.add_argument("--kv-cache-memory", type=float, metavar="GIB",
-                          help="KV cache size in GiB (default: 1 GiB on CPU, 90%% of free memory on GPU)")
+                          help="KV cache size in GiB (default on CPU: the tokens 1 GiB of float32 holds, 0.5 GiB at 16 bits; 90%% of free memory on GPU)")
     estimate.add_argument("--kv-cache-dtype", choices=list(fields["kv_cache_dtype"].annotation.__args__),
                           default="auto", help=fields["kv_cache_dtype"].description)
     estimate.add_argument("--block-size", type=int, default=fields["block_size"].default,

@@ -63,14 +63,15 @@ class Settings(BaseSettings):
     )
     # 64, not 32: with 64 clients on the 2-core dev machine (bench/engine.py, 128-token prompts, 64
     # tokens each) TTFT p50 fell 22.9 -> 3.6 s and tok/s rose 20%; up to 32 clients nothing changes.
-    # The 1 GiB CPU KV cache holds ~23k tokens of the default model, 64 x (prompt + answer) of chat.
+    # The default CPU KV cache holds ~23k tokens of the default model (1 GiB of float32, 0.5 GiB at 16
+    # bits), 64 x (prompt + answer) of chat.
     max_num_seqs: int = Field(64, ge=1, le=4096, description="most sequences decoded together in one step (more "
                               "requests wait in the queue)")
     # 512: on a CPU a bigger prefill chunk stalls every running stream for seconds.
     max_num_batched_tokens: int = Field(512, ge=16, description="token budget of one engine step (chunked prefill)")
     max_queue: int = Field(256, ge=1, description="waiting requests beyond which new ones get 429 + Retry-After")
     kv_cache_memory: Optional[float] = Field(
-        None, gt=0, description="KV cache size in GiB (default: 1 GiB on CPU, 90%% of free memory on GPU)"
+        None, gt=0, description="KV cache size in GiB (default on CPU: the tokens 1 GiB of float32 holds, 0.5 GiB at 16 bits; 90%% of free memory on GPU)"
     )
     block_size: int = Field(16, ge=1, le=256, description="tokens per KV cache block")
     gpu_memory_utilization: float = Field(

@@ -25,7 +25,8 @@ class EngineConfig:
     Attributes:
         block_size: tokens per KV cache block (page).
         num_kv_blocks: exact number of KV blocks; overrides the memory budget (tests use tiny ones).
-        kv_cache_memory_gib: KV cache size in GiB. Default: 1 GiB on CPU; on a GPU, what
+        kv_cache_memory_gib: KV cache size in GiB. Default on CPU: the tokens 1 GiB of float32 holds
+            (model_runner.default_cpu_kv_budget); on a GPU, what
             `gpu_memory_utilization` leaves (model_runner.kv_budget_bytes).
         gpu_memory_utilization: fraction of the GPU's total memory the engine may use (as vLLM's):
             the KV cache gets it less what is in use after loading, one step's measured activation

@@ -13,7 +13,8 @@ loader and the engine compute them:
   the native path holds it while serving (decoded to float32). A prequantized checkpoint: its
   stored tensors' bytes, from the index.
 - KV cache: 2 x layers x KV heads x head dim x dtype bytes per token, in blocks; the engine's own
-  budget rule (--kv-cache-memory, else 1 GiB on CPU, else a share of the free GPU memory).
+  budget rule (--kv-cache-memory, else on CPU the tokens of 1 GiB of float32, else a share of the free GPU
+  memory).
 - activations: the engine's reserve for one step's activations and logits.
 - loading peak: the checkpoint walked in the loader's reading order, what is placed so far plus
   the transient copies of the tensor in hand.
@@ -31,7 +32,7 @@ import torch
 from quantserve.quant import QuantConfig
 
 GIB = 2**30
-DEFAULT_CPU_KV_CACHE_GIB = 1.0  # as server/engine/model_runner.py
+DEFAULT_CPU_KV_CACHE_GIB = 1.0  # of float32, as server/engine/model_runner.default_cpu_kv_budget
 _CODE_4BIT_BYTES = 16 * 4  # NF4/FP4 table, float32, one per format (shared by every layer)
 _NESTED_CODE_BYTES = 256 * 4  # the 8-bit dynamic map of double quantization
 _NESTED_BLOCKSIZE = 256
@@ -255,7 +256,7 @@ def estimate_memory(request: EstimateRequest) -> MemoryEstimate:
         # the runner takes its share of what is free after the weights are loaded
         budget = ((free or 0) - weight_bytes) * request.gpu_memory_utilization - reserve
     else:
-        budget = DEFAULT_CPU_KV_CACHE_GIB * GIB
+        budget = DEFAULT_CPU_KV_CACHE_GIB * GIB * kv_elem / 4  # the same tokens whatever the cache dtype
     blocks = max(0, int(budget // bytes_per_block))
     kv_tokens = blocks * request.block_size
     model_max = _model_max_len(hf_config)
