@@ -1,0 +1,91 @@
+"""The thread-count controller on a real server (server/engine/cpu_load.py): /health's `threads`
+and `others_cpus` once a second, while a steady load runs, idle, then with a Python busy loop
+(`while True: pass`, an unniced process) for --busy seconds, then after it stops.
+
+    python bench/busy_core.py                    # the built-in default model, at its defaults
+    python bench/busy_core.py --serve-args "--cpu-threads 2"   # the count pinned: no controller
+
+Prints one line per second; exit status 0 when the server answered throughout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import httpx
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--idle", type=float, default=4.0, help="seconds before the busy loop starts")
+    parser.add_argument("--busy", type=float, default=8.0, help="seconds the busy loop runs")
+    parser.add_argument("--after", type=float, default=6.0, help="seconds watched after it stops")
+    parser.add_argument("--serve-args", type=shlex.split, default="", help="extra `quantserve serve` flags")
+    args = parser.parse_args()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log = tempfile.NamedTemporaryFile("w", prefix="quantserve-busy-core-", suffix=".log", delete=False)
+    print(f"server log: {log.name}", flush=True)
+    server = subprocess.Popen([sys.executable, "-m", "quantserve.server", "serve", "--port", str(port),
+                               *args.serve_args], stdout=log, stderr=subprocess.STDOUT)
+    stop = threading.Event()
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if server.poll() is not None:
+                print(f"server exited with {server.returncode}; see {log.name}", file=sys.stderr)
+                return 2
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+
+        def load() -> None:  # one stream after another, so the engine keeps stepping
+            body = {"model": model, "prompt": "Once upon a time", "max_tokens": 64, "ignore_eos": True}
+            with httpx.Client(base_url=url, timeout=120) as client:
+                while not stop.is_set():
+                    client.post("/v1/completions", json=body)
+
+        loader = threading.Thread(target=load, daemon=True)
+        loader.start()
+
+        def watch(label: str, seconds: float) -> None:
+            end = time.time() + seconds
+            while time.time() < end:
+                cpu = httpx.get(url + "/health", timeout=10).json()["cpu"]
+                print(f"{time.strftime('%H:%M:%S')} {label:5} threads={cpu['threads']} "
+                      f"others_cpus={cpu.get('others_cpus')} changes={cpu.get('changes')}", flush=True)
+                time.sleep(1.0)
+
+        watch("idle", args.idle)
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            watch("busy", args.busy)
+        finally:
+            busy.kill()
+            busy.wait()
+        watch("after", args.after)
+        stop.set()
+        loader.join(timeout=120)
+        return 0
+    finally:
+        stop.set()
+        server.terminate()
+        server.wait()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
