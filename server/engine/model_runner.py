@@ -588,7 +588,8 @@ def resident_bytes(*objects: object) -> dict[str, int]:
         storages.setdefault(storage.data_ptr(), (storage.nbytes(), str(t.dtype).removeprefix("torch.")))
 
     def visit(obj: object, depth: int) -> None:
-        if id(obj) in seen or depth > 8 or obj is None or isinstance(obj, (str, bytes, int, float, bool, type)):
+        if id(obj) in seen or depth > 8 or obj is None or isinstance(obj, (str, bytes, int, float, bool, type)) \
+                or getattr(obj, "holds_no_weights", False):  # e.g. the fused step's scratch
             return
         seen.add(id(obj))
         if isinstance(obj, torch.Tensor):

@@ -80,6 +80,10 @@ class NativeStep:
     """`__call__(input_ids, positions, meta, kv_caches) -> final hidden [T, hidden]`, or None when this
     step is not one it runs (the caller runs the Python forward)."""
 
+    # What it holds besides the model's own tensors is step scratch, not weights: the weight count
+    # (model_runner.resident_bytes, /v1/memory) does not walk it.
+    holds_no_weights = True
+
     def __init__(self, model: Any) -> None:
         self.model = model
         self.gemm_lib = quant4_cpu.load()
@@ -91,7 +95,7 @@ class NativeStep:
         if self.lib is None or self.gemm_lib is None or self.attn_lib is None:
             self.disabled = "a native library is unavailable"
         self._layers: Optional[ctypes.Array] = None
-        self._caches: Optional[list] = None
+        self._caches: Optional[tuple[int, ...]] = None  # the KV caches' addresses the plan points at (no reference)
         self._keep: list = []
         self._lora_key: Optional[tuple] = None
         self._work = torch.empty(0, dtype=torch.float32)
@@ -126,7 +130,7 @@ class NativeStep:
             L.scale, L.softcap, L.window = layer.scale, layer.softcap, int(layer.window or 0)
             L.k_cache, L.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
         self._layers = layers
-        self._caches = [c for kv in kv_caches for c in kv]
+        self._caches = tuple(c.data_ptr() for kv in kv_caches for c in kv)
         self._lora_key = None
         self._widths = (max(sum(ly.qkv.sizes) for ly in self.model.layers),
                         max(ly.heads * ly.head_dim for ly in self.model.layers),
@@ -166,8 +170,7 @@ class NativeStep:
         cache_dtype = attention_cpu.CACHE_DTYPE_CODES.get(v0.dtype)
         if cache_dtype is None or k0.dtype != v0.dtype:
             return None
-        if self._caches is None or len(self._caches) != 2 * len(kv_caches) \
-                or any(a is not b for a, b in zip(self._caches, (c for kv in kv_caches for c in kv))):
+        if self._caches != tuple(c.data_ptr() for kv in kv_caches for c in kv):
             self._build(kv_caches)
         lora_state = getattr(self.model.layers[0].qkv, "state", None)
         lora_step = None if lora_state is None else lora_state.batch

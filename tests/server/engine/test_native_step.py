@@ -134,3 +134,27 @@ def test_default_model_matches_transformers(smollm):
     assert fused[-1] <= 1.05 * python[-1] + 1e-4, f"worst {fused[-1]:.2e} vs the Python forward's {python[-1]:.2e}"
     mid = len(fused) // 2
     assert fused[mid] <= 1.05 * python[mid] + 1e-5, f"median {fused[mid]:.2e} vs {python[mid]:.2e}"
+
+
+def test_weight_count_leaves_the_step_scratch_and_cache_out():
+    """/v1/memory's weights (model_runner.resident_bytes) are the same before and after the fused step
+    has run: its KV-cache plan and scratch are not weights (the KV cache once showed up there)."""
+    from quantserve.server.engine import SamplingParams
+    from quantserve.server.engine.block_manager import BlockManager
+    from quantserve.server.engine.config import EngineConfig
+    from quantserve.server.engine.model_runner import ModelRunner, resident_bytes
+    from quantserve.server.engine.scheduler import Scheduler
+    from quantserve.server.engine.sequence import Sequence
+
+    model = fm.family_model("smollm2")
+    runner = ModelRunner(model, EngineConfig(num_kv_blocks=64, max_num_batched_tokens=64))
+    before = resident_bytes(runner.hf_model, runner.model)
+    sched = Scheduler(BlockManager(runner.num_blocks, 16, False), max_num_seqs=8, max_num_batched_tokens=64)
+    tokens, lens = _tokens(count=5)
+    for i, (toks, n) in enumerate(zip(tokens, lens)):
+        sched.add(Sequence(f"r{i}", toks[:n], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)))
+    while sched.has_work():
+        batch = sched.schedule()
+        sched.postprocess(batch, runner.run(batch).token_ids)
+    assert runner.model.native_step.steps > 0
+    assert resident_bytes(runner.hf_model, runner.model) == before
