@@ -31,7 +31,7 @@ from torch import nn
 import quantserve.quant as quant
 from quantserve.kernels.cpu import linear8
 
-from .sixteen_bit import compute_dtype
+from .sixteen_bit import compute_dtype, module_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def quantize_lm_head(model: nn.Module, kind: str) -> Optional[dict]:
     dtype = compute_dtype(model)
     tied = embed is not None and getattr(embed, "weight", None) is not None \
         and embed.weight.data_ptr() == head.weight.data_ptr()
-    before = _bytes(embed, head)
+    before = module_bytes(embed, head)
     cls = Int8Head if kind == "int8" else NF4Head
     new_head = cls.from_weight(head.weight, head.bias)
     model.set_output_embeddings(new_head)
@@ -195,21 +195,8 @@ def head_memory(model: nn.Module) -> dict:
     tied = embed is not None and (isinstance(embed, QuantizedEmbedding) or (
         getattr(embed, "weight", None) is not None and embed.weight.data_ptr() == head.weight.data_ptr()))
     dtype = "nf4" if kind == "nf4" else str(head.weight.dtype).removeprefix("torch.")
-    return {"quantization": kind, "dtype": dtype, "bytes": _bytes(head), "tied": tied}
+    return {"quantization": kind, "dtype": dtype, "bytes": module_bytes(head), "tied": tied}
 
 
 def _float32(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if bias is None else bias.detach().to(torch.float32)
-
-
-def _bytes(*modules: Optional[nn.Module]) -> int:
-    seen: set[int] = set()
-    total = 0
-    for module in modules:
-        if module is None:
-            continue
-        for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
-            if t.untyped_storage().data_ptr() not in seen:
-                seen.add(t.untyped_storage().data_ptr())
-                total += t.numel() * t.element_size()
-    return total

@@ -116,7 +116,7 @@ def to_16bit(model: nn.Module, dtype: Optional[torch.dtype] = None) -> int:
     dtype = compute_dtype(model) if dtype is None else dtype
     half = sixteen_bit_dtype(dtype)
     embed, head = _embedding_and_head(model)
-    before = _bytes(embed, head)
+    before = module_bytes(embed, head)
     converted: dict[int, nn.Parameter] = {}  # old weight -> new: tied weights stay one Parameter
 
     def convert(module: nn.Module) -> None:
@@ -137,21 +137,22 @@ def to_16bit(model: nn.Module, dtype: Optional[torch.dtype] = None) -> int:
         if head.bias is not None and head.bias.dtype != torch.float32:
             head.bias = nn.Parameter(head.bias.detach().to(torch.float32), requires_grad=False)
         head.__class__ = Head16
-    saved = before - _bytes(embed, head)
+    saved = before - module_bytes(embed, head)
     if saved:
         logger.info("input embeddings and output head at 16 bits (%s): %.1f MiB saved", str(half).removeprefix("torch."),
                     saved / 2**20)
     return saved
 
 
-def _bytes(*modules: Optional[nn.Module]) -> int:
+def module_bytes(*modules: Optional[nn.Module]) -> int:
+    """Bytes of the modules' own parameters and buffers, each storage counted once (tied weights)."""
     seen: set[int] = set()
     total = 0
     for module in modules:
         if module is None:
             continue
-        for t in module.parameters(recurse=False):
-            if id(t) not in seen:
-                seen.add(id(t))
+        for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            if t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
                 total += t.numel() * t.element_size()
     return total
