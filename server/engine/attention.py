@@ -112,7 +112,7 @@ def paged_attention(
     window, softcap = int(window or 0), float(softcap or 0.0)
     if meta.native_decode:
         if meta.native_plan is None:
-            meta.native_plan = _native_plan(meta, v_cache.shape[1])
+            meta.native_plan = native_plan(meta, v_cache.shape[1])
         out = native.attention(q, k_cache, v_cache, *meta.native_plan, scale, window, softcap)
         if out is not None:
             return out
@@ -175,7 +175,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
-def _native_plan(meta: AttentionMetadata, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def native_plan(meta: AttentionMetadata, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(seqs [S, 4], tables) for native.attention: decode rows, then the prefill chunks."""
     rows: list[tuple[int, int, int, int]] = []
     tables: list[torch.Tensor] = []

@@ -7,11 +7,12 @@ regions): one call per step leaves the kernels. The call runs the same matmul, c
 attention and LoRA kernels the Python path calls (through function pointers), so both paths
 compute the same products; norms, rope and SiLU are per-row loops in decode.cpp.
 
-Covered: pre-norm layers (RMSNorm that llama.py fused, i.e. equal to the model's own), separate or
-fused q/k/v with or without per-head q/k RMSNorms (Qwen3), rotate-half rope (partial rotary, per-layer-type ropes, NoPE layers),
-4-bit linears (any bias), SiLU-gated MLP, paged attention with windows and soft-capping, LoRA adapter
-rows; float32 activations, and any KV cache dtype the native attention kernel reads. `reason()` says
-why a model is not covered; the runner then never asks.
+Covered: pre-norm layers (RMSNorms that llama.py found equal to the model's own), separate or
+fused q/k/v with or without per-head q/k RMSNorms (Qwen3), rotate-half rope (partial rotary,
+per-layer-type ropes, NoPE layers), 4-bit linears (any bias), SiLU-gated MLP, paged attention with
+windows and soft-capping, LoRA adapter rows; float32 activations, and any KV cache dtype the native
+attention kernel reads. `reason()` says why a model is not covered; LlamaModel then keeps its
+Python forward.
 
 The plan (one ctypes struct per layer pointing at the fused weights) is built once; a step fills
 the Step struct: the embeddings, cos/sin per rope, the attention plan, the LoRA slots.
@@ -34,7 +35,7 @@ from quantserve.kernels.cpu import paged_attention as attention_cpu
 from quantserve.quant.backends import cpu as quant_cpu
 from quantserve.quant.codebooks import get_4bit_code
 
-from ..attention import AttentionMetadata, _native_plan as native_plan
+from ..attention import AttentionMetadata, native_plan
 
 logger = logging.getLogger(__name__)
 

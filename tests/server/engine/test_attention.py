@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from quantserve.kernels.cpu import paged_attention as native
-from quantserve.server.engine.attention import AttentionMetadata, PrefillChunk, _native_plan, keys_view, paged_attention
+from quantserve.server.engine.attention import AttentionMetadata, PrefillChunk, native_plan, keys_view, paged_attention
 
 
 def naive(q, keys, values, scale, offset):
@@ -168,7 +168,7 @@ def test_native_unsupported_shape_falls_back_to_pytorch():
     heads, kv_heads, D = 4, 2, 272
     seqs = [(20, 1), (0, 9), (5, 4)]
     q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v = build_step(seqs, heads, kv_heads, 16, D, fill=0.0)
-    assert native.attention(q, k_cache, v_cache, *_native_plan(meta, 16), D**-0.5) is None
+    assert native.attention(q, k_cache, v_cache, *native_plan(meta, 16), D**-0.5) is None
     out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, D**-0.5)
     check_against_dense(out.view(-1, heads, D), q, seqs, full_k, full_v, D**-0.5, atol=2e-5, rtol=1e-4)
 
