@@ -83,4 +83,4 @@ def prepare_serving_process(settings: Any) -> None:
     logger.info("malloc arenas: %s", f"at most {SERVING_MALLOC_ARENAS}" if arenas
                 else "as the C library or MALLOC_ARENA_MAX sets them")
     if not triton_needed(settings.device, settings.attention_backend) and hide_triton():
-        logger.info("Triton not loaded: no Triton kernel runs on this device (saves ~70 MiB resident)")
+        logger.info("Triton kept out of this process: no Triton kernel runs on this device (saves ~70 MiB resident)")
