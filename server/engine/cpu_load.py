@@ -42,6 +42,12 @@ logger = logging.getLogger(__name__)
 DOWN_AT = 0.4  # the others' use of one more core (in CPUs) that makes us give it up
 UP_BELOW = 0.25  # ... and below which we take it back
 CONFIRM_SAMPLES = 2  # a new thread count must be proposed this many samples in a row
+# ... except giving a core up when the others clearly hold it: computing on a shared core stalls
+# every OpenMP region of every step (a one-stream step ~20x slower), while a thread given up
+# needlessly costs ~30% for a sample or two. bench/peers.py --systems quantserve --concurrency 1 16
+# --busy-concurrency 1 16, three runs in one window (2-core Xeon): busy / idle at one stream 0.45x
+# waiting for the second sample, 0.61x and 0.55x giving up at once (0.77x vs 0.82x, 0.82x at 16).
+GIVE_UP_AT_ONCE = 0.75
 DEFAULT_INTERVAL = 0.2  # seconds between samples
 STALE_AFTER = 2.0  # seconds: a longer gap (the engine idled) restarts the window instead of deciding
 
@@ -133,7 +139,8 @@ class ThreadCountPolicy:
             self._proposal_count += 1
         else:
             self._proposal, self._proposal_count = wanted, 1
-        if self._proposal_count >= CONFIRM_SAMPLES:
+        at_once = wanted > self.lost and others >= wanted - 1 + GIVE_UP_AT_ONCE
+        if at_once or self._proposal_count >= CONFIRM_SAMPLES:
             self.lost = wanted
             self._proposal, self._proposal_count = None, 0
         return self.threads

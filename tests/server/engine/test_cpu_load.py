@@ -154,9 +154,20 @@ def test_policy_hysteresis_band():
 
 def test_policy_one_noisy_sample_does_not_flap():
     policy = ThreadCountPolicy(num_cpus=2, ceiling=2)
-    for others in (0.0, 0.9, 0.0, 0.9, 0.0):  # alternating: never two in a row
+    for others in (0.0, 0.6, 0.0, 0.6, 0.0):  # alternating: never two in a row
         assert policy.update(others) == 2
-    assert policy.update(0.9) == 2 and policy.update(0.9) == 1
+    assert policy.update(0.6) == 2 and policy.update(0.6) == 1
+    for others in (1.0, 0.0, 1.0, 0.0):  # taking a core back always waits for a second sample
+        assert policy.update(others) == 1
+
+
+def test_policy_gives_a_clearly_taken_core_up_at_once():
+    policy = ThreadCountPolicy(num_cpus=2, ceiling=2)
+    assert policy.update(0.7) == 2  # likely taken: confirm first
+    assert policy.update(0.0) == 2
+    assert policy.update(0.9) == 1  # the others hold most of a core: at once
+    policy = ThreadCountPolicy(num_cpus=4, ceiling=4)
+    assert policy.update(1.8) == 2  # two cores' worth, the second clearly: both at once
 
 
 def test_policy_never_below_one_and_never_above_ceiling():
