@@ -177,7 +177,6 @@ int layer_forward(const QsdStep& s, const QsdLayer& L, float* x, float* work) {
     float* proj = attn + T * H * D;   // [T, hidden]
     float* up = proj + T * Hd;        // [T, 2I]
     float* act = up + T * 2 * I;      // [T, I]
-    (void)act;
     int nt = row_threads(s, T * Hd);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
     for (i64 t = 0; t < T; ++t) rms_norm_row(x + t * Hd, L.attn_norm, L.attn_eps, Hd, h + t * Hd);

@@ -116,6 +116,7 @@ class NativeStep:
 
     def _build(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         layers = (native.Layer * len(self.model.layers))()
+        self._keep = []  # the code tables the plan points at
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.model.layers, kv_caches)):
             linears = [getattr(getattr(layer, g), "base", getattr(layer, g)) for g in GROUPS]
             L = layers[i]
