@@ -42,6 +42,12 @@ logger = logging.getLogger(__name__)
 GROUPS = ("qkv", "o_proj", "up", "down")  # the fused linears of a layer, as lora_layers names them
 
 
+def _base(layer: Any, group: str) -> Any:
+    """A layer's fused linear, under its LoRA wrapper if it has one."""
+    linear = getattr(layer, group)
+    return getattr(linear, "base", linear)
+
+
 def _silu(fn: Any) -> bool:
     return isinstance(fn, nn.SiLU) or type(fn).__name__ == "SiLUActivation"
 
@@ -67,7 +73,7 @@ def reason(model: Any) -> Optional[str]:
         if layer.rope is not None and (layer.rope.dim > layer.head_dim or layer.rope.dim % 2):
             return f"layer {i}: rotary dims {layer.rope.dim} for head_dim {layer.head_dim}"
         for group in GROUPS:
-            linear = getattr(getattr(layer, group), "base", getattr(layer, group))  # under a LoRA wrapper
+            linear = _base(layer, group)
             state = getattr(linear, "state", None)
             if state is None or linear.int8 is not None or linear.compute_dtype != torch.float32 \
                     or linear.weight.device.type != "cpu":
@@ -95,9 +101,16 @@ class NativeStep:
         self.disabled: Optional[str] = None
         if self.lib is None or self.gemm_lib is None or self.attn_lib is None:
             self.disabled = "a native library is unavailable"
+            return
+        # The kernels the native step calls, as function pointers (fixed for the process).
+        self._kernels = dict(
+            gemm=native.function_address(self.gemm_lib, "q4_gemm"),
+            write_kv=native.function_address(self.attn_lib, "qs_write_kv"),
+            attention=native.function_address(self.attn_lib, "qs_paged_attention"),
+            amx=None if self.amx_lib is None else native.function_address(self.amx_lib, "qamx_gemm4"))
         self._layers: Optional[ctypes.Array] = None
         self._caches: Optional[tuple[int, ...]] = None  # the KV caches' addresses the plan points at (no reference)
-        self._keep: list = []
+        self._codes: dict[str, torch.Tensor] = {}  # the 16-entry code table per quant type the plan points at
         self._lora_key: Optional[tuple] = None
         self._work = torch.empty(0, dtype=torch.float32)
         self.steps = self.lora_steps = 0  # steps computed here, and those with adapter rows (tests check)
@@ -107,8 +120,9 @@ class NativeStep:
 
     def _linear(self, linear: Any) -> native.Linear:
         state = linear.state
-        code = get_4bit_code(state.quant_type).to(torch.float32).contiguous()
-        self._keep.append(code)
+        code = self._codes.get(state.quant_type)
+        if code is None:
+            code = self._codes[state.quant_type] = get_4bit_code(state.quant_type).to(torch.float32).contiguous()
         n, k = state.shape
         return native.Linear(linear.weight.data_ptr(), linear._op_args[1].data_ptr(), code.data_ptr(),
                              None if linear.bias is None else linear.bias.data_ptr(), n, k, state.blocksize,
@@ -116,9 +130,8 @@ class NativeStep:
 
     def _build(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         layers = (native.Layer * len(self.model.layers))()
-        self._keep = []  # the code tables the plan points at
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.model.layers, kv_caches)):
-            linears = [getattr(getattr(layer, g), "base", getattr(layer, g)) for g in GROUPS]
+            linears = [_base(layer, g) for g in GROUPS]
             L = layers[i]
             L.attn_norm, L.attn_eps = layer.attn_in.weight.data_ptr(), layer.attn_in.eps
             L.mlp_norm, L.mlp_eps = layer.mlp_in.weight.data_ptr(), layer.mlp_in.eps
@@ -213,10 +226,8 @@ class NativeStep:
             lora_slot=None if lora_slot is None else lora_slot.data_ptr(), final_norm=final.weight.data_ptr(),
             final_eps=final.eps, bf16_products=int(quant_cpu.bf16_products_allowed()),
             threads=torch.get_num_threads(), num_decodes=meta.num_decodes,
-            gemm=self._fn(self.gemm_lib, "q4_gemm"), write_kv=self._fn(self.attn_lib, "qs_write_kv"),
-            attention=self._fn(self.attn_lib, "qs_paged_attention"),
-            lora=None if lora_step is None else self._fn(lora_cpu.load(), "qslora_add"),
-            amx=self._fn(self.amx_lib, "qamx_gemm4") if self.amx_lib is not None else None)
+            lora=None if lora_step is None else native.function_address(lora_cpu.load(), "qslora_add"),
+            **self._kernels)
         rc = self.lib.qsd_forward(ctypes.addressof(self._layers), len(self.model.layers), ctypes.addressof(step))
         if rc:
             self.disabled = f"the native step declined (code {rc})"
@@ -225,12 +236,3 @@ class NativeStep:
         self.steps += 1
         self.lora_steps += lora_step is not None
         return out
-
-    _fns: dict[tuple[int, str], int] = {}
-
-    @classmethod
-    def _fn(cls, lib: ctypes.CDLL, name: str) -> int:
-        key = (id(lib), name)
-        if key not in cls._fns:
-            cls._fns[key] = native.function_address(lib, name)
-        return cls._fns[key]
