@@ -99,6 +99,18 @@ class Settings(BaseSettings):
     tool_call_parser: Optional[Literal["hermes", "llama3_json", "mistral"]] = Field(
         None, description="the model's tool-call format (default: recognized from its chat template)"
     )
+    reasoning_parser: Optional[Literal["deepseek_r1", "qwen3"]] = Field(
+        None, description="split the model's <think> thinking from its answer (vLLM's names): reasoning_content in "
+        "chat completions, reasoning items in /v1/responses, thinking blocks in /v1/messages"
+    )
+    max_stored_responses: int = Field(
+        1000, ge=0, description="responses kept for /v1/responses' previous_response_id and GET (oldest evicted "
+        "first; 0 keeps none)"
+    )
+    max_stored_response_bytes: int = Field(
+        64 * 2**20, ge=0, description="bytes of stored responses kept, their input and output items counted "
+        "(oldest evicted first)"
+    )
 
     # HTTP
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 for all interfaces)")

@@ -48,7 +48,19 @@ def sampling_params(body: SamplingRequest) -> SamplingParams:
 
 
 def structured_output(body: SamplingRequest) -> StructuredOutput | None:
-    """The constraint on the output: response_format, vLLM's structured_outputs, or a forced tool call."""
+    """The constraint on the output: response_format, vLLM's structured_outputs, or a forced tool
+    call; with a reasoning parser, on the answer only (the thinking before it is left free)."""
+    spec = _constraint(body)
+    reasoning = getattr(body, "_reasoning", None)
+    if spec is None or reasoning is None:
+        return spec
+    try:
+        return reasoning.wrap(spec)
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequestError(f"invalid {spec.field}: {exc}", spec.field) from None
+
+
+def _constraint(body: SamplingRequest) -> StructuredOutput | None:
     if isinstance(body, p.ChatCompletionRequest) and body._tool_grammar is not None:
         return StructuredOutput("lark", body._tool_grammar, "tools")
     fmt, so = body.response_format, body.structured_outputs

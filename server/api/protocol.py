@@ -1,5 +1,7 @@
-"""OpenAI wire types (pydantic), in the order of the OpenAI API reference, plus vLLM's
-/tokenize and /detokenize. Requests validate every value's type and API range (a bad one is a
+"""OpenAI wire types (pydantic) of chat completions, completions and models, in the order of the
+OpenAI API reference, and what every API's types share. The other APIs' types have their own
+modules: protocol_messages (Anthropic), protocol_responses (OpenAI Responses), protocol_embeddings,
+protocol_vllm (/tokenize, /detokenize, LoRA adapters). Requests validate every value's type and API range (a bad one is a
 400 naming the field). A field this server does not implement is a 400 naming it, never silently
 dropped: every model forbids extras, and the few fields with no effect on the output (user,
 metadata, store, service_tier) are declared and ignored.
@@ -15,7 +17,8 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_serializer,
+                      model_validator)
 
 
 def random_id(prefix: str) -> str:
@@ -31,8 +34,18 @@ class _Request(_Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+class _OmitNone(BaseModel):
+    """Serialized without its None fields (OpenAI's deltas: the role once, then only what changed)."""
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
+    # vLLM's: every chunk carries the usage so far, not only the last one.
+    continuous_usage_stats: bool = False
 
 
 class JSONSchemaFormat(_Strict):
@@ -200,9 +213,23 @@ class ChatCompletionRequest(_SamplingFields):
     tools: Optional[list[ChatTool]] = None
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     parallel_tool_calls: bool = True
+    # vLLM's: extra variables for the chat template (e.g. {"enable_thinking": false} for Qwen3).
+    chat_template_kwargs: Optional[dict[str, Any]] = None
     # The Lark grammar of a constrained tool call ("required" or a named function), set by the
     # route once it knows the model's tool-call format; convert.py turns it into the constraint.
     _tool_grammar: Optional[str] = PrivateAttr(None)
+    # How the output's reasoning is delimited (reasoning.Reasoning), set by the route when the
+    # server has a reasoning parser: a constraint then applies to the answer after it.
+    _reasoning: Any = PrivateAttr(None)
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, value: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        reserved = {"messages", "tools", "add_generation_prompt", "chat_template", "tokenize", "documents"}
+        clash = sorted(reserved & set(value or ()))
+        if clash:
+            raise ValueError(f"{clash[0]!r} is set by the server, not by chat_template_kwargs")
+        return value
 
     @field_validator("tools")
     @classmethod
@@ -348,6 +375,8 @@ class ChoiceLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
+    # The model's thinking, split off by --reasoning-parser (vLLM's field name).
+    reasoning_content: Optional[str] = None
     refusal: Optional[str] = None
     tool_calls: Optional[list[ToolCall]] = None
 
@@ -355,29 +384,39 @@ class ChatResponseMessage(BaseModel):
 FinishReason = Literal["stop", "length", "tool_calls", "abort"]
 
 
-class ChatChoice(BaseModel):
+class _Choice(BaseModel):
     index: int
-    message: ChatResponseMessage
-    logprobs: Optional[ChoiceLogprobs] = None
+    logprobs: Optional[Any] = None
     finish_reason: Optional[FinishReason] = None
 
 
-class ChatCompletion(BaseModel):
+class _Envelope(BaseModel):
+    """What a response and each of its stream's chunks carry around their choices."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
-    choices: list[ChatChoice]
-    usage: UsageInfo
+    usage: Optional[UsageInfo] = None
     system_fingerprint: Optional[str] = None
 
 
-class FunctionCallDelta(BaseModel):
+class ChatChoice(_Choice):
+    message: ChatResponseMessage
+    logprobs: Optional[ChoiceLogprobs] = None
+
+
+class ChatCompletion(_Envelope):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class FunctionCallDelta(_OmitNone):
     name: Optional[str] = None
     arguments: Optional[str] = None
 
 
-class ToolCallDelta(BaseModel):
+class ToolCallDelta(_OmitNone):
     """A streamed tool call: the first delta of a call has its id, type and name, later ones
     only argument fragments; concatenated they are the call's arguments."""
 
@@ -387,27 +426,21 @@ class ToolCallDelta(BaseModel):
     function: FunctionCallDelta
 
 
-class ChatDelta(BaseModel):
+class ChatDelta(_OmitNone):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None
     tool_calls: Optional[list[ToolCallDelta]] = None
 
 
-class ChatChunkChoice(BaseModel):
-    index: int
+class ChatChunkChoice(_Choice):
     delta: ChatDelta
     logprobs: Optional[ChoiceLogprobs] = None
-    finish_reason: Optional[FinishReason] = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Envelope):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
-    usage: Optional[UsageInfo] = None
-    system_fingerprint: Optional[str] = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -417,21 +450,15 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
-    index: int
+class CompletionChoice(_Choice):
     text: str
     logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[Literal["stop", "length", "abort"]] = None
 
 
-class Completion(BaseModel):
-    id: str
+class Completion(_Envelope):
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[CompletionChoice]
-    usage: Optional[UsageInfo] = None
-    system_fingerprint: Optional[str] = None
 
 
 # ---------------------------------------------------------------- models
@@ -453,45 +480,6 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-# ---------------------------------------------------------------- tokenize / detokenize (vLLM's shapes)
-
-
-class TokenizeRequest(_Request):
-    model: Optional[str] = None
-    prompt: Optional[str] = None
-    messages: Optional[list[ChatMessage]] = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
-
-    @model_validator(mode="after")
-    def _one_input(self) -> "TokenizeRequest":
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt or messages")
-        return self
-
-
-class TokenizeResponse(BaseModel):
-    count: int
-    max_model_len: int
-    tokens: list[int]
-
-
-class DetokenizeRequest(_Request):
-    model: Optional[str] = None
-    tokens: list[int]
-
-    @field_validator("tokens")
-    @classmethod
-    def _non_negative(cls, value: list[int]) -> list[int]:
-        if any(t < 0 for t in value):
-            raise ValueError("token ids must be non-negative")
-        return value
-
-
-class DetokenizeResponse(BaseModel):
-    prompt: str
-
-
 # ---------------------------------------------------------------- errors
 
 
@@ -504,16 +492,3 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
-
-
-class LoadLoRAAdapterRequest(_Strict):
-    """POST /v1/load_lora_adapter (vLLM's shape)."""
-
-    lora_name: str
-    lora_path: str
-
-
-class UnloadLoRAAdapterRequest(_Strict):
-    """POST /v1/unload_lora_adapter (vLLM's shape)."""
-
-    lora_name: str

@@ -44,15 +44,18 @@ class ServedModel:
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        """Chat template -> prompt token ids (with the assistant's generation prompt unless told not to)."""
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    template_kwargs: Optional[dict[str, Any]] = None) -> list[int]:
+        """Chat template -> prompt token ids (with the assistant's generation prompt unless told not
+        to); template_kwargs: more variables for the template (e.g. enable_thinking)."""
         tokenizer = self._tokenizer()
         if getattr(tokenizer, "chat_template", None) is None:
             raise APIError(400, f"model '{self.name}' has no chat template (its tokenizer has none and no "
                                 "--chat-template was given): use /v1/completions, or serve it with --chat-template FILE",
                            param="messages")
         try:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                                **(template_kwargs or {}))
         except Exception as exc:  # a template rejecting a role order etc. is the client's input
             raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):

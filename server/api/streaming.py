@@ -17,7 +17,9 @@ from pydantic import BaseModel
 
 from . import protocol as p
 from .errors import from_exception
-from .tool_parsers import ContentDelta, Event, collect_events
+from .output import PLAIN, Event, OutputParser, OutputReader, ParsedOutput, parse_whole
+from .reasoning import ReasoningDelta
+from .tool_parsers import ContentDelta
 
 
 def sse(payload: BaseModel | dict) -> str:
@@ -63,6 +65,7 @@ class Generation:
     on_finish: Callable[[RequestTiming], None]
     abort: Callable[[], None]
     include_usage: bool = False
+    continuous_usage: bool = False  # every chunk carries the usage so far (vLLM's continuous_usage_stats)
     timing: RequestTiming = dataclasses.field(default_factory=RequestTiming)
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
@@ -198,6 +201,7 @@ class _Collected:
     """Everything a non-streamed response needs, gathered from the outputs by choice index."""
 
     texts: dict[int, list[str]] = dataclasses.field(default_factory=dict)
+    token_ids: dict[int, list[int]] = dataclasses.field(default_factory=dict)
     logprobs: dict[int, list] = dataclasses.field(default_factory=dict)
     finish: dict[int, Optional[str]] = dataclasses.field(default_factory=dict)
     counts: _PromptCounts = dataclasses.field(default_factory=_PromptCounts)
@@ -206,13 +210,15 @@ class _Collected:
         return "".join(self.texts.get(index, []))
 
 
-async def _collect(gen: Generation) -> _Collected:
+async def collect(gen: Generation) -> _Collected:
+    """Every choice's whole output (a non-streamed response)."""
     got = _Collected()
     async for i, out, c in _guarded(gen):
         got.counts.see(i, out)
         index = i * gen.n + c.index
         gen.timing.tokens_arrived(len(c.token_ids))
         got.texts.setdefault(index, []).append(c.text)
+        got.token_ids.setdefault(index, []).extend(c.token_ids)
         if c.logprobs is not None:
             got.logprobs.setdefault(index, []).extend(c.logprobs)
         if c.finish_reason is not None:
@@ -221,70 +227,98 @@ async def _collect(gen: Generation) -> _Collected:
     return got
 
 
+# ------------------------------------------------------------------ news per choice, read
+
+
+@dataclasses.dataclass
+class ChoiceNews:
+    """One engine output of one choice, read: its events, raw logprobs, and (at its end) the
+    engine's finish reason and whether the choice made tool calls."""
+
+    index: int
+    events: list[Event]
+    logprobs: Optional[list[Any]]
+    finish_reason: Optional[str]
+    called: bool
+
+
+async def choice_events(gen: Generation, reader: OutputReader, counts: "_PromptCounts") -> AsyncIterator[ChoiceNews]:
+    """The streamed outputs of every choice through its own OutputParser (one per choice)."""
+    parsers: dict[int, OutputParser] = {}
+    async for i, out, c in _guarded(gen):
+        counts.see(i, out)
+        index = i * gen.n + c.index
+        gen.timing.tokens_arrived(len(c.token_ids))
+        parser = parsers.get(index) or parsers.setdefault(index, reader.parser())
+        events = parser.feed(c.text) + (parser.finish() if c.finish_reason is not None else [])
+        if c.finish_reason is not None:
+            gen.timing.finish_reasons.append(c.finish_reason)
+        yield ChoiceNews(index, events, c.logprobs, c.finish_reason, parser.has_calls)
+
+
+def usage_so_far(gen: Generation, counts: "_PromptCounts") -> p.UsageInfo:
+    return _usage(gen, *counts.totals())
+
+
 # ------------------------------------------------------------------ chat
 
 
 def _delta(event: Event) -> p.ChatDelta:
     if isinstance(event, ContentDelta):
         return p.ChatDelta(content=event.text)
+    if isinstance(event, ReasoningDelta):
+        return p.ChatDelta(reasoning_content=event.text)
     return p.ChatDelta(tool_calls=[p.ToolCallDelta(
         index=event.index, id=event.id, type="function" if event.id is not None else None,
         function=p.FunctionCallDelta(name=event.name, arguments=event.arguments))])
 
 
-async def chat_stream(gen: Generation, tools: Any = None) -> AsyncIterator[str]:
-    """tools: a tools.ToolContext when the output may hold tool calls (its parser splits each
-    choice's text into content and tool-call deltas), else None."""
+async def chat_stream(gen: Generation, reader: OutputReader = PLAIN) -> AsyncIterator[str]:
+    """reader: how each choice's text is read (thinking, content, tool calls; output.py)."""
     chunk_id, counts = gen.request_id, _PromptCounts()
-    usage_field = {"usage": None} if gen.include_usage else {}
-    parsers: dict[int, Any] = {}
 
     def chunk(choices: list[p.ChatChunkChoice]) -> str:
-        return sse(p.ChatCompletionChunk(id=chunk_id, created=gen.created, model=gen.model, choices=choices, **usage_field))
+        usage = usage_so_far(gen, counts) if gen.continuous_usage else None
+        return sse(p.ChatCompletionChunk(id=chunk_id, created=gen.created, model=gen.model, choices=choices,
+                                         usage=usage))
 
     try:
-        for index in range(gen.n * len(gen.streams)):
+        for index in range(gen.n * len(gen.streams)):  # the role once, first (as OpenAI sends it)
             yield chunk([p.ChatChunkChoice(index=index, delta=p.ChatDelta(role="assistant", content=""))])
-        async for i, out, c in _guarded(gen):
-            counts.see(i, out)
-            index = i * gen.n + c.index
-            gen.timing.tokens_arrived(len(c.token_ids))
-            logprobs = _chat_logprobs(gen, c.logprobs)
-            if tools is None:
-                events: list[Event] = [ContentDelta(c.text)] if c.text or c.logprobs else []
-            else:
-                parser = parsers.get(index) or parsers.setdefault(index, tools.parser())
-                events = parser.feed(c.text) + (parser.finish() if c.finish_reason is not None else [])
-                if logprobs is not None and not events:
-                    events = [ContentDelta("")]  # the logprobs still go out with this step
+        async for news in choice_events(gen, reader, counts):
+            logprobs = _chat_logprobs(gen, news.logprobs)
+            events = news.events
+            if logprobs is not None and not events:
+                events = [ContentDelta("")]  # the logprobs still go out with this step
             for event in events:
-                yield chunk([p.ChatChunkChoice(index=index, delta=_delta(event), logprobs=logprobs)])
+                yield chunk([p.ChatChunkChoice(index=news.index, delta=_delta(event), logprobs=logprobs)])
                 logprobs = None
-            if c.finish_reason is not None:
-                gen.timing.finish_reasons.append(c.finish_reason)
-                called = index in parsers and parsers[index].has_calls
-                yield chunk([p.ChatChunkChoice(index=index, delta=p.ChatDelta(),
-                                               finish_reason=_finish(c.finish_reason, called))])
+            if news.finish_reason is not None:
+                yield chunk([p.ChatChunkChoice(index=news.index, delta=p.ChatDelta(),
+                                               finish_reason=_finish(news.finish_reason, news.called))])
         if gen.include_usage:
-            prompt_tokens, cached = counts.totals()
-            usage = _usage(gen, prompt_tokens, cached)
-            yield sse(p.ChatCompletionChunk(id=chunk_id, created=gen.created, model=gen.model, choices=[], usage=usage))
+            yield sse(p.ChatCompletionChunk(id=chunk_id, created=gen.created, model=gen.model, choices=[],
+                                            usage=usage_so_far(gen, counts)))
     except Exception as exc:  # headers are sent: report in-band, as OpenAI-compatible servers do
         yield sse(_stream_error(gen, exc))
     yield SSE_DONE
 
 
-def _message(text: str, tools: Any, finish: Optional[str]) -> p.ChatResponseMessage:
-    if tools is None:
-        return p.ChatResponseMessage(content=text)
-    parser = tools.parser()  # the streaming parser, fed the whole text: both paths agree
-    content, calls = collect_events(parser.feed(text) + parser.finish())
-    if finish == "length":  # cut short: a call whose arguments did not close is left out
-        calls = [c for c in calls if _is_json(c["arguments"])]
-    if not calls:
-        return p.ChatResponseMessage(content=content)
-    return p.ChatResponseMessage(content=content or None, tool_calls=[
-        p.ToolCall(id=c["id"], function=p.FunctionCall(name=c["name"], arguments=c["arguments"])) for c in calls])
+def read_whole(reader: OutputReader, text: str, finish: Optional[str]) -> ParsedOutput:
+    """A whole choice, read; cut short ("length"), a call whose arguments did not close is left out."""
+    parsed = parse_whole(reader, text)
+    if finish == "length":
+        parsed.calls = [c for c in parsed.calls if _is_json(c["arguments"])]
+    return parsed
+
+
+def _message(parsed: ParsedOutput) -> p.ChatResponseMessage:
+    reasoning = parsed.reasoning or None
+    if not parsed.calls:
+        return p.ChatResponseMessage(content=parsed.content, reasoning_content=reasoning)
+    return p.ChatResponseMessage(content=parsed.content or None, reasoning_content=reasoning, tool_calls=[
+        p.ToolCall(id=c["id"], function=p.FunctionCall(name=c["name"], arguments=c["arguments"]))
+        for c in parsed.calls])
 
 
 def _is_json(text: str) -> bool:
@@ -295,11 +329,11 @@ def _is_json(text: str) -> bool:
     return True
 
 
-async def chat_response(gen: Generation, tools: Any = None) -> p.ChatCompletion:
-    got = await _collect(gen)
+async def chat_response(gen: Generation, reader: OutputReader = PLAIN) -> p.ChatCompletion:
+    got = await collect(gen)
     choices = []
     for index in range(gen.n * len(gen.streams)):
-        message = _message(got.text(index), tools, got.finish.get(index))
+        message = _message(read_whole(reader, got.text(index), got.finish.get(index)))
         choices.append(p.ChatChoice(
             index=index,
             message=message,
@@ -315,10 +349,10 @@ async def chat_response(gen: Generation, tools: Any = None) -> p.ChatCompletion:
 
 async def completion_stream(gen: Generation) -> AsyncIterator[str]:
     counts, offsets = _PromptCounts(), {}
-    usage_field = {"usage": None} if gen.include_usage else {}
 
     def chunk(choice: p.CompletionChoice) -> str:
-        return sse(p.Completion(id=gen.request_id, created=gen.created, model=gen.model, choices=[choice], **usage_field))
+        usage = usage_so_far(gen, counts) if gen.continuous_usage else None
+        return sse(p.Completion(id=gen.request_id, created=gen.created, model=gen.model, choices=[choice], usage=usage))
 
     try:
         async for i, out, c in _guarded(gen):
@@ -344,7 +378,7 @@ async def completion_stream(gen: Generation) -> AsyncIterator[str]:
 
 
 async def completion_response(gen: Generation, echo_texts: Optional[list[str]] = None) -> p.Completion:
-    got = await _collect(gen)
+    got = await collect(gen)
     choices = []
     for index in range(gen.n * len(gen.streams)):
         prefix = echo_texts[index // gen.n] if echo_texts else ""
@@ -356,6 +390,11 @@ async def completion_response(gen: Generation, echo_texts: Optional[list[str]] =
         ))
     return p.Completion(id=gen.request_id, created=gen.created, model=gen.model, choices=choices,
                         usage=_usage(gen, *got.counts.totals()))
+
+
+def stream_error(gen: Generation, exc: Exception) -> Any:
+    """The APIError a failure mid-stream is reported as (each API words it in its own shape)."""
+    return from_exception(exc, gen.request_id)
 
 
 def _stream_error(gen: Generation, exc: Exception) -> dict:

@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 from . import protocol as p
 from .errors import bad_request
+from .output import OutputReader
+from .reasoning import END, START, reasoning_for
 from .registry import ServedModel
 from .tool_parsers import FORMATS, ToolCallParser, ToolFormat, detect_format
 
@@ -74,20 +76,36 @@ class ToolContext:
         return self.fmt.parser(forced=self.mode != "auto")
 
 
+def prepare_chat(served: ServedModel, body: p.ChatCompletionRequest, tool_call_parser: Optional[str] = None,
+                 reasoning_parser: Optional[str] = None) -> tuple[list[int], OutputReader]:
+    """The prompt's token ids and how to read the output (thinking, content, tool calls), for
+    any API's request once converted to a chat request. Sets the body's constraints: the tool
+    grammar (render_chat), and the thinking it must leave free. Runs off the loop."""
+    prompt, tools = render_chat(served, body, tool_call_parser)
+    reasoning = None
+    if reasoning_parser is not None:
+        # The prompt's last tokens say whether the template opened the thinking (reasoning.py).
+        tail = served.decode(prompt[-8:])
+        reasoning = reasoning_for(reasoning_parser, tail, special_token_ids(served.tokenizer, (START, END)))
+        body._reasoning = reasoning
+    return prompt, OutputReader(tools, reasoning, body.parallel_tool_calls)
+
+
 def render_chat(served: ServedModel, body: p.ChatCompletionRequest,
                 tool_call_parser: Optional[str] = None) -> tuple[list[int], Optional[ToolContext]]:
     """The prompt's token ids, and how to read tool calls in the output (None: plain content).
     For "required" and named tool choices, sets the body's tool-call grammar. Runs off the loop."""
     messages = body.chat_messages()
     tools = body.tool_dicts()
+    extra = body.chat_template_kwargs or {}
     uses_tools = bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
     if not uses_tools:
-        return served.render_chat(messages), None
+        return served.render_chat(messages, template_kwargs=extra), None
     tokenizer = served.tokenizer
     template = _tool_template(served.name, getattr(tokenizer, "chat_template", None))
     try:
         text = tokenizer.apply_chat_template(messages, tools=tools, chat_template=template,
-                                             add_generation_prompt=True, tokenize=False)
+                                             add_generation_prompt=True, tokenize=False, **extra)
     except Exception as exc:  # a template rejecting a role order etc. is the client's input
         raise bad_request(f"the chat template rejected these messages: {exc}", "messages") from None
     prompt = served.encode(text, add_special_tokens=False)  # the template wrote any BOS itself
@@ -146,10 +164,15 @@ def _log_fallback(model: str) -> None:
 
 def _special_ids(tokenizer: Any, fmt: ToolFormat) -> dict[str, int]:
     """The format's markers that are special tokens of the model (the grammar names them by id)."""
+    return special_token_ids(tokenizer, (*fmt.start_markers, "</tool_call>", "[TOOL_CALLS]"))
+
+
+def special_token_ids(tokenizer: Any, texts: tuple[str, ...]) -> dict[str, int]:
+    """Those of `texts` that are special tokens of the model, with their ids."""
     found = {}
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     for token_id, added in decoder.items():
         text = getattr(added, "content", None)
-        if getattr(added, "special", False) and text in (*fmt.start_markers, "</tool_call>", "[TOOL_CALLS]"):
+        if getattr(added, "special", False) and text in texts:
             found[text] = int(token_id)
     return found

@@ -27,7 +27,7 @@ from .errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
-GrammarKind = Literal["json_schema", "regex", "choice", "grammar", "lark"]
+GrammarKind = Literal["json_schema", "regex", "choice", "grammar", "lark", "llguidance"]
 
 # JSON as json.dumps writes it: ", " and ": ", no other whitespace. A small model given free
 # whitespace can spend its whole budget on newlines; this is also what models see most.
@@ -39,14 +39,16 @@ _CACHE_SIZE = 256
 class StructuredOutput:
     """A constraint on a sequence's output. `value` is the schema as JSON text (json_schema), a
     regex, a JSON list of strings (choice), a GBNF or Lark grammar (grammar), or a Lark grammar
-    (lark: the server's own, e.g. tool calls). `field` names the request field in errors."""
+    (lark: the server's own, e.g. tool calls), or llguidance's own JSON of several grammars
+    (llguidance: the server's, e.g. a model's thinking and then the answer's grammar).
+    `field` names the request field in errors."""
 
     kind: GrammarKind
     value: str
     field: str = "response_format"
 
     def __post_init__(self) -> None:
-        if self.kind not in ("json_schema", "regex", "choice", "grammar", "lark"):
+        if self.kind not in ("json_schema", "regex", "choice", "grammar", "lark", "llguidance"):
             raise InvalidRequestError(f"unknown structured output kind {self.kind!r}", self.field)
         if not isinstance(self.value, str):
             raise InvalidRequestError("a structured output is given as text", self.field)
@@ -71,6 +73,8 @@ class StructuredOutput:
             return LLMatcher.grammar_from_regex(self.value)
         if self.kind == "grammar":  # GBNF (llama.cpp) or Lark
             return grammar_from("grammar", self.value)
+        if self.kind == "llguidance":
+            return grammar_from("llguidance", self.value)
         return LLMatcher.grammar_from_lark(self.value)
 
 

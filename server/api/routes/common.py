@@ -51,6 +51,8 @@ def submit(services: Services, served: ServedModel, body: SamplingRequest, reque
         on_finish=lambda timing: services.metrics.request_finished(served.name, timing),
         abort=abort,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        continuous_usage=bool(body.stream_options and body.stream_options.include_usage
+                              and body.stream_options.continuous_usage_stats),
     )
 
 

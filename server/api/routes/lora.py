@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
 from ...engine.lora import AdapterError, AdapterNotFoundError
-from .. import protocol as p
+from .. import protocol_vllm as pv
 from ..errors import APIError, bad_request
 from .common import Services, to_thread
 
@@ -19,7 +19,7 @@ def router(services: Services) -> APIRouter:
     registry = services.registry
 
     @api.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
-    async def load_lora_adapter(body: p.LoadLoRAAdapterRequest) -> PlainTextResponse:
+    async def load_lora_adapter(body: pv.LoadLoRAAdapterRequest) -> PlainTextResponse:
         served = registry.get(None)
         name = body.lora_name.strip()
         if not name or not body.lora_path.strip():
@@ -35,7 +35,7 @@ def router(services: Services) -> APIRouter:
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     @api.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
-    async def unload_lora_adapter(body: p.UnloadLoRAAdapterRequest) -> PlainTextResponse:
+    async def unload_lora_adapter(body: pv.UnloadLoRAAdapterRequest) -> PlainTextResponse:
         served = registry.get(None)
         try:
             served.engine.loras.unload(body.lora_name)

@@ -8,10 +8,10 @@ from fastapi.responses import StreamingResponse
 from .. import protocol as p
 from .. import streaming
 from ..errors import bad_request, model_not_found
-from ..tools import render_chat
+from ..tools import prepare_chat
 from .common import Services, card, lora_cards, submit, to_thread, until_disconnect
 
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def router(services: Services) -> APIRouter:
@@ -21,12 +21,14 @@ def router(services: Services) -> APIRouter:
     @api.post("/v1/chat/completions", response_model=None)
     async def create_chat_completion(body: p.ChatCompletionRequest, request: Request):
         served, lora = registry.resolve(body.model)
-        prompt, tools = await to_thread(render_chat, served, body, services.settings.tool_call_parser)
+        settings = services.settings
+        prompt, reader = await to_thread(prepare_chat, served, body, settings.tool_call_parser,
+                                         settings.reasoning_parser)
         gen = submit(services, served, body, p.random_id("chatcmpl"), [prompt], lora)
         if body.stream:
-            return StreamingResponse(streaming.chat_stream(gen, tools), media_type="text/event-stream",
-                                     headers=_SSE_HEADERS)
-        return await until_disconnect(request, gen, body, streaming.chat_response(gen, tools))
+            return StreamingResponse(streaming.chat_stream(gen, reader), media_type="text/event-stream",
+                                     headers=SSE_HEADERS)
+        return await until_disconnect(request, gen, body, streaming.chat_response(gen, reader))
 
     @api.post("/v1/completions", response_model=None)
     async def create_completion(body: p.CompletionRequest, request: Request):
@@ -37,18 +39,18 @@ def router(services: Services) -> APIRouter:
         gen = submit(services, served, body, p.random_id("cmpl"), prompts, lora)
         if body.stream:
             return StreamingResponse(streaming.completion_stream(gen), media_type="text/event-stream",
-                                     headers=_SSE_HEADERS)
+                                     headers=SSE_HEADERS)
         # Echoed prompts are decoded after the engine accepted the ids (it checks them against the vocabulary).
         echo = [raw if isinstance(raw, str) else await to_thread(served.decode, raw) for raw in body.prompts()] \
             if body.echo else None
         return await until_disconnect(request, gen, body, streaming.completion_response(gen, echo))
 
-    @api.get("/v1/models")
+    @api.api_route("/v1/models", methods=["GET", "HEAD"])
     async def list_models() -> p.ModelList:
         registry.get(None)  # 503 while loading or failed
         return p.ModelList(data=[c for m in registry.models() for c in [card(m), *lora_cards(m)]])
 
-    @api.get("/v1/models/{model_id:path}")
+    @api.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"])
     async def retrieve_model(model_id: str) -> p.ModelCard:
         served, lora = registry.resolve(model_id)
         found = card(served) if lora is None else next((c for c in lora_cards(served) if c.id == lora), None)

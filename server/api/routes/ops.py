@@ -18,7 +18,7 @@ def router(services: Services) -> APIRouter:
     api = APIRouter()
     registry = services.registry
 
-    @api.get("/health")
+    @api.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
         serving, reason = registry.health()
         if serving:
