@@ -78,6 +78,12 @@ class Settings(BaseSettings):
         0.9, gt=0, le=1, description="fraction of the GPU's memory the server may use: the KV cache gets what is "
         "left of it after the weights, one step's activations and the CUDA graphs (measured at startup)"
     )
+    forward: Literal["auto", "fused", "layers", "transformers"] = Field(
+        "auto", description="forward path, chosen once at start and shown on /health: fused (the decoder stack in one "
+        "native call per step: CPU, float32, native attention), layers (the decoder forward layer by layer, any "
+        "device), transformers (transformers' own modules with our paged attention, any causal LM), auto (the first "
+        "of those that serves the model; the log says why the others did not)"
+    )
     attention_backend: Literal["auto", "native", "torch", "triton"] = Field(
         "auto", description="paged attention kernels: auto (Triton on a GPU; native C++ on a CPU), native, torch "
         "(gather + sdpa), triton (on a CPU only with TRITON_INTERPRET=1, for tests)"

@@ -37,7 +37,17 @@ class _EngineCollector:
         weight16 = g("quantserve_model_weight_16bit_bytes", "The same weights at 16 bits")
         kv_bytes = GaugeMetricFamily("quantserve_kv_cache_bytes", "KV cache bytes", labels=["model_name", "state"])
         hit_rate = g("quantserve_prefix_cache_hit_rate", "Share of prompt tokens served from the prefix cache")
+        path = GaugeMetricFamily("quantserve_forward_path_info", "The forward path and attention backend chosen at "
+                                 "start (value 1)", labels=["model_name", "forward", "attention_backend"])
+        steps = CounterMetricFamily("quantserve_engine_steps", "Engine steps by how they ran: replayed from a CUDA "
+                                    "graph, or eager", labels=["model_name", "mode"])
         for served in models:
+            execution = getattr(served.engine, "execution", None)
+            if execution is not None:
+                e = execution()
+                path.add_metric([served.name, e["forward"], e["attention_backend"]], 1)
+                for mode, n in e["steps"].items():
+                    steps.add_metric([served.name, mode], n)
             s = served.engine.stats()
             name = [served.name]
             running.add_metric(name, s.num_running)
@@ -55,7 +65,8 @@ class _EngineCollector:
                 kv_bytes.add_metric([served.name, "total"], mem["kv_cache"]["bytes_total"])
                 kv_bytes.add_metric([served.name, "used"], mem["kv_cache"]["bytes_used"])
             hit_rate.add_metric(name, s.prefix_cache_hit_rate)
-        yield from (running, waiting, kv_usage, prompt, generation, preemptions, weight, weight16, kv_bytes, hit_rate)
+        yield from (running, waiting, kv_usage, prompt, generation, preemptions, weight, weight16, kv_bytes, hit_rate,
+                    path, steps)
         host = host_memory()
         rss = GaugeMetricFamily("quantserve_host_rss_bytes", "Resident set size of the server process")
         rss.add_metric([], host["rss_bytes"] or 0)

@@ -9,9 +9,10 @@ captured size >= n: its inputs are copied into static buffers, the rows past n p
 position 0, KV slot -1: the write kernel skips it; an attention item whose one row sees no key:
 zeros), and the first n rows of the static logits are taken.
 
-Only the Triton attention path is captured (its plan lives in the static buffers; the other paths
-read host-side metadata). Prefill and mixed steps run eagerly; so do steps with LoRA rows or
-length-dependent rope (their per-step state is not in the buffers).
+Only the Triton attention backend is captured (its plan lives in the static buffers; the other
+backends read host-side metadata). Prefill and mixed steps run eagerly; so do steps with LoRA rows
+or length-dependent rope (their per-step state is not in the buffers). A replay copies the host
+layout the eager path builds (step_inputs.flatten); /metrics counts graph and eager steps.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .attention import AttentionMetadata
-from .triton_attention import TritonPlan
+from .attention.triton import TritonMetadata, TritonPlan
+from .step_inputs import HostStep, StepInputs
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +75,8 @@ def pad_decode_inputs(input_ids: list[int], positions: list[int], slots: list[in
 class DecodeGraphs:
     """Static decode inputs and one captured graph per ladder size.
 
-    forward(input_ids, positions, meta, rows) -> float32 logits [rows, V]: the model's
-    forward_logits with the KV caches bound; `splits_for(size)` the attention split count each
+    forward(step: StepInputs) -> float32 logits [rows, V]: the model's forward_logits with the KV
+    caches bound; `splits_for(size)` the attention split count each
     captured size uses (fixed at capture; each item still spreads its own context over them).
     """
 
@@ -97,13 +98,9 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
-    def _meta(self, size: int) -> AttentionMetadata:
-        slots = self.slots[:size]
-        return AttentionMetadata(
-            slot_mapping=slots, slot_blocks=slots, slot_offsets=slots, num_decodes=size, decode_block_tables=None,
-            decode_context_lens=None, decode_mask=None, prefills=[], num_tokens=size,
-            triton=TritonPlan(self.work[:size], self.tables[: size * self.width], 1, self.splits_for(size)),
-        )
+    def _meta(self, size: int) -> TritonMetadata:
+        plan = TritonPlan(self.work[:size], self.tables[: size * self.width], 1, self.splits_for(size))
+        return TritonMetadata(self.slots[:size], plan, size)
 
     def _fill(self, size: int, host: dict[str, list[int]]) -> None:
         self.input_ids[:size].copy_(torch.tensor(host["input_ids"]), non_blocking=True)
@@ -113,7 +110,8 @@ class DecodeGraphs:
         self.tables[: size * self.width].copy_(torch.tensor(host["tables"], dtype=torch.int32), non_blocking=True)
 
     def _run(self, size: int) -> torch.Tensor:
-        return self.forward(self.input_ids[:size], self.positions[:size], self._meta(size), self.rows[:size])
+        return self.forward(StepInputs(self.input_ids[:size], self.positions[:size], self._meta(size),
+                                       self.rows[:size]))
 
     def capture(self) -> None:
         """Capture every ladder size, largest first (the pool the largest allocates serves the rest)."""
@@ -129,16 +127,23 @@ class DecodeGraphs:
             self.graphs[size] = (graph, logits)
         torch.cuda.synchronize(self.device)
 
-    def replay(self, input_ids: list[int], positions: list[int], slots: list[int], contexts: list[int],
-               tables: list[list[int]], eager: bool = False) -> Optional[torch.Tensor]:
-        """float32 logits [n, V] of n decodes, or None when no captured graph holds them.
-        eager: run the padded static inputs without a graph (what a CPU test can check)."""
-        size = padded_size(len(input_ids), self.ladder)
-        if size is None or (size not in self.graphs and not eager):
-            return None
-        self._fill(size, pad_decode_inputs(input_ids, positions, slots, contexts, tables, size, self.width))
+    def holds(self, host: HostStep) -> bool:
+        """Whether a captured graph holds this decode-only step."""
+        size = padded_size(len(host.input_ids), self.ladder)
+        return size is not None and size in self.graphs
+
+    def replay(self, host: HostStep, eager: bool = False) -> torch.Tensor:
+        """float32 logits [n, V] of a step of n decodes (`holds` it, or eager: the padded static
+        inputs run without a graph, which a CPU test can check)."""
+        size = padded_size(len(host.input_ids), self.ladder)
+        if size is None:
+            raise ValueError(f"{len(host.input_ids)} decodes are more than the largest graph ({self.ladder[-1]})")
+        seqs = host.layout.seqs
+        self._fill(size, pad_decode_inputs(host.input_ids, host.positions, list(host.layout.slots),
+                                           [s.context for s in seqs], [list(s.table) for s in seqs], size,
+                                           self.width))
         if eager:
-            return self._run(size)[: len(input_ids)]
+            return self._run(size)[: len(host.input_ids)]
         graph, logits = self.graphs[size]
         graph.replay()
-        return logits[: len(input_ids)]
+        return logits[: len(host.input_ids)]

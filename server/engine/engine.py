@@ -31,7 +31,8 @@ from .detokenizer import IncrementalDetokenizer
 from .errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, RequestFailedError
 from .grammar import GrammarCompiler
 from .lora import LoRARegistry, resolve
-from .model_runner import ModelRunner, device_guard, model_max_len, vocab_size
+from .model_runner import ModelRunner, device_guard
+from .models import model_max_len, vocab_size
 from .models import lora_layers
 from .outputs import CompletionOutput, EngineStats, RequestOutput
 from .scheduler import ScheduledBatch, Scheduler
@@ -108,6 +109,7 @@ class AsyncEngine:
                                   lora_layers.weight_dtype(self.runner.device, self.runner.dtype),
                                   self.runner.device, unsupported=self.runner.lora_unsupported)
 
+        self.pooling = None  # how embed() pools (pooling.py), read from the model's folder on first use
         self._inbox: collections.deque = collections.deque()
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -204,7 +206,7 @@ class AsyncEngine:
             if self._dead_error is not None or self._thread is None or self._stopping:
                 raise EngineDeadError(self._dead_error or "the engine is not running")
             waiting = self._num_unadmitted + self.scheduler.num_waiting
-            if waiting + len(requests) > self.config.max_waiting_requests:
+            if waiting + len(requests) > self.config.max_queue:
                 raise EngineOverloadedError(f"{waiting} requests are waiting", self._retry_after(waiting))
             self._num_submitted += len(requests)
             self._inbox.extend(("add", request) for request in requests)
@@ -259,6 +261,37 @@ class AsyncEngine:
         self._inbox.append(("abort", request_id))
         self._wake.set()
 
+    async def embed(self, prompts: list[list[int]]) -> list[list[float]]:
+        """Pooled embedding vectors of `prompts` (pooling.py: the model's own pooling), computed on
+        the engine thread between steps in batches of at most max_num_batched_tokens padded tokens;
+        the KV cache and the prefix cache are not touched. Raises InvalidRequestError for a prompt
+        that breaks a limit, EngineDeadError when the engine is not running."""
+        from . import pooling
+
+        for prompt in prompts:
+            if not prompt:
+                raise InvalidRequestError("an input must have at least one token", "input")
+            if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
+                raise InvalidRequestError(f"input token ids must be integers in [0, {self.vocab_size})", "input")
+            if len(prompt) > self.max_model_len:
+                raise InvalidRequestError(f"This model's maximum context length is {self.max_model_len} tokens, but "
+                                          f"an input has {len(prompt)} tokens.", "input", "context_length_exceeded")
+        if self.pooling is None:
+            self.pooling = pooling.pooling_for(self.runner.hf_model)
+        loop = asyncio.get_running_loop()
+        groups = pooling.batches(prompts, self.config.max_num_batched_tokens)
+        jobs = [pooling.EmbedJob([prompts[i] for i in group], self.pooling, loop) for group in groups]
+        with self._submit_lock:  # as generate_many: queued before the thread fails the inbox, or refused
+            if self._dead_error is not None or self._thread is None or self._stopping:
+                raise EngineDeadError(self._dead_error or "the engine is not running")
+            self._inbox.extend(("embed", job) for job in jobs)
+        self._wake.set()
+        vectors: list[list[float]] = [[] for _ in prompts]
+        for group, result in zip(groups, await asyncio.gather(*(job.future for job in jobs))):
+            for i, vector in zip(group, result):
+                vectors[i] = vector
+        return vectors
+
     def fail_unfinished(self, exc: BaseException) -> None:
         """End every request submitted so far with `exc`, from any thread. Serving uses it when its
         drain limit runs out. The consumers get `exc` at once (the engine thread may be in the middle
@@ -287,6 +320,15 @@ class AsyncEngine:
     def startup_seconds(self) -> dict[str, float]:
         """The engine's startup phases in seconds (warmup, and on a GPU profile, tune, capture)."""
         return dict(self.runner.startup_seconds)
+
+    def execution(self) -> dict[str, object]:
+        """How this engine runs a step, chosen once at start (/health, /metrics): the forward path and
+        why, the attention backend, the KV cache dtype, whether decode steps replay CUDA graphs (else
+        why not), and the steps run each way."""
+        r = self.runner
+        return {"forward": r.forward.path, "forward_reason": r.forward.reason, "attention_backend": r.attention.name,
+                "kv_cache_dtype": str(r.kv_dtype).removeprefix("torch."),
+                "cuda_graphs": "on" if r.graphs is not None else r.graphs_off, "steps": dict(r.steps)}
 
     def cpu_load_report(self) -> Optional[dict[str, object]]:
         """The thread-count controller's state for /health (None when the count is pinned)."""
@@ -389,6 +431,8 @@ class AsyncEngine:
             elif kind == "fail":
                 for request in list(self._requests.values()):
                     self._fail_request(request, item)
+            elif kind == "embed":  # a batch of embeddings (pooling.py), between two steps
+                item.run(self.runner.hf_model)
             else:
                 request = self._requests.get(item)
                 if request is not None:
@@ -400,6 +444,8 @@ class AsyncEngine:
             if kind == "add":
                 self._num_admitted += 1
                 self._send(item, EngineDeadError("engine shut down"))
+            elif kind == "embed":
+                item.fail(EngineDeadError("engine shut down"))
 
     def _step(self) -> None:
         batch: Optional[ScheduledBatch] = None
@@ -535,6 +581,8 @@ class AsyncEngine:
             kind, item = self._inbox.popleft()
             if kind == "add":
                 self._send(item, exc)
+            elif kind == "embed":
+                item.fail(exc)
 
 
 def _eos_token_ids(model: nn.Module, tokenizer: Any) -> frozenset[int]:

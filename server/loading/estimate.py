@@ -32,7 +32,6 @@ import torch
 from quantserve.quant import QuantConfig
 
 GIB = 2**30
-DEFAULT_CPU_KV_CACHE_GIB = 1.0  # of float32, as server/engine/model_runner.default_cpu_kv_budget
 _CODE_4BIT_BYTES = 16 * 4  # NF4/FP4 table, float32, one per format (shared by every layer)
 _NESTED_CODE_BYTES = 256 * 4  # the 8-bit dynamic map of double quantization
 _NESTED_BLOCKSIZE = 256
@@ -57,7 +56,7 @@ class EstimateRequest:
     max_num_seqs: int = 64  # serve's default (Settings.max_num_seqs)
     max_num_batched_tokens: int = 512
     block_size: int = 16
-    kv_cache_memory_gib: Optional[float] = None
+    kv_cache_memory: Optional[float] = None
     kv_cache_dtype: str = "auto"  # serve's --kv-cache-dtype
     attention_backend: str = "auto"  # serve's --attention-backend (auto's KV cache dtype depends on it)
     gpu_memory_utilization: float = 0.9
@@ -146,31 +145,14 @@ def _skeleton(folder: Path, hf_config: Any, dtype: torch.dtype, quant: Optional[
     return streamer, [n for n in to_quantize if n in linears]
 
 
-def _kv_dtype(name: str, device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int,
-              backend: str = "auto") -> torch.dtype:
-    """The KV cache dtype the runner will pick (model_runner.ModelRunner._kv_cache_dtype): auto is
-    bfloat16 where the native CPU attention runs (float32 compute, its size limits), else `dtype`."""
-    from quantserve.kernels.cpu import paged_attention as native
-    from quantserve.server.engine.model_runner import KV_CACHE_TORCH_DTYPES
+def _kv_dtype(name: str, device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int, int],
+              block_size: int, backend: str = "auto") -> torch.dtype:
+    """The KV cache dtype the runner will pick, by the runner's own rules (engine/kv_cache.py)."""
+    from quantserve.server.engine import attention, kv_cache
 
-    if name != "auto":
-        return KV_CACHE_TORCH_DTYPES[name]
-    native_ok = (backend in ("auto", "native") and device.type == "cpu" and dtype == torch.float32
-                 and head_dim <= 256 and block_size <= 256 and native.load() is not None)
-    return torch.bfloat16 if native_ok else dtype
-
-
-def _kv_shape(model: Any) -> tuple[int, int, int, bool]:
-    """(layers, KV heads, head dim, native path?) as the engine's adapter will see them."""
-    from quantserve.server.engine.models import families, generic
-
-    if families.unsupported_reason(model) is None:
-        base = families.decoder(model)
-        attn = families.attention_of(base.layers[0])
-        _, kv_heads, head_dim = families.head_shape(attn, families.text_config(model))
-        return len(base.layers), kv_heads, head_dim, True
-    layers, kv_heads, head_dim = generic.kv_cache_shape(model.config)
-    return layers, kv_heads, head_dim, False
+    heads, kv_heads, head_dim, _ = shape
+    resolved = attention.resolve(backend, device, dtype, heads, kv_heads, head_dim, block_size)
+    return kv_cache.cache_dtype(name, resolved, dtype, device)
 
 
 def _model_max_len(hf_config: Any) -> int:
@@ -184,6 +166,8 @@ def _model_max_len(hf_config: Any) -> int:
 
 def estimate_memory(request: EstimateRequest) -> MemoryEstimate:
     """The memory `request` needs and whether it fits; ValueError for a model that cannot be read."""
+    from quantserve.server.engine import kv_cache
+    from quantserve.server.engine.models import families, serving_shape
     from quantserve.server.engine.models.sixteen_bit import sixteen_bit_dtype
 
     from .checkpoint import find_weight_files, read_safetensors_header
@@ -203,7 +187,9 @@ def estimate_memory(request: EstimateRequest) -> MemoryEstimate:
             entries.update(read_safetensors_header(path))
     streamer, quantized = _skeleton(folder, hf_config, dtype, config.quant, stored)
     model, quant = streamer.model, streamer.quant
-    layers, kv_heads, head_dim, native = _kv_shape(model)
+    shape = serving_shape(model)
+    _, kv_heads, head_dim, layers = shape
+    native = families.unsupported_reason(model) is None  # the decoder forward fuses the linears
     elem = _elem(dtype)
     half = _elem(sixteen_bit_dtype(dtype))
 
@@ -241,7 +227,7 @@ def estimate_memory(request: EstimateRequest) -> MemoryEstimate:
     weight_bytes = sum(parts.values())
 
     # KV cache, as the engine's runner sizes it
-    kv_elem = _elem(_kv_dtype(request.kv_cache_dtype, device, dtype, head_dim, request.block_size,
+    kv_elem = _elem(_kv_dtype(request.kv_cache_dtype, device, dtype, shape, request.block_size,
                               request.attention_backend))
     bytes_per_token = 2 * layers * kv_heads * head_dim * kv_elem
     bytes_per_block = bytes_per_token * request.block_size
@@ -250,13 +236,13 @@ def estimate_memory(request: EstimateRequest) -> MemoryEstimate:
     vocab = getattr(text, "vocab_size", 32000)
     reserve = activation_reserve_bytes(hidden, vocab, elem, request.max_num_batched_tokens, request.max_num_seqs)
     free = request.free_bytes if request.free_bytes is not None else free_memory(device)
-    if request.kv_cache_memory_gib is not None:
-        budget = request.kv_cache_memory_gib * GIB
+    if request.kv_cache_memory is not None:
+        budget = request.kv_cache_memory * GIB
     elif device.type == "cuda":
         # the runner takes its share of what is free after the weights are loaded
         budget = ((free or 0) - weight_bytes) * request.gpu_memory_utilization - reserve
     else:
-        budget = DEFAULT_CPU_KV_CACHE_GIB * GIB * kv_elem / 4  # the same tokens whatever the cache dtype
+        budget = kv_cache.default_cpu_budget(kv_elem)
     blocks = max(0, int(budget // bytes_per_block))
     kv_tokens = blocks * request.block_size
     model_max = _model_max_len(hf_config)
@@ -402,7 +388,7 @@ def estimate_from_args(args: Any) -> MemoryEstimate:
         model=args.model, revision=args.revision, quant=_quant_from(args.quant, args.double_quant, args.blocksize),
         dtype=args.compute_dtype, device=args.device, max_model_len=parse_max_model_len(args.max_model_len),
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.block_size, kv_cache_memory_gib=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
+        block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
     ))
 
 
@@ -412,7 +398,7 @@ def estimate_for_settings(settings: Any) -> MemoryEstimate:
         model=settings.model, revision=settings.revision, quant=_quant_from(settings.quant, settings.double_quant),
         dtype=settings.compute_dtype, device=settings.device, max_model_len=parse_max_model_len(settings.max_model_len),
         max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
-        block_size=settings.block_size, kv_cache_memory_gib=settings.kv_cache_memory,
+        block_size=settings.block_size, kv_cache_memory=settings.kv_cache_memory,
         kv_cache_dtype=settings.kv_cache_dtype, attention_backend=settings.attention_backend,
     ))
 

@@ -119,7 +119,7 @@ def verify(request: VerifyRequest) -> dict[str, Any]:
     ids = reference.tokenizer(text, return_tensors="pt").input_ids.to(base.device)
     if ids.shape[1] < 2:
         raise ValueError("the text is shorter than two tokens")
-    from quantserve.server.engine.model_runner import model_max_len
+    from quantserve.server.engine.models import model_max_len
 
     window = request.window or min(2048, model_max_len(reference.model, reference.tokenizer))
     windows = -(-(ids.shape[1] - 1) // window)

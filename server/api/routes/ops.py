@@ -26,7 +26,9 @@ def router(services: Services) -> APIRouter:
             for model in registry.models():  # the thread-count controller (engine/cpu_load.py), if one runs
                 follower = getattr(model.engine, "cpu_load_report", lambda: None)()
                 cpu.update(follower or {"follows_load": False})
-            return JSONResponse({"status": "ok", "models": [m.name for m in registry.models()], "cpu": cpu})
+            execution = {m.name: m.engine.execution() for m in registry.models() if hasattr(m.engine, "execution")}
+            return JSONResponse({"status": "ok", "models": [m.name for m in registry.models()], "cpu": cpu,
+                                 "execution": execution})
         if registry.state == "loading":
             elapsed = int(time.time() - registry.started_at)
             return unavailable(f"The model is loading ({elapsed} s so far).", retry_after=5).response()

@@ -1,49 +1,56 @@
-"""Model adapters the runner drives: `forward_logits(input_ids, positions, meta, kv_caches, rows)`.
+"""The forward paths the runner drives: `forward_logits(step, kv_caches)` -> float32 logits.
 
-- llama.LlamaModel: native forward for the decoder families in families.py (fused q/k/v and
-  gate/up linears, per-layer sliding windows and soft-capping in the paged attention).
-- generic.TransformersModel: any other transformers causal LM, our paged attention registered
-  with transformers' attention interface.
-A model neither can serve raises UnsupportedModelError (a ValueError) naming why, at load.
+- decoder.DecoderModel: the decoder forward for the families in families.py (fused q/k/v and
+  gate/up linears, per-layer sliding windows and soft-capping), layer by layer ("layers") or as
+  one native call per step on a CPU ("fused", fused_step.py).
+- generic.TransformersModel: any other transformers causal LM ("transformers"), our paged
+  attention registered with transformers' attention interface.
+The path is chosen once, at engine start (forward_path.py); a model no path can serve raises
+UnsupportedModelError (a ValueError) naming why, at load.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Any, Union
+from typing import Union
 
 from torch import nn
 
-from . import generic, llama
+from . import decoder, families, generic
 
-logger = logging.getLogger(__name__)
-
-ModelAdapter = Union[llama.LlamaModel, generic.TransformersModel]
+ModelAdapter = Union[decoder.DecoderModel, generic.TransformersModel]
 
 
 class UnsupportedModelError(ValueError):
     """The engine cannot serve this model (one line: the model type and why)."""
 
 
-def build_model(model: nn.Module, impl: str = "auto") -> ModelAdapter:
-    """The adapter for `model`: "native", "transformers" (generic) or "auto" (native where it
-    applies, else generic). Raises UnsupportedModelError when the asked path cannot serve it."""
-    if impl not in ("auto", "native", "transformers"):
-        raise ValueError(f"model_impl must be 'auto', 'native' or 'transformers', got {impl!r}")
-    name = type(model).__name__
-    native_reason = llama.unsupported_reason(model) if impl != "transformers" else None
-    if impl == "native" and native_reason is not None:
-        raise UnsupportedModelError(f"{name}: the native forward cannot serve it ({native_reason})")
-    if impl != "transformers" and native_reason is None:
-        return llama.LlamaModel(model)
-    generic_reason = generic.unsupported_reason(model)
-    if generic_reason is not None:
-        native = f"native forward: {native_reason}; " if native_reason else ""
-        raise UnsupportedModelError(f"cannot serve {name}: {native}transformers path: {generic_reason}")
-    if native_reason is not None:
-        logger.info("serving %s through transformers' modules (native forward: %s)", name, native_reason)
-    return generic.TransformersModel(model)
+def serving_shape(model: nn.Module) -> tuple[int, int, int, int]:
+    """(attention heads, KV heads, head dim, layers) of a transformers causal LM as the engine serves
+    it: the decoder forward reads the attention module of its first layer, others the config."""
+    if families.unsupported_reason(model) is None:
+        base = families.decoder(model)
+        heads, kv_heads, head_dim = families.head_shape(families.attention_of(base.layers[0]),
+                                                        families.text_config(model))
+        return heads, kv_heads, head_dim, len(base.layers)
+    config = families.text_config(model)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, kv_heads, head_dim, config.num_hidden_layers
 
 
-def kv_cache_shape(adapter: Any) -> tuple[int, int, int]:
-    return adapter.num_layers, adapter.num_kv_heads, adapter.head_dim
+def model_max_len(model: nn.Module, tokenizer: object = None) -> int:
+    """The model's context length from its config (max_position_embeddings and relatives)."""
+    config = families.text_config(model)
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < 10**7:
+        return value
+    return 2048
+
+
+def vocab_size(model: nn.Module) -> int:
+    return int(model.get_input_embeddings().weight.shape[0])

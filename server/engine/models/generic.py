@@ -13,17 +13,20 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
 
-from ..attention import AttentionMetadata, paged_attention
+from ..attention import AttentionBackend
+
+if TYPE_CHECKING:  # step_inputs imports this package
+    from ..step_inputs import StepInputs
 
 logger = logging.getLogger(__name__)
 
 ATTENTION_NAME = "quantserve_paged"
-_local = threading.local()  # the step being run on this thread: (meta, kv_caches, layer index map)
+_local = threading.local()  # the step being run on this thread: (backend, metadata, kv_caches, layer index map)
 _registered = False
 
 
@@ -41,7 +44,7 @@ def _paged_attention_forward(
     step = getattr(_local, "step", None)
     if step is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention called outside an engine step")
-    meta, kv_caches, layer_ids = step
+    backend, meta, kv_caches, layer_ids = step
     if kwargs.get("s_aux") is not None:  # unsupported_reason refuses such models at load
         raise NotImplementedError("attention sinks are not supported by the engine")
     layer = getattr(module, "layer_idx", None)
@@ -55,8 +58,8 @@ def _paged_attention_forward(
             f"do not match the KV cache ({v_cache.shape[-2]} heads x {v_cache.shape[-1]})"
         )
     scale = scaling if scaling is not None else D**-0.5
-    out = paged_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
-                          k_cache, v_cache, meta, scale, kwargs.get("sliding_window") or 0, kwargs.get("softcap") or 0.0)
+    out = backend.forward(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                          (k_cache, v_cache), meta, scale, kwargs.get("sliding_window") or 0, kwargs.get("softcap") or 0.0)
     return out.view(1, T, H, D), None
 
 
@@ -67,15 +70,6 @@ def register() -> None:
 
         AttentionInterface.register(ATTENTION_NAME, _paged_attention_forward)
         _registered = True
-
-
-def kv_cache_shape(config: Any) -> tuple[int, int, int]:
-    """(layers, kv heads, head dim) of a transformers config."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return config.num_hidden_layers, kv_heads, head_dim
 
 
 def unsupported_reason(model: nn.Module) -> Optional[str]:
@@ -97,17 +91,17 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
 
 
 class TransformersModel:
-    """forward(input_ids [T], positions [T], meta, kv_caches) -> hidden rows; logits via compute_logits."""
+    """forward_logits(step, kv_caches) -> float32 logits of the step's logit rows, through
+    transformers' own modules with `attention` (the engine's backend) as their attention."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, attention: AttentionBackend) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise NotImplementedError(f"cannot serve this model: {reason}")
         register()
         self.model = model
-        self.num_layers, self.num_kv_heads, self.head_dim = kv_cache_shape(model.config)
+        self.attention = attention
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.num_heads = text_config.num_attention_heads
         self.sliding_window = None  # no block is freed early on this path (windows are per call)
         rope = getattr(text_config, "rope_parameters", None) or {}
         types = {rope.get("rope_type")} if "rope_type" in rope else \
@@ -121,16 +115,16 @@ class TransformersModel:
         self._layer_ids: dict[int, int] = {}
 
     @torch.inference_mode()
-    def forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                       kv_caches: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor) -> torch.Tensor:
-        """Logits [len(rows), V] of the given rows of the flattened batch."""
+    def forward_logits(self, step: StepInputs, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Logits [len(rows), V] of the step's logit rows of the flattened batch."""
         config = self.model.config
         previous = config._attn_implementation
-        _local.step = (meta, kv_caches, self._layer_ids)
+        rows = step.logit_rows
+        _local.step = (self.attention, step.attention, kv_caches, self._layer_ids)
         config._attn_implementation = ATTENTION_NAME
         try:
-            kwargs: dict[str, Any] = dict(input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0),
-                                          use_cache=False)
+            kwargs: dict[str, Any] = dict(input_ids=step.input_ids.unsqueeze(0),
+                                          position_ids=step.positions.unsqueeze(0), use_cache=False)
             if self._logits_to_keep:
                 kwargs["logits_to_keep"] = rows
             logits = self.model(**kwargs).logits[0]

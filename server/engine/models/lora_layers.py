@@ -1,8 +1,9 @@
 """LoRA on the native forward: each fused linear of every layer gets a wrapper that adds the
 deltas of the adapters in this step's batch to the rows that asked for them.
 
-Per step the runner sets `LoRAState.batch` to a `StepAdapters` (`step_batch`): the adapters in the
-batch, each flattened row's slot among them, and [(adapter, rows)]. peft computes base(x) +
+Per step the runner passes a `StepAdapters` (`LoRAState.step_batch`) in the step's inputs, which
+every fused linear gets with its input: the adapters in the batch, each flattened row's slot among
+them, and [(adapter, rows)]. peft computes base(x) +
 lora_B(lora_A(x)) * scaling; per fused linear and adapter: one shrink s = x @ A^T with the A's of
 the targeted parts (q, k, v / gate, up) stacked ([n, sum r]), then per part an expand of its
 columns of s by scaling * B^T, added into the fused output's columns of that part. Base rows are
@@ -40,8 +41,9 @@ class StepAdapters:
     slot, -1: the base) for the native kernel, and `groups` [(adapter, rows)] for the torch path
     (rows None: every row is that adapter's)."""
 
-    def __init__(self, adapters: tuple[LoRAAdapter, ...], slot: torch.Tensor,
+    def __init__(self, state: "LoRAState", adapters: tuple[LoRAAdapter, ...], slot: torch.Tensor,
                  groups: list[tuple[LoRAAdapter, Optional[torch.Tensor]]]) -> None:
+        self.state = state  # the per-adapter-set tables the kernels read
         self.adapters, self.slot, self.groups = adapters, slot, groups
         self.key = tuple(a.uid for a in adapters)
         self._slot_on: dict[torch.device, torch.Tensor] = {}
@@ -55,15 +57,27 @@ class StepAdapters:
         return self._slot_on[device]
 
 
-class LoRAState:
-    """What the wrappers read during a step (set by the model runner; None: no adapter rows)."""
+KERNELS = ("triton", "native", "torch")
 
-    def __init__(self, targets: dict[tuple[int, str], Target]) -> None:
+
+def choose_kernel(device: torch.device, compute_dtype: torch.dtype) -> str:
+    """The delta kernel for adapters on `device`, chosen once: the Triton shrink/expand kernels on
+    CUDA, the native kernel on a CPU computing in float32, else the grouped torch ops."""
+    if device.type == "cuda" and _triton_lora() is not None:
+        return "triton"
+    if device.type == "cpu" and compute_dtype == torch.float32 and lora_cpu.load() is not None:
+        return "native"
+    return "torch"
+
+
+class LoRAState:
+    """The adapter-capable modules and the tables built per adapter set; `kernel` (KERNELS) is the
+    one delta kernel every wrapper runs (a test may set "triton" to run those on CPU tensors under
+    TRITON_INTERPRET=1)."""
+
+    def __init__(self, targets: dict[tuple[int, str], Target], kernel: str) -> None:
         self.targets = targets
-        self.batch: Optional[StepAdapters] = None
-        # The Triton kernels (kernels/triton/lora.py) on CUDA; a test sets True to run them on CPU
-        # tensors under TRITON_INTERPRET=1.
-        self.use_triton: Optional[bool] = None
+        self.kernel = kernel
         self._sets: collections.OrderedDict[tuple[int, ...], dict] = collections.OrderedDict()
 
     def _per_set(self, step: StepAdapters) -> dict:
@@ -117,17 +131,22 @@ class LoRAState:
 
 
 class LoRALinear:
-    """A fused linear (llama.FusedLinear) plus the current step's adapter deltas."""
+    """A fused linear (fused_linear.FusedLinear) plus the current step's adapter deltas."""
 
     def __init__(self, base: Any, layer: int, group: str, state: LoRAState) -> None:
         self.base, self.layer, self.group, self.state = base, layer, group, state
         self.key = (layer, group)
         self.sizes = base.sizes
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, step: Optional[StepAdapters] = None) -> torch.Tensor:
         out = self.base(x)
-        step = self.state.batch
-        if step is None or self._add_triton(x, out, step) or self._add_native(x, out, step):
+        if step is None:
+            return out
+        if self.state.kernel == "triton":
+            self._add_triton(x, out, step)
+            return out
+        if self.state.kernel == "native":
+            self._add_native(x, out, step)
             return out
         batch = step.groups
         if x.device.type != "cpu" or torch.get_num_threads() == 1 or step.slot.numel() > FEW_ROWS:
@@ -144,35 +163,28 @@ class LoRALinear:
             torch.set_num_threads(threads)
         return out
 
-    def _add_native(self, x: torch.Tensor, out: torch.Tensor, step: StepAdapters) -> bool:
-        """Add the deltas with the native kernel if it takes this call (False: it did nothing)."""
-        if x.device.type != "cpu" or x.dtype != torch.float32 or out.dtype != torch.float32 \
-                or not out.is_contiguous():
-            return False
-        lib = lora_cpu.load()
-        table = None if lib is None else self.state.native_table(step, self.key)
-        if table is None:
-            return False
+    def _add_native(self, x: torch.Tensor, out: torch.Tensor, step: StepAdapters) -> None:
+        """Add the deltas with the native kernel: every row of every adapter in one call."""
+        table = self.state.native_table(step, self.key)
         x2 = x.reshape(-1, x.shape[-1])
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        return lora_cpu.add(lib, x2, out.view(-1, out.shape[-1]), step.slot, table)
+        if table is None or not out.is_contiguous() or x.dtype != torch.float32 \
+                or not lora_cpu.add(lora_cpu.load(), x2, out.view(-1, out.shape[-1]), step.slot, table):
+            raise RuntimeError(f"layer {self.layer} {self.group}: the native LoRA kernel refused this call")
 
-    def _add_triton(self, x: torch.Tensor, out: torch.Tensor, step: StepAdapters) -> bool:
-        """Add the deltas with the Triton shrink/expand kernels: on CUDA (or when a test forces
-        them), one launch of each per fused linear for every row whatever its adapter."""
-        use = self.state.use_triton
-        if use is None:
-            use = self.state.use_triton = x.device.type == "cuda" and _triton_lora() is not None
-        if not use or not any(a.groups.get(self.key) is not None for a in step.adapters) \
-                or not out.is_contiguous():
-            return False
+    def _add_triton(self, x: torch.Tensor, out: torch.Tensor, step: StepAdapters) -> None:
+        """Add the deltas with the Triton shrink/expand kernels, one launch of each per fused
+        linear for every row whatever its adapter."""
+        if not any(a.groups.get(self.key) is not None for a in step.adapters):
+            return
+        if not out.is_contiguous():
+            raise RuntimeError(f"layer {self.layer} {self.group}: the Triton LoRA kernels write a contiguous output")
         kernels = _triton_lora()
         x2, out2 = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
         a, b, scale = self.state.stacked(step, self.key, out2.shape[1], x.device)
         idx = step.slot_on(x.device)
         kernels.lora_expand(kernels.lora_shrink(x2, a, idx), b, idx, scale, out2)
-        return True
 
     def _add_deltas(self, x: torch.Tensor, out: torch.Tensor,
                     batch: list[tuple[LoRAAdapter, Optional[torch.Tensor]]]) -> None:
@@ -214,13 +226,13 @@ def weight_dtype(device: torch.device, compute_dtype: torch.dtype) -> torch.dtyp
     return compute_dtype
 
 
-def attach(model: Any) -> LoRAState:
-    """Wrap the fused linears of a llama.LlamaModel; return the state the runner drives and the
+def attach(model: Any, device: torch.device, compute_dtype: torch.dtype) -> LoRAState:
+    """Wrap the fused linears of a DecoderModel; return the state the runner drives and the
     map of adapter-capable modules ((layer, peft module name) -> Target) adapters are checked against."""
     family = families.FAMILIES[model.model.config.model_type]
     base = families.decoder(model.model)
     targets: dict[tuple[int, str], Target] = {}
-    state = LoRAState(targets)
+    state = LoRAState(targets, choose_kernel(device, compute_dtype))
     for i, (layer, hf_layer) in enumerate(zip(model.layers, base.layers)):
         attn, mlp = families.attention_of(hf_layer), hf_layer.mlp
         qkv, mlp_linears = families.projections(family, attn, mlp)
@@ -240,12 +252,14 @@ def attach(model: Any) -> LoRAState:
     return state
 
 
-def step_batch(adapters: list[Optional[LoRAAdapter]], counts: list[int],
+def step_batch(state: Optional[LoRAState], adapters: list[Optional[LoRAAdapter]], counts: list[int],
                device: torch.device) -> Optional[StepAdapters]:
     """The StepAdapters of a step whose flattened batch holds counts[i] rows of adapters[i], in
     order (None adapters: the base); None when no row has an adapter."""
     if not any(a is not None for a in adapters):
         return None
+    if state is None:
+        raise ValueError("adapter rows on a model served without LoRA support")
     rows: dict[int, tuple[LoRAAdapter, list[int]]] = {}
     slot: list[int] = []
     offset = 0
@@ -259,6 +273,6 @@ def step_batch(adapters: list[Optional[LoRAAdapter]], counts: list[int],
     in_order = tuple(adapter for adapter, _ in rows.values())
     slots = torch.tensor(slot, dtype=torch.int32)  # read by the CPU kernel only
     if len(rows) == 1 and len(next(iter(rows.values()))[1]) == offset:
-        return StepAdapters(in_order, slots, [(in_order[0], None)])
-    return StepAdapters(in_order, slots, [(adapter, torch.tensor(idx, dtype=torch.long, device=device))
+        return StepAdapters(state, in_order, slots, [(in_order[0], None)])
+    return StepAdapters(state, in_order, slots, [(adapter, torch.tensor(idx, dtype=torch.long, device=device))
                                           for adapter, idx in rows.values()])

@@ -1,4 +1,4 @@
-"""The engine's Triton attention path: one step's work items for the paged-attention kernel
+"""The Triton attention backend: one step's work items for the paged-attention kernel
 (kernels/triton/attention.py), and the per-layer call that writes the new keys/values and attends.
 
 The runner builds a `TritonPlan` once per step from host lists (no device reads); every layer then
@@ -17,6 +17,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .base import AttentionBackend, SeqRows, StepLayout, keys_view, slot_tensor
+
 # Tile rows (query positions x GQA group) per program: decode items hold one position, so the
 # smallest tl.dot tile; prefill items take 64 rows (16 positions of a group of 4).
 DECODE_TILE_ROWS = 16
@@ -32,22 +34,12 @@ class TritonPlan:
     splits: int  # key-range splits per item (flash-decoding)
 
 
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One sequence of the step: its rows are the last `num_rows` positions of its first `context` tokens."""
-
-    first_row: int
-    num_rows: int
-    context: int
-    table: Sequence[int]  # block ids covering the context (freed entries already mapped to a real block)
-
-
 def block_q_for(group: int, has_prefill: bool) -> int:
     """Positions per work item: 1 for a decode-only step, else what fills PREFILL_TILE_ROWS."""
     return max(1, PREFILL_TILE_ROWS // group) if has_prefill else 1
 
 
-def work_items(entries: Sequence[Entry], block_q: int) -> tuple[list[int], list[int]]:
+def work_items(entries: Sequence[SeqRows], block_q: int) -> tuple[list[int], list[int]]:
     """(work, tables) as flat host lists: each entry's rows cut into items of <= block_q rows."""
     work: list[int] = []
     tables: list[int] = []
@@ -60,7 +52,7 @@ def work_items(entries: Sequence[Entry], block_q: int) -> tuple[list[int], list[
     return work, tables
 
 
-def build_plan(entries: Sequence[Entry], group: int, kv_heads: int, device: torch.device,
+def build_plan(entries: Sequence[SeqRows], group: int, kv_heads: int, device: torch.device,
                splits: Optional[int] = None) -> TritonPlan:
     """The step's plan; splits default to what fills the GPU for a decode-only step (1 with prefills)."""
     from quantserve.kernels.triton import ops
@@ -79,10 +71,6 @@ def build_plan(entries: Sequence[Entry], group: int, kv_heads: int, device: torc
     )
 
 
-def keys_view(k_cache: torch.Tensor) -> torch.Tensor:
-    return k_cache.permute(0, 3, 1, 2)  # [blocks, KVH, D, bs] -> [blocks, bs, KVH, D]
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               plan: TritonPlan, slots: torch.Tensor, scale: float, window: int, softcap: float) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D] (the step's new tokens) -> [T, H * D]."""
@@ -97,3 +85,58 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
                         window=window, softcap=softcap, block_q=plan.block_q, splits=plan.splits,
                         block_n=BLOCK_N, out=out)
     return out.view(T, H * D)
+
+
+@dataclasses.dataclass
+class TritonMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of every new token (-1: a padded row, skipped)
+    plan: TritonPlan
+    num_decodes: int
+
+
+def unusable(device: torch.device) -> Optional[str]:
+    """Why the Triton kernels cannot run on `device` (None: they can)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device.type == "cuda":
+        return None
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return "on a CPU the Triton kernels run only under the interpreter: set TRITON_INTERPRET=1 before starting"
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl.standard.zeros, InterpretedFunction):
+        return "triton was imported before TRITON_INTERPRET=1 was set; set it before the process starts"
+    return None
+
+
+def fp8_unusable(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why the Triton attention cannot run on an fp8 cache on `device` (None: it can). Triton
+    compiles fp8 e4m3 (its fp8e4nv) for NVIDIA GPUs of compute capability 8.9+, e5m2 from 8.0. The
+    CPU interpreter reads fp8 right but its float32 -> fp8 stores do not round as torch does
+    (against .to() on randn values: 2.4% of e4m3 and 4.9% of e5m2 bytes differ), so the KV write
+    would store other values. (Its bf16 stores truncate too, half the values one ulp off: bf16
+    stays allowed, the interpreter being a test mode whose bf16 arithmetic is known wrong.)"""
+    if device.type != "cuda":
+        return "the Triton interpreter's float32 -> fp8 stores do not round to nearest as torch does"
+    need = (8, 9) if dtype == torch.float8_e4m3fn else (8, 0)
+    have = torch.cuda.get_device_capability(device)
+    if have < need:
+        return f"needs a GPU of compute capability {need[0]}.{need[1]}+ (this one is {have[0]}.{have[1]})"
+    return None
+
+
+class TritonBackend(AttentionBackend):
+    name = "triton"
+
+    def make_metadata(self, layout: StepLayout) -> TritonMetadata:
+        plan = build_plan(layout.seqs, self.num_heads // self.num_kv_heads, self.num_kv_heads, self.device)
+        return TritonMetadata(slot_tensor(layout, self.device), plan, layout.num_decodes)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                meta: TritonMetadata, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+        return attention(q, k, v, kv[0], kv[1], meta.plan, meta.slot_mapping, scale, int(window or 0),
+                         float(softcap or 0.0))

@@ -1,5 +1,5 @@
-"""The decoder stack in one native call per step on CPU (kernels/cpu/decode.cpp), for the models
-whose layers it covers; llama.py's Python forward stays the path for everything else.
+"""The decoder stack in one native call per step on CPU (kernels/cpu/decode.cpp): the "fused"
+forward path, chosen at engine start (forward_path.py) for the models whose layers it covers.
 
 Why: on the default model a single-stream decode step spent about half its time between kernels
 (Python, torch's dispatcher, ctypes, OpenMP workers going back to sleep between ~300 small
@@ -11,8 +11,8 @@ Covered: pre-norm layers (RMSNorms that llama.py found equal to the model's own)
 fused q/k/v with or without per-head q/k RMSNorms (Qwen3), rotate-half rope (partial rotary,
 per-layer-type ropes, NoPE layers), 4-bit linears (any bias), SiLU-gated MLP, paged attention with
 windows and soft-capping, LoRA adapter rows; float32 activations, and any KV cache dtype the native
-attention kernel reads. `reason()` says why a model is not covered; LlamaModel then keeps its
-Python forward.
+attention kernel reads. `reason()` says why a model is not covered; the engine then runs the
+decoder layer by layer ("layers"). A step it cannot run is an error, never a quiet fallback.
 
 The plan (one ctypes struct per layer pointing at the fused weights) is built once; a step fills
 the Step struct: the embeddings, cos/sin per rope, the attention plan, the LoRA slots.
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
@@ -35,7 +35,10 @@ from quantserve.kernels.cpu import paged_attention as attention_cpu
 from quantserve.quant.backends import cpu as quant_cpu
 from quantserve.quant.codebooks import get_4bit_code
 
-from ..attention import AttentionMetadata, native_plan
+from ..attention.native import NativeBackend
+
+if TYPE_CHECKING:  # step_inputs imports this package
+    from ..step_inputs import StepInputs
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +55,18 @@ def _silu(fn: Any) -> bool:
     return isinstance(fn, nn.SiLU) or type(fn).__name__ == "SiLUActivation"
 
 
-def reason(model: Any) -> Optional[str]:
-    """Why the fused step does not cover this LlamaModel (None: it does)."""
-    from .llama import RMSNorm  # llama.py imports this module
+def reason(model: Any, cache_dtype: torch.dtype) -> Optional[str]:
+    """Why the fused step does not cover this DecoderModel with a `cache_dtype` KV cache (None: it does)."""
+    from .norms import RMSNorm
 
+    if not isinstance(model.attention, NativeBackend):
+        return f"it calls the native attention kernel (the attention backend is {model.attention.name})"
+    if attention_cpu.CACHE_DTYPE_CODES.get(cache_dtype) is None:
+        return f"a {cache_dtype} KV cache"
+    missing = [name for name, lib in (("decode", native.load()), ("q4_gemm", quant4_cpu.load()),
+                                      ("paged attention", attention_cpu.load())) if lib is None]
+    if missing:
+        return f"the native {', '.join(missing)} kernels are not built (no compiler)"
     if not isinstance(model.norm, RMSNorm):
         return "the final norm is not a plain RMSNorm"
     for i, layer in enumerate(model.layers):
@@ -83,37 +94,32 @@ def reason(model: Any) -> Optional[str]:
     return None
 
 
-class NativeStep:
-    """`__call__(input_ids, positions, meta, kv_caches) -> final hidden [T, hidden]`, or None when this
-    step is not one it runs (the caller runs the Python forward)."""
+class FusedStep:
+    """`__call__(step, kv_caches) -> final hidden [T, hidden]` for a model `reason()` found covered."""
 
     # What it holds besides the model's own tensors is step scratch, not weights: the weight count
-    # (model_runner.resident_bytes, /v1/memory) does not walk it.
+    # (/v1/memory) does not walk it.
     holds_no_weights = True
 
     def __init__(self, model: Any) -> None:
         self.model = model
-        self.gemm_lib = quant4_cpu.load()
-        self.attn_lib = attention_cpu.load()
         self.lib = native.load()
         # Intel AMX tiles for prompt rows, with bf16 products only (kernels/cpu/amx.cpp, decode.cpp's amx_split).
-        self.amx_lib = amx_cpu.load() if amx_cpu.available() else None
-        self.disabled: Optional[str] = None
-        if self.lib is None or self.gemm_lib is None or self.attn_lib is None:
-            self.disabled = "a native library is unavailable"
-            return
+        amx_lib = amx_cpu.load() if amx_cpu.available() else None
+        lora_lib = lora_cpu.load()
         # The kernels the native step calls, as function pointers (fixed for the process).
         self._kernels = dict(
-            gemm=native.function_address(self.gemm_lib, "q4_gemm"),
-            write_kv=native.function_address(self.attn_lib, "qs_write_kv"),
-            attention=native.function_address(self.attn_lib, "qs_paged_attention"),
-            amx=None if self.amx_lib is None else native.function_address(self.amx_lib, "qamx_gemm4"))
+            gemm=native.function_address(quant4_cpu.load(), "q4_gemm"),
+            write_kv=native.function_address(attention_cpu.load(), "qs_write_kv"),
+            attention=native.function_address(attention_cpu.load(), "qs_paged_attention"),
+            amx=None if amx_lib is None else native.function_address(amx_lib, "qamx_gemm4"))
+        self._lora_add = None if lora_lib is None else native.function_address(lora_lib, "qslora_add")
         self._layers: Optional[ctypes.Array] = None
         self._caches: Optional[tuple[int, ...]] = None  # the KV caches' addresses the plan points at (no reference)
         self._codes: dict[str, torch.Tensor] = {}  # the 16-entry code table per quant type the plan points at
         self._lora_key: Optional[tuple] = None
         self._work = torch.empty(0, dtype=torch.float32)
-        self.steps = self.lora_steps = 0  # steps computed here, and those with adapter rows (tests check)
+        self.steps = self.lora_steps = 0  # steps computed here, and those with adapter rows (/metrics)
         self._ropes = list(dict.fromkeys(layer.rope for layer in model.layers if layer.rope is not None))
 
     # ------------------------------------------------------------------------------------- plan
@@ -151,21 +157,19 @@ class NativeStep:
                         max(ly.heads * ly.head_dim for ly in self.model.layers),
                         max(ly.intermediate for ly in self.model.layers))
 
-    def _set_lora(self, step: Any) -> bool:
-        """Point every linear at this step's adapter tables (None: no adapter rows). False when an
-        adapter's weights are not ones the LoRA kernel takes."""
+    def _set_lora(self, step: Any) -> None:
+        """Point every linear at this step's adapter tables (None: no adapter rows)."""
         key = None if step is None else step.key
         if key == self._lora_key:
-            return True
-        state = getattr(self.model.layers[0].qkv, "state", None)
-        for i, layer in enumerate(self.model.layers):
+            return
+        for i in range(len(self.model.layers)):
             L = self._layers[i]
             for group, field in zip(GROUPS, ("qkv", "o", "up", "down")):
                 entry = getattr(L, field)
-                table = None if step is None else state.native_table(step, (i, group))
+                table = None if step is None else step.state.native_table(step, (i, group))
                 if step is not None and table is None:
-                    self._lora_key = object()  # unknown: set again next time
-                    return False
+                    self._lora_key = None
+                    raise RuntimeError(f"layer {i} {group}: adapter weights the native LoRA kernel does not take")
                 if table is None or table.entries.numel() == 0:
                     entry.lora_table, entry.lora_parts = None, 0
                 else:
@@ -173,40 +177,31 @@ class NativeStep:
                     entry.lora_slots, entry.lora_bf16 = table.slots, int(table.bf16)
                 setattr(L, field, entry)
         self._lora_key = key
-        return True
 
     # ------------------------------------------------------------------------------------- step
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> Optional[torch.Tensor]:
-        if self.disabled is not None or meta.triton is not None or not meta.native_decode:
-            return None
-        k0, v0 = kv_caches[0]
-        cache_dtype = attention_cpu.CACHE_DTYPE_CODES.get(v0.dtype)
-        if cache_dtype is None or k0.dtype != v0.dtype:
-            return None
+    def __call__(self, inputs: StepInputs, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        meta = inputs.attention
+        v0 = kv_caches[0][1]
+        cache_dtype = attention_cpu.CACHE_DTYPE_CODES[v0.dtype]
         if self._caches != tuple(c.data_ptr() for kv in kv_caches for c in kv):
             self._build(kv_caches)
-        lora_state = getattr(self.model.layers[0].qkv, "state", None)
-        lora_step = None if lora_state is None else lora_state.batch
-        if lora_step is not None and lora_cpu.load() is None:
-            return None
-        if not self._set_lora(lora_step):
-            return None
-        x = self.model.embed_tokens(input_ids)
+        lora_step = inputs.lora
+        if lora_step is not None and self._lora_add is None:
+            raise RuntimeError("a step with adapter rows, and the native LoRA kernel is not built")
+        self._set_lora(lora_step)
+        x = self.model.embed_tokens(inputs.input_ids)
         if x.dtype != torch.float32:
-            return None
+            raise RuntimeError(f"the fused step computes in float32; the embedding gave {x.dtype}")
         x = x.contiguous()
         T, hidden = x.shape
         cos, sin, dims = [], [], []
         for rope in self._ropes:
-            c, s = rope.cos_sin(positions, meta.rope_lengths, torch.float32)
+            c, s = rope.cos_sin(inputs.positions, inputs.rope_lengths, torch.float32)
             cos.append(c.contiguous())
             sin.append(s.contiguous())
             dims.append(rope.dim)
-        if meta.native_plan is None:
-            meta.native_plan = native_plan(meta, v0.shape[1])
-        seqs, tables = meta.native_plan
+        seqs, tables = meta.seqs, meta.tables
         need = self.lib.qsd_work_floats(T, hidden, *self._widths)
         if self._work.numel() < need:
             self._work = torch.empty(need, dtype=torch.float32)
@@ -226,13 +221,11 @@ class NativeStep:
             lora_slot=None if lora_slot is None else lora_slot.data_ptr(), final_norm=final.weight.data_ptr(),
             final_eps=final.eps, bf16_products=int(quant_cpu.bf16_products_allowed()),
             threads=torch.get_num_threads(), num_decodes=meta.num_decodes,
-            lora=None if lora_step is None else native.function_address(lora_cpu.load(), "qslora_add"),
+            lora=None if lora_step is None else self._lora_add,
             **self._kernels)
         rc = self.lib.qsd_forward(ctypes.addressof(self._layers), len(self.model.layers), ctypes.addressof(step))
         if rc:
-            self.disabled = f"the native step declined (code {rc})"
-            logger.warning("fused decode step off, computing with the Python forward: %s", self.disabled)
-            return None
+            raise RuntimeError(f"the fused native step failed (code {rc})")
         self.steps += 1
         self.lora_steps += lora_step is not None
         return out
