@@ -18,7 +18,7 @@ from ..config import Settings
 from .errors import APIError, install_error_handlers
 from .metrics import Metrics
 from .registry import Registry
-from .routes import console, lora, openai, ops, quantization, tokenize
+from .routes import console, embeddings, lora, messages, openai, ops, quantization, responses, tokenize
 from .routes.common import Services
 
 logger = logging.getLogger("quantserve.server")
@@ -44,7 +44,7 @@ class _BodyLimit:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await too_large.response()(scope, receive, send)
+            return await too_large.response(scope.get("path", ""))(scope, receive, send)
         chunks: list[bytes] = []
         seen = 0
         while True:
@@ -54,7 +54,7 @@ class _BodyLimit:
             chunk = message.get("body", b"")
             seen += len(chunk)
             if seen > self.max_bytes:
-                return await too_large.response()(scope, receive, send)
+                return await too_large.response(scope.get("path", ""))(scope, receive, send)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
@@ -73,21 +73,24 @@ class _BodyLimit:
 
 
 class _ApiKey:
-    """Bearer-token check (constant-time) on everything but /health, /metrics and the console's files."""
+    """API key check (constant-time) on everything but /health, /metrics and the console's files:
+    'Authorization: Bearer KEY' (OpenAI's clients) or 'x-api-key: KEY' (Anthropic's)."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
+        self.app, self.bearer, self.key = app, f"Bearer {api_key}".encode(), api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if scope["type"] != "http" or path in _PUBLIC_PATHS or path.startswith(_PUBLIC_PREFIXES) \
                 or scope["method"] == "OPTIONS":
             return await self.app(scope, receive, send)
-        got = dict(scope.get("headers") or []).get(b"authorization", b"")
-        if not hmac.compare_digest(got, self.expected):
-            error = APIError(401, "Invalid or missing API key (send 'Authorization: Bearer <key>')",
+        headers = dict(scope.get("headers") or [])
+        bearer_ok = hmac.compare_digest(headers.get(b"authorization", b""), self.bearer)
+        key_ok = hmac.compare_digest(headers.get(b"x-api-key", b""), self.key)
+        if not (bearer_ok or key_ok):
+            error = APIError(401, "Invalid or missing API key (send 'Authorization: Bearer <key>' or 'x-api-key: <key>')",
                              "authentication_error", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
-            return await error.response()(scope, receive, send)
+            return await error.response(path)(scope, receive, send)
         await self.app(scope, receive, send)
 
 
@@ -107,7 +110,7 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
     app = FastAPI(title="quantserve", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     install_error_handlers(app)
     services = Services(settings=settings, registry=registry, metrics=Metrics(registry))
-    for routes in (quantization, openai, tokenize, ops, console, lora):  # quantization's path before /v1/models/{id}
+    for routes in (quantization, openai, messages, responses, embeddings, tokenize, ops, console, lora):  # quantization's path before /v1/models/{id}
         app.include_router(routes.router(services))
     # Added last = outermost: the size guard runs first, then the key check, then CORS.
     if settings.cors_origins:

@@ -3,14 +3,17 @@ back to OpenAI's error shape with the request's own field names."""
 
 from __future__ import annotations
 
+import json
 from typing import Union
 
-import json
+from pydantic import ValidationError
 
 from ..engine import SamplingParams
 from ..engine.errors import InvalidRequestError
 from ..engine.grammar import StructuredOutput
 from . import protocol as p
+from . import protocol_messages as pm
+from . import protocol_responses as pr
 from .errors import APIError, bad_request, from_exception
 
 SamplingRequest = Union[p.ChatCompletionRequest, p.CompletionRequest]
@@ -106,3 +109,110 @@ def api_error(exc: BaseException, body: object = None, request_id: str | None = 
             return APIError(404, str(exc), "invalid_request_error", "model", "model_not_found")
         return bad_request(str(exc), wire_field(exc.field, body), exc.code)
     return from_exception(exc, request_id)
+
+
+# ---------------------------------------------------------------- other APIs -> the chat request
+
+
+def chat_request(fields: dict) -> p.ChatCompletionRequest:
+    """The chat request another API's request became; a value the chat request refuses is a 400
+    in the calling API's shape (its handler picks the shape)."""
+    try:
+        return p.ChatCompletionRequest.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        raise bad_request(f"{where}: {first.get('msg', 'invalid')}".removeprefix(": ").replace("Value error, ", ""),
+                          where or None, "invalid_value") from None
+
+
+def chat_from_messages(body: pm._Prompt) -> p.ChatCompletionRequest:
+    """An Anthropic Messages request as the chat request: the system prompt first, tool_use blocks
+    as the assistant's tool calls, tool_result blocks as tool messages (in their order), thinking
+    blocks dropped (templates drop earlier turns' thinking too)."""
+    messages: list[dict] = []
+    system = body.system_text()
+    if system:
+        messages.append({"role": "system", "content": system})
+    for m in body.messages:
+        if isinstance(m.content, str):
+            messages.append({"role": m.role, "content": m.content})
+            continue
+        if m.role == "assistant":
+            text = "".join(b.text for b in m.content if b.type == "text")
+            calls = [{"id": b.id, "type": "function", "function": {"name": b.name, "arguments": json.dumps(b.input)}}
+                     for b in m.content if b.type == "tool_use"]
+            messages.append({"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})})
+            continue
+        text: list[str] = []
+        for block in m.content:
+            if block.type == "text":
+                text.append(block.text)
+            elif block.type == "tool_result":
+                if text:
+                    messages.append({"role": "user", "content": "".join(text)})
+                    text = []
+                content = block.text()
+                messages.append({"role": "tool", "tool_call_id": block.tool_use_id,
+                                 "content": f"Error: {content}" if block.is_error else content})
+        if text or not m.content:
+            messages.append({"role": "user", "content": "".join(text)})
+    fields: dict = {"model": body.model, "messages": messages}
+    if body.tools:
+        fields["tools"] = [{"type": "function", "function": {
+            "name": t.name, **({"description": t.description} if t.description else {}), "parameters": t.input_schema}}
+            for t in body.tools]
+    choice = body.tool_choice
+    if choice is not None:
+        fields["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}.get(choice.type) or \
+            {"type": "function", "function": {"name": choice.name}}
+        fields["parallel_tool_calls"] = not getattr(choice, "disable_parallel_tool_use", False)
+    if body.thinking is not None:
+        fields["chat_template_kwargs"] = {"enable_thinking": body.thinking.type != "disabled"}
+    if isinstance(body, pm.MessagesRequest):
+        fmt = body.output_config.format if body.output_config is not None else None
+        if fmt is not None:
+            fields["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt.schema_}}
+        fields.update(max_tokens=body.max_tokens, stop=body.stop_sequences, stream=body.stream,
+                      temperature=body.temperature, top_p=body.top_p if body.top_p is not None else 1.0,
+                      top_k=body.top_k or 0)
+    return chat_request(fields)
+
+
+def chat_from_responses(body: pr.ResponsesRequest, history: list) -> p.ChatCompletionRequest:
+    """A Responses request as the chat request. `history`: the input items and output items of
+    the previous_response_id chain (already validated items). Instructions are not inherited
+    from earlier responses (OpenAI's rule); reasoning items are not shown to the model."""
+    messages: list[dict] = [{"role": "system", "content": body.instructions}] if body.instructions else []
+    for item in [*history, *body.items()]:
+        if isinstance(item, pr.MessageItem):
+            messages.append({"role": item.role, "content": item.text()})
+        elif isinstance(item, pr.FunctionCallItem):
+            call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant":  # the same turn: text, then its calls
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif isinstance(item, pr.FunctionCallOutputItem):
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text()})
+    fields: dict = {"model": body.model, "messages": messages, "max_tokens": body.max_output_tokens,
+                    "temperature": body.temperature, "top_p": body.top_p, "stream": body.stream,
+                    "parallel_tool_calls": body.parallel_tool_calls}
+    if body.tools:
+        fields["tools"] = [{"type": "function", "function": {
+            "name": t.name, **({"description": t.description} if t.description else {}),
+            **({"parameters": t.parameters} if t.parameters is not None else {})}} for t in body.tools]
+    if isinstance(body.tool_choice, pr.FunctionToolChoice):
+        fields["tool_choice"] = {"type": "function", "function": {"name": body.tool_choice.name}}
+    elif body.tool_choice is not None:
+        fields["tool_choice"] = body.tool_choice
+    fmt = body.text.format if body.text is not None else None
+    if fmt is not None and fmt.type == "json_schema":
+        fields["response_format"] = {"type": "json_schema", "json_schema": fmt.model_dump(by_alias=True, exclude={"type"},
+                                                                                         exclude_none=True)}
+    elif fmt is not None and fmt.type == "json_object":
+        fields["response_format"] = {"type": "json_object"}
+    if body.reasoning is not None and body.reasoning.effort in ("none", "minimal"):
+        fields["chat_template_kwargs"] = {"enable_thinking": False}
+    return chat_request(fields)

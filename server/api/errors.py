@@ -1,4 +1,5 @@
-"""OpenAI-shaped errors: {"error": {"message", "type", "param", "code"}} with the right status.
+"""OpenAI-shaped errors: {"error": {"message", "type", "param", "code"}} with the right status;
+on Anthropic's routes (/v1/messages...) Anthropic's shape: {"type": "error", "error": {"type", "message"}}.
 
 Routes raise APIError, or let the engine's errors through (from_exception maps them); the handlers
 installed by `install_error_handlers` turn everything, including FastAPI's own validation errors
@@ -40,8 +41,24 @@ class APIError(Exception):
     def body(self) -> dict:
         return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)).model_dump()
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def anthropic_body(self) -> dict:
+        """Anthropic's shape; its error type follows from the status (Anthropic's table)."""
+        kind = _ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+    def response(self, path: str = "") -> JSONResponse:
+        """The JSON response, in the shape of the API that `path` belongs to."""
+        body = self.anthropic_body() if is_anthropic(path) else self.body()
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error", 529: "overloaded_error"}
+
+
+def is_anthropic(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
 def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
@@ -118,19 +135,19 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+        return exc.response(request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()
+        return _validation_error(exc).response(request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_, code = _STATUS_TYPES.get(exc.status_code, ("invalid_request_error", None))
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        return APIError(exc.status_code, message, type_, None, code, dict(exc.headers or {})).response()
+        return APIError(exc.status_code, message, type_, None, code, dict(exc.headers or {})).response(request.url.path)
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
         # Engine errors that escape a non-streamed request (the engine died, a step failed), and bugs.
-        return from_exception(exc).response()
+        return from_exception(exc).response(request.url.path)

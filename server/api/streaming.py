@@ -240,6 +240,8 @@ class ChoiceNews:
     logprobs: Optional[list[Any]]
     finish_reason: Optional[str]
     called: bool
+    text: str  # the raw text, as the engine sent it
+    token_ids: list[int]
 
 
 async def choice_events(gen: Generation, reader: OutputReader, counts: "_PromptCounts") -> AsyncIterator[ChoiceNews]:
@@ -253,7 +255,7 @@ async def choice_events(gen: Generation, reader: OutputReader, counts: "_PromptC
         events = parser.feed(c.text) + (parser.finish() if c.finish_reason is not None else [])
         if c.finish_reason is not None:
             gen.timing.finish_reasons.append(c.finish_reason)
-        yield ChoiceNews(index, events, c.logprobs, c.finish_reason, parser.has_calls)
+        yield ChoiceNews(index, events, c.logprobs, c.finish_reason, parser.has_calls, c.text, c.token_ids)
 
 
 def usage_so_far(gen: Generation, counts: "_PromptCounts") -> p.UsageInfo:
