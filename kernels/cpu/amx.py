@@ -1,25 +1,19 @@
 """The 4-bit matmul on Intel AMX tiles (amx.cpp, next to this file), for the prompt rows of an
 engine step: kernels/cpu/decode.cpp calls `qamx_gemm4` through a function pointer.
 
-Compiled on first use into the kernel cache (kernels/cpu/build.py) and loaded with ctypes. `load()`
-returns None without a compiler; `available()` is False on CPUs without AMX-BF16 (or where Linux
-refuses the tile state), and callers then use quant4_cpu.cpp's kernel.
+Built on first use by kernels/cpu/build.py (without a C++ compiler `load()` is None; a failed build
+raises). `available()` is False there and on CPUs without AMX-BF16 (or where Linux refuses the tile
+state), and callers then use quant4_cpu.cpp's kernel.
 """
 
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
 from typing import Optional
 
 import torch
 
 from .build import NativeLibrary
-
-SOURCE = Path(__file__).with_name("amx.cpp")
-CXXFLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp")
-CXXFLAGS_NO_OPENMP = CXXFLAGS[:-1]
-ABI_VERSION = 1
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
@@ -29,13 +23,8 @@ _SIGNATURES = {
     "qamx_gemm4": (_I, [_P, _L, _L, _P, _P, _P, _L, _L, _P, _P, _I]),
 }
 
-_LIB = NativeLibrary(SOURCE, (CXXFLAGS, CXXFLAGS_NO_OPENMP), _SIGNATURES, ("qamx_abi_version", ABI_VERSION),
-                     "using the AVX-512 4-bit kernel for prompts")
-
-
-def load() -> Optional[ctypes.CDLL]:
-    """The library (built on first use), or None if it cannot be built or loaded."""
-    return _LIB.load()
+_LIB = NativeLibrary("amx.cpp", _SIGNATURES, ("qamx_abi_version", 1), "using the AVX-512 4-bit kernel for prompts")
+load = _LIB.load  # the library (built on first use), None without a compiler (kernels/cpu/build.py)
 
 
 def available() -> bool:

@@ -1,9 +1,8 @@
 """The whole decoder stack of a Llama-style model in one native call per engine step (decode.cpp,
 next to this file; server/engine/models/native_step.py builds its plan and drives it).
 
-Compiled on first use into the kernel cache (kernels/cpu/build.py), keyed by source, compiler and
-flags, and loaded with ctypes. Without a compiler, or if the build fails, `load()` returns None
-(one warning logged) and the engine runs its Python forward.
+Built on first use by kernels/cpu/build.py: without a C++ compiler `load()` is None and the engine
+runs its Python forward; a failed build raises.
 
 The structs below mirror decode.cpp's QsdLinear / QsdLayer / QsdStep field for field.
 """
@@ -11,16 +10,8 @@ The structs below mirror decode.cpp's QsdLinear / QsdLayer / QsdStep field for f
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
-from typing import Optional
 
 from .build import NativeLibrary
-
-SOURCE = Path(__file__).with_name("decode.cpp")
-# -ffp-contract=off: rope's products and sums rounded one at a time, as torch computes them.
-CXXFLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off")
-CXXFLAGS_NO_OPENMP = tuple(f for f in CXXFLAGS if f != "-fopenmp")
-ABI_VERSION = 4
 
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 
@@ -54,13 +45,10 @@ _SIGNATURES = {
     "qsd_forward": (_I, [_P, _L, _P]),
 }
 
-_LIB = NativeLibrary(SOURCE, (CXXFLAGS, CXXFLAGS_NO_OPENMP), _SIGNATURES, ("qsd_abi_version", ABI_VERSION),
-                     "running the Python forward")
-
-
-def load() -> Optional[ctypes.CDLL]:
-    """The library (built on first use), or None if it cannot be built or loaded."""
-    return _LIB.load()
+# -ffp-contract=off: rope's products and sums rounded one at a time, as torch computes them.
+_LIB = NativeLibrary("decode.cpp", _SIGNATURES, ("qsd_abi_version", 4), "running the Python forward",
+                     extra_flags=("-ffp-contract=off",))
+load = _LIB.load  # the library (built on first use), None without a compiler (kernels/cpu/build.py)
 
 
 def function_address(lib: ctypes.CDLL, name: str) -> int:

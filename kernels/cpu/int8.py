@@ -2,22 +2,16 @@
 the int8 GEMM with activations quantized per row on the fly (AVX-512 VNNI / AVX2 / scalar, picked
 at run time).
 
-Built on first use with kernels/cpu/build.py's compiler and flags into the same cache folder
-($QUANTSERVE_CACHE/kernels), keyed by source, compiler and flags, and loaded with ctypes. Without a
-compiler, or if the build fails, `load()` returns None (one warning logged) and the quant ops use
-their pure-PyTorch reference.
+Built on first use by kernels/cpu/build.py: without a C++ compiler `load()` is None and the quant
+ops use their pure-PyTorch reference; a failed build raises.
 """
 
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
-from typing import Optional
 
-from .build import CXXFLAGS, CXXFLAGS_NO_OPENMP, NativeLibrary
+from .build import NativeLibrary
 
-SOURCE = Path(__file__).with_name("int8_cpu.cpp")
-ABI_VERSION = 1  # must equal i8_abi_version() in the source
 ISA_NAMES = {0: "scalar", 1: "AVX2", 2: "AVX-512 VNNI"}
 
 
@@ -36,14 +30,8 @@ _SIGNATURES = {
 }
 
 
-_LIB = NativeLibrary(SOURCE, (CXXFLAGS, CXXFLAGS_NO_OPENMP), _SIGNATURES, ("i8_abi_version", ABI_VERSION),
-                     "using the PyTorch reference")
-
-
-def load() -> Optional[ctypes.CDLL]:
-    """The library (built on first use; without OpenMP if that build fails), or None if it cannot
-    be built or loaded."""
-    return _LIB.load()
+_LIB = NativeLibrary("int8_cpu.cpp", _SIGNATURES, ("i8_abi_version", 1), "using the PyTorch reference")
+load = _LIB.load  # the library (built on first use), None without a compiler (kernels/cpu/build.py)
 
 
 def describe() -> str:

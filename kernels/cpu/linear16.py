@@ -1,41 +1,29 @@
 """The engine's 16-bit output head on CPU (linear16.cpp, next to this file): float32 rows times a
 bfloat16 weight, float32 sums and float32 output.
 
-Compiled on first use into the kernel cache (kernels/cpu/build.py), keyed by source, compiler and
-flags, and loaded with ctypes. Without a compiler, or if the build fails, `linear_bf16` returns
-None (one warning logged) and the caller computes the same product with torch.
+Built on first use by kernels/cpu/build.py: without a C++ compiler `linear_bf16` returns None and
+the caller computes the same product with torch; a failed build raises.
 """
 
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
 from typing import Optional
 
 import torch
 
 from .build import NativeLibrary
 
-SOURCE = Path(__file__).with_name("linear16.cpp")
-CXXFLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp")
-ABI_VERSION = 1
-
-
 _P, _L, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     "qs16_abi_version": (_I, []),
-    "qs16_has_bf16_products": (_I, []),
     # x, T, K, w, V, bias or NULL, out, bf16 products, threads
     "qs16_linear": (_I, [_P, _L, _L, _P, _L, _P, _P, _I, _I]),
 }
 
 
-_LIB = NativeLibrary(SOURCE, (CXXFLAGS,), _SIGNATURES, ("qs16_abi_version", ABI_VERSION), "computing with torch")
-
-
-def load() -> Optional[ctypes.CDLL]:
-    """The library (built on first use), or None if it cannot be built or loaded."""
-    return _LIB.load()
+_LIB = NativeLibrary("linear16.cpp", _SIGNATURES, ("qs16_abi_version", 1), "computing with torch")
+load = _LIB.load  # the library (built on first use), None without a compiler (kernels/cpu/build.py)
 
 
 def bf16_products_allowed() -> bool:
@@ -68,8 +56,3 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                          None if b is None else b.data_ptr(), out.data_ptr(), int(bool(bf16_products)),
                          torch.get_num_threads())
     return out.view(*x.shape[:-1], w.shape[0]) if rc == 0 else None
-
-
-def has_bf16_products() -> bool:
-    lib = load()
-    return lib is not None and bool(lib.qs16_has_bf16_products())

@@ -1,25 +1,18 @@
 """The engine's int8 output head on CPU (linear8.cpp, next to this file): float32 rows times a
 symmetric per-row int8 weight (weight-only), float32 sums and float32 output.
 
-Compiled on first use into the kernel cache (kernels/cpu/build.py), keyed by source, compiler and
-flags, and loaded with ctypes. Without a compiler, or if the build fails, `linear_int8` returns
-None (one warning logged) and the caller computes the same product with torch.
+Built on first use by kernels/cpu/build.py: without a C++ compiler `linear_int8` returns None and
+the caller computes the same product with torch; a failed build raises.
 """
 
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
 from typing import Optional
 
 import torch
 
 from .build import NativeLibrary
-
-SOURCE = Path(__file__).with_name("linear8.cpp")
-CXXFLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp")
-ABI_VERSION = 1
-
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
@@ -29,14 +22,8 @@ _SIGNATURES = {
     "qs8_linear": (_I, [_P, _L, _L, _P, _P, _L, _P, _P, _I, _I]),
 }
 
-# A compiler without OpenMP (clang without libomp) still gets the single-threaded kernel.
-_LIB = NativeLibrary(SOURCE, (CXXFLAGS, CXXFLAGS[:-1]), _SIGNATURES, ("qs8_abi_version", ABI_VERSION),
-                     "computing with torch")
-
-
-def load() -> Optional[ctypes.CDLL]:
-    """The library (built on first use), or None if it cannot be built or loaded."""
-    return _LIB.load()
+_LIB = NativeLibrary("linear8.cpp", _SIGNATURES, ("qs8_abi_version", 1), "computing with torch")
+load = _LIB.load  # the library (built on first use), None without a compiler (kernels/cpu/build.py)
 
 
 def has_avx512() -> bool:

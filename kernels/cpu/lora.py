@@ -1,26 +1,18 @@
 """LoRA deltas of a mixed-adapter batch on CPU (lora.cpp, next to this file): one call per fused
 linear adds every row's adapter delta in place.
 
-Compiled on first use into the kernel cache (kernels/cpu/build.py), keyed by source, compiler and
-flags, and loaded with ctypes. Without a compiler, or if the build fails, `load()` returns None
-(one warning logged) and the caller computes the same with torch.
+Built on first use by kernels/cpu/build.py: without a C++ compiler `load()` is None and the caller
+computes the same with torch; a failed build raises.
 """
 
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
 
 from .build import NativeLibrary
-
-SOURCE = Path(__file__).with_name("lora.cpp")
-CXXFLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp")
-# A compiler without OpenMP support still gets the kernel, on one thread.
-CXXFLAGS_NO_OPENMP = CXXFLAGS[:-1]
-ABI_VERSION = 3
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
@@ -29,13 +21,8 @@ _SIGNATURES = {
     "qslora_add": (_I, [_P, _L, _L, _L, _P, _L, _P, _L, _P, _L, _I, _I]),
 }
 
-_LIB = NativeLibrary(SOURCE, (CXXFLAGS, CXXFLAGS_NO_OPENMP), _SIGNATURES, ("qslora_abi_version", ABI_VERSION),
-                     "computing with torch")
-
-
-def load() -> Optional[ctypes.CDLL]:
-    """The library (built on first use), or None if it cannot be built or loaded."""
-    return _LIB.load()
+_LIB = NativeLibrary("lora.cpp", _SIGNATURES, ("qslora_abi_version", 3), "computing with torch")
+load = _LIB.load  # the library (built on first use), None without a compiler (kernels/cpu/build.py)
 
 
 class Table(NamedTuple):

@@ -1,27 +1,18 @@
 """The engine's native CPU kernel (paged_attention.cpp, next to this file): paged attention read in place, for
 decode rows and prefill chunks alike, one call per layer.
 
-Compiled on first use into the same cache folder as the quant kernels (kernels/cpu/build.py:
-$QUANTSERVE_CACHE/kernels, else ~/.cache/quantserve/kernels), keyed by source, compiler and flags, and
-loaded with ctypes. Without a compiler, or if the build fails, `attention` returns None (one
-warning logged) and the engine uses its pure-PyTorch attention.
+Built on first use by kernels/cpu/build.py: without a C++ compiler `attention` returns None and the
+engine uses its pure-PyTorch attention; a failed build raises.
 """
 
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
 from typing import Optional
 
 import torch
 
 from .build import NativeLibrary
-
-SOURCE = Path(__file__).with_name("paged_attention.cpp")
-# No fused multiply-adds but the explicit ones: the compiler would fuse the portable loops'
-# vector and scalar copies differently, and a row's result would depend on its tile.
-CXXFLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off")
-ABI_VERSION = 7  # 7: the cache_dtype code appended to qs_paged_attention and qs_write_kv
 
 # The `cache_dtype` code the C functions take last: the element type of k_cache / v_cache. Queries,
 # outputs and the new keys/values given to qs_write_kv are float32 whatever the cache holds; the
@@ -49,12 +40,12 @@ _SIGNATURES = {
 }
 
 
-_LIB = NativeLibrary(SOURCE, (CXXFLAGS,), _SIGNATURES, ("qs_abi_version", ABI_VERSION), "using PyTorch attention")
-
-
-def load() -> Optional[ctypes.CDLL]:
-    """The library (built on first use), or None if it cannot be built or loaded."""
-    return _LIB.load()
+# -ffp-contract=off: no fused multiply-adds but the explicit ones: the compiler would fuse the
+# portable loops' vector and scalar copies differently, and a row's result would depend on its tile.
+# ABI 7: the cache_dtype code appended to qs_paged_attention and qs_write_kv.
+_LIB = NativeLibrary("paged_attention.cpp", _SIGNATURES, ("qs_abi_version", 7), "using PyTorch attention",
+                     extra_flags=("-ffp-contract=off",))
+load = _LIB.load  # the library (built on first use), None without a compiler (kernels/cpu/build.py)
 
 
 def supported(v_cache: torch.Tensor, num_heads: int) -> bool:

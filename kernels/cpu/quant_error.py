@@ -1,25 +1,18 @@
 """One-pass quantization error of a weight on CPU (quant_error.cpp, next to this file), for
 server/loading/quant_stats.py: sum of squares of the original and of original - dequantized.
 
-Compiled on first use into the kernel cache (kernels/cpu/build.py) and loaded with ctypes. Without
-a compiler, or if the build fails, the functions return None (one warning logged) and the caller
-computes the same sums with torch.
+Built on first use by kernels/cpu/build.py: without a C++ compiler the functions return None and
+the caller computes the same sums with torch; a failed build raises.
 """
 
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
 from typing import Optional
 
 import torch
 
 from .build import NativeLibrary
-
-SOURCE = Path(__file__).with_name("quant_error.cpp")
-CXXFLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-ffp-contract=off")
-ABI_VERSION = 2
-
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
@@ -29,12 +22,9 @@ _SIGNATURES = {
 }
 
 
-_LIB = NativeLibrary(SOURCE, (CXXFLAGS,), _SIGNATURES, ("qse_abi_version", ABI_VERSION), "computing with torch")
-
-
-def load() -> Optional[ctypes.CDLL]:
-    """The library (built on first use), or None if it cannot be built or loaded."""
-    return _LIB.load()
+_LIB = NativeLibrary("quant_error.cpp", _SIGNATURES, ("qse_abi_version", 2), "computing with torch",
+                     openmp=False, extra_flags=("-ffp-contract=off",))
+load = _LIB.load  # the library (built on first use), None without a compiler (kernels/cpu/build.py)
 
 
 def _ok(*tensors: torch.Tensor) -> bool:

@@ -9,22 +9,23 @@
   AMX where the CPU has it) between the same native quantization and epilogue: one thread, a
   4096 x 4096 weight, Xeon with AMX: 8 rows 3.0 ms native vs 2.0 ms oneDNN, 1 row 0.7 vs 1.9 ms,
   256 rows 106 vs 13 ms. The integer sums are exact either way, so the result does not change.
-Anything the native code does not take (no compiler, odd dtypes or shapes) goes to the reference
-in quant.backends.default, which also raises the errors.
+Anything the native code does not take (no C++ compiler on this machine, odd dtypes or shapes)
+goes to the reference in quant.backends.default, which also raises the errors.
 """
 
 from __future__ import annotations
 
 import functools
-from types import ModuleType
 from typing import Optional
 
 import torch
 
+from quantserve.kernels.cpu import int8 as _int8
+
 from . import default as _ref
 from ..ops import NAMESPACE
+from .cpu import DTYPE_CODE
 
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # as in int8_cpu.cpp
 INT_MM_MIN_ROWS = 8
 
 
@@ -36,30 +37,13 @@ def int_mm_available() -> bool:
     return hasattr(torch, "_int_mm") and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
 
 
-@functools.cache
-def _module() -> Optional[ModuleType]:
-    """kernels/cpu/int8.py (quantserve.kernels.cpu.int8), or None when it is not installed."""
-    try:
-        from quantserve.kernels.cpu import int8
-    except ImportError:
-        return None
-    return int8
-
-
-def _native():
-    module = _module()
-    return None if module is None else module.load()
-
-
-def status() -> str:
-    """One line for quant.backends.backend_report()."""
-    module = _module()
-    return "unavailable (kernels/cpu not found); using the PyTorch reference" if module is None else module.describe()
+_native = _int8.load  # the library, None without a C++ compiler; a failed build raises
+status = _int8.describe  # one line for quant.backends.backend_report()
 
 
 def int8_vectorwise_quant(A: torch.Tensor, threshold: float = 0.0):
     lib = _native()
-    if lib is None or A.dtype not in _DTYPE_CODE or A.dim() == 0 or A.shape[-1] == 0:
+    if lib is None or A.dtype not in DTYPE_CODE or A.dim() == 0 or A.shape[-1] == 0:
         return _ref.int8_vectorwise_quant(A, threshold)
     A = A.contiguous()
     K = A.shape[-1]
@@ -67,7 +51,7 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float = 0.0):
     CB = torch.empty(A.shape, dtype=torch.int8)
     SCB = torch.empty(M, dtype=torch.float32)
     mask = torch.empty(K, dtype=torch.bool)
-    rc = lib.i8_quantize(A.data_ptr(), _DTYPE_CODE[A.dtype], M, K, float(threshold), 0, CB.data_ptr(),
+    rc = lib.i8_quantize(A.data_ptr(), DTYPE_CODE[A.dtype], M, K, float(threshold), 0, CB.data_ptr(),
                          SCB.data_ptr(), mask.data_ptr(), torch.get_num_threads())
     return _ref.int8_vectorwise_quant(A, threshold) if rc else (CB, SCB, mask)
 
@@ -77,9 +61,9 @@ def gemm_int8(
 ) -> torch.Tensor:
     lib = _native()
     N, K = CB.shape if CB.dim() == 2 else (0, 0)
-    if lib is None or A.dtype not in _DTYPE_CODE or CB.dtype != torch.int8 or SCB.dtype != torch.float32 \
+    if lib is None or A.dtype not in DTYPE_CODE or CB.dtype != torch.int8 or SCB.dtype != torch.float32 \
             or N == 0 or K == 0 or A.dim() == 0 or A.shape[-1] != K or SCB.numel() != N \
-            or (bias is not None and (bias.numel() != N or bias.dtype not in _DTYPE_CODE)):
+            or (bias is not None and (bias.numel() != N or bias.dtype not in DTYPE_CODE)):
         return _ref.gemm_int8(A, CB, SCB, threshold, bias)
     # Every tensor whose pointer is passed stays bound to a name until the call returns.
     A2 = A.reshape(-1, K).contiguous()
@@ -92,7 +76,7 @@ def gemm_int8(
     if M >= INT_MM_MIN_ROWS and int_mm_available():
         rc = _gemm_via_int_mm(lib, A2, CB, SCB, threshold, bias, out, mask)
     else:
-        rc = lib.i8_gemm(A2.data_ptr(), _DTYPE_CODE[A.dtype], M, K, CB.data_ptr(), SCB.data_ptr(), N,
+        rc = lib.i8_gemm(A2.data_ptr(), DTYPE_CODE[A.dtype], M, K, CB.data_ptr(), SCB.data_ptr(), N,
                          float(threshold), None if bias is None else bias.data_ptr(), out.data_ptr(), mask.data_ptr(),
                          torch.get_num_threads())
     if rc:
@@ -110,13 +94,13 @@ def _gemm_via_int_mm(lib, A2, CB, SCB, threshold, bias, out, mask) -> int:
     threads = torch.get_num_threads()
     CA = torch.empty((M, K), dtype=torch.int8)
     SCA = torch.empty(M, dtype=torch.float32)
-    rc = lib.i8_quantize(A2.data_ptr(), _DTYPE_CODE[A2.dtype], M, K, float(threshold), 1, CA.data_ptr(),
+    rc = lib.i8_quantize(A2.data_ptr(), DTYPE_CODE[A2.dtype], M, K, float(threshold), 1, CA.data_ptr(),
                          SCA.data_ptr(), mask.data_ptr(), threads)
     if rc:
         return rc
     acc = torch._int_mm(CA, CB.t())
     return lib.i8_epilogue(acc.data_ptr(), M, N, SCA.data_ptr(), SCB.data_ptr(),
-                           None if bias is None else bias.data_ptr(), out.data_ptr(), _DTYPE_CODE[A2.dtype], threads)
+                           None if bias is None else bias.data_ptr(), out.data_ptr(), DTYPE_CODE[A2.dtype], threads)
 
 
 for _name, _fn in {"int8_vectorwise_quant": int8_vectorwise_quant, "gemm_int8": gemm_int8}.items():

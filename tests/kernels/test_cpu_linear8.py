@@ -9,7 +9,9 @@ import torch
 
 from quantserve.kernels.cpu import linear8
 
-pytestmark = pytest.mark.skipif(linear8.load() is None, reason="no C++ compiler: the kernel cannot be built")
+from ..native import require_native
+
+require_native(linear8.load)
 
 
 def _case(T: int, K: int, V: int, seed: int):

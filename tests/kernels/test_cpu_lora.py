@@ -12,7 +12,9 @@ import torch
 
 from quantserve.kernels.cpu import lora
 
-pytestmark = pytest.mark.skipif(lora.load() is None, reason="no C++ compiler: the torch path runs instead")
+from ..native import require_native
+
+require_native(lora.load)
 
 
 def _part(gen, r, k, start, end, dtype=torch.float32):

@@ -5,8 +5,6 @@ panel (64), weight rows beyond a group, outliers, biases, and sums that wrap the
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
@@ -14,6 +12,7 @@ import quantserve.quant as quant
 from quantserve.quant.backends import cpu_int8
 from quantserve.quant.backends import default as ref
 
+from ..native import require_native
 from .test_int8_parity import with_outliers
 
 LEVELS = {0: "scalar", 1: "AVX2", 2: "AVX-512 VNNI"}
@@ -21,12 +20,7 @@ LEVELS = {0: "scalar", 1: "AVX2", 2: "AVX-512 VNNI"}
 
 @pytest.fixture(scope="module")
 def lib():
-    lib = cpu_int8._native()
-    if lib is None:
-        if shutil.which("g++") or shutil.which("c++") or shutil.which("clang++"):
-            pytest.fail(f"a compiler is installed but the int8 kernels did not load: {cpu_int8.status()}")
-        pytest.skip("no C++ compiler: the int8 ops use the reference")
-    return lib
+    return require_native(cpu_int8._native)
 
 
 @pytest.fixture(params=sorted(LEVELS), ids=lambda level: LEVELS[level])

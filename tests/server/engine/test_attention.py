@@ -9,6 +9,8 @@ import torch
 from quantserve.kernels.cpu import paged_attention as native
 from quantserve.server.engine.attention import AttentionMetadata, PrefillChunk, native_plan, keys_view, paged_attention
 
+from ...native import require_native
+
 
 def naive(q, keys, values, scale, offset):
     """q [n, H, D] at positions offset.., keys/values [L, KVH, D] -> [n, H, D] (causal)."""
@@ -28,8 +30,8 @@ def naive(q, keys, values, scale, offset):
 def test_mixed_batch_matches_dense_attention(native_decode, heads, kv_heads, block_size, dim):
     """The PyTorch path (and the native one) on a mixed step. Unowned slots hold zeros: the
     PyTorch decode path reads whole blocks and masks, and 0 * NaN would be NaN."""
-    if native_decode and native.load() is None:
-        pytest.skip("native kernel unavailable (no compiler)")
+    if native_decode:
+        require_native(native.load)
     seqs = [(0, 1), (4, 1), (37, 1), (100, 1), (0, 23), (19, 7), (64, 40)]
     q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v = build_step(
         seqs, heads, kv_heads, block_size, dim, num_blocks=300, fill=0.0, native_decode=native_decode)
@@ -46,8 +48,7 @@ def test_mixed_batch_matches_dense_attention(native_decode, heads, kv_heads, blo
 @pytest.fixture(params=["fast", "portable"])
 def native_mode(request):
     """The native kernel with its AVX-512 code (where the CPU has it) or forced to portable code."""
-    if native.load() is None:
-        pytest.skip("native kernel unavailable (no compiler)")
+    require_native(native.load)
     before = native.set_fast(request.param == "fast")
     if request.param == "fast" and torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         assert native.fast_path(64, 16)
@@ -163,8 +164,7 @@ def test_native_many_decodes(native_mode, threads):
 
 def test_native_unsupported_shape_falls_back_to_pytorch():
     """A head dim past the kernel's limit: the call declines and the PyTorch path answers."""
-    if native.load() is None:
-        pytest.skip("native kernel unavailable (no compiler)")
+    require_native(native.load)
     heads, kv_heads, D = 4, 2, 272
     seqs = [(20, 1), (0, 9), (5, 4)]
     q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v = build_step(seqs, heads, kv_heads, 16, D, fill=0.0)

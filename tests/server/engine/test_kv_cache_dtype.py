@@ -9,6 +9,7 @@ import torch
 from quantserve.kernels.cpu import paged_attention as native
 from quantserve.server.engine.attention import AttentionMetadata, keys_view, paged_attention
 
+from ...native import require_native
 from .test_attention import MIXED, build_step, native_mode  # noqa: F401 - fixture
 from .test_sliding_window import check
 
@@ -98,8 +99,7 @@ def special_values(n: int = 4096) -> torch.Tensor:
 def test_write_kv_bytes_equal_torch_rounding(dtype, block_size, dim):
     """qs_write_kv's stored bytes equal torch's `.to(dtype)` of the same float32 values (round to
     nearest even, fp8 e4m3fn saturating as torch 2.13 does), keys transposed within their block."""
-    if native.load() is None:
-        pytest.skip("native kernel unavailable (no compiler)")
+    require_native(native.load)
     kv_heads = 3
     vals = special_values()
     per = kv_heads * dim
@@ -221,8 +221,8 @@ def test_runner_cache_dtype_and_budget(name, dtype, backend):
 
     from . import family_models as fm
 
-    if backend == "native" and native.load() is None:
-        pytest.skip("native kernel unavailable (no compiler)")
+    if backend == "native":
+        require_native(native.load)
     model = fm.family_model("llama3")
     runner = ModelRunner(model, EngineConfig(kv_cache_memory_gib=0.01, kv_cache_dtype=name, attention_backend=backend))
     want = dtype or (torch.bfloat16 if backend == "native" else torch.float32)
