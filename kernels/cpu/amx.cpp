@@ -17,22 +17,18 @@
 // Plain C ABI; -O3, no -march: the AMX code is compiled per function (target attributes) and
 // chosen at run time (CPUID + the kernel's permission for tile data, arch_prctl).
 
-#include <algorithm>
-#include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <vector>
+
+#include "common.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define QS_AMX 1
-#include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #else
 #define QS_AMX 0
 #endif
-
-typedef int64_t i64;
 
 namespace {
 
@@ -140,14 +136,8 @@ TAMX void decode_panel(const uint8_t* B, const float* absmax, const float* code,
 // Activations [M, K] float32 -> bf16 rows (nearest even) in the pairing above, M padded to a
 // multiple of 32 with zero rows (tiles always load 16 rows).
 TAMX void relayout_rows(const float* A, i64 m0, i64 m1, i64 K, uint16_t* dst) {
-    alignas(64) int16_t il[32], ih[32];
-    for (int i = 0; i < 16; ++i) {
-        il[2 * i] = (int16_t)(4 * i + 1);
-        il[2 * i + 1] = (int16_t)(4 * i + 3);
-        ih[2 * i] = (int16_t)(4 * i);
-        ih[2 * i + 1] = (int16_t)(4 * i + 2);
-    }
-    const __m512i vl = _mm512_load_si512((const void*)il), vh = _mm512_load_si512((const void*)ih);
+    __m512i vl, vh;
+    bf16_pair_indices(vl, vh);
     for (i64 m = m0; m < m1; ++m)
         for (i64 c = 0; c < K; c += 64) {
             const float* a = A + m * K + c;

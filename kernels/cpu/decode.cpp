@@ -17,9 +17,7 @@
 // Plain C ABI over raw pointers and two structs mirrored by ctypes in decode.py; -O3, no -march and
 // no -ffast-math (the elementwise loops are target_clones picked at run time).
 
-#include <cmath>
-#include <cstdint>
-#include <cstring>
+#include "common.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define QS_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
@@ -27,7 +25,6 @@
 #define QS_CLONES
 #endif
 
-typedef int64_t i64;
 
 extern "C" {
 

@@ -16,27 +16,21 @@
 // dtype codes: 0 float32, 1 float16, 2 bfloat16. Entry points return 0 when they did the work and
 // nonzero when they do not handle the case (the caller then uses the PyTorch reference).
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <limits>
+
+#include "common.h"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && !defined(I8_NO_X86)
 #define I8_X86 1
-#include <immintrin.h>
 #define TVNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 #define T256 __attribute__((target("avx2,fma,f16c")))
 #else
 #define I8_X86 0
 #endif
 
-typedef int64_t i64;
-
 namespace {
 
-enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
 
 const float kMmDequantScale = 6.200124e-05f;  // bitsandbytes' CPU constant for 1 / 127^2
@@ -59,69 +53,6 @@ int g_isa_cap = 99;  // i8_set_isa_cap lowers it (tests exercise every code path
 
 inline int isa() { return std::min(g_detected_isa, g_isa_cap); }
 
-// Threads for `work` units, at least `grain` each: small calls stay on the calling thread.
-inline int team_size(i64 work, i64 grain, int nt) { return (int)std::max<i64>(1, std::min<i64>(nt, work / grain)); }
-
-// ---- scalar conversions (exact / round-to-nearest-even, no reliance on FTZ or fast-math) ----------
-
-inline float bits_f32(uint32_t u) {
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-inline uint32_t f32_bits(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    return u;
-}
-inline float bf16_to_f32(uint16_t h) { return bits_f32((uint32_t)h << 16); }
-inline uint16_t f32_to_bf16(float f) {
-    if (std::isnan(f)) return 0x7FC0;  // as c10::BFloat16
-    uint32_t u = f32_bits(f);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-inline float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
-    if (e == 0) {
-        float v = (float)m * 5.9604644775390625e-8f;  // m * 2^-24, exact
-        return sign ? -v : v;
-    }
-    if (e == 31) return bits_f32(sign | 0x7F800000u | (m << 13));
-    return bits_f32(sign | ((e + 112u) << 23) | (m << 13));
-}
-inline uint16_t f32_to_f16(float f) {
-    uint32_t x = f32_bits(f);
-    uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
-    uint32_t ax = x & 0x7FFFFFFFu;
-    if (ax > 0x7F800000u) return sign | 0x7E00u | ((ax >> 13) & 0x3FFu);  // NaN (quiet)
-    if (ax >= 0x47800000u) return sign | 0x7C00u;                          // >= 2^16 or inf
-    if (ax >= 0x38800000u) {                                               // normal half
-        uint32_t r = ax - 0x38000000u;
-        r += 0xFFFu + ((r >> 13) & 1u);
-        return sign | (uint16_t)(r >> 13);  // may round up to inf: correct
-    }
-    if (ax <= 0x33000000u) return sign;  // <= 2^-25 rounds to zero (the tie goes to even 0)
-    uint32_t e = ax >> 23, m = (ax & 0x7FFFFFu) | 0x800000u;
-    uint32_t shift = 126u - e;  // 14..24
-    uint32_t q = m >> shift, rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
-    if (rem > half || (rem == half && (q & 1u))) ++q;
-    return sign | (uint16_t)q;
-}
-inline float load_any(const void* p, int dt, i64 i) {
-    if (dt == DT_F32) return static_cast<const float*>(p)[i];
-    if (dt == DT_F16) return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
-    return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
-}
-inline void store_any(void* p, int dt, i64 i, float v) {
-    if (dt == DT_F32)
-        static_cast<float*>(p)[i] = v;
-    else if (dt == DT_F16)
-        static_cast<uint16_t*>(p)[i] = f32_to_f16(v);
-    else
-        static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
-}
 // The value as the dtype `dt` holds it (torch compares a tensor with a Python number in the
 // tensor's dtype: the threshold is rounded to it first).
 inline float round_to(float v, int dt) {
@@ -195,8 +126,6 @@ TVNNI inline __m512 load16_512(const RowSpec& s, i64 i, __mmask16 m) {
     if (s.f16) v = _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     return v;
 }
-
-inline __mmask16 tail16(i64 left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u); }
 
 TVNNI float row_scale_512(const RowSpec& s, i64 row, uint8_t* mask) {
     __m512 mx = _mm512_setzero_ps();

@@ -13,36 +13,13 @@
 // Plain C ABI over raw pointers; built with -O3 -std=c++17 -fPIC -shared -fopenmp, no -march:
 // the AVX-512 functions carry target attributes and are chosen at run time.
 
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
 #include <vector>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
-typedef int64_t i64;
+#include "common.h"
 
 namespace {
 
 constexpr i64 kRowsPerTask = 64;  // weight rows per OpenMP work item
-
-inline float bf16_to_f32(uint16_t h) {
-    const uint32_t bits = (uint32_t)h << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-// Round to nearest even, as c10::BFloat16 (NaN stays NaN).
-inline uint16_t f32_to_bf16(float f) {
-    uint32_t bits;
-    std::memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
 
 // Portable: 16 partial sums per output (so the loop vectorizes without reassociation).
 void rows_portable(const float* x, i64 T, i64 K, const uint16_t* w, i64 v0, i64 v1, const float* bias, float* out,
@@ -52,11 +29,7 @@ void rows_portable(const float* x, i64 T, i64 K, const uint16_t* w, i64 v0, i64 
         const uint16_t* wr = w + v * K;
         for (i64 k = 0; k < K; ++k) wf[(size_t)k] = bf16_to_f32(wr[k]);
         for (i64 t = 0; t < T; ++t) {
-            const float* xr = x + t * K;
-            float acc[16] = {};
-            for (i64 k = 0; k < K; ++k) acc[k % 16] += xr[k] * wf[(size_t)k];
-            float s = 0.0f;
-            for (int l = 0; l < 16; ++l) s += acc[l];
+            const float s = dot16(x + t * K, wf.data(), K);
             out[t * V + v] = bias ? s + bias[v] : s;
         }
     }
@@ -79,7 +52,7 @@ T512 void tile_exact(const float* x, i64 K, const uint16_t* w, i64 v0, const flo
     for (int t = 0; t < TR; ++t)
         for (int r = 0; r < VR; ++r) acc[t][r] = _mm512_setzero_ps();
     for (i64 k = 0; k < K; k += 16) {
-        const __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
+        const __mmask16 m = tail16(K - k);
         __m512 wv[VR];
         for (int r = 0; r < VR; ++r) wv[r] = widen16(w + (v0 + r) * K + k, m);
         for (int t = 0; t < TR; ++t) {
@@ -117,43 +90,20 @@ T512BF void tile_bf16(const uint16_t* xb, i64 Kp, i64 K, const uint16_t* w, i64 
         }
 }
 
-// Weight rows [v0, v1) against all T rows: 4 weight rows at a time (kept in L1 while every
-// group of up to 4 x rows passes over them), then single rows.
+// Weight rows [v0, v1) against all T rows, in tiles (common.h's sweep_tiles).
 T512 void rows_exact(const float* x, i64 T, i64 K, const uint16_t* w, i64 v0, i64 v1, const float* bias, float* out,
                      i64 V) {
-    i64 v = v0;
-    for (; v + 4 <= v1; v += 4)
-        for (i64 t = 0; t < T; t += 4) {
-            const float* xt = x + t * K;
-            float* o = out + t * V;
-            switch (std::min<i64>(4, T - t)) {
-                case 1: tile_exact<1, 4>(xt, K, w, v, bias, o, V); break;
-                case 2: tile_exact<2, 4>(xt, K, w, v, bias, o, V); break;
-                case 3: tile_exact<3, 4>(xt, K, w, v, bias, o, V); break;
-                default: tile_exact<4, 4>(xt, K, w, v, bias, o, V); break;
-            }
-        }
-    for (; v < v1; ++v)
-        for (i64 t = 0; t < T; ++t) tile_exact<1, 1>(x + t * K, K, w, v, bias, out + t * V, V);
+    sweep_tiles(T, v0, v1, [&](auto tr, auto vr, i64 t, i64 v) {
+        tile_exact<decltype(tr)::value, decltype(vr)::value>(x + t * K, K, w, v, bias, out + t * V, V);
+    });
 }
 
 // As rows_exact, with x already rounded to bf16 (rows of Kp).
 T512BF void rows_bf16(const uint16_t* xb, i64 Kp, i64 T, i64 K, const uint16_t* w, i64 v0, i64 v1, const float* bias,
                       float* out, i64 V) {
-    i64 v = v0;
-    for (; v + 4 <= v1; v += 4)
-        for (i64 t = 0; t < T; t += 4) {
-            const uint16_t* xt = xb + t * Kp;
-            float* o = out + t * V;
-            switch (std::min<i64>(4, T - t)) {
-                case 1: tile_bf16<1, 4>(xt, Kp, K, w, v, bias, o, V); break;
-                case 2: tile_bf16<2, 4>(xt, Kp, K, w, v, bias, o, V); break;
-                case 3: tile_bf16<3, 4>(xt, Kp, K, w, v, bias, o, V); break;
-                default: tile_bf16<4, 4>(xt, Kp, K, w, v, bias, o, V); break;
-            }
-        }
-    for (; v < v1; ++v)
-        for (i64 t = 0; t < T; ++t) tile_bf16<1, 1>(xb + t * Kp, Kp, K, w, v, bias, out + t * V, V);
+    sweep_tiles(T, v0, v1, [&](auto tr, auto vr, i64 t, i64 v) {
+        tile_bf16<decltype(tr)::value, decltype(vr)::value>(xb + t * Kp, Kp, K, w, v, bias, out + t * V, V);
+    });
 }
 #endif
 
@@ -166,8 +116,7 @@ int qs16_abi_version() { return 1; }
 // 1 if the CPU has AVX-512-BF16 (bf16 products available), else 0.
 int qs16_has_bf16_products() {
 #if QS_AVX512
-    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
+    return has_avx512_bw_vl() && __builtin_cpu_supports("avx512bf16");
 #else
     return 0;
 #endif
@@ -182,8 +131,7 @@ int qs16_linear(const float* x, i64 T, i64 K, const uint16_t* w, i64 V, const fl
     nthreads = std::max(nthreads, 1);
     const i64 tasks = (V + kRowsPerTask - 1) / kRowsPerTask;
 #if QS_AVX512
-    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                        __builtin_cpu_supports("avx512vl");
+    const bool avx512 = has_avx512_bw_vl();
     const bool bf = avx512 && bf16_products && qs16_has_bf16_products();
     std::vector<uint16_t> xb;
     const i64 Kp = (K + 31) / 32 * 32;

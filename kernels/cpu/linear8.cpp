@@ -11,15 +11,9 @@
 // Plain C ABI over raw pointers; built with -O3 -std=c++17 -fPIC -shared -fopenmp, no -march: the
 // AVX-512 functions carry target attributes and are chosen at run time.
 
-#include <algorithm>
-#include <cstdint>
 #include <vector>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
-typedef int64_t i64;
+#include "common.h"
 
 namespace {
 
@@ -33,12 +27,7 @@ void rows_portable(const float* x, i64 T, i64 K, const int8_t* w, const float* s
         const int8_t* wr = w + v * K;
         for (i64 k = 0; k < K; ++k) wf[(size_t)k] = (float)wr[k];
         for (i64 t = 0; t < T; ++t) {
-            const float* xr = x + t * K;
-            float acc[16] = {};
-            for (i64 k = 0; k < K; ++k) acc[k % 16] += xr[k] * wf[(size_t)k];
-            float s = 0.0f;
-            for (int l = 0; l < 16; ++l) s += acc[l];
-            s *= scale[v];
+            const float s = dot16(x + t * K, wf.data(), K) * scale[v];
             out[t * V + v] = bias ? s + bias[v] : s;
         }
     }
@@ -61,7 +50,7 @@ T512 void tile(const float* x, i64 K, const int8_t* w, const float* scale, i64 v
     for (int t = 0; t < TR; ++t)
         for (int r = 0; r < VR; ++r) acc[t][r] = _mm512_setzero_ps();
     for (i64 k = 0; k < K; k += 16) {
-        const __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
+        const __mmask16 m = tail16(K - k);
         __m512 wv[VR];
         for (int r = 0; r < VR; ++r) wv[r] = widen16(w + (v0 + r) * K + k, m);
         for (int t = 0; t < TR; ++t) {
@@ -76,24 +65,12 @@ T512 void tile(const float* x, i64 K, const int8_t* w, const float* scale, i64 v
         }
 }
 
-// Weight rows [v0, v1) against all T rows: 4 weight rows at a time (kept in L1 while every group of
-// up to 4 x rows passes over them), then single rows.
+// Weight rows [v0, v1) against all T rows, in tiles (common.h's sweep_tiles).
 T512 void rows_avx512(const float* x, i64 T, i64 K, const int8_t* w, const float* scale, i64 v0, i64 v1,
                       const float* bias, float* out, i64 V) {
-    i64 v = v0;
-    for (; v + 4 <= v1; v += 4)
-        for (i64 t = 0; t < T; t += 4) {
-            const float* xt = x + t * K;
-            float* o = out + t * V;
-            switch (std::min<i64>(4, T - t)) {
-                case 1: tile<1, 4>(xt, K, w, scale, v, bias, o, V); break;
-                case 2: tile<2, 4>(xt, K, w, scale, v, bias, o, V); break;
-                case 3: tile<3, 4>(xt, K, w, scale, v, bias, o, V); break;
-                default: tile<4, 4>(xt, K, w, scale, v, bias, o, V); break;
-            }
-        }
-    for (; v < v1; ++v)
-        for (i64 t = 0; t < T; ++t) tile<1, 1>(x + t * K, K, w, scale, v, bias, out + t * V, V);
+    sweep_tiles(T, v0, v1, [&](auto tr, auto vr, i64 t, i64 v) {
+        tile<decltype(tr)::value, decltype(vr)::value>(x + t * K, K, w, scale, v, bias, out + t * V, V);
+    });
 }
 #endif
 
@@ -106,8 +83,7 @@ int qs8_abi_version() { return 1; }
 // 1 if the AVX-512 path runs on this CPU, else 0 (the portable loop).
 int qs8_has_avx512() {
 #if QS_AVX512
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
+    return has_avx512_bw_vl();
 #else
     return 0;
 #endif

@@ -20,16 +20,9 @@
 // Plain C ABI over raw pointers; -O3 -std=c++17 -fPIC -shared -fopenmp, no -march / -ffast-math:
 // the loops are target_clones (AVX-512, AVX2+FMA, baseline) chosen at run time.
 
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
 #include <vector>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
-typedef int64_t i64;
+#include "common.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define QS_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
@@ -47,12 +40,7 @@ constexpr i64 kRowsPerItem = 64;
 constexpr i64 kRanksPerItem = 16;
 
 inline float widen(float v) { return v; }
-inline float widen(uint16_t h) {
-    const uint32_t bits = (uint32_t)h << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-}
+inline float widen(uint16_t h) { return bf16_to_f32(h); }
 
 template <typename W>
 QS_CLONES float dot(const W* a, const float* x, i64 K) {

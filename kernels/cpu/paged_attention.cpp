@@ -40,18 +40,10 @@
 // Fast paths (AVX-512 intrinsics): block_size and head_dim multiples of 16. Anything else (or a
 // CPU without AVX-512, or qs_set_fast(0)) takes portable loops over the same decomposition.
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <limits>
 #include <vector>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
-typedef int64_t i64;
+#include "common.h"
 
 namespace {
 
@@ -131,50 +123,10 @@ inline float exp_nonpositive(float x) {
 // The cache_dtype codes of the C functions (paged_attention.py mirrors them).
 enum CacheDtype : int { kF32 = 0, kBF16 = 1, kF16 = 2, kE4M3 = 3, kE5M2 = 4, kNumDtypes = 5 };
 
-inline uint32_t bits_of(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, sizeof u);
-    return u;
-}
-inline float float_of(uint32_t u) {
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-inline float bf16_to_float(uint16_t h) { return float_of((uint32_t)h << 16); }
-
-// Nearest, ties to even (c10's round_to_nearest_even); NaN -> quiet NaN.
-inline uint16_t float_to_bf16(float f) {
-    if (std::isnan(f)) return 0x7fc0;
-    const uint32_t u = bits_of(f);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-inline float half_to_float(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-    if (e == 0) return float_of(bits_of((float)m * 5.9604644775390625e-8f) | sign);  // m * 2^-24, exact
-    if (e == 31) return float_of(sign | 0x7f800000u | (m << 13));
-    return float_of(sign | ((e + 112) << 23) | (m << 13));
-}
-
-// c10's fp16_ieee_from_fp32_value (software path): nearest, ties to even, overflow -> inf.
-inline uint16_t float_to_half(float f) {
-    const float scale_to_inf = float_of(UINT32_C(239) << 23), scale_to_zero = float_of(UINT32_C(17) << 23);
-    float base = (std::fabs(f) * scale_to_inf) * scale_to_zero;
-    const uint32_t w = bits_of(f), shl1_w = w + w, sign = w & 0x80000000u;
-    uint32_t bias = shl1_w & 0xff000000u;
-    if (bias < 0x71000000u) bias = 0x71000000u;
-    base = float_of((bias >> 1) + 0x07800000u) + base;
-    const uint32_t bits = bits_of(base);
-    const uint32_t nonsign = ((bits >> 13) & 0x7c00u) + (bits & 0x0fffu);
-    return (uint16_t)((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u : nonsign));
-}
-
 // c10's fp8e4m3fn_from_fp32_value: nearest, ties to even; beyond the largest finite (448)
 // saturates to +-448 (torch 2.13), NaN -> NaN.
 inline uint8_t float_to_e4m3(float f) {
-    uint32_t u = bits_of(f);
+    uint32_t u = f32_bits(f);
     const uint32_t sign = u & 0x80000000u;
     u ^= sign;
     uint8_t r;
@@ -182,7 +134,7 @@ inline uint8_t float_to_e4m3(float f) {
         r = u > 0x7f800000u ? 0x7f : 0x7e;
     } else if (u < (UINT32_C(121) << 23)) {  // below 2^-6: subnormal, rounded by a float add
         const uint32_t denorm = UINT32_C(141) << 23;
-        r = (uint8_t)(bits_of(float_of(u) + float_of(denorm)) - denorm);
+        r = (uint8_t)(f32_bits(bits_f32(u) + bits_f32(denorm)) - denorm);
     } else {
         const uint32_t odd = (u >> 20) & 1u;
         u += ((uint32_t)(7 - 127) << 23) + 0x7ffffu + odd;
@@ -194,7 +146,7 @@ inline uint8_t float_to_e4m3(float f) {
 
 // c10's fp8e5m2_from_fp32_value: nearest, ties to even, overflow -> inf, NaN -> NaN.
 inline uint8_t float_to_e5m2(float f) {
-    uint32_t u = bits_of(f);
+    uint32_t u = f32_bits(f);
     const uint32_t sign = u & 0x80000000u;
     u ^= sign;
     uint8_t r;
@@ -202,7 +154,7 @@ inline uint8_t float_to_e5m2(float f) {
         r = u > 0x7f800000u ? 0x7f : 0x7c;
     } else if (u < (UINT32_C(113) << 23)) {
         const uint32_t denorm = UINT32_C(134) << 23;
-        r = (uint8_t)(bits_of(float_of(u) + float_of(denorm)) - denorm);
+        r = (uint8_t)(f32_bits(bits_f32(u) + bits_f32(denorm)) - denorm);
     } else {
         const uint32_t odd = (u >> 21) & 1u;
         u += ((uint32_t)(15 - 127) << 23) + 0xfffffu + odd;
@@ -222,7 +174,7 @@ struct Fp8Tables {
                       : e == 0           ? std::ldexp((float)m, -9)
                                          : std::ldexp(1.0f + (float)m / 8.0f, e - 7);
             e4m3[b] = b & 0x80 ? -v : v;
-            e5m2[b] = half_to_float((uint16_t)(b << 8));  // e5m2 is the top byte of a float16
+            e5m2[b] = f16_to_f32((uint16_t)(b << 8));  // e5m2 is the top byte of a float16
         }
     }
 };
@@ -235,12 +187,12 @@ void load_floats(int dt, const void* base, i64 off, i64 stride, i64 n, float* ds
     switch (dt) {
         case kBF16: {
             const uint16_t* s = (const uint16_t*)base + off;
-            for (i64 i = 0; i < n; ++i) dst[i] = bf16_to_float(s[i * stride]);
+            for (i64 i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i * stride]);
             break;
         }
         case kF16: {
             const uint16_t* s = (const uint16_t*)base + off;
-            for (i64 i = 0; i < n; ++i) dst[i] = half_to_float(s[i * stride]);
+            for (i64 i = 0; i < n; ++i) dst[i] = f16_to_f32(s[i * stride]);
             break;
         }
         case kE4M3:
@@ -260,8 +212,8 @@ void load_floats(int dt, const void* base, i64 off, i64 stride, i64 n, float* ds
 // float32 -> one cache element (index i of base).
 inline void store_float(int dt, void* base, i64 i, float x) {
     switch (dt) {
-        case kBF16: ((uint16_t*)base)[i] = float_to_bf16(x); break;
-        case kF16: ((uint16_t*)base)[i] = float_to_half(x); break;
+        case kBF16: ((uint16_t*)base)[i] = f32_to_bf16(x); break;
+        case kF16: ((uint16_t*)base)[i] = f32_to_f16(x); break;
         case kE4M3: ((uint8_t*)base)[i] = float_to_e4m3(x); break;
         case kE5M2: ((uint8_t*)base)[i] = float_to_e5m2(x); break;
         default: ((float*)base)[i] = x;

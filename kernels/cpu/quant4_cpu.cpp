@@ -15,12 +15,10 @@
 // Every entry point returns 0 when it did the work and nonzero when it does not handle the case
 // (the caller then uses the PyTorch reference).
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <limits>
+
+#include "common.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -28,7 +26,6 @@
 
 #if (defined(__x86_64__) || defined(_M_X64)) && !defined(Q4_NO_X86)
 #define Q4_X86 1
-#include <immintrin.h>
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 #define T512BF __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 #define T256 __attribute__((target("avx2,fma,f16c")))
@@ -43,11 +40,8 @@
 #define Q4_BF16 0
 #endif
 
-typedef int64_t i64;
-
 namespace {
 
-enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512BF16 = 3 };
 
 // ------------------------------------------------------------------------------------------------
@@ -76,86 +70,11 @@ int g_isa_cap = 99;  // q4_set_isa_cap lowers it (tests exercise every code path
 
 inline int isa() { return std::min(g_detected_isa, g_isa_cap); }
 
-// Threads for `work` units when each thread should get at least `grain` of them: small calls stay
-// on the calling thread (waking a team costs more than they take, and far more on a busy machine).
-inline int team_size(i64 work, i64 grain, int nt) {
-    return (int)std::max<i64>(1, std::min<i64>(nt, work / grain));
-}
-
-// ------------------------------------------------------------------------------------------------
-// Scalar conversions (exact / round-to-nearest-even, no reliance on FTZ or fast-math)
-// ------------------------------------------------------------------------------------------------
-
-inline float bits_f32(uint32_t u) {
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-inline uint32_t f32_bits(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    return u;
-}
-
-inline float bf16_to_f32(uint16_t h) { return bits_f32((uint32_t)h << 16); }
-
-inline uint16_t f32_to_bf16(float f) {
-    if (std::isnan(f)) return 0x7FC0;  // as c10::BFloat16
-    uint32_t u = f32_bits(f);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-inline float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
-    if (e == 0) {
-        float v = (float)m * 5.9604644775390625e-8f;  // m * 2^-24, exact
-        return sign ? -v : v;
-    }
-    if (e == 31) return bits_f32(sign | 0x7F800000u | (m << 13));
-    return bits_f32(sign | ((e + 112u) << 23) | (m << 13));
-}
-
-inline uint16_t f32_to_f16(float f) {
-    uint32_t x = f32_bits(f);
-    uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
-    uint32_t ax = x & 0x7FFFFFFFu;
-    if (ax > 0x7F800000u) return sign | 0x7E00u | ((ax >> 13) & 0x3FFu);  // NaN (quiet)
-    if (ax >= 0x47800000u) return sign | 0x7C00u;                          // >= 2^16 or inf
-    if (ax >= 0x38800000u) {                                               // normal half
-        uint32_t r = ax - 0x38000000u;
-        r += 0xFFFu + ((r >> 13) & 1u);
-        return sign | (uint16_t)(r >> 13);  // may round up to inf: correct
-    }
-    if (ax <= 0x33000000u) return sign;  // <= 2^-25 rounds to zero (the tie goes to even 0)
-    uint32_t e = ax >> 23, m = (ax & 0x7FFFFFu) | 0x800000u;
-    uint32_t shift = 126u - e;  // 14..24
-    uint32_t q = m >> shift, rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
-    if (rem > half || (rem == half && (q & 1u))) ++q;
-    return sign | (uint16_t)q;
-}
-
 template <int DT>
 inline float load_scalar(const void* p, i64 i) {
     if (DT == DT_F32) return static_cast<const float*>(p)[i];
     if (DT == DT_F16) return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
     return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
-}
-
-inline float load_any(const void* p, int dt, i64 i) {
-    if (dt == DT_F32) return static_cast<const float*>(p)[i];
-    if (dt == DT_F16) return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
-    return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
-}
-
-inline void store_any(void* p, int dt, i64 i, float v) {
-    if (dt == DT_F32)
-        static_cast<float*>(p)[i] = v;
-    else if (dt == DT_F16)
-        static_cast<uint16_t*>(p)[i] = f32_to_f16(v);
-    else
-        static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1094,23 +1013,9 @@ T512 void relayout_f32_512(const void* A, i64 m, i64 K, float* dst) {
     }
 }
 
-// Word indices for _mm512_permutex2var_epi16 over 64 bf16 values (two vectors): vl picks the pairs
-// (x1, x3), (x5, x7), ... and vh (x0, x2), (x4, x6), ...: the bf16 kernel's activation layout.
-T512 inline void bf16_layout_indices(__m512i& vl, __m512i& vh) {
-    alignas(64) int16_t il[32], ih[32];
-    for (int i = 0; i < 16; ++i) {
-        il[2 * i] = (int16_t)(4 * i + 1);
-        il[2 * i + 1] = (int16_t)(4 * i + 3);
-        ih[2 * i] = (int16_t)(4 * i);
-        ih[2 * i + 1] = (int16_t)(4 * i + 2);
-    }
-    vl = _mm512_load_si512((const void*)il);
-    vh = _mm512_load_si512((const void*)ih);
-}
-
 T512 void relayout_bf16_512(const uint16_t* A, i64 m, i64 K, uint16_t* dst) {
     __m512i vl, vh;
-    bf16_layout_indices(vl, vh);
+    bf16_pair_indices(vl, vh);
     for (i64 c = 0; c < K; c += 64) {
         const i64 base = m * K + c;
         __m512i s0 = _mm512_loadu_si512((const void*)(A + base)), s1 = _mm512_loadu_si512((const void*)(A + base + 32));
@@ -1125,7 +1030,7 @@ T512 void relayout_bf16_512(const uint16_t* A, i64 m, i64 K, uint16_t* dst) {
 template <int DT>
 T512BF void relayout_to_bf16_512(const void* A, i64 m, i64 K, uint16_t* dst) {
     __m512i vl, vh;
-    bf16_layout_indices(vl, vh);
+    bf16_pair_indices(vl, vh);
     for (i64 c = 0; c < K; c += 64) {
         const i64 base = m * K + c;
         // _mm512_cvtne2ps_pbh(hi, lo): lo's 16 values in words 0..15, hi's in 16..31.
