@@ -8,19 +8,19 @@ kernel for prompts: tests/server/engine/test_native_step.py covers both)."""
 
 from __future__ import annotations
 
+import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
 from quantserve.kernels.cpu import amx
 
-pytestmark = pytest.mark.skipif(not amx.available(), reason="no AMX-BF16 on this CPU (or no compiler)")
+from ..native import require_native
+
+require_native(amx.load)  # without a compiler: skipped; a failed build: an error
+pytestmark = pytest.mark.skipif(not amx.available(), reason="no AMX-BF16 on this CPU")
 
 
 def _weight(n, k, quant_type, seed=0):
-    # bitsandbytes imported here, not at module import: it imports triton, and the Triton tests
-    # collected after this module must see triton's first import under TRITON_INTERPRET=1.
-    import bitsandbytes.functional as bnbf
-
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g)
     packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type=quant_type)
@@ -63,8 +63,6 @@ def test_row_result_does_not_depend_on_other_rows():
 @pytest.mark.parametrize("k,blocksize", [(96, 32), (576, 32), (100, 64)])
 def test_declines_shapes_it_does_not_take(k, blocksize):
     """K and the block size must be multiples of 64 (a 64-input chunk is one nibble load, one block)."""
-    import bitsandbytes.functional as bnbf
-
     g = torch.Generator().manual_seed(3)
     w = torch.randn(64, k, generator=g)
     packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")

@@ -1,7 +1,7 @@
 """The Triton paged-attention kernels on a real GPU (deselected by default; `pytest -m gpu`), on the
 engine's cache layout, bf16/fp16/fp32, Llama-3-8B's head shapes and long contexts, against a float64
 reference; and under CUDA-graph capture with the work items changed between replays (the decode
-graphs' contract). Run in a process of its own, without TRITON_INTERPRET set."""
+graphs' contract). tests/conftest.py leaves TRITON_INTERPRET unset where torch sees a GPU."""
 
 from __future__ import annotations
 

@@ -1,27 +1,21 @@
 """The LLM.int8 Triton kernels (kernels/triton/int8.py) and their "cuda" backend wrappers, run on CPU
 under TRITON_INTERPRET=1 on tiny shapes, byte for byte against the pure-PyTorch reference.
 
-As in test_triton_interpret.py: TRITON_INTERPRET=1 must be set before triton is first imported
-(done here at collection on machines without a GPU; elsewhere run this module in its own process
-with the variable set), bf16 only runs on a GPU (the interpreter's bf16 arithmetic is wrong).
+TRITON_INTERPRET=1 is set for the whole run by tests/conftest.py on machines without a GPU. bf16
+only runs on a GPU (the interpreter's bf16 arithmetic is wrong).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
-import sys
 
 import pytest
 import torch
 
+import quantserve.quant as quant
+from quantserve.quant.backends import default as ref
+
 from .triton_helpers import triton_module
-
-if "triton" not in sys.modules and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import quantserve.quant as quant  # noqa: E402
-from quantserve.quant.backends import default as ref  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),

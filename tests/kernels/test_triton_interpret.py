@@ -5,32 +5,24 @@ pure-PyTorch references (quant.backends.default) are checked here too, against
 the existing reference ops and torch's scaled_dot_product_attention.
 
 Triton decides when a function is decorated whether it is interpreted, its own standard library
-(tl.zeros, tl.sum, ...) included, so TRITON_INTERPRET=1 must be set before triton is first imported.
-On a machine without a GPU this module sets it at import (collection), before any test can import
-triton; elsewhere run `TRITON_INTERPRET=1 pytest tests/kernels/test_triton_interpret.py` in its own
-process. The `kt` fixture skips when the kernels would not be interpreted.
+(tl.zeros, tl.sum, ...) included, so TRITON_INTERPRET=1 must be set before triton is first imported:
+tests/conftest.py sets it for the whole run on machines without a GPU.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
-import os
-import sys
 
 import pytest
 import torch
 
+import quantserve.quant as quant
+from quantserve.kernels import attention
+from quantserve.quant.backends import default as ref
+from quantserve.quant.codebooks import get_4bit_code, get_dynamic_map
+
 from .triton_helpers import triton_module
-
-if "triton" not in sys.modules and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # the interpreter is the only way to run Triton here
-
-import quantserve.quant as quant  # noqa: E402
-from quantserve.kernels import attention  # noqa: E402
-from quantserve.quant.backends import default as ops_nested  # noqa: E402
-from quantserve.quant.backends import default as ref  # noqa: E402
-from quantserve.quant.codebooks import get_4bit_code, get_dynamic_map  # noqa: E402
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -316,7 +308,7 @@ def test_gemm_4bit_nested_reference(quant_type):
     out = torch.ops.quant.gemm_4bit_nested(A, packed, [48, 128], state.absmax, nst.absmax, nst.code, nst.offset, 64,
                                            nst.blocksize, quant_type, bias)
     torch.testing.assert_close(out, quant.matmul_4bit(A, packed, state, bias))
-    decoded = ops_nested.decode_absmax(state.absmax, nst.absmax, nst.code, nst.offset, nst.blocksize)
+    decoded = ref.decode_absmax(state.absmax, nst.absmax, nst.code, nst.offset, nst.blocksize)
     assert torch.equal(decoded, quant.functional.dequantize_absmax(state))
     torch.library.opcheck(
         torch.ops.quant.gemm_4bit_nested.default,

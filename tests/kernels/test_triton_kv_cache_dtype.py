@@ -2,21 +2,16 @@
 float32 queries on float16 / bfloat16 / fp8 caches, under TRITON_INTERPRET=1, against float64 over
 the stored values; the KV write's float16 bytes against torch's .to() (the interpreter rounds only
 float16 stores to nearest: see model_runner.triton_fp8_unusable).
-As in test_triton_interpret.py, TRITON_INTERPRET=1 must be set before triton is first imported."""
+TRITON_INTERPRET=1 is set for the whole run by tests/conftest.py on machines without a GPU."""
 
 from __future__ import annotations
 
 import importlib.util
-import os
-import sys
 
 import pytest
 import torch
 
 from .triton_helpers import triton_module, work_items
-
-if "triton" not in sys.modules and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 from .test_triton_paged_attention import MIXED, keys_view, make_case, reference
 

@@ -7,23 +7,18 @@ Covered: decode rows, fresh prompts and prefill chunks continuing a cached prefi
 GQA and MQA; contexts not multiples of the block size; shuffled blocks and table entries before a
 sliding window pointing at a NaN-filled block (the engine's freed entries: never read); logit
 soft-capping; split-K with more splits than key tiles; empty (padding) items.
-As in test_triton_interpret.py, TRITON_INTERPRET=1 must be set before triton is first imported.
+TRITON_INTERPRET=1 is set for the whole run by tests/conftest.py on machines without a GPU.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
-import os
-import sys
 
 import pytest
 import torch
 
 from .triton_helpers import triton_module, work_items
-
-if "triton" not in sys.modules and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # the interpreter is the only way to run Triton here
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
