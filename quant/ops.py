@@ -73,6 +73,15 @@ def _(
     return torch.empty(shape, device=A.device, dtype=dtype)
 
 
+def _matmul_4bit_fake(A: torch.Tensor, shapeB: Sequence[int]) -> torch.Tensor:
+    """The shape checks of both 4-bit matmuls, and their output: [..., out_features] in A's dtype."""
+    torch._check(len(shapeB) == 2, lambda: f"shapeB must be (out_features, in_features), got {shapeB}")
+    torch._check(
+        A.shape[-1] == shapeB[1], lambda: f"A has {A.shape[-1]} input features, the weight {shapeB[1]}"
+    )
+    return torch.empty((*A.shape[:-1], shapeB[0]), device=A.device, dtype=A.dtype)
+
+
 @torch.library.register_fake(f"{NAMESPACE}::gemm_4bit")
 def _(
     A: torch.Tensor,
@@ -83,12 +92,8 @@ def _(
     quant_type: str,
     bias: Optional[torch.Tensor] = None,
 ):
-    torch._check(len(shapeB) == 2, lambda: f"shapeB must be (out_features, in_features), got {shapeB}")
-    torch._check(
-        A.shape[-1] == shapeB[1], lambda: f"A has {A.shape[-1]} input features, the weight {shapeB[1]}"
-    )
     torch._check(absmax.dtype == torch.float32, lambda: f"absmax must be float32, got {absmax.dtype}")
-    return torch.empty((*A.shape[:-1], shapeB[0]), device=A.device, dtype=A.dtype)
+    return _matmul_4bit_fake(A, shapeB)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::quantize_blockwise")
@@ -140,16 +145,12 @@ def _(
     quant_type: str,
     bias: Optional[torch.Tensor] = None,
 ):
-    torch._check(len(shapeB) == 2, lambda: f"shapeB must be (out_features, in_features), got {shapeB}")
-    torch._check(
-        A.shape[-1] == shapeB[1], lambda: f"A has {A.shape[-1]} input features, the weight {shapeB[1]}"
-    )
     torch._check(absmax.dtype == torch.uint8, lambda: f"nested absmax codes must be uint8, got {absmax.dtype}")
     torch._check(
         nested_absmax.dtype == torch.float32, lambda: f"nested_absmax must be float32, got {nested_absmax.dtype}"
     )
     torch._check(nested_code.numel() == 256, lambda: f"nested_code must have 256 entries, got {nested_code.numel()}")
-    return torch.empty((*A.shape[:-1], shapeB[0]), device=A.device, dtype=A.dtype)
+    return _matmul_4bit_fake(A, shapeB)
 
 
 # ---- Autograd for the 4-bit matmuls (QLoRA): gradients for the activations and the bias; the 4-bit

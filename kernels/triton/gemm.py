@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import decode_tile, split_k_epilogue
+from .tiles import decode_tile, load_activations, split_k_epilogue, split_k_range
 
 
 @triton.jit
@@ -32,16 +32,11 @@ def gemm_4bit_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
-    row_bytes = K // 2
-    chunk = tl.cdiv(tl.cdiv(row_bytes, SPLIT_K), BLOCK_KB) * BLOCK_KB
-    kb_start = pid_k * chunk
-    kb_end = tl.minimum(kb_start + chunk, row_bytes)
+    kb_start, kb_end = split_k_range(K, pid_k, SPLIT_K, BLOCK_KB)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb0 in range(kb_start, kb_end, BLOCK_KB):
-        rk = 2 * kb0 + tl.arange(0, 2 * BLOCK_KB)
-        amask = (rm < M)[:, None] & (rk < 2 * kb_end)[None, :]
-        a = tl.load(a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :], mask=amask, other=0.0)
+        a = load_activations(a_ptr, rm, M, stride_am, kb0, kb_end, BLOCK_KB)
         w = decode_tile(b_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, rn, nmask, K,
                         kb0, kb_end, BLOCK_N, BLOCK_KB, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)  # [BN, 2*BKB]
         # The reference rounds the dequantized weight to the activation dtype before its matmul; so

@@ -1,4 +1,5 @@
-"""@triton.jit helpers shared by the 4-bit kernels: absmax decoding, weight-tile decoding, epilogue.
+"""@triton.jit helpers shared by the 4-bit kernels: absmax decoding, weight and activation tiles,
+split-K ranges and the epilogue.
 
 Format facts used here (see quant/ops.py): element e of the flattened (N, K) weight sits in byte
 e // 2, high nibble for even e; its scale is absmax[e // BLOCKSIZE]. The matmul kernels need
@@ -72,6 +73,26 @@ def decode_tile(b_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
     hi = tl.load(code_ptr + (packed >> 4)) * scales  # even elements
     lo = tl.load(code_ptr + (packed & 15)) * scales  # odd elements
     return tl.interleave(hi, lo)
+
+
+@triton.jit
+def split_k_range(K, pid_k, SPLIT_K: tl.constexpr, BLOCK_KB: tl.constexpr):
+    """This split's byte range [start, end) of every weight row: whole BLOCK_KB tiles, so quant
+    blocks stay aligned."""
+    row_bytes = K // 2
+    chunk = tl.cdiv(tl.cdiv(row_bytes, SPLIT_K), BLOCK_KB) * BLOCK_KB
+    kb_start = pid_k * chunk
+    return kb_start, tl.minimum(kb_start + chunk, row_bytes)
+
+
+@triton.jit
+def load_activations(a_ptr, rm, M, stride_am, kb0, kb_end, BLOCK_KB: tl.constexpr):
+    """[BLOCK_M, 2 * BLOCK_KB] activations of rows `rm` matching weight bytes kb0.. (2 elements a
+    byte), in A's dtype; 0 past the rows and past the split's end (the weight tile's junk there
+    then adds nothing)."""
+    rk = 2 * kb0 + tl.arange(0, 2 * BLOCK_KB)
+    mask = (rm < M)[:, None] & (rk < 2 * kb_end)[None, :]
+    return tl.load(a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
