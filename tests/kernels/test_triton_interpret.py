@@ -1,8 +1,8 @@
 """Every Triton kernel on CPU under TRITON_INTERPRET=1, small shapes, fp32/fp16, against the reference.
 
-The interpreter's bf16 arithmetic is wrong, so bf16 runs only on a GPU (test_gpu.py). The new ops'
-pure-PyTorch references (quant.backends.default) are checked here too, against
-the existing reference ops and torch's scaled_dot_product_attention.
+The interpreter's bf16 arithmetic is wrong, so bf16 runs only on a GPU (test_gpu.py). The nested
+matmul op's pure-PyTorch reference (quant.backends.default) is checked here too, against the
+unnested reference ops. The paged-attention kernels: test_triton_paged_attention.py.
 
 Triton decides when a function is decorated whether it is interpreted, its own standard library
 (tl.zeros, tl.sum, ...) included, so TRITON_INTERPRET=1 must be set before triton is first imported:
@@ -18,7 +18,6 @@ import pytest
 import torch
 
 import quantserve.quant as quant
-from quantserve.kernels import attention
 from quantserve.quant.backends import default as ref
 from quantserve.quant.codebooks import get_4bit_code, get_dynamic_map
 
@@ -216,82 +215,6 @@ def test_triton_ops_eager(kt):
     deq = torch.ops.quant_triton.dequantize_4bit(packed.reshape(-1), N * K, get_4bit_code("nf4"), state.absmax, 64,
                                                  torch.float32, nst.absmax, nst.code, nst.offset, nst.blocksize)
     torch.testing.assert_close(deq.reshape(N, K), _ref_weight(packed, state, torch.float32), atol=0, rtol=2e-6)
-
-
-# --------------------------------------------------------------------------------------------
-# paged attention
-
-
-def _paged_case(num_seqs, num_heads, num_kv_heads, head_dim, page_size, context_lens, dtype, max_pages=None):
-    """Random cache with shuffled, non-contiguous pages; unused block-table entries hold -1."""
-    pages_needed = [math.ceil(c / page_size) for c in context_lens]
-    max_pages = max_pages or max(1, max(pages_needed))
-    num_blocks = sum(pages_needed) + 3
-    key_cache = torch.randn(num_blocks, page_size, num_kv_heads, head_dim, dtype=dtype)
-    value_cache = torch.randn(num_blocks, page_size, num_kv_heads, head_dim, dtype=dtype)
-    perm = torch.randperm(num_blocks).tolist()
-    block_tables = torch.full((num_seqs, max_pages), -1, dtype=torch.int32)
-    for s, need in enumerate(pages_needed):
-        block_tables[s, :need] = torch.tensor([perm.pop() for _ in range(need)], dtype=torch.int32)
-    query = torch.randn(num_seqs, num_heads, head_dim, dtype=dtype)
-    return query, key_cache, value_cache, block_tables, torch.tensor(context_lens, dtype=torch.int32)
-
-
-def _sdpa_reference(query, key_cache, value_cache, block_tables, context_lens, scale):
-    """torch SDPA per sequence on its gathered, contiguous K/V."""
-    outs = []
-    page_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
-    group = query.shape[1] // num_kv_heads
-    for s in range(query.shape[0]):
-        n = int(context_lens[s])
-        if n == 0:
-            outs.append(torch.zeros_like(query[s]))
-            continue
-        pages = block_tables[s, : math.ceil(n / page_size)].long()
-        k = key_cache[pages].reshape(-1, num_kv_heads, query.shape[2])[:n].float()
-        v = value_cache[pages].reshape(-1, num_kv_heads, query.shape[2])[:n].float()
-        k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, n, D]
-        v = v.repeat_interleave(group, dim=1).transpose(0, 1)
-        q = query[s].float()[:, None, :]  # [H, 1, D]
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
-        outs.append(o[:, 0, :].to(query.dtype))
-    return torch.stack(outs)
-
-
-PAGED_CASES = [
-    # num_seqs, num_heads, num_kv_heads, head_dim, page_size, context_lens
-    (3, 4, 2, 32, 16, [1, 17, 40]),
-    (2, 8, 8, 64, 8, [9, 0]),
-    (2, 6, 1, 80, 4, [33, 5]),  # MQA, head_dim not a power of two
-]
-
-
-@pytest.mark.parametrize("case", PAGED_CASES, ids=str)
-def test_paged_attention_reference_matches_sdpa(case):
-    query, kc, vc, bt, cl = _paged_case(*case, dtype=torch.float32)
-    scale = case[3] ** -0.5
-    out = attention.reference(query, kc, vc, bt, cl, scale)
-    torch.testing.assert_close(out, _sdpa_reference(query, kc, vc, bt, cl, scale), atol=1e-5, rtol=1e-5)
-    torch.library.opcheck(torch.ops.quantserve.paged_attention_decode.default, (query, kc, vc, bt, cl, scale))
-
-
-@pytest.mark.parametrize("case", PAGED_CASES, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("splits", [None, 3])
-def test_paged_attention_kernel_matches_reference(kt, case, dtype, splits):
-    query, kc, vc, bt, cl = _paged_case(*case, dtype=dtype, max_pages=12)
-    scale = case[3] ** -0.5
-    out = kt.paged_attention_decode(query, kc, vc, bt, cl, scale, splits=splits)
-    expected = attention.reference(query, kc, vc, bt, cl, scale)
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
-    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
-
-
-def test_paged_attention_backend_and_triton_op(kt):
-    query, kc, vc, bt, cl = _paged_case(2, 4, 2, 32, 16, [20, 3], dtype=torch.float32)
-    expected = attention.reference(query, kc, vc, bt, cl, 0.2)
-    torch.testing.assert_close(attention._triton(query, kc, vc, bt, cl, 0.2), expected)
-    torch.testing.assert_close(torch.ops.quant_triton.paged_attention_decode(query, kc, vc, bt, cl, 0.2), expected)
 
 
 # --------------------------------------------------------------------------------------------
