@@ -142,7 +142,7 @@ def test_dequantize_identical(bnb, shape, dtype, quant_type, compress_statistics
             assert torch.equal(ours, ref), blocksize
 
 
-def test_avx512_row_indexing_bug_is_real(bnb):
+def test_bnb_avx512_dequantize_indexes_absmax_per_row(bnb):
     """Guard for difference 2: on (96, 48) with blocksize 64 bitsandbytes' native kernel gives
     row 1 the absmax of block 1 (elements 64..127) for elements 48..95, where flat indexing
     (its own PyTorch reference, and ours) uses block 0 for 48..63. Recompute by hand."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -32,7 +34,7 @@ def test_unpacked_round_trip(compress_statistics):
 
 def test_state_is_frozen():
     _, state = quant.quantize_4bit(torch.randn(4, 64))
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         state.blocksize = 128
 
 
