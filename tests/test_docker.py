@@ -11,16 +11,16 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
+
+from quantserve.server.testing import ServerProcess, free_port
 
 try:
     import tomllib
@@ -254,12 +254,6 @@ def _probe(port: int) -> int:
     return subprocess.run([_exe(cmd[0]), *cmd[1:]], env=env, check=False, capture_output=True, timeout=30).returncode
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_healthcheck_fails_on_503_and_on_no_server():
     # Docker reads exit 1 as unhealthy (2 is reserved).
     class Unavailable(BaseHTTPRequestHandler):
@@ -277,34 +271,29 @@ def test_healthcheck_fails_on_503_and_on_no_server():
     finally:
         server.shutdown()
         server.server_close()
-    assert _probe(_free_port()) == 1
+    assert _probe(free_port()) == 1
 
 
 def test_healthcheck_against_the_real_server_and_stop(tmp_path):
     """The image's entrypoint with its environment: the healthcheck turns healthy once the built-in
     model is loaded (at the port the environment names), and SIGTERM (docker stop) ends it with
     status 0 within compose's stop_grace_period, so no restart policy treats a stop as a failure."""
-    port = _free_port()
+    port = free_port()
     entry = _entrypoint()
-    env = {**os.environ, **_settings_env(), "QUANTSERVE_PORT": str(port), "QUANTSERVE_HOST": "127.0.0.1"}
-    # The user's cache (the converted default model, built kernels), not the image's folder.
-    env.pop("QUANTSERVE_CACHE")
-    if "QUANTSERVE_CACHE" in os.environ:
-        env["QUANTSERVE_CACHE"] = os.environ["QUANTSERVE_CACHE"]
-    log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([_exe(entry[0]), *entry[1:]], env=env, stdout=log, stderr=subprocess.STDOUT)
+    env = {**_settings_env(), "QUANTSERVE_PORT": str(port), "QUANTSERVE_HOST": "127.0.0.1",
+           # The user's cache (the converted default model, built kernels), not the image's folder.
+           "QUANTSERVE_CACHE": os.environ.get("QUANTSERVE_CACHE")}
+    srv = ServerProcess(command=[_exe(entry[0]), *entry[1:]], env=env, port=port, port_flag=False, log_dir=tmp_path)
+
+    def healthy() -> bool:
+        status = _probe(port)
+        assert status in (0, 1), f"healthcheck exit {status}"
+        return status == 0
+
     try:
-        deadline = time.monotonic() + 600
-        while (status := _probe(port)) != 0:
-            assert status == 1, f"healthcheck exit {status}"
-            assert proc.poll() is None, f"server exited {proc.returncode}: {log_path.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "not healthy after 600 s"
-            time.sleep(1)
-        proc.send_signal(signal.SIGTERM)
-        status = proc.wait(timeout=_seconds(SERVICE["stop_grace_period"]))
-        assert status == 0, log_path.read_text()[-3000:]
+        srv.wait_ready(timeout=600, ready=healthy)
+        srv.send_signal(signal.SIGTERM)
+        status = srv.wait(timeout=_seconds(SERVICE["stop_grace_period"]))
+        assert status == 0, srv.log_tail()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        srv.kill()

@@ -5,15 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterator
 
 import httpx
 import openai
@@ -22,85 +14,12 @@ from openai.types import Completion as OAICompletion
 from openai.types.chat import ChatCompletion as OAIChatCompletion
 from openai.types.chat import ChatCompletionChunk as OAIChatCompletionChunk
 
-API_KEY = "test-key-123"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, *flags: str, api_key: str | None = API_KEY) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "quantserve.server", "serve", "--port", str(self.port), "--kv-cache-memory", "0.25", *flags]
-        if api_key:
-            cmd += ["--api-key", api_key]
-        self.log = Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"quantserve-{self.port}.log"
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
-        self.api_key = api_key
-
-    def wait_ready(self, timeout: float = 600) -> None:
-        deadline = time.time() + timeout
-        self.loading_response = None  # what /health said while the model was loading
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
-            try:
-                r = httpx.get(self.url + "/health", timeout=2)
-                if r.status_code == 200:
-                    return
-                if r.status_code == 503 and self.loading_response is None:
-                    self.loading_response = r
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(self.log.read_text()[-4000:])
-
-    @classmethod
-    @contextmanager
-    def serving(cls, *flags: str, api_key: str | None = API_KEY) -> Iterator["Server"]:
-        """A ready server for a fixture's scope; on the way out it must stop with exit status 0
-        (SIGTERM drains and succeeds)."""
-        srv = cls(*flags, api_key=api_key)
-        try:
-            srv.wait_ready()
-            yield srv
-        finally:
-            code = srv.stop()
-            assert code == 0, srv.log.read_text()[-3000:]
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return -9
-
-    def client(self, **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0, **kw)
-
-    def async_client(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0)
-
-    def headers(self) -> dict:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(self.url + "/metrics", timeout=10).text
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+from .serving import MODEL, QUESTION, start_server
 
 
 @pytest.fixture(scope="module")
 def server(default_model_dir):
-    with Server.serving() as srv:
+    with start_server() as srv:
         yield srv
 
 
@@ -109,10 +28,6 @@ def tokenizer(default_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(default_model_dir)
-
-
-MODEL = "SmolLM2-135M-Instruct"
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def test_health_models_and_loading_state(server):
@@ -408,10 +323,7 @@ def test_server_survives_the_battery(server):
 
 
 def test_overload_gets_429_with_retry_after_and_loses_nothing(default_model_dir):
-    srv = Server("--max-num-seqs", "1", "--max-queue", "2", api_key=None)
-    try:
-        srv.wait_ready()
-
+    with start_server("--max-num-seqs", "1", "--max-queue", "2", api_key=None) as srv:
         async def one(client, i):
             try:
                 r = await client.post("/v1/completions", json={"model": MODEL, "prompt": f"Number {i}:", "max_tokens": 24,
@@ -436,5 +348,3 @@ def test_overload_gets_429_with_retry_after_and_loses_nothing(default_model_dir)
                 assert int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["type"] == "rate_limit_error"
             else:
                 assert r.json()["usage"]["completion_tokens"] == 24  # every accepted request completed whole
-    finally:
-        assert srv.stop() == 0

@@ -18,7 +18,9 @@ import time
 import httpx
 import pytest
 
-from .test_api_server import API_KEY, MODEL, Server
+from quantserve.server.testing import ServerProcess
+
+from .serving import API_KEY, MODEL, start_server
 
 CHROMIUM = os.environ.get("QUANTSERVE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):
@@ -33,7 +35,7 @@ WAIT_MS = 180_000  # generous: the CI machine has 2 cores, and other tests may s
 
 @pytest.fixture(scope="module")
 def server(default_model_dir):
-    with Server.serving() as srv:
+    with start_server() as srv:
         yield srv
 
 
@@ -50,7 +52,7 @@ class Page:
     """A fresh browser context (its own sessionStorage) on the console, recording what the
     browser's console said and every request the page made."""
 
-    def __init__(self, browser, server: Server, key: str | None) -> None:
+    def __init__(self, browser, server: ServerProcess, key: str | None) -> None:
         self.context = browser.new_context(viewport={"width": 1400, "height": 1000})
         if key is not None:  # a user who already gave the key in this tab
             self.context.add_init_script(f"sessionStorage.setItem('quantserve.apiKey', {json.dumps(key)})")
@@ -338,9 +340,7 @@ def test_adapter_picker_chats_with_the_adapter(browser, default_model_dir, tmp_p
     from .lora_helpers import ATTENTION, make_adapter
 
     adapter = make_adapter(default_model_dir, tmp_path / "attn", ATTENTION, seed=11)
-    srv = Server("--lora-modules", f"a1={adapter}")
-    try:
-        srv.wait_ready()
+    with start_server("--lora-modules", f"a1={adapter}") as srv:
         page = Page(browser, srv, API_KEY)
         _ready(page)
         options = page.js("[...document.querySelectorAll('#model option')].map((o) => [o.value, o.textContent])")
@@ -362,5 +362,3 @@ def test_adapter_picker_chats_with_the_adapter(browser, default_model_dir, tmp_p
         page.wait("document.querySelectorAll('#quant-body tbody tr').length > 0")
         assert page.errors == []
         page.close()
-    finally:
-        assert srv.stop() == 0, srv.log.read_text()[-3000:]

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from quantserve.server.config import Settings
 from quantserve.server.cpu_threads import CpuBudget, cgroup_quota, cpu_budget
 
-from .test_api_server import Server
+from .serving import start_server
 
 
 def _tree(tmp_path: Path, files: dict[str, str], proc_cgroup: str) -> tuple[Path, Path]:
@@ -102,11 +102,11 @@ def test_the_flag_is_validated():
 
 
 def test_a_server_started_with_one_cpu_thread_reports_one(default_model_dir):
-    with Server.serving("--cpu-threads", "1", api_key=None) as srv:
+    with start_server("--cpu-threads", "1", api_key=None) as srv:
         cpu = httpx.get(srv.url + "/health", timeout=10).json()["cpu"]
         assert cpu["threads"] == 1
         assert cpu["affinity"] == len(os.sched_getaffinity(0))
-        assert "CPU threads: 1 (--cpu-threads 1;" in srv.log.read_text()
+        assert "CPU threads: 1 (--cpu-threads 1;" in srv.log_text()
         assert cpu["follows_load"] is False  # the flag pins the count: no controller
 
 
@@ -114,7 +114,7 @@ def test_a_server_at_its_default_follows_the_load(default_model_dir):
     """Without --cpu-threads the engine's controller (engine/cpu_load.py) runs, its ceiling the
     budget's count; /health shows the engine thread's count and the others' use once sampled."""
     budget = cpu_budget().threads
-    with Server.serving(api_key=None) as srv:
+    with start_server(api_key=None) as srv:
         body = {"model": "default", "prompt": "Once upon a time", "max_tokens": 48, "ignore_eos": True}
         models = httpx.get(srv.url + "/v1/models", timeout=10).json()["data"]
         body["model"] = models[0]["id"]

@@ -5,9 +5,7 @@ answers /v1/chat/completions with a 400 naming the missing template; --chat-temp
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import signal
 
 import openai
 import pytest
@@ -16,7 +14,7 @@ import torch
 from quantserve.server.loading.loader import LoadConfig, load_model
 
 from .engine import family_models as fm
-from .test_api_server import Server
+from .serving import run_serve, start_server
 
 MAX_TOKENS = 12
 QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
@@ -55,29 +53,22 @@ def servers(default_model_dir, tmp_path_factory):
     folders = {"qwen3": _save("qwen3", root / "qwen3", tokenizer, True),
                "gemma3": _save("gemma3", root / "gemma3", tokenizer, False)}  # saved without a template
     (root / "template.jinja").write_text(TEMPLATE)
-    before = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        # float32 products, as this process's oracle computes (the server's default is bf16 products),
-        # and a float32 KV cache, as transformers' (a CPU server's default is bfloat16)
-        flags = ("--matmul-precision", "highest", "--kv-cache-dtype", "float32")
-        started = {
-            "qwen3": Server(str(folders["qwen3"]), "--served-model-name", "qwen3", *flags,
-                            "--chat-template", str(root / "template.jinja")),
-            "gemma3": Server(str(folders["gemma3"]), "--served-model-name", "gemma3", *flags),
-        }
-    finally:
-        if before is None:
-            del os.environ["OMP_NUM_THREADS"]
-        else:
-            os.environ["OMP_NUM_THREADS"] = before
+    # float32 products, as this process's oracle computes (the server's default is bf16 products),
+    # and a float32 KV cache, as transformers' (a CPU server's default is bfloat16)
+    flags = ("--matmul-precision", "highest", "--kv-cache-dtype", "float32")
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    started = {
+        "qwen3": start_server(str(folders["qwen3"]), "--served-model-name", "qwen3", *flags,
+                              "--chat-template", str(root / "template.jinja"), env=one_thread),
+        "gemma3": start_server(str(folders["gemma3"]), "--served-model-name", "gemma3", *flags, env=one_thread),
+    }
     try:
         for server in started.values():
             server.wait_ready()
         yield started, folders, tokenizer
     finally:
         for server in started.values():
-            server.proc.terminate()  # all at once: each drains and exits in parallel
+            server.send_signal(signal.SIGTERM)  # all at once: each drains and exits in parallel
         for server in started.values():
             server.stop()
 
@@ -145,7 +136,6 @@ def test_chat_template_flag_supplies_the_template(servers):
 
 
 def test_missing_chat_template_file_refused_at_startup(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "quantserve.server", "serve", "--chat-template",
-                           str(tmp_path / "nope.jinja")], capture_output=True, text=True, timeout=120)
+    proc = run_serve("--chat-template", str(tmp_path / "nope.jinja"), timeout=120)
     assert proc.returncode == 2
     assert "--chat-template" in proc.stderr and "no chat template file" in proc.stderr

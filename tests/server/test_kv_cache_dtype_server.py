@@ -4,13 +4,10 @@ still answers; bad values are refused before anything loads."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import httpx
 import pytest
 
-from .test_api_server import MODEL, QUESTION, Server
+from .serving import MODEL, QUESTION, run_serve, start_server
 
 # The default model: 2 (K, V) x 30 layers x 3 KV heads x 64 dims per token, times the dtype's bytes.
 ELEMENTS_PER_TOKEN = 2 * 30 * 3 * 64
@@ -25,7 +22,7 @@ def test_memory_reports_the_cache_dtype(default_model_dir, flags, dtype, itemsiz
 
     if native.load() is None and not flags:
         pytest.skip("no native kernel: auto keeps float32")
-    with Server.serving(*flags) as server:  # --kv-cache-memory 0.25 (GiB)
+    with start_server(*flags) as server:  # --kv-cache-memory 0.25 (GiB)
         r = httpx.post(server.url + "/v1/chat/completions", headers=server.headers(), timeout=120,
                        json={"model": MODEL, "messages": QUESTION, "max_tokens": 12, "temperature": 0})
         assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
@@ -38,14 +35,12 @@ def test_memory_reports_the_cache_dtype(default_model_dir, flags, dtype, itemsiz
 
 
 def test_bad_value_is_refused_with_the_choices():
-    proc = subprocess.run([sys.executable, "-m", "quantserve.server", "serve", "--kv-cache-dtype", "int4"],
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = run_serve("--kv-cache-dtype", "int4", timeout=120)
     assert proc.returncode == 2
     assert "--kv-cache-dtype" in proc.stderr and "fp8_e5m2" in proc.stderr and "int4" in proc.stderr
 
 
 def test_help_says_what_auto_picks():
-    proc = subprocess.run([sys.executable, "-m", "quantserve.server", "serve", "--help"], capture_output=True, check=False,
-                          text=True, timeout=120)
+    proc = run_serve("--help", timeout=120)
     text = " ".join(proc.stdout.split())
     assert "--kv-cache-dtype" in text and "auto picks bfloat16 on a CPU where the native attention kernel runs" in text

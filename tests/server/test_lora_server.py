@@ -6,8 +6,6 @@ unmerged LoRA on transformers over the same NF4 weights), /v1/load_lora_adapter 
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 
 import httpx
 import openai
@@ -16,7 +14,7 @@ import torch
 
 from .engine.helpers import make_prompts
 from .lora_helpers import check_greedy
-from .test_api_server import Server
+from .serving import run_serve, start_server
 
 MODEL = "SmolLM2-135M-Instruct"
 N = 12  # as tests/server/engine/test_lora.py: peft's outputs are computed once per session
@@ -30,7 +28,7 @@ def adapters(lora_adapters):
 @pytest.fixture(scope="module")
 def server(default_model_dir, adapters):
     # float32 KV cache: outputs compared with peft's on transformers (float32 cache)
-    with Server.serving("--matmul-precision", "highest", "--kv-cache-dtype", "float32", "--max-lora-rank", "8",
+    with start_server("--matmul-precision", "highest", "--kv-cache-dtype", "float32", "--max-lora-rank", "8",
                         "--max-loras", "2",
                         "--lora-modules", f"a1={adapters['attn']}", f"a2={adapters['mlp']}") as srv:
         yield srv
@@ -151,13 +149,14 @@ def test_adapter_endpoint_errors(server, adapters, tmp_path):
 
 
 def test_bad_adapter_at_startup_exits_with_its_reason(default_model_dir, tmp_path, adapters):
-    bad = Server("--lora-modules", f"good={adapters['attn']}", f"bad={tmp_path / 'missing'}")
-    code = bad.proc.wait(timeout=600)
-    log = bad.log.read_text()
-    assert code == 1, log[-2000:]
-    assert f"quantserve serve: error: LoRA adapter 'bad': no folder {tmp_path / 'missing'}" in log.strip().splitlines()[-1]
-    malformed = subprocess.run([sys.executable, "-m", "quantserve.server", "serve", "--lora-modules", "just-a-name"],
-                               capture_output=True, text=True, timeout=120)
+    bad = start_server("--lora-modules", f"good={adapters['attn']}", f"bad={tmp_path / 'missing'}")
+    try:
+        code = bad.wait(timeout=600)
+    finally:
+        bad.kill()
+    assert code == 1, bad.log_tail()
+    assert f"quantserve serve: error: LoRA adapter 'bad': no folder {tmp_path / 'missing'}" in bad.last_log_line()
+    malformed = run_serve("--lora-modules", "just-a-name", timeout=120)
     assert malformed.returncode == 2 and "is not NAME=PATH" in malformed.stderr
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from quantserve.server import process_memory as pm
 
-from .test_api_server import MODEL, Server
+from .serving import MODEL, start_server
 
 GLIBC = sys.platform.startswith("linux") and pm._mallopt() is not None
 
@@ -111,7 +111,7 @@ def _serve_and_measure(env_off: bool, monkeypatch) -> tuple[float, bool]:
     else:
         monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with Server.serving(api_key=None) as srv:
+    with start_server(api_key=None) as srv:
         async def burst() -> None:
             async with httpx.AsyncClient(base_url=srv.url, timeout=600) as client:
                 async def one(i: int) -> None:
@@ -121,8 +121,8 @@ def _serve_and_measure(env_off: bool, monkeypatch) -> tuple[float, bool]:
                 await asyncio.gather(*(one(i) for i in range(16)))
 
         asyncio.run(burst())
-        maps = Path(f"/proc/{srv.proc.pid}/maps").read_text()
-        return _rss_mib(srv.proc.pid), "libtriton" in maps
+        maps = Path(f"/proc/{srv.pid}/maps").read_text()
+        return _rss_mib(srv.pid), "libtriton" in maps
 
 
 @pytest.mark.skipif(not GLIBC or not Path("/proc/self/maps").exists(), reason="measured through glibc and /proc")

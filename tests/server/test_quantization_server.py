@@ -5,28 +5,19 @@ of a server whose settings cannot fit (exit 1 and one line, before the model is 
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import httpx
 import openai
 import pytest
 
 from quantserve.server.loading.estimate import EstimateRequest, estimate_memory
 
-from .test_api_server import Server
-
-MODEL = "SmolLM2-135M-Instruct"
+from .serving import MODEL, run_serve, start_server
 
 
 @pytest.fixture(scope="module")
 def server(default_model_dir):
-    srv = Server("--max-model-len", "auto", api_key=None)  # Server adds --kv-cache-memory 0.25
-    try:
-        srv.wait_ready()
+    with start_server("--max-model-len", "auto", api_key=None) as srv:  # and --kv-cache-memory 0.25
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_quantization_report(server):
@@ -52,14 +43,14 @@ def test_quantization_report(server):
 
 
 def test_estimate_matches_v1_memory_and_auto_context(server, default_model_dir):
-    est = estimate_memory(EstimateRequest(model=None, kv_cache_memory_gib=0.25, max_model_len=None))
+    est = estimate_memory(EstimateRequest(model=None, kv_cache_memory=0.25, max_model_len=None))
     memory = httpx.get(f"{server.url}/v1/memory", timeout=30).json()["models"][0]
     assert est.weight_bytes == pytest.approx(memory["weights"]["weight_bytes"], rel=0.05)
     assert est.kv_cache_bytes == pytest.approx(memory["kv_cache"]["bytes_total"], rel=0.05)
     # auto: the model's 8,192 tokens, capped by what the 0.25 GiB cache holds (46,080 bytes a token)
     card = httpx.get(f"{server.url}/v1/models/{MODEL}", timeout=30).json()
     assert card["max_model_len"] == min(est.model_max_len, est.kv_cache_tokens) == est.max_model_len
-    log = server.log.read_text()
+    log = server.log_text()
     assert f"--max-model-len auto: {card['max_model_len']} tokens" in log and "memory estimate: fits" in log
 
 
@@ -68,8 +59,7 @@ def test_estimate_matches_v1_memory_and_auto_context(server, default_model_dir):
     (["--kv-cache-memory", "0.001", "--max-model-len", "4096"], "is more than the KV cache holds"),
 ])
 def test_serve_refuses_what_cannot_fit(default_model_dir, flags, reason):
-    cmd = [sys.executable, "-m", "quantserve.server", "serve", "--port", "0", *flags]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = run_serve("--port", "0", *flags)
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("quantserve serve: error: ") and reason in last and "quantserve estimate" in last

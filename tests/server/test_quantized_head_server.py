@@ -5,9 +5,6 @@ before anything loads."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import httpx
 import pytest
 
@@ -16,17 +13,18 @@ HEAD_BYTES = {"int8": V * K + 4 * V, "nf4": V * K // 2 + 4 * (V * K // 64) + 4 *
 
 
 def test_a_bad_value_is_refused_before_loading():
-    proc = subprocess.run([sys.executable, "-m", "quantserve.server", "serve", "--quantize-lm-head", "q4"],
-                          capture_output=True, text=True, timeout=120)
+    from .serving import run_serve
+
+    proc = run_serve("--quantize-lm-head", "q4", timeout=120)
     assert proc.returncode == 2 and "--quantize-lm-head: invalid choice: 'q4'" in proc.stderr
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
 def test_real_server_with_a_quantized_head(kind, default_model_dir):
-    from .test_api_server import Server
+    from .serving import start_server
 
-    with Server.serving("--quantize-lm-head", kind) as server:
+    with start_server("--quantize-lm-head", kind) as server:
         reply = server.client().chat.completions.create(
             model="SmolLM2-135M-Instruct", temperature=0, max_tokens=16,
             messages=[{"role": "user", "content": "What is the capital of France?"}],
@@ -39,4 +37,4 @@ def test_real_server_with_a_quantized_head(kind, default_model_dir):
         # the 16-bit head is asserted in tests/server/engine/test_quantized_head_engine.py).
         if kind == "int8":
             assert weights["weight_bytes_by_dtype"]["int8"] == V * K
-        assert f"output head quantized to {kind}" in server.log.read_text()
+        assert f"output head quantized to {kind}" in server.log_text()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import subprocess
 import sys
 import textwrap
 import threading
@@ -20,17 +19,12 @@ from typing import Iterator, Optional
 import httpx
 import pytest
 
+from quantserve.server.testing import ServerProcess, run_serve
+
 MODEL = "SmolLM2-135M-Instruct"
-QUANTSERVE = Path(sys.executable).parent / "quantserve"
 # Small limits: a quick start, and 64-token streams still run for a second or more on a CPU.
 SMALL = ("--max-model-len", "512", "--kv-cache-memory", "0.25")
 ERROR_PREFIX = "quantserve serve: error:"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _port_open(port: int) -> bool:
@@ -39,57 +33,10 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-class Proc:
-    """A `quantserve serve` process (or `cmd`, a wrapper that ends in it) with stderr in a file."""
-
-    def __init__(self, tmp: Path, *args: str, cmd: Optional[list[str]] = None) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.stderr_path = tmp / f"serve-{self.port}.stderr"
-        argv = (cmd or [str(QUANTSERVE), "serve"]) + [*args, "--port", str(self.port)]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self.stderr_path.open("w"))
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def last_stderr_line(self) -> str:
-        lines = [line for line in self.stderr.splitlines() if line.strip()]
-        return lines[-1] if lines else ""
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.stderr[-4000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(self.stderr[-4000:])
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the server did not exit within {timeout} s:\n{self.stderr[-3000:]}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def metric(self, name: str) -> float:
-        """Sum of a Prometheus sample over its labels (one model here); our own parse of the text."""
-        total, found = 0.0, False
-        for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
-            if line.startswith((name + "{", name + " ")):
-                total += float(line.rsplit(" ", 1)[1])
-                found = True
-        assert found, f"{name} not in /metrics"
-        return total
+def _wrapped(script: Path, *args: str) -> ServerProcess:
+    """A server started through `script`, a wrapper that patches the server and then runs
+    `quantserve serve` with the arguments it was given."""
+    return ServerProcess(*args, command=[sys.executable, str(script)])
 
 
 def _assert_openai_error(r: httpx.Response, status: int, code: Optional[str] = None) -> dict:
@@ -144,19 +91,20 @@ def test_unservable_model_exits_1_with_one_line(tmp_path, name, make, words, ear
     folder = tmp_path / name
     if make is not None:
         make(folder)
-    srv = Proc(tmp_path, str(folder), *SMALL)
+    srv = ServerProcess(str(folder), *SMALL)
     try:
         code = srv.wait(timeout=60)
     finally:
         srv.kill()
-    assert code == 1, srv.stderr[-3000:]
-    last = srv.last_stderr_line()
-    assert last.startswith(ERROR_PREFIX), srv.stderr[-3000:]
+    log = srv.log_text()
+    assert code == 1, log[-3000:]
+    last = srv.last_log_line()
+    assert last.startswith(ERROR_PREFIX), log[-3000:]
     for word in [str(folder), *words]:
         assert word in last, (word, last)
     assert not _port_open(srv.port), "the port still answers after the process exited"
     # The cheap checks run before the port opens; the rest fails in the background and stops uvicorn.
-    assert ("Uvicorn running" in srv.stderr) is (not early), srv.stderr[-3000:]
+    assert ("Uvicorn running" in log) is (not early), log[-3000:]
 
 
 def test_taken_port_exits_1_with_one_line(tmp_path):
@@ -164,8 +112,7 @@ def test_taken_port_exits_1_with_one_line(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = subprocess.run([str(QUANTSERVE), "serve", *SMALL, "--port", str(port)], capture_output=True,
-                              text=True, timeout=60, check=False)
+        proc = run_serve(*SMALL, "--port", str(port), timeout=60)
     last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
     assert proc.returncode == 1 and last.startswith(ERROR_PREFIX), proc.stderr[-3000:]
     assert f"127.0.0.1:{port}" in last and "in use" in last, last
@@ -207,7 +154,7 @@ def test_dead_engine_answers_503_and_exits_nonzero(tmp_path):
     why, and the process must exit non-zero on its own so that a supervisor restarts it."""
     wrapper = tmp_path / "faulty_serve.py"
     wrapper.write_text(textwrap.dedent(_FAULT_WRAPPER))
-    srv = Proc(tmp_path, *SMALL, cmd=[sys.executable, str(wrapper)])
+    srv = _wrapped(wrapper, *SMALL)
     try:
         srv.wait_ready()
         stream_body = {"model": MODEL, "messages": [{"role": "user", "content": "Count to one hundred."}],
@@ -245,8 +192,8 @@ def test_dead_engine_answers_503_and_exits_nonzero(tmp_path):
         code = srv.wait(timeout=30)
     finally:
         srv.kill()
-    assert code != 0, srv.stderr[-3000:]
-    last = srv.last_stderr_line()
+    assert code != 0, srv.log_tail()
+    last = srv.last_log_line()
     assert last.startswith(ERROR_PREFIX) and "engine" in last and "injected" in last, last
     assert not _port_open(srv.port)
 
@@ -271,22 +218,24 @@ def test_sigterm_while_loading_exits_promptly(tmp_path):
     process at once (the loading thread must not hold the exit), with status 0 as any SIGTERM."""
     wrapper = tmp_path / "stuck_serve.py"
     wrapper.write_text(_STUCK_LOADER_WRAPPER)
-    srv = Proc(tmp_path, *SMALL, cmd=[sys.executable, str(wrapper)])
+    srv = _wrapped(wrapper, *SMALL)
+    answers: list[httpx.Response] = []
+
+    def health_answers() -> bool:
+        try:
+            answers.append(httpx.get(srv.url + "/health", timeout=2))
+            return True
+        except httpx.TransportError:
+            return False
+
     try:
-        deadline = time.time() + 60
-        loading = None
-        while loading is None and time.time() < deadline and srv.proc.poll() is None:
-            try:
-                loading = httpx.get(srv.url + "/health", timeout=2)
-            except httpx.TransportError:
-                time.sleep(0.1)
-        assert loading is not None, srv.stderr[-3000:]
-        assert "loading" in _assert_openai_error(loading, 503)["message"]
-        srv.proc.send_signal(signal.SIGTERM)
+        srv.wait_ready(timeout=60, ready=health_answers)  # the port is open, the load never ends
+        assert "loading" in _assert_openai_error(answers[0], 503)["message"]
+        srv.send_signal(signal.SIGTERM)
         code = srv.wait(timeout=20)
     finally:
         srv.kill()
-    assert code == 0, srv.stderr[-3000:]
+    assert code == 0, srv.log_tail()
     assert not _port_open(srv.port)
 
 
@@ -294,18 +243,12 @@ def test_sigterm_while_loading_exits_promptly(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server():
     # The default --max-body-bytes (8 MiB). The drain limit is far above what the SIGTERM test's
     # streams take even on a busy CI machine (the default is 30 s).
-    srv = Proc(tmp_path_factory.mktemp("robustness"), *SMALL, "--shutdown-timeout", "300")
-    try:
-        srv.wait_ready()
+    # Leaving, it must exit 0 on SIGTERM, unless the SIGTERM test has already stopped it (and checked that).
+    with ServerProcess(*SMALL, "--shutdown-timeout", "300") as srv:
         yield srv
-        if srv.proc.poll() is None:  # not already stopped by the SIGTERM test
-            srv.proc.send_signal(signal.SIGTERM)
-            assert srv.wait(timeout=60) == 0, srv.stderr[-3000:]
-    finally:
-        srv.kill()
 
 
 OVER_LIMIT = 33 * 2**20
@@ -401,7 +344,7 @@ def test_client_hangup_on_non_streamed_request_stops_generation(server):
     # The client is gone: the request must leave the engine and give back its KV blocks.
     assert wait_for(lambda: server.metric("vllm:num_requests_running") == 0
                     and server.metric("vllm:num_requests_waiting") == 0
-                    and server.metric("vllm:kv_cache_usage_perc") == 0, 15), server.stderr[-2000:]
+                    and server.metric("vllm:kv_cache_usage_perc") == 0, 15), server.log_tail(2000)
     generated = server.metric("vllm:generation_tokens_total") - generated_before
     assert 0 < generated < max_tokens, generated  # stopped part-way, not run to the end
     time.sleep(1)  # and it stays stopped
@@ -445,7 +388,7 @@ def test_sigterm_drains_streams_then_exits_0(server):
         for e in started:
             assert e.wait(120), "a stream never started"
         finished_at_signal = list(finished)
-        srv.proc.send_signal(signal.SIGTERM)
+        srv.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(300)
         code = srv.wait(timeout=60)
@@ -460,7 +403,7 @@ def test_sigterm_drains_streams_then_exits_0(server):
         finishes = [c["finish_reason"] for e in chunks for c in e.get("choices", []) if c.get("finish_reason")]
         assert finishes == ["length"], finishes
         assert chunks[-1]["usage"]["completion_tokens"] == max_tokens, chunks[-1]
-    assert code == 0, srv.stderr[-3000:]
+    assert code == 0, srv.log_tail()
     assert not _port_open(srv.port)
 
 
@@ -472,7 +415,7 @@ def test_drain_limit_answers_503_not_a_cancellation(tmp_path):
     whole response) or an in-band error event and [DONE] (a stream), never with uvicorn cancelling
     them (a 500 and a traceback in the log, or a stream cut short); the process still exits 0."""
     # The engine fails what is left 2 s before the 8 s limit; 1,500 tokens take far longer on a CPU.
-    srv = Proc(tmp_path, "--max-model-len", "2048", "--kv-cache-memory", "0.25", "--shutdown-timeout", "8")
+    srv = ServerProcess("--max-model-len", "2048", "--kv-cache-memory", "0.25", "--shutdown-timeout", "8")
     ask = {"model": MODEL, "messages": [{"role": "user", "content": "Count to one thousand."}],
            "max_tokens": 1500, "temperature": 0, "ignore_eos": True}
     whole: list = [None]
@@ -503,7 +446,7 @@ def test_drain_limit_answers_503_not_a_cancellation(tmp_path):
             t.start()
         assert streaming.wait(120), "the stream never started"
         assert whole[0] is None, "the whole request finished before SIGTERM: it proves nothing"
-        srv.proc.send_signal(signal.SIGTERM)
+        srv.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(60)
         code = srv.wait(timeout=60)
@@ -520,5 +463,6 @@ def test_drain_limit_answers_503_not_a_cancellation(tmp_path):
     finishes = [c["finish_reason"] for e in events if isinstance(e, dict) for c in e.get("choices", [])
                 if c.get("finish_reason")]
     assert finishes == [], finishes  # cut by the drain limit, not finished
-    assert code == 0, srv.stderr[-3000:]
-    assert "Traceback" not in srv.stderr and "Exception in ASGI application" not in srv.stderr, srv.stderr[-3000:]
+    log = srv.log_text()
+    assert code == 0, log[-3000:]
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]

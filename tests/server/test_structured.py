@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 from pydantic import BaseModel, Field
 
-from .test_api_server import MODEL, Server
+from .serving import MODEL, start_server
 
 # Bounded everywhere (lengths, item counts, integer ranges): a schema the model cannot finish
 # within max_tokens would make "length" a legitimate answer and the test unable to fail.
@@ -74,7 +74,7 @@ WEATHER_Q = [{"role": "user", "content": "What is the weather like in Paris toda
 
 @pytest.fixture(scope="module")
 def server(default_model_dir):
-    with Server.serving() as srv:
+    with start_server() as srv:
         yield srv
 
 
