@@ -3,6 +3,8 @@ process serving the default model in LLM.int8 to the official openai client."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -31,11 +33,9 @@ def test_load_for_serving_int8_settings(monkeypatch):
 
 @pytest.mark.slow
 def test_real_server_serves_int8(default_model_dir):
-    from .test_api_server import Server
+    from .serving import start_server
 
-    server = Server("--quant", "int8")
-    try:
-        server.wait_ready()
+    with start_server("--quant", "int8") as server:
         client = server.client()
         reply = client.chat.completions.create(
             model="SmolLM2-135M-Instruct", temperature=0, max_tokens=16,
@@ -45,9 +45,13 @@ def test_real_server_serves_int8(default_model_dir):
         # arithmetic); here: the int8 model is what is served, and it answers.
         assert reply.choices[0].finish_reason in ("stop", "length") and reply.choices[0].message.content.strip()
         assert reply.usage.completion_tokens <= 16
-        assert "210 layers int8" in server.log.read_text()
+        assert "210 layers int8" in server.log_text()
         memory = httpx.get(server.url + "/v1/memory", headers=server.headers(), timeout=10).json()
-        weights = memory["weights"]
-        assert weights["quantized_layers"] == 210 and weights["saving_ratio"] > 1.0
-    finally:
-        assert server.stop() == 0
+        weights = memory["models"][0]["weights"]
+        assert weights["quantized_layers"] == 210
+        # One byte per weight of every projection, from the model's config: q, k, v, o, gate, up, down.
+        config = json.loads((default_model_dir / "config.json").read_text())
+        hidden, inter = config["hidden_size"], config["intermediate_size"]
+        kv = config["num_key_value_heads"] * hidden // config["num_attention_heads"]
+        per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter
+        assert weights["weight_bytes_by_dtype"]["int8"] == config["num_hidden_layers"] * per_layer
