@@ -54,12 +54,12 @@ def test_write_kv_rounds_float32_to_float16_cache(kt):
 def test_engine_refuses_fp8_cache_on_the_interpreter(name):
     """fp8 with the Triton path on a CPU: refused at startup with the reason (never changed silently)."""
     from quantserve.server.engine import EngineConfig
-    from quantserve.server.engine.model_runner import ModelRunner, triton_unusable
+    from quantserve.server.engine.attention.triton import unusable
+    from quantserve.server.engine.model_runner import ModelRunner
 
     from ..server.engine import family_models as fm
 
-    if triton_unusable(torch.device("cpu")) is not None:
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 (run this file in its own process)")
+    assert unusable(torch.device("cpu")) is None  # the interpreter is on (tests/conftest.py)
     model = fm.family_model("llama3")
     with pytest.raises(ValueError, match=f"kv_cache_dtype '{name}' with the Triton attention: .*round"):
         ModelRunner(model, EngineConfig(num_kv_blocks=4, attention_backend="triton", kv_cache_dtype=name))
