@@ -29,6 +29,8 @@ def main() -> int:
     parser.add_argument("--after", type=float, default=6.0, help="seconds watched after it stops")
     parser.add_argument("--serve-args", type=shlex.split, default="", help="extra `quantserve serve` flags")
     args = parser.parse_args()
+    from lock import hold  # bench/lock.py: one benchmark at a time on this machine
+    hold()
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

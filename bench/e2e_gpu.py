@@ -317,6 +317,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="hf part: static cache + torch.compile")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    from lock import hold  # bench/lock.py: one benchmark at a time on this machine
+    hold()
     if not torch.cuda.is_available():
         sys.exit("bench/e2e_gpu.py needs a CUDA or ROCm GPU")
 

@@ -377,6 +377,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="quantserve's CPU forward: as shipped (one native call per step, AMX for prompt rows "
                              "where the CPU has it), fused without AMX, or the Python forward (the fused step off)")
     args = parser.parse_args(argv)
+    from lock import hold  # bench/lock.py: one benchmark at a time on this machine
+    hold()
     choose_forward(args.forward)
     if args.loras and "quantserve+lora" not in args.systems:
         args.systems.append("quantserve+lora")

@@ -23,6 +23,8 @@ def main() -> None:
     parser.add_argument("--formats", default="nf4,nf4+dq,fp4,int8")
     parser.add_argument("--kv-cache-memory", type=float, default=0.25)
     args = parser.parse_args()
+    from lock import hold  # bench/lock.py: one benchmark at a time on this machine
+    hold()
     import transformers
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

@@ -402,6 +402,9 @@ def main() -> None:
         return
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("no GPU: use --dry-run")
+    if not args.dry_run:  # the dry run checks plumbing and times nothing
+        from lock import hold  # bench/lock.py: one benchmark at a time on this machine
+        hold()
     fn = part_kernels if args.part == "kernels" else part_e2e
     _write(args.outdir / f"{args.part}.json", fn(args.outdir, args.dry_run))
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue #13, in one go (about 5-6 minutes on an H100/H200 with no network):
+# The GPU check in one go (about 5-6 minutes on an H100/H200 with no network):
 #
 #   bash bench/gpu_check.sh OUTDIR [--dry-run]
 #
@@ -22,6 +22,11 @@ OUT=$(cd "$OUT" && pwd)
 : >"$OUT/times.txt"
 PY=${PYTHON:-python3}
 if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && [ "$DRY" = "--dry-run" ]; then PY=.venv/bin/python; fi
+# One benchmark at a time (bench/lock.py): the whole check runs under the lock, its parts inherit it.
+# The dry run times nothing and does not wait for it.
+if [ "$DRY" != "--dry-run" ] && [ -z "${QUANTSERVE_BENCH_LOCK_HELD:-}" ]; then
+    exec "$PY" bench/lock.py bash bench/gpu_check.sh "$OUT" "${@:2}"
+fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 unset TRITON_INTERPRET
 # the tuning cache lands here, so a second run of this script starts warm

@@ -245,6 +245,8 @@ def main() -> None:
     parser.add_argument("--no-graph", action="store_true", help="time eager loops instead of CUDA graphs")
     parser.add_argument("--out", default=None, help="also write the tables to this file")
     args = parser.parse_args()
+    from lock import hold  # bench/lock.py: one benchmark at a time on this machine
+    hold()
     if not torch.cuda.is_available():
         sys.exit("bench/gpu_kernels.py needs a CUDA or ROCm GPU")
 

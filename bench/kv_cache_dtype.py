@@ -11,7 +11,8 @@ own runner (attention reading its paged cache), against the same runner with a f
     python bench/kv_cache_dtype.py [--dtypes float32,bfloat16,float16,fp8_e4m3,fp8_e5m2] [--chunk 64]
 
 bench/perplexity.py measures the weights' formats with transformers' forward (no paged cache), so
-the KV cache dtype does not show there; this does. Not timed (no benchmark lock needed).
+the KV cache dtype does not show there; this does. Not timed; it still takes the benchmark lock, so
+it never runs beside a benchmark that is.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=64, help="prefill chunk (max_num_batched_tokens)")
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
+    from lock import hold  # bench/lock.py: one benchmark at a time on this machine
+    hold()
     import transformers
     from quantserve import quant
     from quantserve.server.loading.default_model import default_model_folder

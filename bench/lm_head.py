@@ -16,6 +16,8 @@ from quantserve.server.engine.models.sixteen_bit import head_logits
 
 
 def main() -> None:
+    from lock import hold  # bench/lock.py: one benchmark at a time on this machine
+    hold()
     torch.set_float32_matmul_precision("medium")
     V, K = 49152, 576
     w = torch.randn(V, K).to(torch.bfloat16)

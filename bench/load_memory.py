@@ -178,6 +178,8 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    from lock import hold  # bench/lock.py: one benchmark at a time on this machine
+    hold()
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         models = [("SmolLM2-135M (default)", "default")]

@@ -458,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from lock import hold  # bench/lock.py: one benchmark at a time on this machine
+    hold()
     args.rounds = args.rounds or (1 if args.quick else 2)
     args.max_tokens = args.max_tokens or (16 if args.quick else 64)
     if args.busy_concurrency is None:

@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--lm-heads", default="none", help="comma-separated output head formats: none,int8,nf4 "
                         "(default: none, the 16-bit head)")
     args = parser.parse_args()
+    from lock import hold  # bench/lock.py: one benchmark at a time on this machine
+    hold()
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import bitsandbytes as bnb
     import transformers as tf

@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shorter timing loops")
     parser.add_argument("--only", choices=["nf4", "int8"], help="only the 4-bit (nf4) or only the int8 rows")
     args = parser.parse_args()
+    from lock import hold  # bench/lock.py: one benchmark at a time on this machine
+    hold()
     if args.threads:
         torch.set_num_threads(args.threads)
     min_time = 0.15 if args.quick else 0.5

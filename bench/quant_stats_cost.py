@@ -19,6 +19,8 @@ def main() -> None:
     parser.add_argument("--formats", default="nf4,nf4+dq,int8")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
+    from lock import hold  # bench/lock.py: one benchmark at a time on this machine
+    hold()
     from quantserve.server.loading.loader import LoadConfig, load_model
     from quantserve.server.loading.verify import quant_config
 

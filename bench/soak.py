@@ -832,6 +832,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from lock import hold  # bench/lock.py: one benchmark at a time on this machine
+    hold()
     if args.pid is not None and not args.url:
         build_parser().error("--pid needs --url")
     # SIGTERM as Ctrl-C: the finally blocks stop the server this script started.

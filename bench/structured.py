@@ -162,6 +162,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--masks-only", action="store_true", help="only the compile times and the grammar's work "
                         "per step (no model runs)")
     args = parser.parse_args(argv)
+    from lock import hold  # bench/lock.py: one benchmark at a time on this machine
+    hold()
     torch.set_float32_matmul_precision("medium")  # the server's default
     folder = default_model_folder()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)

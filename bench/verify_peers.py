@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--formats", default="nf4,nf4+dq,fp4,int8")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    from lock import hold  # bench/lock.py: one benchmark at a time on this machine
+    hold()
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import transformers as tf
 
