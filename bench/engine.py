@@ -172,8 +172,8 @@ def run_quantserve(model, tokenizer, prompts, concurrency, rounds, max_tokens, a
                    adapters: Optional[list[tuple[str, str]]] = None) -> dict[str, Any]:
     config = EngineConfig(max_num_seqs=args.max_num_seqs or max(concurrency, 1),
                           max_num_batched_tokens=args.max_num_batched_tokens,
-                          kv_cache_memory_gib=args.kv_cache_gib, max_loras=max(1, len(adapters or ())),
-                          kv_cache_dtype=args.kv_cache_dtype)
+                          kv_cache_memory=args.kv_cache_gib, max_loras=max(1, len(adapters or ())),
+                          kv_cache_dtype=args.kv_cache_dtype, forward=args.forward)
     rec = Recorder()
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
 
@@ -331,16 +331,12 @@ def table(results: dict[str, dict[int, dict[str, Any]]], concurrencies: list[int
     return "\n".join(lines)
 
 
-def choose_forward(which: str) -> None:
-    """Benchmark switch (not a serving option): turn the fused step's AMX prompts, or the fused step
-    itself, off for this process, to measure what each brings."""
+def no_amx() -> None:
+    """Benchmark switch (not a serving option): prompt rows of the fused step on the AVX-512 kernel
+    instead of AMX tiles, to measure what AMX brings."""
     from quantserve.kernels.cpu import amx
-    from quantserve.server.engine.models import native_step
 
-    if which == "python":
-        native_step.reason = lambda model: "turned off by bench/engine.py --forward python"
-    elif which == "fused":
-        amx.available = lambda: False
+    amx.available = lambda: False
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -373,13 +369,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--loras", type=int, default=0,
                         help="also run quantserve+lora: the streams spread over this many LoRA adapters")
     parser.add_argument("--lora-rank", type=int, default=16)
-    parser.add_argument("--forward", default="shipped", choices=["shipped", "fused", "python"],
-                        help="quantserve's CPU forward: as shipped (one native call per step, AMX for prompt rows "
-                             "where the CPU has it), fused without AMX, or the Python forward (the fused step off)")
+    parser.add_argument("--forward", default="auto", choices=["auto", "fused", "layers", "transformers"],
+                        help="quantserve's forward path, as the server's --forward")
+    parser.add_argument("--no-amx", action="store_true",
+                        help="the fused step's prompt rows on the AVX-512 kernel instead of AMX tiles")
     args = parser.parse_args(argv)
     from lock import hold  # bench/lock.py: one benchmark at a time on this machine
     hold()
-    choose_forward(args.forward)
+    if args.no_amx:
+        no_amx()
     if args.loras and "quantserve+lora" not in args.systems:
         args.systems.append("quantserve+lora")
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
@@ -394,7 +392,8 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{args.max_tokens} output tokens, "
           f"{args.rounds} requests per client"
           + (f", quantserve's max_num_seqs {args.max_num_seqs}" if args.max_num_seqs else "")
-          + f", quantserve's KV cache dtype {args.kv_cache_dtype}, forward {args.forward}", flush=True)
+          + f", quantserve's KV cache dtype {args.kv_cache_dtype}, forward {args.forward}"
+          + (", no AMX" if args.no_amx else ""), flush=True)
     results: dict[str, dict[int, dict[str, Any]]] = {}
     quantized = None
     adapters: list[tuple[str, str]] = []

@@ -59,9 +59,9 @@ def text_log_probs(model, ids: list[int], kv_cache_dtype: str, chunk: int) -> to
     with torch.inference_mode():
         while sched.has_work():
             batch = sched.schedule()
-            input_ids, positions, meta, _, _ = runner._prepare(batch)
-            logits = runner.model.forward_logits(input_ids, positions, meta, runner.kv_caches,
-                                                 torch.arange(input_ids.shape[0]))
+            inputs = runner.inputs(batch, runner.flatten(batch))
+            inputs.logit_rows = torch.arange(inputs.input_ids.shape[0])  # every row's next-token logits
+            logits = runner.model.forward_logits(inputs, runner.kv_caches)
             out.append(logits.float().log_softmax(-1))
             sched.postprocess(batch, [0 if sample else None for sample in batch.sample])
     return torch.cat(out)[: len(ids) - 1]

@@ -187,8 +187,8 @@ def estimate_memory(request: EstimateRequest) -> MemoryEstimate:
             entries.update(read_safetensors_header(path))
     streamer, quantized = _skeleton(folder, hf_config, dtype, config.quant, stored)
     model, quant = streamer.model, streamer.quant
-    shape = serving_shape(model)
-    _, kv_heads, head_dim, layers = shape
+    attention_shape = serving_shape(model)
+    _, kv_heads, head_dim, layers = attention_shape
     native = families.unsupported_reason(model) is None  # the decoder forward fuses the linears
     elem = _elem(dtype)
     half = _elem(sixteen_bit_dtype(dtype))
@@ -227,7 +227,7 @@ def estimate_memory(request: EstimateRequest) -> MemoryEstimate:
     weight_bytes = sum(parts.values())
 
     # KV cache, as the engine's runner sizes it
-    kv_elem = _elem(_kv_dtype(request.kv_cache_dtype, device, dtype, shape, request.block_size,
+    kv_elem = _elem(_kv_dtype(request.kv_cache_dtype, device, dtype, attention_shape, request.block_size,
                               request.attention_backend))
     bytes_per_token = 2 * layers * kv_heads * head_dim * kv_elem
     bytes_per_block = bytes_per_token * request.block_size

@@ -4,7 +4,7 @@ activations and weights (the kernel's bf16 products), for row counts that are an
 of the 32-row tile pass, output sizes that are not multiples of the 32-row weight panel, with and
 without bias, one and two threads; a row's result independent of the other rows; and shapes it
 must decline (nothing written). Skipped on CPUs without AMX-BF16 (the engine then uses the AVX-512
-kernel for prompts: tests/server/engine/test_native_step.py covers both)."""
+kernel for prompts: tests/server/engine/test_fused_step.py covers both)."""
 
 from __future__ import annotations
 

@@ -111,12 +111,11 @@ def test_engine_lora_layer_on_the_triton_path(kl):
     adapters = [adapter(101, [0, 1, 2], 4), adapter(102, [2], 3), adapter(103, [], 2)]
     seq_adapters = [adapters[0], None, adapters[1], adapters[2], adapters[0]]
     counts = [2, 1, 3, 1, 1]  # a prefill of 2 and of 3 tokens among decodes
-    state = lora_layers.LoRAState({})
-    state.use_triton = True  # on CPU tensors, through the interpreter
+    state = lora_layers.LoRAState({}, "triton")  # on CPU tensors, through the interpreter
     layer = lora_layers.LoRALinear(Base(), 0, "qkv", state)
-    state.batch = lora_layers.step_batch(seq_adapters, counts, torch.device(DEVICE))
+    step = lora_layers.step_batch(state, seq_adapters, counts, torch.device(DEVICE))
     x = torch.randn(sum(counts), K, generator=g)
-    got = layer(x.to(DEVICE)).cpu().double()
+    got = layer(x.to(DEVICE), step).cpu().double()
 
     want = x.double() @ weight.double().t()
     row = 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from quantserve.kernels.cpu import paged_attention as native
-from quantserve.server.engine.attention import AttentionMetadata, PrefillChunk, native_plan, keys_view, paged_attention
+from quantserve.server.engine.attention import BACKENDS, SeqRows, StepLayout, keys_view, select_backend
 
 from ...native import require_native
 
@@ -24,22 +24,23 @@ def naive(q, keys, values, scale, offset):
     return torch.einsum("hnl,lhd->nhd", scores.softmax(-1), v).float()
 
 
-@pytest.mark.parametrize("native_decode", [False, True])
+@pytest.mark.parametrize("backend", ["torch", "native"])
 @pytest.mark.parametrize("heads, kv_heads, block_size, dim",
                          [(9, 3, 16, 32), (4, 4, 8, 32), (8, 2, 1, 32), (6, 2, 16, 20)])
-def test_mixed_batch_matches_dense_attention(native_decode, heads, kv_heads, block_size, dim):
-    """The PyTorch path (and the native one) on a mixed step. Unowned slots hold zeros: the
+def test_mixed_batch_matches_dense_attention(backend, heads, kv_heads, block_size, dim):
+    """The PyTorch backend (and the native one) on a mixed step. Unowned slots hold zeros: the
     PyTorch decode path reads whole blocks and masks, and 0 * NaN would be NaN."""
-    if native_decode:
+    if backend == "native":
         require_native(native.load)
     seqs = [(0, 1), (4, 1), (37, 1), (100, 1), (0, 23), (19, 7), (64, 40)]
-    q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v = build_step(
-        seqs, heads, kv_heads, block_size, dim, num_blocks=300, fill=0.0, native_decode=native_decode)
+    q, k_new, v_new, k_cache, v_cache, layout, full_k, full_v = build_step(
+        seqs, heads, kv_heads, block_size, dim, num_blocks=300, fill=0.0)
     scale = dim**-0.5
-    out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, scale).view(-1, heads, dim)
+    out = attend(backend, q, k_new, v_new, k_cache, v_cache, layout, scale).view(-1, heads, dim)
     check_against_dense(out, q, seqs, full_k, full_v, scale, atol=2e-5, rtol=1e-4)
-    assert torch.equal(keys_view(k_cache)[meta.slot_blocks, meta.slot_offsets], k_new)
-    assert torch.equal(v_cache[meta.slot_blocks, meta.slot_offsets], v_new)
+    blocks, offsets = slot_parts(layout)
+    assert torch.equal(keys_view(k_cache)[blocks, offsets], k_new)
+    assert torch.equal(v_cache[blocks, offsets], v_new)
 
 
 # ------------------------------------------------------------------------------ native kernel
@@ -56,11 +57,10 @@ def native_mode(request):
     native.set_fast(before)
 
 
-def build_step(seqs, heads, kv_heads, block_size, D, num_blocks=None, fill=float("nan"), seed=0,
-               native_decode=True):
+def build_step(seqs, heads, kv_heads, block_size, D, num_blocks=None, fill=float("nan"), seed=0):
     """A step over `seqs` [(tokens already cached, new tokens)], decodes (new == 1) first, as the
     runner builds it. Cache slots no sequence owns hold `fill` (NaN: a kernel reading a slot past
-    a context end poisons its output). Returns (q, k_new, v_new, k_cache, v_cache, meta, full
+    a context end poisons its output). Returns (q, k_new, v_new, k_cache, v_cache, layout, full
     keys, full values)."""
     g = torch.Generator().manual_seed(seed)
     need = sum(-(-(c + n) // block_size) for c, n in seqs)
@@ -86,31 +86,34 @@ def build_step(seqs, heads, kv_heads, block_size, D, num_blocks=None, fill=float
     q = torch.cat(q_rows)
     k_new = torch.cat([k[c:] for k, (c, _) in zip(full_k, seqs)])
     v_new = torch.cat([v[c:] for v, (c, _) in zip(full_v, seqs)])
-    decode_tables = decode_lens = None
-    if nd:
-        max_blocks = max(len(t) for t in tables[:nd])
-        decode_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables[:nd]])
-        decode_lens = torch.tensor([c + 1 for c, _ in seqs[:nd]])
-    chunks, row = [], nd
-    for (computed, new), table in zip(seqs[nd:], tables[nd:]):
-        context = computed + new
-        chunks.append(PrefillChunk(row, new, context, torch.tensor(table) if computed else None))
+    rows, row = [], 0
+    for (computed, new), table in zip(seqs, tables):
+        rows.append(SeqRows(row, new, computed + new, table))
         row += new
-    slot_mapping = torch.tensor(slots)
-    meta = AttentionMetadata(
-        slot_mapping=slot_mapping, slot_blocks=slot_mapping // block_size, slot_offsets=slot_mapping % block_size,
-        num_decodes=nd, decode_block_tables=decode_tables, decode_context_lens=decode_lens, decode_mask=None,
-        prefills=chunks, num_tokens=q.shape[0], native_decode=native_decode,
-    )
-    return q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v
+    layout = StepLayout(rows, slots, nd, block_size)
+    return q, k_new, v_new, k_cache, v_cache, layout, full_k, full_v
+
+
+def attend(backend, q, k_new, v_new, k_cache, v_cache, layout, scale, window=0, softcap=0.0):
+    """One layer's attention through attention backend `backend` ("native", "torch", "triton"): its
+    metadata built from the layout, the new keys/values written, every row attended."""
+    heads, (_, kv_heads, D, _) = q.shape[1], k_cache.shape
+    impl = BACKENDS[backend](k_cache.device, heads, kv_heads, D)
+    return impl.forward(q, k_new, v_new, (k_cache, v_cache), impl.make_metadata(layout), scale, window, softcap)
+
+
+def slot_parts(layout):
+    """(block, offset) of every new row's slot."""
+    slots = torch.tensor(list(layout.slots))
+    return slots // layout.block_size, slots % layout.block_size
 
 
 def run_with_threads_and_check(seqs, heads, kv_heads, D, threads):
-    q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v = build_step(seqs, heads, kv_heads, 16, D)
+    q, k_new, v_new, k_cache, v_cache, layout, full_k, full_v = build_step(seqs, heads, kv_heads, 16, D)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, D**-0.5)
+        out = attend("native", q, k_new, v_new, k_cache, v_cache, layout, D**-0.5)
     finally:
         torch.set_num_threads(before)
     check_against_dense(out.view(-1, heads, D), q, seqs, full_k, full_v, D**-0.5)
@@ -143,13 +146,12 @@ MIXED = [(0, 1), (14, 1), (15, 1), (16, 1), (299, 1),
     (6, 3, 5, 20),     # odd block size and head dim: portable kernels
 ])
 def test_native_mixed_batch_matches_dense(native_mode, heads, kv_heads, block_size, dim):
-    q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v = build_step(MIXED, heads, kv_heads, block_size, dim)
+    q, k_new, v_new, k_cache, v_cache, layout, full_k, full_v = build_step(MIXED, heads, kv_heads, block_size, dim)
     scale = dim**-0.5
-    out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, scale)
-    assert meta.native_plan is not None  # the native kernel ran
+    out = attend("native", q, k_new, v_new, k_cache, v_cache, layout, scale)
     check_against_dense(out.view(-1, heads, dim), q, MIXED, full_k, full_v, scale)
     # every new token's key and value landed in its slot, bit for bit
-    blocks, offsets = meta.slot_blocks, meta.slot_offsets
+    blocks, offsets = slot_parts(layout)
     assert torch.equal(keys_view(k_cache)[blocks, offsets], k_new)
     assert torch.equal(v_cache[blocks, offsets], v_new)
 
@@ -162,14 +164,18 @@ def test_native_many_decodes(native_mode, threads):
     run_with_threads_and_check(seqs, heads, kv_heads, D, threads)
 
 
-def test_native_unsupported_shape_falls_back_to_pytorch():
-    """A head dim past the kernel's limit: the call declines and the PyTorch path answers."""
+def test_unsupported_shape_is_refused_by_native_and_served_by_torch():
+    """A head dim past the native kernel's limit: asking for the native backend is an error at
+    start; auto takes the PyTorch backend, which is right."""
     require_native(native.load)
     heads, kv_heads, D = 4, 2, 272
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="native"):
+        select_backend("native", cpu, torch.float32, heads, kv_heads, D, 16)
+    assert select_backend("auto", cpu, torch.float32, heads, kv_heads, D, 16).name == "torch"
     seqs = [(20, 1), (0, 9), (5, 4)]
-    q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v = build_step(seqs, heads, kv_heads, 16, D, fill=0.0)
-    assert native.attention(q, k_cache, v_cache, *native_plan(meta, 16), D**-0.5) is None
-    out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, D**-0.5)
+    q, k_new, v_new, k_cache, v_cache, layout, full_k, full_v = build_step(seqs, heads, kv_heads, 16, D, fill=0.0)
+    out = attend("torch", q, k_new, v_new, k_cache, v_cache, layout, D**-0.5)
     check_against_dense(out.view(-1, heads, D), q, seqs, full_k, full_v, D**-0.5, atol=2e-5, rtol=1e-4)
 
 
@@ -177,9 +183,9 @@ def test_native_error_is_at_sdpa_level(native_mode):
     """The kernel's error against float64 is no worse than float32 sdpa's on the same rows."""
     heads, kv_heads, D = 9, 3, 64
     seqs = [(199, 1), (0, 128), (64, 64)]
-    q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v = build_step(seqs, heads, kv_heads, 16, D)
+    q, k_new, v_new, k_cache, v_cache, layout, full_k, full_v = build_step(seqs, heads, kv_heads, 16, D)
     scale = D**-0.5
-    out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, scale).view(-1, heads, D)
+    out = attend("native", q, k_new, v_new, k_cache, v_cache, layout, scale).view(-1, heads, D)
     start = 0
     for (computed, new), keys, values in zip(seqs, full_k, full_v):
         rows = q[start : start + new]
@@ -207,13 +213,12 @@ def test_native_strided_queries(native_mode):
     """q as the models pass it: a slice of a fused q/k projection (llama) or heads-major (generic)."""
     heads, kv_heads, D = 9, 3, 64
     seqs = [(40, 1), (0, 30), (20, 9)]
-    q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v = build_step(seqs, heads, kv_heads, 16, D)
+    q, k_new, v_new, k_cache, v_cache, layout, full_k, full_v = build_step(seqs, heads, kv_heads, 16, D)
     fused = torch.cat([q, torch.zeros(q.shape[0], kv_heads, D)], dim=1)[:, :heads]  # row stride (H + KVH) * D
     heads_major = q.transpose(0, 1).contiguous().transpose(0, 1)  # head stride T * D
     for qs in (fused, heads_major):
-        meta.native_plan = None
         k2, v2 = k_cache.clone(), v_cache.clone()
-        out = paged_attention(qs, k_new, v_new, k2, v2, meta, D**-0.5)
+        out = attend("native", qs, k_new, v_new, k2, v2, layout, D**-0.5)
         check_against_dense(out.view(-1, heads, D), q, seqs, full_k, full_v, D**-0.5)
 
 
@@ -222,14 +227,10 @@ def test_native_prefix_hit_equals_fresh_prompt(native_mode):
     chunks of 16: the same attention output for the same rows, bit for bit (one kernel, whatever
     the chunking)."""
     heads, kv_heads, D = 9, 3, 64
-    q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v = build_step([(0, 80)], heads, kv_heads, 16, D)
-    full = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, D**-0.5)
+    q, k_new, v_new, k_cache, v_cache, layout, full_k, full_v = build_step([(0, 80)], heads, kv_heads, 16, D)
+    full = attend("native", q, k_new, v_new, k_cache, v_cache, layout, D**-0.5)
+    table = layout.seqs[0].table
     for first in (32, 16, 64, 70):
-        table = meta.slot_blocks[::16]
-        chunk = PrefillChunk(0, 80 - first, 80, table)
-        meta2 = AttentionMetadata(
-            slot_mapping=meta.slot_mapping[first:], slot_blocks=meta.slot_blocks[first:],
-            slot_offsets=meta.slot_offsets[first:], num_decodes=0, decode_block_tables=None,
-            decode_context_lens=None, decode_mask=None, prefills=[chunk], num_tokens=80 - first, native_decode=True)
-        out = paged_attention(q[first:], k_new[first:], v_new[first:], k_cache, v_cache, meta2, D**-0.5)
+        rest = StepLayout([SeqRows(0, 80 - first, 80, table)], layout.slots[first:], 0, 16)
+        out = attend("native", q[first:], k_new[first:], v_new[first:], k_cache, v_cache, rest, D**-0.5)
         assert torch.equal(out, full[first:]), first

@@ -269,7 +269,7 @@ def test_limits_are_checked_at_submit(smollm):
                 engine.generate([5], SamplingParams(n=5), "n")
         finally:
             await engine.shutdown()
-        engine = await started(model, tok, num_kv_blocks=64, max_waiting_requests=0)
+        engine = await started(model, tok, num_kv_blocks=64, max_queue=0)
         try:
             with pytest.raises(EngineOverloadedError) as info:
                 engine.generate([5, 6], SamplingParams(), "busy")
@@ -409,7 +409,7 @@ def test_batched_prompts_are_admitted_whole_or_not_at_all(smollm):
     from quantserve.server.engine import InvalidRequestError
 
     async def main():
-        engine = await started(model, tok, num_kv_blocks=64, max_waiting_requests=3, max_n=4)
+        engine = await started(model, tok, num_kv_blocks=64, max_queue=3, max_n=4)
         try:
             params = SamplingParams(max_tokens=2, temperature=0)
             with pytest.raises(InvalidRequestError) as bad:  # the second prompt is past the vocabulary

@@ -118,7 +118,7 @@ def test_engine_native_and_generic_paths(smollm_int8, many):
     async def one_at_a_time(model, impl):
         # Whole prompts in one chunk and no prefix cache: each matmul sees the rows transformers sees.
         # float32 KV cache: compared with transformers' greedy output (float32 cache)
-        engine = await started(model, tokenizer, num_kv_blocks=128, model_impl=impl, enable_prefix_caching=False,
+        engine = await started(model, tokenizer, num_kv_blocks=128, forward=impl, enable_prefix_caching=False,
                                max_num_batched_tokens=512, kv_cache_dtype="float32")
         kind = type(engine.runner.model).__name__
         try:
@@ -129,8 +129,8 @@ def test_engine_native_and_generic_paths(smollm_int8, many):
             await engine.shutdown()
 
     native_model = copy.deepcopy(smollm_int8[0])  # the engine converts its model in place
-    kind, native = run(one_at_a_time(native_model, "native"))
-    assert kind == "LlamaModel"
+    kind, native = run(one_at_a_time(native_model, "layers"))
+    assert kind == "DecoderModel"
     kind, generic = run(one_at_a_time(copy.deepcopy(smollm_int8[0]), "transformers"))
     assert kind == "TransformersModel"
     assert native == generic  # the same int8 arithmetic (fused or not) behind the same attention

@@ -19,7 +19,7 @@ import torch
 from quantserve.server.engine import EngineConfig, SamplingParams
 from quantserve.server.engine.block_manager import BlockManager
 from quantserve.server.engine.model_runner import ModelRunner
-from quantserve.server.engine.models.llama import LlamaModel
+from quantserve.server.engine.models.decoder import DecoderModel
 from quantserve.server.engine.scheduler import Scheduler
 from quantserve.server.engine.sequence import Sequence
 
@@ -76,13 +76,15 @@ def oracle(key: str, model, prompts) -> list[tuple[list[int], torch.Tensor]]:
 
 
 def engine_logits(model, tokens: list[list[int]], prompt_lens: list[int], num_blocks: int, budget: int,
-                  kv_cache_dtype: str = "float32"):
+                  kv_cache_dtype: str = "float32", forward: str = "auto", runners: list | None = None):
     """Teacher-forced run of the runner under its scheduler: {(seq, position): logits when the
     position was first computed}, and the scheduler's statistics. Each sequence is fed tokens[i]
     (its prompt, then the given tokens). A float32 KV cache by default: the logits are compared
-    with transformers' (float32 cache)."""
+    with transformers' (float32 cache). `forward`: the forward path; `runners` gets the runner."""
     runner = ModelRunner(model, EngineConfig(num_kv_blocks=num_blocks, max_num_batched_tokens=budget,
-                                             kv_cache_dtype=kv_cache_dtype))
+                                             kv_cache_dtype=kv_cache_dtype, forward=forward))
+    if runners is not None:
+        runners.append(runner)
     bm = BlockManager(runner.num_blocks, 16, runner.supports_prefix_caching, sliding_window=runner.sliding_window)
     sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=budget, recompute_above=runner.recompute_above)
     seqs = []
@@ -96,9 +98,9 @@ def engine_logits(model, tokens: list[list[int]], prompt_lens: list[int], num_bl
     while sched.has_work():
         batch = sched.schedule()
         assert not batch.cut_off
-        input_ids, positions, meta, _, _ = runner._prepare(batch)
-        rows = torch.arange(input_ids.shape[0])
-        logits = runner.model.forward_logits(input_ids, positions, meta, runner.kv_caches, rows)
+        inputs = runner.inputs(batch, runner.flatten(batch))
+        inputs.logit_rows = torch.arange(inputs.input_ids.shape[0])  # every row, not only the sampled ones
+        logits = runner.model.forward_logits(inputs, runner.kv_caches)
         order = [i for i, n in enumerate(batch.num_new_tokens) if n == 1] + \
                 [i for i, n in enumerate(batch.num_new_tokens) if n != 1]
         row = 0
@@ -165,7 +167,7 @@ def test_family_greedy_matches_transformers(family):
         # float32 KV cache: compared token for token with transformers (float32 cache)
         engine = await started(model, None, num_kv_blocks=12, max_num_batched_tokens=48, max_num_seqs=8,
                                kv_cache_dtype="float32")
-        assert isinstance(engine.runner.model, LlamaModel)
+        assert isinstance(engine.runner.model, DecoderModel)
         try:
             res = await asyncio.gather(*[collect(engine, p, params, f"r{i}")
                                          for i, p in enumerate(prompts)])
@@ -185,15 +187,20 @@ def test_family_greedy_matches_transformers(family):
 def test_what_neither_path_serves_is_refused_naming_why():
     """A model neither path can serve fails at load with one line naming the reason (the server
     exits with it), never a hang at request time."""
-    from quantserve.server.engine.models import UnsupportedModelError, build_model
+    from quantserve.server.engine.attention import SdpaBackend
+    from quantserve.server.engine.forward_path import build_forward
+    from quantserve.server.engine.models import UnsupportedModelError
 
     config = fm.build_config("gemma3")
     config.use_bidirectional_attention = True  # EmbeddingGemma-style: not a causal LM
     model = fm.build_model(config)
+    attention = SdpaBackend(torch.device("cpu"), 4, 2, 32)
     with pytest.raises(UnsupportedModelError, match="bidirectional attention"):
-        build_model(model, "auto")
-    with pytest.raises(UnsupportedModelError, match="native forward cannot serve"):
-        build_model(model, "native")
-    # a family outside the native list goes to the generic path, which serves it
+        build_forward(model, "auto", attention, torch.float32)
+    for path in ("layers", "fused"):
+        with pytest.raises(UnsupportedModelError, match=f"forward '{path}' cannot serve"):
+            build_forward(model, path, attention, torch.float32)
+    # any causal LM transformers serves goes through the transformers path when asked
     qwen3 = fm.family_model("qwen3")
-    assert type(build_model(qwen3, "transformers")).__name__ == "TransformersModel"
+    adapter, choice = build_forward(qwen3, "transformers", attention, torch.float32)
+    assert type(adapter).__name__ == "TransformersModel" and choice.path == "transformers"

@@ -49,7 +49,7 @@ def test_generic_path_matches_transformers(kind, smollm):
     async def main():
         # float32 KV cache: compared token for token with transformers (whose cache is float32)
         engine = await started(model, tokenizer, num_kv_blocks=128, max_num_batched_tokens=64,
-                               model_impl="transformers", kv_cache_dtype="float32")
+                               forward="transformers", kv_cache_dtype="float32")
         from quantserve.server.engine.models.generic import TransformersModel
 
         assert isinstance(engine.runner.model, TransformersModel)
@@ -79,10 +79,10 @@ def test_native_and_generic_paths_agree_on_llama(smollm):
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
     async def one(impl):
-        engine = await started(model, tok, num_kv_blocks=64, model_impl=impl)
+        engine = await started(model, tok, num_kv_blocks=64, forward=impl)
         try:
             return (await collect(engine, prompt, params, impl)).token_ids[0]
         finally:
             await engine.shutdown()
 
-    assert run(one("native")) == run(one("transformers"))
+    assert run(one("layers")) == run(one("transformers"))

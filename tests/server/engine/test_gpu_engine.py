@@ -80,7 +80,7 @@ def test_greedy_on_gpu_equals_cpu_path():
     want, _ = greedy(cpu_model, prompts, num_kv_blocks=64, max_num_seqs=8)
     gpu_model, _ = reference_model()
     gpu_model.to("cuda")
-    got, engine = greedy(gpu_model, prompts, kv_cache_memory_gib=1.0, max_num_seqs=8)
+    got, engine = greedy(gpu_model, prompts, kv_cache_memory=1.0, max_num_seqs=8)
     assert engine.runner.attention_backend == "triton" and engine.runner.graphs is not None
     for prompt, out, ref in zip(prompts, got, want):
         if out == ref:
@@ -109,7 +109,7 @@ def gpu_model(dtype, layers=2):
 
 def _decoding_runner(dtype, **config):
     model = gpu_model(dtype)
-    runner = ModelRunner(model, EngineConfig(kv_cache_memory_gib=0.5, max_num_seqs=8, **config))
+    runner = ModelRunner(model, EngineConfig(kv_cache_memory=0.5, max_num_seqs=8, **config))
     runner.warmup(256)
     seqs = []
     for i, n in enumerate([5, 40, 17]):
@@ -126,9 +126,10 @@ def test_graph_replay_equals_eager_step():
     runner, batch = _decoding_runner(torch.bfloat16)
     assert runner.graphs is not None and 4 in runner.graphs.graphs
     with torch.inference_mode():
-        replayed = runner._replay(batch).clone()
-        ids, pos, meta, rows, _ = runner._prepare(batch)
-        eager = runner.model.forward_logits(ids, pos, meta, runner.kv_caches, rows)
+        host = runner.flatten(batch)
+        assert runner.graphs.holds(host)
+        replayed = runner.graphs.replay(host).clone()
+        eager = runner.model.forward_logits(runner.inputs(batch, host), runner.kv_caches)
     scale = eager.abs().max().item()
     assert (replayed - eager).abs().max().item() <= 2e-2 * scale
 
@@ -136,6 +137,7 @@ def test_graph_replay_equals_eager_step():
 def test_enforce_eager_captures_nothing():
     runner, _ = _decoding_runner(torch.bfloat16, enforce_eager=True)
     assert runner.graphs is None and "capture" not in runner.startup_seconds
+    assert runner.graphs_off == "--enforce-eager"
 
 
 def test_tuning_cache_restores_every_choice(tmp_path, monkeypatch):
@@ -148,7 +150,9 @@ def test_tuning_cache_restores_every_choice(tmp_path, monkeypatch):
     learnt = {name: dict(t.cache) for name, t in ops.tuners().items()}
     for t in ops.tuners().values():
         t.cache.clear()
-    runner.tune()
+    from quantserve.server.engine import startup
+
+    startup.tune(runner)
     assert {name: dict(t.cache) for name, t in ops.tuners().items()} == learnt
 
 
@@ -170,7 +174,7 @@ def test_second_device_is_honoured():
         model = gpu_model(torch.bfloat16).to("cuda:1")
     prompts = fm.prompts(count=5)[:2]
     before = torch.cuda.memory_allocated(0)
-    got, engine = greedy(model, prompts, kv_cache_memory_gib=0.5, max_num_seqs=4)
-    assert engine.runner.device == torch.device("cuda:1") and engine.runner.kv_cache.device == torch.device("cuda:1")
+    got, engine = greedy(model, prompts, kv_cache_memory=0.5, max_num_seqs=4)
+    assert engine.runner.device == torch.device("cuda:1") and engine.runner.cache.tensor.device == torch.device("cuda:1")
     assert all(len(t) == NEW_TOKENS for t in got)
     assert torch.cuda.memory_allocated(0) == before  # nothing landed on cuda:0

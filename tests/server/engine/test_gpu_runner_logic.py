@@ -11,8 +11,10 @@ import pytest
 
 from quantserve.server.engine.config import EngineConfig
 from quantserve.server.engine.cuda_graphs import batch_ladder, pad_decode_inputs, padded_size
-from quantserve.server.engine.model_runner import kv_budget_bytes, tune_buckets
-from quantserve.server.engine.triton_attention import Entry, block_q_for, work_items
+from quantserve.server.engine.kv_cache import gpu_budget
+from quantserve.server.engine.startup import tune_buckets
+from quantserve.server.engine.attention.base import SeqRows as Entry
+from quantserve.server.engine.attention.triton import block_q_for, work_items
 
 
 @pytest.mark.parametrize("max_num_seqs, ladder", [
@@ -58,17 +60,17 @@ def test_work_items_cut_rows_by_block_q():
 def test_kv_budget_and_tune_buckets():
     gib = 2**30
     # vLLM's rule: utilization of the total, less what is in use, the activation peak and the graphs
-    assert kv_budget_bytes(140 * gib, 0.9, 6 * gib, 2 * gib, gib) == int(126 * gib) - 9 * gib
+    assert gpu_budget(140 * gib, 0.9, 6 * gib, 2 * gib, gib) == int(126 * gib) - 9 * gib
     assert tune_buckets(64, 512) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
     assert tune_buckets(48, 40) == [1, 2, 4, 8, 16, 32, 64]  # 48 rounds up to the 64 bucket
 
 
-def test_engine_config_new_fields():
+def test_engine_config_refuses_bad_values():
     assert EngineConfig().attention_backend == "auto" and EngineConfig().enforce_eager is False
-    with pytest.raises(ValueError, match="attention_backend"):
-        EngineConfig(attention_backend="flash")
-    with pytest.raises(TypeError, match="enforce_eager"):
-        EngineConfig(enforce_eager="yes")
+    for bad in (dict(attention_backend="flash"), dict(enforce_eager="yes"), dict(forward="native"),
+                dict(max_num_seqs=0), dict(max_num_seqs=True), dict(gpu_memory_utilization=1.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            EngineConfig(**bad)
 
 
 def test_serve_flags(monkeypatch):

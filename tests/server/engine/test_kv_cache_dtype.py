@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 from quantserve.kernels.cpu import paged_attention as native
-from quantserve.server.engine.attention import AttentionMetadata, keys_view, paged_attention
+from quantserve.server.engine.attention import SeqRows, StepLayout, keys_view
 
 from ...native import require_native
-from .test_attention import MIXED, build_step, native_mode  # noqa: F401 - fixture
+from .test_attention import MIXED, attend, build_step, native_mode, slot_parts  # noqa: F401 - fixture
 from .test_sliding_window import check
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2]
@@ -26,11 +26,11 @@ def rounded(tensors, dtype):
     return [t.to(dtype).float() for t in tensors]
 
 
-def step_in(dtype, seqs, heads, kv_heads, block_size, dim, seed=0, native_decode=True, fill=float("nan")):
+def step_in(dtype, seqs, heads, kv_heads, block_size, dim, seed=0, fill=float("nan")):
     """build_step's step with its cache in `dtype` (earlier tokens rounded to it), the full keys /
     values rounded as the cache holds them, and the same cache in float32 holding those values."""
     q, k_new, v_new, k32, v32, meta, full_k, full_v = build_step(seqs, heads, kv_heads, block_size, dim, seed=seed,
-                                                                 native_decode=native_decode, fill=fill)
+                                                                 fill=fill)
     k_cache, v_cache = k32.to(dtype), v32.to(dtype)
     return (q, k_new, v_new, k_cache, v_cache, meta, rounded(full_k, dtype), rounded(full_v, dtype),
             (k_cache.float(), v_cache.float()))
@@ -50,29 +50,29 @@ def test_native_cache_dtype_against_float64(native_mode, dtype, window, softcap,
     q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v, (k32, v32) = step_in(
         dtype, MIXED, heads, kv_heads, block_size, dim)
     scale = dim**-0.5
-    out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, scale, window, softcap)
-    assert meta.native_plan is not None and out.dtype == torch.float32
+    out = attend("native", q, k_new, v_new, k_cache, v_cache, meta, scale, window, softcap)
+    assert out.dtype == torch.float32
     check(out.view(-1, heads, dim), q, MIXED, full_k, full_v, scale, window, softcap)
-    blocks, offsets = meta.slot_blocks, meta.slot_offsets
+    blocks, offsets = slot_parts(meta)
     assert torch.equal(as_bits(keys_view(k_cache)[blocks, offsets]), as_bits(k_new.to(dtype)))
     assert torch.equal(as_bits(v_cache[blocks, offsets]), as_bits(v_new.to(dtype)))
     # The float32 kernel on the same stored values: conversion is exact, arithmetic identical.
-    meta.native_plan = None
-    same = paged_attention(q, k_new.to(dtype).float(), v_new.to(dtype).float(), k32, v32, meta, scale, window, softcap)
+    same = attend("native", q, k_new.to(dtype).float(), v_new.to(dtype).float(), k32, v32, meta, scale, window,
+                  softcap)
     assert torch.equal(out, same)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_torch_path_cache_dtype_against_float64(dtype):
-    """The PyTorch fallback (gather + sdpa) on a cache of `dtype`: the same oracle, the same bytes."""
+    """The PyTorch backend (gather + sdpa) on a cache of `dtype`: the same oracle, the same bytes."""
     heads, kv_heads, block_size, dim = 9, 3, 16, 64
     q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v, _ = step_in(
-        dtype, MIXED, heads, kv_heads, block_size, dim, native_decode=False, fill=0.0)
+        dtype, MIXED, heads, kv_heads, block_size, dim, fill=0.0)
     scale = dim**-0.5
     for window, softcap in [(0, 0.0), (17, 30.0)]:
-        out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, scale, window, softcap)
+        out = attend("torch", q, k_new, v_new, k_cache, v_cache, meta, scale, window, softcap)
         check(out.view(-1, heads, dim), q, MIXED, full_k, full_v, scale, window, softcap)
-    blocks, offsets = meta.slot_blocks, meta.slot_offsets
+    blocks, offsets = slot_parts(meta)
     assert torch.equal(as_bits(keys_view(k_cache)[blocks, offsets]), as_bits(k_new.to(dtype)))
     assert torch.equal(as_bits(v_cache[blocks, offsets]), as_bits(v_new.to(dtype)))
 
@@ -127,36 +127,23 @@ def test_native_rows_independent_of_batch(native_mode, dtype):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        whole = paged_attention(q, k_new, v_new, k_cache.clone(), v_cache.clone(), meta, dim**-0.5)
+        whole = attend("native", q, k_new, v_new, k_cache.clone(), v_cache.clone(), meta, dim**-0.5)
         nd = meta.num_decodes
         # the decodes without the prompts, and the prompts without the decodes (the cache already
         # holds every new token after the first call, so later calls only attend)
         k2, v2 = k_cache.clone(), v_cache.clone()
-        paged_attention(q, k_new, v_new, k2, v2, meta, dim**-0.5)
-        decodes = AttentionMetadata(
-            slot_mapping=meta.slot_mapping[:nd], slot_blocks=meta.slot_blocks[:nd], slot_offsets=meta.slot_offsets[:nd],
-            num_decodes=nd, decode_block_tables=meta.decode_block_tables, decode_context_lens=meta.decode_context_lens,
-            decode_mask=None, prefills=[], num_tokens=nd, native_decode=True)
-        alone = paged_attention(q[:nd], k_new[:nd], v_new[:nd], k2, v2, decodes, dim**-0.5)
+        attend("native", q, k_new, v_new, k2, v2, meta, dim**-0.5)
+        decodes = StepLayout(meta.seqs[:nd], meta.slots[:nd], nd, block_size)
+        alone = attend("native", q[:nd], k_new[:nd], v_new[:nd], k2, v2, decodes, dim**-0.5)
         assert torch.equal(alone, whole[:nd])
-        for c in meta.prefills:
-            rows = slice(c.start, c.start + c.num_tokens)
-            chunk = dataclass_replace_prefill(c)
-            one = AttentionMetadata(
-                slot_mapping=meta.slot_mapping[rows], slot_blocks=meta.slot_blocks[rows],
-                slot_offsets=meta.slot_offsets[rows], num_decodes=0, decode_block_tables=None,
-                decode_context_lens=None, decode_mask=None, prefills=[chunk], num_tokens=c.num_tokens,
-                native_decode=True)
-            out = paged_attention(q[rows], k_new[rows], v_new[rows], k2, v2, one, dim**-0.5)
-            assert torch.equal(out, whole[rows]), (c.start, c.num_tokens)
+        for c in meta.seqs[nd:]:
+            rows = slice(c.first_row, c.first_row + c.num_rows)
+            one = StepLayout([SeqRows(0, c.num_rows, c.context, c.table)], meta.slots[rows], 0, block_size)
+            out = attend("native", q[rows], k_new[rows], v_new[rows], k2, v2, one, dim**-0.5)
+            assert torch.equal(out, whole[rows]), (c.first_row, c.num_rows)
     finally:
         torch.set_num_threads(before)
 
-
-def dataclass_replace_prefill(c):
-    import dataclasses
-
-    return dataclasses.replace(c, start=0)
 
 
 # ------------------------------------------------------------------------------ engine, default model
@@ -205,7 +192,7 @@ def test_config_refuses_unknown_dtypes():
 
     assert EngineConfig().kv_cache_dtype == "auto"
     for bad in ("int8", "fp8_e4m3fn", "bf16", torch.bfloat16, None):
-        with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        with pytest.raises(ValueError, match="kv_cache_dtype"):
             EngineConfig(kv_cache_dtype=bad)
 
 
@@ -224,9 +211,9 @@ def test_runner_cache_dtype_and_budget(name, dtype, backend):
     if backend == "native":
         require_native(native.load)
     model = fm.family_model("llama3")
-    runner = ModelRunner(model, EngineConfig(kv_cache_memory_gib=0.01, kv_cache_dtype=name, attention_backend=backend))
+    runner = ModelRunner(model, EngineConfig(kv_cache_memory=0.01, kv_cache_dtype=name, attention_backend=backend))
     want = dtype or (torch.bfloat16 if backend == "native" else torch.float32)
-    assert runner.kv_dtype == want and runner.kv_cache.dtype == want
+    assert runner.kv_dtype == want and runner.cache.tensor.dtype == want
     per_token = 2 * runner.model.num_layers * runner.model.num_kv_heads * runner.model.head_dim
     assert runner.bytes_per_block == 16 * per_token * want.itemsize
     assert runner.num_blocks == int(0.01 * 2**30 // runner.bytes_per_block)

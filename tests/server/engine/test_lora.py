@@ -53,7 +53,7 @@ async def _mixed(model, tokenizer, adapters, prompts, names, **config):
         results = await asyncio.gather(*jobs)
         assert_blocks_all_free(engine)
         if fused_decode.load() is not None:  # the one-call step adds the adapters' deltas itself
-            assert engine.runner.model.native_step.lora_steps > 0
+            assert engine.runner.model.fused_step.lora_steps > 0
         return results, engine.stats()
     finally:
         await engine.shutdown()
@@ -242,7 +242,7 @@ def test_transformers_path_refuses_adapters(smollm, adapters):
     model, tokenizer = smollm
 
     async def go():
-        engine = await started(model, tokenizer, num_kv_blocks=32, model_impl="transformers")
+        engine = await started(model, tokenizer, num_kv_blocks=32, forward="transformers")
         try:
             with pytest.raises(AdapterError, match="need the native forward"):
                 engine.loras.load("a", str(adapters["attn"]))

@@ -10,14 +10,13 @@ import pytest
 import torch
 
 from quantserve.kernels.cpu import paged_attention as native
-from quantserve.server.engine.attention import paged_attention
 from quantserve.server.engine.block_manager import FREED, BlockManager
 from quantserve.server.engine.sequence import SamplingParams, Sequence
 
 from . import family_models as fm
 from .conftest import run
 from .helpers import assert_blocks_all_free, collect, started
-from .test_attention import MIXED, build_step, native_mode  # noqa: F401 - fixture
+from .test_attention import MIXED, attend, build_step, native_mode  # noqa: F401 - fixture
 from .test_families import one_thread  # noqa: F401 - fixture
 
 
@@ -52,11 +51,8 @@ def check(out, q, seqs, full_k, full_v, scale, window, softcap, atol=2e-5, rtol=
 def poison_out_of_window(k_cache, v_cache, meta, seqs, block_size, window, value):
     """Fill the blocks wholly before every row's window with `value`, as if freed and reused: an
     attention that reads them gives a wrong (NaN: poisoned) result."""
-    tables = []
-    if meta.decode_block_tables is not None:
-        tables += list(meta.decode_block_tables)
-    tables += [c.block_ids for c in meta.prefills if c.block_ids is not None]
-    cached = [c for c, n in seqs if n == 1] + [c for c, n in seqs if n != 1 and c]
+    tables = [s.table for s in meta.seqs if s.start]
+    cached = [s.start for s in meta.seqs if s.start]
     for table, computed in zip(tables, cached):
         first_visible = computed - window + 1  # of the sequence's first new row
         for b in range(max(first_visible, 0) // block_size):
@@ -75,8 +71,7 @@ def test_native_window_and_softcap(native_mode, window, softcap, heads, kv_heads
     if window:
         poison_out_of_window(k_cache, v_cache, meta, MIXED, block_size, window, float("nan"))
     scale = dim**-0.5
-    out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, scale, window, softcap)
-    assert meta.native_plan is not None  # the native kernel ran
+    out = attend("native", q, k_new, v_new, k_cache, v_cache, meta, scale, window, softcap)
     check(out.view(-1, heads, dim), q, MIXED, full_k, full_v, scale, window, softcap)
 
 
@@ -91,7 +86,7 @@ def test_native_long_decodes_in_a_window(native_mode, contexts, window, threads)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, D**-0.5, window, 0.0)
+        out = attend("native", q, k_new, v_new, k_cache, v_cache, meta, D**-0.5, window, 0.0)
     finally:
         torch.set_num_threads(before)
     check(out.view(-1, heads, D), q, seqs, full_k, full_v, D**-0.5, window, 0.0, atol=1e-5, rtol=1e-5)
@@ -103,11 +98,11 @@ def test_pytorch_path_window_and_softcap(window, softcap, heads, kv_heads, block
     """The PyTorch path reads whole blocks and masks: freed blocks hold finite garbage there (a
     reused block holds another sequence's keys), never NaN (the cache starts zeroed)."""
     q, k_new, v_new, k_cache, v_cache, meta, full_k, full_v = build_step(
-        MIXED, heads, kv_heads, block_size, dim, num_blocks=300, fill=0.0, native_decode=False)
+        MIXED, heads, kv_heads, block_size, dim, num_blocks=300, fill=0.0)
     if window:
         poison_out_of_window(k_cache, v_cache, meta, MIXED, block_size, window, 1e4)
     scale = dim**-0.5
-    out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, scale, window, softcap)
+    out = attend("torch", q, k_new, v_new, k_cache, v_cache, meta, scale, window, softcap)
     check(out.view(-1, heads, dim), q, MIXED, full_k, full_v, scale, window, softcap)
 
 

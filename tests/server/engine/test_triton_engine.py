@@ -25,7 +25,8 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
 from quantserve.server.engine import EngineConfig, SamplingParams  # noqa: E402
 from quantserve.server.engine.block_manager import BlockManager  # noqa: E402
 from quantserve.server.engine.cuda_graphs import DecodeGraphs, batch_ladder  # noqa: E402
-from quantserve.server.engine.model_runner import ModelRunner, triton_unusable  # noqa: E402
+from quantserve.server.engine.attention.triton import unusable as triton_unusable  # noqa: E402
+from quantserve.server.engine.model_runner import ModelRunner  # noqa: E402
 from quantserve.server.engine.scheduler import ScheduledBatch, Scheduler  # noqa: E402
 from quantserve.server.engine.sequence import Sequence  # noqa: E402
 
@@ -64,9 +65,9 @@ def teacher_forced(model, backend: str, tokens, prompt_lens, num_blocks=9, budge
     kinds = set()
     while sched.has_work():
         batch = sched.schedule()
-        input_ids, positions, meta, _, _ = runner._prepare(batch)
-        logits = runner.model.forward_logits(input_ids, positions, meta, runner.kv_caches,
-                                             torch.arange(input_ids.shape[0]))
+        inputs = runner.inputs(batch, runner.flatten(batch))
+        inputs.logit_rows = torch.arange(inputs.input_ids.shape[0])  # every row
+        logits = runner.model.forward_logits(inputs, runner.kv_caches)
         order = [i for i, n in enumerate(batch.num_new_tokens) if n == 1] + \
                 [i for i, n in enumerate(batch.num_new_tokens) if n != 1]
         row = 0
@@ -137,18 +138,17 @@ def test_padded_decode_inputs_equal_eager_step():
         seq.token_ids.append(7 + i)
         seqs.append(seq)
     batch = ScheduledBatch(seqs, [1] * 3, [True] * 3)
-    runner.graphs = DecodeGraphs(
-        lambda ids, pos, meta, rows: runner.model.forward_logits(ids, pos, meta, runner.kv_caches, rows),
-        batch_ladder(8), width=4, device=runner.device, splits_for=lambda size: 2)
-    padded = runner._replay(batch, eager=True)  # padded to 4 rows, 2 splits
-    cache_after_padded = runner.kv_cache.clone()
-    input_ids, positions, meta, rows, _ = runner._prepare(batch)
-    eager = runner.model.forward_logits(input_ids, positions, meta, runner.kv_caches, rows)
+    graphs = DecodeGraphs(lambda step: runner.model.forward_logits(step, runner.kv_caches),
+                          batch_ladder(8), width=4, device=runner.device, splits_for=lambda size: 2)
+    host = runner.flatten(batch)
+    padded = graphs.replay(host, eager=True)  # padded to 4 rows, 2 splits
+    cache_after_padded = runner.cache.tensor.clone()
+    eager = runner.model.forward_logits(runner.inputs(batch, host), runner.kv_caches)
     assert padded.shape == eager.shape == (3, fm.VOCAB)
     torch.testing.assert_close(padded, eager, atol=1e-5, rtol=1e-5)
     # the same slots written, nothing else; compared as bytes: never-written blocks hold whatever
     # torch.empty left there, NaN bit patterns included (NaN != NaN failed torch.equal on CI once)
-    assert torch.equal(runner.kv_cache.view(torch.uint8), cache_after_padded.view(torch.uint8))
+    assert torch.equal(runner.cache.tensor.view(torch.uint8), cache_after_padded.view(torch.uint8))
 
 
 def test_triton_backend_refused_without_interpreter(monkeypatch):
