@@ -6,7 +6,7 @@ import argparse
 import platform
 import sys
 from importlib import metadata
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
@@ -25,48 +25,37 @@ def _cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
-_MODEL_HELP = (
-    "local Hugging Face folder, .gguf file, Hub id (org/name), or prequantized bitsandbytes 4-bit "
-    "checkpoint; omitted: the built-in default model SmolLM2-135M-Instruct"
-)
+# Options of the commands other than serve that are not Settings fields (serve takes no blocksize:
+# it serves with bitsandbytes' 64).
+_OPTIONS: dict[str, dict[str, Any]] = {
+    "--blocksize": dict(type=int, default=64, help="weights per absmax block, a power of two 32..4096 (default: 64)"),
+    "--quant-storage": dict(choices=["uint8", "int8", "float16", "bfloat16", "float32"], default="uint8",
+                            help="dtype the packed 4-bit bytes are stored as (default: uint8)"),
+    "--skip-modules": dict(metavar="NAME[,NAME...]",
+                           help="comma-separated modules kept unquantized: full names or dotted parts such as "
+                           "lm_head,mlp.down_proj (default: the output head and any layer tied to the embeddings)"),
+    "--no-progress": dict(action="store_true", help="no progress bar while loading"),
+    "--json": dict(action="store_true", help="print one JSON object"),
+}
+# The Settings fields that say what is loaded and how, as `serve` loads it.
+_LOAD_SETTINGS = ("revision", "quant", "double_quant", "compute_dtype", "device")
 
 
-# One meaning in every command (serve's Settings.compute_dtype says the same).
-COMPUTE_DTYPE_HELP = (
-    "dtype the model computes in: weights are loaded in it, unquantized tensors stay in it and the "
-    "4-bit matmuls run in it (default: float32 on CPU, where it is faster than bf16; bfloat16 on CUDA)"
-)
+def _add_options(parser: argparse.ArgumentParser, *flags: str) -> None:
+    for flag in flags:
+        parser.add_argument(flag, **_OPTIONS[flag])
 
 
-def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model and quantization options shared by `quantize` and `inspect` (server.loader.LoadConfig)."""
-    group = parser.add_argument_group("model and quantization")
-    group.add_argument("--revision", help="Hub branch, tag or commit (Hub ids only)")
-    group.add_argument(
-        "--quant", choices=["nf4", "fp4", "int8", "none"], default="nf4",
-        help="format of the Linear weights: 4-bit nf4/fp4, int8 (LLM.int8, bitsandbytes' load_in_8bit), "
-        "or none to keep them unquantized (default: nf4)",
-    )
-    group.add_argument(
-        "--double-quant", action="store_true",
-        help="double quantization: store each block's absmax in 8 bits (~4.13 instead of 4.5 bits/param)",
-    )
-    group.add_argument("--blocksize", type=int, default=64, help="weights per absmax block, 32..4096 (default: 64)")
-    group.add_argument(
-        "--compute-dtype", choices=["float32", "float16", "bfloat16"],
-        help=COMPUTE_DTYPE_HELP,
-    )
-    group.add_argument(
-        "--quant-storage", choices=["uint8", "int8", "float16", "bfloat16", "float32"], default="uint8",
-        help="dtype the packed 4-bit bytes are stored as (default: uint8)",
-    )
-    group.add_argument(
-        "--skip-modules", metavar="NAME[,NAME...]",
-        help="comma-separated modules kept unquantized: full names or dotted parts such as "
-        "lm_head,mlp.down_proj (default: the output head and any layer tied to the embeddings)",
-    )
-    group.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
-    group.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
+def _command(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help: str,
+             description: str) -> argparse.ArgumentParser:
+    """A subcommand whose first argument is MODEL; a bad model or setting ends it with one line on
+    stderr and exit status 1."""
+    from .serve import add_settings_arguments
+
+    parser = sub.add_parser(name, help=help, description=description)
+    add_settings_arguments(parser, ("model",))
+    parser.set_defaults(func=_run_reporting_errors(func))
+    return parser
 
 
 def _load_from_args(args: argparse.Namespace):
@@ -78,24 +67,15 @@ def _load_from_args(args: argparse.Namespace):
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quant_config = None
+    skip = None if args.skip_modules is None else [n.strip() for n in args.skip_modules.split(",") if n.strip()]
     if args.quant == "int8":
         if args.double_quant:
             raise ValueError("--double-quant applies to the 4-bit formats, not int8")
-        quant_config = quant.QuantConfig(
-            load_in_8bit=True,
-            llm_int8_skip_modules=None if args.skip_modules is None else [
-                name.strip() for name in args.skip_modules.split(",") if name.strip()
-            ],
-        )
+        quant_config = quant.QuantConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     elif args.quant != "none":
         quant_config = quant.QuantConfig(
-            bnb_4bit_quant_type=args.quant,
-            bnb_4bit_use_double_quant=args.double_quant,
-            bnb_4bit_quant_storage=args.quant_storage,
-            llm_int8_skip_modules=None if args.skip_modules is None else [
-                name.strip() for name in args.skip_modules.split(",") if name.strip()
-            ],
-            blocksize=args.blocksize,
+            bnb_4bit_quant_type=args.quant, bnb_4bit_use_double_quant=args.double_quant,
+            bnb_4bit_quant_storage=args.quant_storage, llm_int8_skip_modules=skip, blocksize=args.blocksize,
         )
     config = LoadConfig(
         model=args.model, revision=args.revision, device=args.device, dtype=args.compute_dtype, quant=quant_config,
@@ -179,9 +159,12 @@ def _run_reporting_errors(func):
     return run
 
 
-def _add_loader_commands(sub) -> None:
-    quantize = sub.add_parser(
-        "quantize",
+def _add_model_commands(sub: Any) -> None:
+    """quantize, inspect, verify and estimate: what serve would load, looked at without serving it."""
+    from .serve import add_settings_arguments
+
+    quantize = _command(
+        sub, "quantize", _cmd_quantize,
         help="write a 4-bit checkpoint that transformers + bitsandbytes (and quantserve) load as is",
         description=(
             "Load MODEL, quantizing its Linear layers to 4 bits while the weights stream in, and write "
@@ -190,16 +173,12 @@ def _add_loader_commands(sub) -> None:
             "AutoModelForCausalLM.from_pretrained(OUT_DIR) loads it without requantizing."
         ),
     )
-    quantize.add_argument("model", nargs="?", metavar="MODEL", help=_MODEL_HELP)
     quantize.add_argument("out_dir", metavar="OUT_DIR", help="folder to create (must not exist, or be empty)")
     quantize.add_argument(
         "--max-shard-mib", type=int, default=4096, help="largest safetensors shard in MiB (default: 4096)"
     )
-    _add_load_arguments(quantize)
-    quantize.set_defaults(func=_run_reporting_errors(_cmd_quantize))
-
-    inspect = sub.add_parser(
-        "inspect",
+    inspect = _command(
+        sub, "inspect", _cmd_inspect,
         help="load a model as it would be served and report its layers, sizes and memory",
         description=(
             "Load MODEL with the given quantization and print, per layer, its type, whether it was "
@@ -208,17 +187,14 @@ def _add_loader_commands(sub) -> None:
             "with fp32 absmax, ~4.13 with double quantization), and the memory the load used."
         ),
     )
-    inspect.add_argument("model", nargs="?", metavar="MODEL", help=_MODEL_HELP)
     inspect.add_argument("--totals-only", action="store_true", help="skip the per-layer table")
-    _add_load_arguments(inspect)
-    inspect.set_defaults(func=_run_reporting_errors(_cmd_inspect))
+    for parser in (quantize, inspect):
+        group = parser.add_argument_group("model and quantization")
+        add_settings_arguments(group, _LOAD_SETTINGS)
+        _add_options(group, "--blocksize", "--quant-storage", "--skip-modules", "--no-progress")
 
-
-def _add_quality_commands(sub) -> None:
-    from .config import Settings
-
-    verify = sub.add_parser(
-        "verify",
+    verify = _command(
+        sub, "verify", _cmd_verify,
         help="what quantizing costs on a text: perplexity, KL divergence, top-1 agreement vs 16-bit",
         description=(
             "Load MODEL unquantized and in each --quant format and read the same text with each: "
@@ -227,25 +203,17 @@ def _add_quality_commands(sub) -> None:
             "text is a built-in public-domain one (~1,000 tokens) unless --text FILE is given."
         ),
     )
-    verify.add_argument("model", nargs="?", metavar="MODEL", help=_MODEL_HELP)
     verify.add_argument("--quant", nargs="+", default=["nf4"], choices=["nf4", "fp4", "int8", "nf4+dq", "fp4+dq"],
                         help="formats to compare against the 16-bit model (default: nf4); nf4+dq = double quant")
-    verify.add_argument("--double-quant", action="store_true", help="double-quantize the 4-bit formats given")
     verify.add_argument("--text", metavar="FILE", help="a UTF-8 text file to measure on (default: the built-in text)")
     verify.add_argument("--window", type=int, help="tokens per forward pass (default: min(2048, the model's context))")
-    verify.add_argument("--blocksize", type=int, default=64, help="weights per absmax block, 32..4096 (default: 64)")
-    verify.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16"], help=COMPUTE_DTYPE_HELP)
-    verify.add_argument("--matmul-precision", choices=["highest", "high", "medium"], default="highest",
-                        help="torch's float32 matmul precision (default: highest, exact float32 products)")
-    verify.add_argument("--revision", help="Hub branch, tag or commit (Hub ids only)")
-    verify.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
-    verify.add_argument("--json", action="store_true", help="print one JSON object")
-    verify.add_argument("--no-progress", action="store_true", help="no progress bar")
-    verify.set_defaults(func=_run_reporting_errors(_cmd_verify))
+    # highest: exact float32 products, so that the figures measure the quantization alone
+    add_settings_arguments(verify, ("revision", "double_quant", "compute_dtype", "device", "matmul_precision"),
+                           defaults={"matmul_precision": "highest"})
+    _add_options(verify, "--blocksize", "--json", "--no-progress")
 
-    fields = Settings.model_fields
-    estimate = sub.add_parser(
-        "estimate",
+    estimate = _command(
+        sub, "estimate", _cmd_estimate,
         help="memory a model would take and whether it fits, before loading it",
         description=(
             "From MODEL's config and its checkpoint's tensor index alone (safetensors headers; no "
@@ -255,28 +223,9 @@ def _add_quality_commands(sub) -> None:
             "does not fit. `serve` runs the same check before loading."
         ),
     )
-    estimate.add_argument("model", nargs="?", metavar="MODEL", help=_MODEL_HELP)
-    estimate.add_argument("--revision", help="Hub branch, tag or commit (Hub ids only)")
-    estimate.add_argument("--quant", choices=["nf4", "fp4", "int8", "none"], default="nf4",
-                          help="weight format (default: nf4)")
-    estimate.add_argument("--double-quant", action="store_true", help="double-quantize the 4-bit absmax")
-    estimate.add_argument("--blocksize", type=int, default=64, help="weights per absmax block (default: 64)")
-    estimate.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16"], help=COMPUTE_DTYPE_HELP)
-    estimate.add_argument("--max-model-len", metavar="N|auto", default=None,
-                          help="context length (default, or auto: the model's, capped by what fits)")
-    estimate.add_argument("--max-num-seqs", type=int, default=fields["max_num_seqs"].default,
-                          help=f"sequences decoded together (default: {fields['max_num_seqs'].default})")
-    estimate.add_argument("--max-num-batched-tokens", type=int, default=fields["max_num_batched_tokens"].default,
-                          help=f"tokens per engine step (default: {fields['max_num_batched_tokens'].default})")
-    estimate.add_argument("--kv-cache-memory", type=float, metavar="GIB",
-                          help="KV cache size in GiB (default on CPU: the tokens 1 GiB of float32 holds, 0.5 GiB at 16 bits; 90%% of free memory on GPU)")
-    estimate.add_argument("--kv-cache-dtype", choices=list(fields["kv_cache_dtype"].annotation.__args__),
-                          default="auto", help=fields["kv_cache_dtype"].description)
-    estimate.add_argument("--block-size", type=int, default=fields["block_size"].default,
-                          help=f"tokens per KV cache block (default: {fields['block_size'].default})")
-    estimate.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
-    estimate.add_argument("--json", action="store_true", help="print one JSON object")
-    estimate.set_defaults(func=_run_reporting_errors(_cmd_estimate))
+    add_settings_arguments(estimate, (*_LOAD_SETTINGS, "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                                      "kv_cache_memory", "kv_cache_dtype", "block_size"))
+    _add_options(estimate, "--blocksize", "--json")
 
 
 def _add_serve_command(sub: Any) -> None:
@@ -325,8 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_command(sub)
     env = sub.add_parser("env", help="show versions, devices and active kernel backends")
     env.set_defaults(func=_cmd_env)
-    _add_loader_commands(sub)
-    _add_quality_commands(sub)
+    _add_model_commands(sub)
     return parser
 
 

@@ -9,7 +9,7 @@ import sys
 import time
 import types
 import typing
-from typing import Any, Optional
+from typing import Annotated, Any, Callable, Optional, Sequence
 
 from pydantic import SecretStr
 
@@ -24,7 +24,7 @@ def _flag_type(annotation: Any) -> tuple[Any, Optional[list[str]], bool]:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if origin in (typing.Union, types.UnionType) and len(args) == 1:
         return _flag_type(args[0])
-    if origin in (typing.Union, types.UnionType):  # e.g. a number or "auto": Settings parses the text
+    if origin in (typing.Union, types.UnionType):  # e.g. a number or "auto": the field's validator parses it
         return str, None, False
     if origin is typing.Literal:
         return str, [str(a) for a in typing.get_args(annotation)], False
@@ -35,25 +35,65 @@ def _flag_type(annotation: Any) -> tuple[Any, Optional[list[str]], bool]:
     return annotation, None, False
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    for name, field in Settings.model_fields.items():
+def _field_parser(name: str, field: Any) -> Callable[[str], Any]:
+    """argparse's `type` for a flag: the text validated as the Settings field itself (pydantic, with
+    the field's constraints), so that a flag is refused at parse time, naming it, for the reason
+    Settings would give."""
+    from pydantic import TypeAdapter, ValidationError
+
+    annotation = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    adapter = TypeAdapter(annotation)
+
+    def parse(text: str) -> Any:
+        try:
+            return adapter.validate_python(text)
+        except ValidationError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: " + "; or ".join(e["msg"] for e in exc.errors())) from None
+
+    parse.__name__ = name
+    return parse
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, names: Optional[Sequence[str]] = None,
+                           defaults: Optional[dict[str, Any]] = None) -> None:
+    """Flags generated from Settings' fields: their names, types, choices, constraints and help.
+
+    names None (`serve`): every field, left out of the namespace unless given, so that Settings
+    then reads the QUANTSERVE_* variable or its default. names given (the other commands, which
+    take no environment): those fields, each with its Settings default or the one in `defaults`."""
+    serve = names is None
+    for name in Settings.model_fields if serve else names:
+        field = Settings.model_fields[name]
         description = (field.description or "").replace("%%", "%")
         env = f"QUANTSERVE_{name.upper()}"
+        default = field.get_default(call_default_factory=True) if serve else (defaults or {}).get(
+            name, field.get_default(call_default_factory=True))
+        if serve:
+            shown = "" if default in (None, []) else f"; default {default}"
+            help_text = f"{description} [env {env}{shown}]"
+        else:
+            help_text = description if default in (None, [], False) else f"{description} (default: {default})"
+        help_text = help_text.replace("%", "%%")
+        value = argparse.SUPPRESS if serve else default
         if name == "model":
-            parser.add_argument("model", nargs="?", default=argparse.SUPPRESS, metavar="MODEL",
-                                help=f"{description} [env {env}]")
+            parser.add_argument("model", nargs="?", default=value, metavar="MODEL", help=help_text)
             continue
         flag = "--" + name.replace("_", "-")
         kind, choices, is_list = _flag_type(field.annotation)
-        default = field.get_default(call_default_factory=True)
-        shown = "" if default in (None, []) else f"; default {default}"
-        help_text = f"{description} [env {env}{shown}]".replace("%", "%%")
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=help_text)
         elif is_list:
-            parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, metavar="VALUE", help=help_text)
+            parser.add_argument(flag, nargs="+", default=value, metavar="VALUE", help=help_text)
+        elif choices is not None:  # argparse lists them in the usage and refuses others by name
+            parser.add_argument(flag, choices=choices, default=value, help=help_text)
         else:
-            parser.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(flag, type=_field_parser(name, field), default=value, metavar=name.upper(),
+                                help=help_text)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """`quantserve serve`'s arguments: every Settings field."""
+    add_settings_arguments(parser)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

@@ -115,8 +115,9 @@ def test_cli_estimate(family_folders, capsys):
     assert main(["estimate", folder, "--kv-cache-memory", "100000"]) == 1  # 100,000 GiB of KV cache
     text = capsys.readouterr().out
     assert "verdict     does not fit" in text and "GiB free" in text
-    assert main(["estimate", folder, "--max-model-len", "ten"]) == 1
-    assert "must be a number of tokens or 'auto'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # refused while parsing, as Settings refuses it
+        main(["estimate", folder, "--max-model-len", "ten"])
+    assert exit_.value.code == 2 and "argument --max-model-len: 'ten'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags", [["--double-quant"], ["--quant", "int8"]])
