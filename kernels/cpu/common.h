@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -101,7 +102,12 @@ inline void store_any(void* p, int dt, i64 i, float v) {
 // on the calling thread (waking a team costs more than they take, and far more on a busy machine).
 inline int team_size(i64 work, i64 grain, int nt) { return (int)std::max<i64>(1, std::min<i64>(nt, work / grain)); }
 
-// ---- Output-head tiling (linear16.cpp, linear8.cpp) ---------------------------------------------
+// A weight element as float32, exactly: float32, bf16 (the top half of a float32) or int8.
+inline float widen(float v) { return v; }
+inline float widen(uint16_t h) { return bf16_to_f32(h); }
+inline float widen(int8_t q) { return (float)q; }
+
+// ---- The output heads (linear16.cpp: bf16 weights; linear8.cpp: int8 weights with row scales) ----
 
 // x [K] . w [K] in 16 lanes along K (lane k % 16), then the lanes summed in order: a fixed order
 // whatever the row's batch, so a row's result does not depend on the other rows.
@@ -111,6 +117,23 @@ inline float dot16(const float* x, const float* w, i64 K) {
     float s = 0.0f;
     for (int l = 0; l < 16; ++l) s += acc[l];
     return s;
+}
+
+// out[t][v] = x[t] . w[v] (times scale[v] if scale) (+ bias[v] if bias) for weight rows [v0, v1),
+// portable: each weight row widened to float32 once, then dot16 for every row of x.
+template <typename W>
+void head_rows_portable(const float* x, i64 T, i64 K, const W* w, const float* scale, i64 v0, i64 v1,
+                        const float* bias, float* out, i64 V) {
+    std::vector<float> wf((size_t)K);
+    for (i64 v = v0; v < v1; ++v) {
+        const W* wr = w + v * K;
+        for (i64 k = 0; k < K; ++k) wf[(size_t)k] = widen(wr[k]);
+        for (i64 t = 0; t < T; ++t) {
+            float s = dot16(x + t * K, wf.data(), K);
+            if (scale) s *= scale[v];
+            out[t * V + v] = bias ? s + bias[v] : s;
+        }
+    }
 }
 
 // Weight rows [v0, v1) against activation rows [0, T) in register tiles: 4 weight rows at a time
@@ -144,6 +167,41 @@ inline bool has_avx512_bw_vl() {
 inline __mmask16 tail16(i64 left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u); }
 
 #if defined(__GNUC__)
+#define QS_TARGET_AVX512BW __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+// 16 weights (masked tail) as float32, exactly.
+QS_TARGET_AVX512BW inline __m512 widen16(const uint16_t* p, __mmask16 m) {  // bf16
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+QS_TARGET_AVX512BW inline __m512 widen16(const int8_t* p, __mmask16 m) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
+
+// head_rows_portable's results for TR rows of x against VR weight rows from v0, on AVX-512: float32
+// FMAs in 16 lanes along K, each weight vector widened once and used TR times, one reduction.
+template <int TR, int VR, typename W>
+QS_TARGET_AVX512BW void head_tile_avx512(const float* x, i64 K, const W* w, const float* scale, i64 v0,
+                                         const float* bias, float* out, i64 V) {
+    __m512 acc[TR][VR];
+    for (int t = 0; t < TR; ++t)
+        for (int r = 0; r < VR; ++r) acc[t][r] = _mm512_setzero_ps();
+    for (i64 k = 0; k < K; k += 16) {
+        const __mmask16 m = tail16(K - k);
+        __m512 wv[VR];
+        for (int r = 0; r < VR; ++r) wv[r] = widen16(w + (v0 + r) * K + k, m);
+        for (int t = 0; t < TR; ++t) {
+            const __m512 xv = _mm512_maskz_loadu_ps(m, x + t * K + k);
+            for (int r = 0; r < VR; ++r) acc[t][r] = _mm512_fmadd_ps(xv, wv[r], acc[t][r]);
+        }
+    }
+    for (int t = 0; t < TR; ++t)
+        for (int r = 0; r < VR; ++r) {
+            float s = _mm512_reduce_add_ps(acc[t][r]);
+            if (scale) s *= scale[v0 + r];
+            out[t * V + v0 + r] = bias ? s + bias[v0 + r] : s;
+        }
+}
+
 // Word indices for _mm512_permutex2var_epi16 over 64 bf16 values (two vectors): vl picks the pairs
 // (x1, x3), (x5, x7), ... and vh (x0, x2), (x4, x6), ...: the activation layout of quant4_cpu.cpp's
 // bf16 kernel, which amx.cpp's tiles share.

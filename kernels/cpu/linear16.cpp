@@ -21,51 +21,10 @@ namespace {
 
 constexpr i64 kRowsPerTask = 64;  // weight rows per OpenMP work item
 
-// Portable: 16 partial sums per output (so the loop vectorizes without reassociation).
-void rows_portable(const float* x, i64 T, i64 K, const uint16_t* w, i64 v0, i64 v1, const float* bias, float* out,
-                   i64 V) {
-    std::vector<float> wf((size_t)K);
-    for (i64 v = v0; v < v1; ++v) {
-        const uint16_t* wr = w + v * K;
-        for (i64 k = 0; k < K; ++k) wf[(size_t)k] = bf16_to_f32(wr[k]);
-        for (i64 t = 0; t < T; ++t) {
-            const float s = dot16(x + t * K, wf.data(), K);
-            out[t * V + v] = bias ? s + bias[v] : s;
-        }
-    }
-}
-
 #if defined(__x86_64__) && defined(__GNUC__)
 #define QS_AVX512 1
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 #define T512BF __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-
-T512 inline __m512 widen16(const uint16_t* p, __mmask16 m) {
-    const __m256i h = _mm256_maskz_loadu_epi16(m, p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-// TR rows of x against VR weight rows from v0: exact float32 products.
-template <int TR, int VR>
-T512 void tile_exact(const float* x, i64 K, const uint16_t* w, i64 v0, const float* bias, float* out, i64 V) {
-    __m512 acc[TR][VR];
-    for (int t = 0; t < TR; ++t)
-        for (int r = 0; r < VR; ++r) acc[t][r] = _mm512_setzero_ps();
-    for (i64 k = 0; k < K; k += 16) {
-        const __mmask16 m = tail16(K - k);
-        __m512 wv[VR];
-        for (int r = 0; r < VR; ++r) wv[r] = widen16(w + (v0 + r) * K + k, m);
-        for (int t = 0; t < TR; ++t) {
-            const __m512 xv = _mm512_maskz_loadu_ps(m, x + t * K + k);
-            for (int r = 0; r < VR; ++r) acc[t][r] = _mm512_fmadd_ps(xv, wv[r], acc[t][r]);
-        }
-    }
-    for (int t = 0; t < TR; ++t)
-        for (int r = 0; r < VR; ++r) {
-            const float s = _mm512_reduce_add_ps(acc[t][r]);
-            out[t * V + v0 + r] = bias ? s + bias[v0 + r] : s;
-        }
-}
 
 // TR rows of xb (bf16, K padded to Kp with zeros) against VR weight rows: vdpbf16ps.
 template <int TR, int VR>
@@ -94,7 +53,7 @@ T512BF void tile_bf16(const uint16_t* xb, i64 Kp, i64 K, const uint16_t* w, i64 
 T512 void rows_exact(const float* x, i64 T, i64 K, const uint16_t* w, i64 v0, i64 v1, const float* bias, float* out,
                      i64 V) {
     sweep_tiles(T, v0, v1, [&](auto tr, auto vr, i64 t, i64 v) {
-        tile_exact<decltype(tr)::value, decltype(vr)::value>(x + t * K, K, w, v, bias, out + t * V, V);
+        head_tile_avx512<decltype(tr)::value, decltype(vr)::value>(x + t * K, K, w, nullptr, v, bias, out + t * V, V);
     });
 }
 
@@ -156,7 +115,7 @@ int qs16_linear(const float* x, i64 T, i64 K, const uint16_t* w, i64 V, const fl
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (i64 i = 0; i < tasks; ++i) {
         const i64 v0 = i * kRowsPerTask, v1 = std::min(V, v0 + kRowsPerTask);
-        rows_portable(x, T, K, w, v0, v1, bias, out, V);
+        head_rows_portable(x, T, K, w, nullptr, v0, v1, bias, out, V);
     }
     return 0;
 }

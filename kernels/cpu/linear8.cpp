@@ -19,57 +19,15 @@ namespace {
 
 constexpr i64 kRowsPerTask = 64;  // weight rows per OpenMP work item
 
-// Portable: 16 partial sums per output, in the lane order of the AVX-512 path.
-void rows_portable(const float* x, i64 T, i64 K, const int8_t* w, const float* scale, i64 v0, i64 v1,
-                   const float* bias, float* out, i64 V) {
-    std::vector<float> wf((size_t)K);
-    for (i64 v = v0; v < v1; ++v) {
-        const int8_t* wr = w + v * K;
-        for (i64 k = 0; k < K; ++k) wf[(size_t)k] = (float)wr[k];
-        for (i64 t = 0; t < T; ++t) {
-            const float s = dot16(x + t * K, wf.data(), K) * scale[v];
-            out[t * V + v] = bias ? s + bias[v] : s;
-        }
-    }
-}
-
 #if defined(__x86_64__) && defined(__GNUC__)
 #define QS_AVX512 1
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-
-// 16 int8 weights (masked tail) as float32, exactly.
-T512 inline __m512 widen16(const int8_t* p, __mmask16 m) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
-}
-
-// TR rows of x against VR weight rows from v0: each weight vector widened once, used TR times.
-template <int TR, int VR>
-T512 void tile(const float* x, i64 K, const int8_t* w, const float* scale, i64 v0, const float* bias, float* out,
-               i64 V) {
-    __m512 acc[TR][VR];
-    for (int t = 0; t < TR; ++t)
-        for (int r = 0; r < VR; ++r) acc[t][r] = _mm512_setzero_ps();
-    for (i64 k = 0; k < K; k += 16) {
-        const __mmask16 m = tail16(K - k);
-        __m512 wv[VR];
-        for (int r = 0; r < VR; ++r) wv[r] = widen16(w + (v0 + r) * K + k, m);
-        for (int t = 0; t < TR; ++t) {
-            const __m512 xv = _mm512_maskz_loadu_ps(m, x + t * K + k);
-            for (int r = 0; r < VR; ++r) acc[t][r] = _mm512_fmadd_ps(xv, wv[r], acc[t][r]);
-        }
-    }
-    for (int t = 0; t < TR; ++t)
-        for (int r = 0; r < VR; ++r) {
-            const float s = _mm512_reduce_add_ps(acc[t][r]) * scale[v0 + r];
-            out[t * V + v0 + r] = bias ? s + bias[v0 + r] : s;
-        }
-}
 
 // Weight rows [v0, v1) against all T rows, in tiles (common.h's sweep_tiles).
 T512 void rows_avx512(const float* x, i64 T, i64 K, const int8_t* w, const float* scale, i64 v0, i64 v1,
                       const float* bias, float* out, i64 V) {
     sweep_tiles(T, v0, v1, [&](auto tr, auto vr, i64 t, i64 v) {
-        tile<decltype(tr)::value, decltype(vr)::value>(x + t * K, K, w, scale, v, bias, out + t * V, V);
+        head_tile_avx512<decltype(tr)::value, decltype(vr)::value>(x + t * K, K, w, scale, v, bias, out + t * V, V);
     });
 }
 #endif
@@ -112,7 +70,7 @@ int qs8_linear(const float* x, i64 T, i64 K, const int8_t* w, const float* scale
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (i64 i = 0; i < tasks; ++i) {
         const i64 v0 = i * kRowsPerTask, v1 = std::min(V, v0 + kRowsPerTask);
-        rows_portable(x, T, K, w, scale, v0, v1, bias, out, V);
+        head_rows_portable(x, T, K, w, scale, v0, v1, bias, out, V);
     }
     return 0;
 }

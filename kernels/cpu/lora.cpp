@@ -39,8 +39,6 @@ constexpr i64 kRowBlock = 4;  // rows per pass over a weight row / tile: one loa
 constexpr i64 kRowsPerItem = 64;
 constexpr i64 kRanksPerItem = 16;
 
-inline float widen(float v) { return v; }
-inline float widen(uint16_t h) { return bf16_to_f32(h); }
 
 template <typename W>
 QS_CLONES float dot(const W* a, const float* x, i64 K) {
