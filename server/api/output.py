@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any, Optional, Union
 
 from .reasoning import Reasoning, ReasoningDelta, ReasoningSplitter
-from .tool_parsers import CallDelta, ContentDelta, ToolCallParser
+from .tool_parsers import CallDelta, ContentDelta, ToolCallParser, collect_events
 
 Event = Union[ContentDelta, CallDelta, ReasoningDelta]
 
@@ -85,16 +85,6 @@ def parse_whole(reader: OutputReader, text: str) -> ParsedOutput:
 
 
 def collect(events: list[Event]) -> ParsedOutput:
-    reasoning: list[str] = []
-    content: list[str] = []
-    calls: list[dict[str, str]] = []
-    for e in events:
-        if isinstance(e, ReasoningDelta):
-            reasoning.append(e.text)
-        elif isinstance(e, ContentDelta):
-            content.append(e.text)
-        elif e.id is not None:
-            calls.append({"id": e.id, "name": e.name or "", "arguments": e.arguments})
-        else:
-            calls[e.index]["arguments"] += e.arguments
-    return ParsedOutput("".join(reasoning), "".join(content), calls)
+    reasoning = "".join(e.text for e in events if isinstance(e, ReasoningDelta))
+    content, calls = collect_events([e for e in events if not isinstance(e, ReasoningDelta)])
+    return ParsedOutput(reasoning, content, calls)

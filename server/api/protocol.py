@@ -400,9 +400,12 @@ class _Envelope(BaseModel):
     system_fingerprint: Optional[str] = None
 
 
-class ChatChoice(_Choice):
-    message: ChatResponseMessage
+class _ChatChoice(_Choice):
     logprobs: Optional[ChoiceLogprobs] = None
+
+
+class ChatChoice(_ChatChoice):
+    message: ChatResponseMessage
 
 
 class ChatCompletion(_Envelope):
@@ -433,9 +436,8 @@ class ChatDelta(_OmitNone):
     tool_calls: Optional[list[ToolCallDelta]] = None
 
 
-class ChatChunkChoice(_Choice):
+class ChatChunkChoice(_ChatChoice):
     delta: ChatDelta
-    logprobs: Optional[ChoiceLogprobs] = None
 
 
 class ChatCompletionChunk(_Envelope):
