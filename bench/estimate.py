@@ -51,9 +51,9 @@ def main() -> None:
     for label, folder in models.items():
         for fmt in args.formats.split(","):
             q = quant_config(fmt)
-            est = estimate_memory(EstimateRequest(model=folder, quant=q, kv_cache_memory_gib=args.kv_cache_memory))
+            est = estimate_memory(EstimateRequest(model=folder, quant=q, kv_cache_memory=args.kv_cache_memory))
             result = load_model(LoadConfig(folder, quant=q, progress=False))
-            engine = AsyncEngine(result.model, result.tokenizer, EngineConfig(kv_cache_memory_gib=args.kv_cache_memory))
+            engine = AsyncEngine(result.model, result.tokenizer, EngineConfig(kv_cache_memory=args.kv_cache_memory))
             served = ServedModel("m", engine, result.tokenizer, engine.max_model_len, load_report=result.report)
             measured = model_memory(served)
             weights, kv = measured["weights"]["weight_bytes"], measured["kv_cache"]["bytes_total"]

@@ -120,7 +120,7 @@ def load_served_model(settings: Settings) -> Any:
     logger.info("CPU threads: %d (%s)", threads, why)
     settings = fit_to_memory(settings)
     loaded = load_for_serving(settings)
-    config = EngineConfig.from_settings(settings, loaded.model)
+    config = EngineConfig.from_settings(settings)
     engine = AsyncEngine(loaded.model, loaded.tokenizer, config)
     # The engine's build and warm-up leave freed temporaries in the C heap: give them back to the OS
     # now (34 MiB on the default model, RSS before/after in one process) instead of holding them idle.

@@ -75,26 +75,12 @@ class EngineConfig:
     follow_cpu_load: bool = False
 
     @classmethod
-    def from_settings(cls, settings: Any, model: Any = None, **overrides: Any) -> "EngineConfig":
-        """Build from the server's Settings (server/config.py); `overrides` win."""
-        values: dict[str, Any] = dict(
-            block_size=settings.block_size,
-            kv_cache_memory=settings.kv_cache_memory,
-            max_num_seqs=settings.max_num_seqs,
-            max_num_batched_tokens=settings.max_num_batched_tokens,
-            max_model_len=settings.max_model_len,
-            max_queue=settings.max_queue,
-            forward=settings.forward,
-            max_n=settings.max_n,
-            enable_prefix_caching=settings.enable_prefix_caching,
-            model_name=settings.display_name(),
-            max_loras=settings.max_loras,
-            max_lora_rank=settings.max_lora_rank,
-            gpu_memory_utilization=settings.gpu_memory_utilization,
-            attention_backend=settings.attention_backend,
-            enforce_eager=settings.enforce_eager,
-            kv_cache_dtype=settings.kv_cache_dtype,
-            follow_cpu_load=settings.cpu_threads is None,  # --cpu-threads N pins the count
-        )
+    def from_settings(cls, settings: Any, **overrides: Any) -> "EngineConfig":
+        """Build from the server's Settings (server/config.py): every knob both have, by its one name;
+        `overrides` win."""
+        values: dict[str, Any] = {name: getattr(settings, name) for name in cls.__dataclass_fields__
+                                  if name in type(settings).model_fields}
+        values["model_name"] = settings.display_name()
+        values["follow_cpu_load"] = settings.cpu_threads is None  # --cpu-threads N pins the count
         values.update(overrides)
         return cls(**values)

@@ -29,7 +29,7 @@ from .outputs import TokenLogprob
 from .sampler import Sampler
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
-from .step_inputs import build_inputs, flatten
+from .step_inputs import HostStep, StepInputs, build_inputs, flatten
 
 logger = logging.getLogger(__name__)
 
@@ -131,16 +131,13 @@ class ModelRunner:
         sample_idx = [i for i, s in enumerate(batch.sample) if s]
         sampling = [batch.seqs[i] for i in sample_idx]
         self.sampler.prepare(sampling)  # grammar masks are built while the model runs
-        host = flatten(batch, self.block_size)
-        if self.cache.zeroed_blocks < self.cache.num_blocks:
-            self.cache.touch(host.max_block)
+        host = self.flatten(batch)
         if self.graphs is not None and self._graphable(batch) and self.graphs.holds(host):
             logits = self.graphs.replay(host)  # every row of a decode-only step, in batch order
             logits = logits if len(sample_idx) == len(batch) else logits[sample_idx]
             self.steps["graph"] += 1
         else:
-            inputs = build_inputs(batch, host, self.attention, self.device, self.length_dependent_rope, self.lora)
-            logits = self.model.forward_logits(inputs, self.kv_caches)
+            logits = self.model.forward_logits(self.inputs(batch, host), self.kv_caches)
             self.steps["eager"] += 1
         if sample_idx:
             sampled, lps = self.sampler(logits, sampling)
@@ -148,6 +145,17 @@ class ModelRunner:
                 tokens[i] = sampled[j]
                 logprobs[i] = lps[j]
         return StepResult(tokens, logprobs)
+
+    def flatten(self, batch: ScheduledBatch) -> HostStep:
+        """The step's host layout; the cache blocks it touches first are zeroed."""
+        host = flatten(batch, self.block_size)
+        if self.cache.zeroed_blocks < self.cache.num_blocks:
+            self.cache.touch(host.max_block)
+        return host
+
+    def inputs(self, batch: ScheduledBatch, host: HostStep) -> StepInputs:
+        """The step's inputs for the forward (the backend's metadata, LoRA rows, rope lengths)."""
+        return build_inputs(batch, host, self.attention, self.device, self.length_dependent_rope, self.lora)
 
     @staticmethod
     def _graphable(batch: ScheduledBatch) -> bool:

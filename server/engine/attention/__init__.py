@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 BACKENDS: dict[str, type[AttentionBackend]] = {"native": NativeBackend, "torch": SdpaBackend, "triton": TritonBackend}
 
-__all__ = ["AttentionBackend", "SeqRows", "StepLayout", "keys_view", "kv_cache_shapes", "select_backend", "BACKENDS"]
+__all__ = ["AttentionBackend", "BACKENDS", "NativeBackend", "SdpaBackend", "SeqRows", "StepLayout", "TritonBackend",
+           "keys_view", "kv_cache_shapes", "resolve", "select_backend"]
 
 
 def unusable(name: str, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
