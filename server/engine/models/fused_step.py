@@ -119,7 +119,6 @@ class FusedStep:
         self._codes: dict[str, torch.Tensor] = {}  # the 16-entry code table per quant type the plan points at
         self._lora_key: Optional[tuple] = None
         self._work = torch.empty(0, dtype=torch.float32)
-        self.steps = self.lora_steps = 0  # steps computed here, and those with adapter rows (/metrics)
         self._ropes = list(dict.fromkeys(layer.rope for layer in model.layers if layer.rope is not None))
 
     # ------------------------------------------------------------------------------------- plan
@@ -226,6 +225,4 @@ class FusedStep:
         rc = self.lib.qsd_forward(ctypes.addressof(self._layers), len(self.model.layers), ctypes.addressof(step))
         if rc:
             raise RuntimeError(f"the fused native step failed (code {rc})")
-        self.steps += 1
-        self.lora_steps += lora_step is not None
         return out

@@ -36,11 +36,11 @@ def highest():
 
 def teacher_forced(model, fused: bool, tokens, prompt_lens, num_blocks=12, budget=64):
     """{(seq, position): logits} on the fused or the layers forward path, the scheduler's
-    preemptions, and the model's FusedStep (None on the layers path)."""
+    preemptions, and the runner."""
     runners: list = []
     got, preemptions, _ = engine_logits(model, tokens, prompt_lens, num_blocks, budget,
                                         forward="fused" if fused else "layers", runners=runners)
-    return got, preemptions, runners[0].model.fused_step
+    return got, preemptions, runners[0]
 
 
 def relative_errors(got, want):
@@ -72,15 +72,15 @@ REORDERING = 2**-24 * 2000
 def assert_as_close_as_layers(model, tokens, lens, slack):
     """The fused path is no further from transformers' float32 forward (the oracle) than the layers
     path: worst and median position within `slack` x the layers path's error, plus REORDERING."""
-    fused, _, step = teacher_forced(model, True, tokens, lens)
-    layers, _, off = teacher_forced(model, False, tokens, lens)
-    assert off is None and step.steps > 0, "the fused step did not run"
+    fused, _, runner = teacher_forced(model, True, tokens, lens)
+    layers, _, other = teacher_forced(model, False, tokens, lens)
+    assert runner.forward.path == "fused" and other.forward.path == "layers" and other.model.fused_step is None
     want = transformers_logits(model, tokens)
     ours, theirs = relative_errors(fused, want), relative_errors(layers, {k: want[k] for k in layers})
     mid = len(ours) // 2
     assert ours[-1] <= slack * theirs[-1] + REORDERING, f"worst {ours[-1]:.2e} vs the layers path's {theirs[-1]:.2e}"
     assert ours[mid] <= slack * theirs[mid] + REORDERING, f"median {ours[mid]:.2e} vs the layers path's {theirs[mid]:.2e}"
-    return step
+    return runner.model.fused_step
 
 
 @pytest.mark.parametrize("family", COVERED)
@@ -139,8 +139,8 @@ def test_default_model_matches_transformers(smollm):
         want = [model(torch.tensor([toks])).logits[0].float() for toks in tokens]
 
     def errors(fused):
-        got, _, step = teacher_forced(model, fused, tokens, lens, num_blocks=30, budget=64)
-        assert (step is not None and step.steps > 0) == fused
+        got, _, runner = teacher_forced(model, fused, tokens, lens, num_blocks=30, budget=64)
+        assert (runner.model.fused_step is not None) == fused
         return sorted((got[(i, p)] - want[i][p]).abs().max().item() / max(want[i][p].abs().max().item(), 1.0)
                       for i, p in got)
 
@@ -171,5 +171,5 @@ def test_weight_count_leaves_the_step_scratch_and_cache_out():
     while sched.has_work():
         batch = sched.schedule()
         sched.postprocess(batch, runner.run(batch).token_ids)
-    assert runner.forward.path == "fused" and runner.model.fused_step.steps > 0
+    assert runner.forward.path == "fused" and runner.steps["eager"] > 0
     assert resident_bytes(runner.hf_model, runner.model) == before

@@ -53,7 +53,7 @@ async def _mixed(model, tokenizer, adapters, prompts, names, **config):
         results = await asyncio.gather(*jobs)
         assert_blocks_all_free(engine)
         if fused_decode.load() is not None:  # the one-call step adds the adapters' deltas itself
-            assert engine.runner.model.fused_step.lora_steps > 0
+            assert engine.runner.forward.path == "fused"
         return results, engine.stats()
     finally:
         await engine.shutdown()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from quantserve.server.engine.sequence import SamplingParams
@@ -29,5 +31,5 @@ def test_defaults_and_normalisation():
     assert SamplingParams(temperature=0).greedy and not SamplingParams().greedy
     assert SamplingParams(max_tokens=None).max_tokens is None
     assert not SamplingParams().has_penalties and SamplingParams(presence_penalty=0.1).has_penalties
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         SamplingParams().n = 2  # frozen
