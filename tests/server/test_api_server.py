@@ -106,8 +106,9 @@ def test_logprobs_and_stop(server):
     assert len(content) == resp.usage.completion_tokens
     for tok in content:
         assert len(tok.top_logprobs) == 3 and tok.logprob <= 0
-        # greedy: the chosen token is the most likely one
-        assert tok.logprob >= max(t.logprob for t in tok.top_logprobs) - 1e-4
+        # greedy: the chosen token is the most likely one, the first of the alternatives (same logits)
+        assert (tok.token, tok.logprob) == (tok.top_logprobs[0].token, tok.top_logprobs[0].logprob)
+        assert tok.top_logprobs[0].logprob >= tok.top_logprobs[1].logprob >= tok.top_logprobs[2].logprob
     full = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=24, temperature=0).choices[0].message.content
     word = full.split()[2]
     stopped = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=24, temperature=0, stop=[word])

@@ -136,10 +136,15 @@ def test_cli_inspect_int8(folders, capsys):
     text = capsys.readouterr().out
     assert "int8 (LLM.int8), outlier threshold 6" in text and "Linear8bitLt" in text
     line = next(t for t in text.splitlines() if t.startswith("quantized"))
-    # 8 bits + one float32 scale per row of 128 or 256 weights: between 8.125 and 8.25
+    # LLM.int8's layout, from the transformers model's own Linear shapes: 8 bits a weight and one
+    # float32 scale per output row (SCB)
+    linears = [m for name, m in tiny_model("llama").named_modules()
+               if isinstance(m, torch.nn.Linear) and name != "lm_head"]
+    weights = sum(m.weight.numel() for m in linears)
+    expected = (8 * weights + 32 * sum(m.out_features for m in linears)) / weights
     bits = float(line.split(" bits/param")[0].rsplit(" ", 1)[1])
     theory = float(line.split("(theory ")[1].split(" ")[0])
-    assert 8.1 < bits < 8.3 and bits == pytest.approx(theory, abs=1e-3)
+    assert bits == pytest.approx(expected, abs=5e-4) and theory == pytest.approx(expected, abs=5e-4)  # 3 decimals
 
 
 def test_int8_settings_and_errors(folders, capsys):

@@ -9,6 +9,7 @@ import asyncio
 
 import httpx
 import openai
+import pydantic
 import pytest
 import torch
 
@@ -165,8 +166,9 @@ def test_lora_modules_flag_forms():
 
     s = Settings(lora_modules=["a=/x/a", '{"name": "b", "path": "/x/b", "base_model_name": "m"}'])
     assert s.lora_pairs() == [("a", "/x/a"), ("b", "/x/b")]  # vLLM's two forms
-    for bad in (["a"], ["=/x"], ["a=/x", "a=/y"], ['{"name": "c"}'], ["{not json"]):
-        with pytest.raises(ValueError):
+    for bad, why in ((["a"], "is not NAME=PATH"), (["=/x"], "is not NAME=PATH"), (["a=/x", "a=/y"], "given twice"),
+                     (['{"name": "c"}'], "is not NAME=PATH"), (["{not json"], "is not valid JSON")):
+        with pytest.raises(pydantic.ValidationError, match=why):
             Settings(lora_modules=bad)
 
 
