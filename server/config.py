@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -102,6 +102,20 @@ class Settings(BaseSettings):
     )
     max_loras: int = Field(4, ge=1, le=256, description="most LoRA adapters active in one step (requests for others wait)")
     max_lora_rank: int = Field(64, ge=1, le=1024, description="largest LoRA rank accepted (higher ones are refused at load)")
+    max_cpu_loras: Optional[int] = Field(
+        None, ge=1, le=1024, description="most LoRA adapters held in memory, from --lora-modules and runtime loads "
+        "together (vLLM's name); a runtime load beyond it is refused until one is unloaded (default: --max-loras)"
+    )
+    # Off by default, as vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING: loading reads files named by the
+    # client, so it is opened only by the operator, and then only under --lora-root.
+    enable_lora_runtime_load: bool = Field(
+        False, description="allow /v1/load_lora_adapter and /v1/unload_lora_adapter (as vLLM's "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING); adapters are then read only from under --lora-root"
+    )
+    lora_root: Optional[str] = Field(
+        None, validate_default=True, description="the folder runtime-loaded adapters must be in (a lora_path relative to it, or absolute "
+        "inside it, symlinks resolved); required by --enable-lora-runtime-load"
+    )
     tool_call_parser: Optional[Literal["hermes", "llama3_json", "mistral"]] = Field(
         None, description="the model's tool-call format (default: recognized from its chat template)"
     )
@@ -124,6 +138,29 @@ class Settings(BaseSettings):
     api_key: Optional[SecretStr] = Field(None, description="require 'Authorization: Bearer KEY' on /v1/* and /tokenize")
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (e.g. '*')")
     max_body_bytes: int = Field(8 * 2**20, ge=1024, description="largest request body accepted (413 beyond)")
+    # Without a key nothing else stops a web page from reaching a server on 127.0.0.1 through DNS
+    # rebinding (its own name pointed at 127.0.0.1): the Host header it sends is that name.
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="without --api-key, the Host names requests may carry besides localhost, "
+        "IP addresses and --host (DNS-rebinding guard; '*' allows any); with a key every host is accepted"
+    )
+    # Public by default, as vLLM's: Prometheus scrapers seldom carry the API key, and /metrics holds
+    # counts and timings, never prompts or outputs.
+    metrics_public: bool = Field(
+        True, description="serve /metrics without the API key (--no-metrics-public: /metrics asks for --api-key "
+        "like /v1)"
+    )
+    # nginx waits 60 s for a header block, Apache 20-40 s; one real client sends its headers in one
+    # packet. Each slow connection holds a socket: 10 s frees a slowloris's slots 6x faster than nginx.
+    header_timeout: float = Field(
+        10.0, gt=0, description="seconds for a request's headers to arrive, from the connection opening or the "
+        "previous response's end (the connection is closed beyond)"
+    )
+    # 8 MiB (the largest body) in 60 s is 140 KB/s; a 10 KB chat body needs 170 B/s.
+    body_timeout: float = Field(
+        60.0, gt=0, description="seconds for a request's body to arrive once its headers have (408 and the "
+        "connection closed beyond)"
+    )
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds to finish in-flight requests on SIGTERM")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
 
@@ -143,6 +180,31 @@ class Settings(BaseSettings):
     def lora_pairs(self) -> list[tuple[str, str]]:
         """--lora-modules as (name, path) pairs."""
         return lora_module_pairs(self.lora_modules)
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):  # QUANTSERVE_ALLOWED_HOSTS="api.example,gpu-box"
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("lora_root")
+    @classmethod
+    def _root_for_runtime_load(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if info.data.get("enable_lora_runtime_load") and not value:
+            raise ValueError("--enable-lora-runtime-load needs --lora-root DIR (the folder adapters are loaded from)")
+        return value
+
+    @field_validator("max_cpu_loras")
+    @classmethod
+    def _at_least_max_loras(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        if value is not None and value < info.data.get("max_loras", 1):
+            raise ValueError(f"{value} is below --max-loras {info.data.get('max_loras')}")
+        return value
+
+    def lora_capacity(self) -> int:
+        """Most adapters held at once (--max-cpu-loras, else --max-loras)."""
+        return self.max_cpu_loras or self.max_loras
 
     @field_validator("cors_origins", mode="before")
     @classmethod
