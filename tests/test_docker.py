@@ -22,6 +22,8 @@ import pytest
 
 from quantserve.server.testing import ServerProcess, free_port
 
+from .wheel import build_wheel
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: tomli, which Hugging Face's kernels (a test extra) requires there
@@ -128,13 +130,7 @@ def test_build_stage_copy_set_builds_the_whole_package(tmp_path):
                 shutil.copytree(REPO / s, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so"))
             else:
                 shutil.copy2(REPO / s, target)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-         "--disable-pip-version-check", "-w", str(tmp_path / "dist"), str(src)],
-        check=False, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (whl,) = (tmp_path / "dist").glob("quantserve-*.whl")
+    whl = build_wheel(src, tmp_path / "dist")
     with zipfile.ZipFile(whl) as zf:
         payload = {n for n in zf.namelist() if not n.split("/")[0].endswith(".dist-info")}
     expected = set()

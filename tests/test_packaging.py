@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from .wheel import build_wheel
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: tomli, which Hugging Face's kernels (a test extra) requires there
@@ -82,14 +84,7 @@ def wheel(tmp_path_factory) -> Path:
     src = tmp / "src"
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
         ".git", ".venv", "venv", "build", "dist", "*.egg-info", ".*_cache", *_NOT_SOURCE))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-         "--disable-pip-version-check", "-w", str(tmp / "dist"), str(src)],
-        check=False, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (whl,) = (tmp / "dist").glob("quantserve-*.whl")
-    return whl
+    return build_wheel(src, tmp / "dist")
 
 
 def test_wheel_holds_exactly_the_mapped_folders_under_quantserve(wheel):
