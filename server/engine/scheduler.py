@@ -4,10 +4,27 @@ One policy for prefill and decode (as vLLM V1): every running sequence wants the
 not computed yet (1 for a decoding one, the rest of the prompt for one being prefilled), taken
 first come first served under a per-step token budget (`max_num_batched_tokens`); a prompt
 longer than the budget left is prefilled in chunks over several steps, mixed with the decodes.
-Then waiting sequences are admitted in arrival order while the budget, `max_num_seqs` and the
-KV blocks allow, reusing cached prefix blocks. When a running sequence needs a block and none is
-free, the most recently admitted running sequence is preempted: its blocks are freed and it goes
-back to the front of the queue, to be recomputed (prompt + output so far) when it fits again.
+Then waiting sequences are admitted while the budget, `max_num_seqs` and the KV blocks allow,
+reusing cached prefix blocks. When a running sequence needs a block and none is free, the
+sequence last in the running order is preempted: its blocks are freed and it goes back to the
+front of the queue, to be recomputed (prompt + output so far) when it fits again.
+
+Who goes first is the policy's (`policy`; every sequence carries its `client` and `priority`):
+- "fair" (default): max-min fair shares of the running slots across clients. The next admitted
+  is the head of the client with the fewest running sequences (ties: the earliest head); a
+  client's own queue is ordered by priority (lower first), then arrival, so a client's priority
+  ranks its own requests and buys nothing against other clients. When a slot or KV blocks are
+  missing, the newest sequence of a client holding more than one sequence over the newcomer's
+  client is preempted for it, so a new client's first token waits about one step, not for
+  another client's whole batch. The running order interleaves clients (each client's first,
+  then each client's second, ...): the prefill budget goes round-robin and the sequence
+  preempted for blocks is the newest of the client holding the most. While an under-served
+  client waits, running prefills leave it room in the step's token budget.
+- "priority" (vLLM's): one queue by (priority, arrival); a waiting sequence preempts a running
+  one of a worse (higher) priority when it lacks room.
+- "fcfs": one queue by arrival, no preemption for admission (the behaviour before fairness).
+`max_seqs_per_client` (any policy but fcfs) is a hard cap: a client at it waits even when
+slots are free.
 Where every layer of the model slides over a window, a running sequence first gives back the
 blocks that fell out of it (BlockManager.release_out_of_window).
 """
@@ -15,8 +32,8 @@ blocks that fell out of it (BlockManager.release_out_of_window).
 from __future__ import annotations
 
 import dataclasses
-from collections import deque
-from typing import Optional
+from collections import Counter, deque
+from typing import Literal, Optional
 
 from .block_manager import BlockManager
 from .sequence import FinishReason, Sequence, SequenceStatus
@@ -49,7 +66,16 @@ class Scheduler:
         max_num_batched_tokens: int,
         recompute_above: Optional[int] = None,
         max_loras: Optional[int] = None,
+        policy: Literal["fair", "priority", "fcfs"] = "fair",
+        max_seqs_per_client: Optional[int] = None,
     ) -> None:
+        if policy not in ("fair", "priority", "fcfs"):
+            raise ValueError(f"policy must be fair, priority or fcfs, got {policy!r}")
+        if max_seqs_per_client is not None and max_seqs_per_client < 1:
+            raise ValueError(f"max_seqs_per_client must be >= 1 or None, got {max_seqs_per_client}")
+        self.policy = policy
+        self.max_seqs_per_client = None if policy == "fcfs" else max_seqs_per_client
+        self._num_admitted = 0  # admission counter: Sequence.admitted orders the running ones
         self.block_manager = block_manager
         # Most distinct LoRA adapters among the running sequences (None: no limit). A waiting
         # sequence whose adapter would exceed it is passed over (it stays in the queue, in
@@ -116,8 +142,11 @@ class Scheduler:
         counts: list[int] = []
         cut_off: list[Sequence] = []
         preempted = False
+        self._order_running()
+        # Prompt tokens kept free of running prefills for an under-served client's newcomer.
+        reserve = self._reserve()
 
-        # Running sequences first, in admission order.
+        # Running sequences first, in the policy's running order.
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -127,14 +156,18 @@ class Scheduler:
                 preempted = True
                 continue
             bm.release_out_of_window(seq)  # sliding-window models: blocks no layer sees again
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            want = seq.num_tokens - seq.num_computed_tokens
+            n = min(want, budget if want == 1 else budget - reserve)
+            if n <= 0:  # a prefill chunk would eat the newcomer's room: it waits a step
+                i += 1
+                continue
             while not bm.allocate(seq, n):
                 if len(self.running) == 1:  # alone and still too big: it never will fit
                     self.running.pop()
                     self._finish(seq, FinishReason.LENGTH)
                     cut_off.append(seq)
                     break
-                victim = self.running.pop()  # the latest admitted; never one scheduled already
+                victim = self.running.pop()  # last in running order; never one scheduled already
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
@@ -145,42 +178,155 @@ class Scheduler:
                 budget -= n
                 i += 1
 
-        # Then waiting ones, in arrival order; a step that had to preempt admits nobody.
-        loras = {s.lora_id for s in self.running if s.lora_id} if self.max_loras is not None else set()
-        passed_over: list[Sequence] = []  # waiting for a LoRA slot: back to the front, in order, at the end
-        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if seq.lora_id and seq.lora_id not in loras and self.max_loras is not None \
-                    and len(loras) >= self.max_loras:
-                passed_over.append(self.waiting.popleft())
-                continue
-            cached = bm.find_cached_prefix(seq)
-            num_cached = len(cached) * bm.block_size
-            n = min(seq.num_tokens - num_cached, budget)
-            if not bm.allocate(seq, n, cached):
-                if not self.running:  # the whole cache is free and it still does not fit
-                    self.waiting.popleft()
-                    self._finish(seq, FinishReason.LENGTH)
-                    cut_off.append(seq)
-                    continue
-                break  # first come first served: nobody overtakes the head of the queue
-            bm.record_prefix_query(seq.num_tokens)
-            if seq.num_output_tokens == 0:
-                seq.num_cached_tokens = num_cached
-            self.waiting.popleft()
-            if seq.lora_id:
-                loras.add(seq.lora_id)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            seqs.append(seq)
-            counts.append(n)
-            budget -= n
-        self.waiting.extendleft(reversed(passed_over))
+        # Then waiting ones; a step that had to preempt for running ones admits nobody.
+        if self.waiting and not preempted and budget > 0:
+            self._admit(seqs, counts, budget, cut_off)
 
         if self.recompute_above is not None:
             self._long.update(s.seq_id for s in seqs if s.num_computed_tokens == 0 and s.num_tokens > self.recompute_above)
         sample = [s.num_computed_tokens + n == s.num_tokens for s, n in zip(seqs, counts)]
         return ScheduledBatch(seqs, counts, sample, cut_off)
+
+    # ------------------------------------------------------------------------------ fairness
+
+    def _group(self, seq: Sequence) -> str:
+        """The queue a waiting sequence is in: its client's under "fair", one shared queue otherwise."""
+        return seq.client if self.policy == "fair" else ""
+
+    def _order_running(self) -> None:
+        """Sort the running sequences: the first get the budget first, the last are preempted first."""
+        if self.policy == "fcfs" or len(self.running) < 2:
+            return
+        if self.policy == "priority":
+            self.running.sort(key=lambda s: (s.priority, s.admitted))
+            return
+        # fair: each client's sequences ranked by (priority, admission); then rank 0 of every
+        # client, rank 1 of every client, ... (round-robin); the last is the newest of the biggest.
+        rank: dict[int, int] = {}
+        taken: Counter = Counter()
+        for s in sorted(self.running, key=lambda s: (s.priority, s.admitted)):
+            rank[s.seq_id] = taken[s.client]
+            taken[s.client] += 1
+        self.running.sort(key=lambda s: (rank[s.seq_id], s.admitted))
+
+    def _reserve(self) -> int:
+        """Under "fair": the prompt tokens of the first waiting sequence whose client runs fewer
+        sequences than another client (at most half the step's budget), else 0."""
+        if self.policy != "fair" or not self.waiting or not self.running:
+            return 0
+        running = Counter(s.client for s in self.running)
+        most = max(running.values())
+        for seq in self.waiting:
+            if running[seq.client] < most and not self._at_cap(seq, running):
+                return min(seq.num_tokens - seq.num_computed_tokens, self.max_num_batched_tokens // 2)
+        return 0
+
+    def _at_cap(self, seq: Sequence, running: Counter) -> bool:
+        cap = self.max_seqs_per_client
+        return cap is not None and running[seq.client] >= cap
+
+    def _victim_for(self, seq: Sequence, running: Counter) -> Optional[Sequence]:
+        """The running sequence to preempt so that `seq` can be admitted, or None."""
+        if self.policy == "priority":
+            worst = max(self.running, key=lambda s: (s.priority, s.admitted), default=None)
+            return worst if worst is not None and worst.priority > seq.priority else None
+        if self.policy == "fair" and self.running:
+            biggest = max(running, key=lambda c: running[c])
+            if running[biggest] > running[seq.client] + 1:
+                # running is in round-robin order: the biggest client's last there is its newest.
+                return next(s for s in reversed(self.running) if s.client == biggest)
+        return None
+
+    def _admit(self, seqs: list[Sequence], counts: list[int], budget: int, cut_off: list[Sequence]) -> None:
+        bm = self.block_manager
+        running = Counter(s.client for s in self.running)
+        loras = {s.lora_id for s in self.running if s.lora_id} if self.max_loras is not None else set()
+        queues: dict[str, list[Sequence]] = {}
+        for seq in self.waiting:
+            queues.setdefault(self._group(seq), []).append(seq)
+        if self.policy != "fcfs":  # by priority, then queue order (preempted first, then arrival)
+            for queue in queues.values():
+                queue.sort(key=lambda s: s.priority)
+        heads = {group: deque(queue) for group, queue in queues.items()}
+        position = {s.seq_id: i for i, s in enumerate(self.waiting)}
+        changed = False
+        while heads and budget > 0:
+            if self.policy == "fair":
+                group = min(heads, key=lambda g: (running[heads[g][0].client], position[heads[g][0].seq_id]))
+            else:
+                group = next(iter(heads))
+            queue = heads[group]
+            seq = queue[0]
+            if self._at_cap(seq, running):
+                if self.policy == "fair":
+                    del heads[group]  # this client's others wait too
+                else:
+                    queue.popleft()  # passed over, stays in the queue
+                    if not queue:
+                        del heads[group]
+                continue
+            if seq.lora_id and seq.lora_id not in loras and self.max_loras is not None \
+                    and len(loras) >= self.max_loras:
+                queue.popleft()  # waits for a LoRA slot, in its place
+                if not queue:
+                    del heads[group]
+                continue
+            admitted = False
+            while True:
+                cached = bm.find_cached_prefix(seq)
+                num_cached = len(cached) * bm.block_size
+                n = min(seq.num_tokens - num_cached, budget)
+                if len(self.running) < self.max_num_seqs and bm.allocate(seq, n, cached):
+                    admitted = True
+                    break
+                if not self.running:  # the whole cache is free and it still does not fit
+                    queue.popleft()
+                    changed = True
+                    self._finish(seq, FinishReason.LENGTH)
+                    cut_off.append(seq)
+                    break
+                victim = self._victim_for(seq, running)
+                if victim is None:
+                    break
+                budget += self._unschedule(victim, seqs, counts)
+                self.running.remove(victim)
+                running[victim.client] -= 1
+                self._preempt(victim)
+                changed = True
+            if seq.status is SequenceStatus.FINISHED:
+                if not queue:
+                    del heads[group]
+                continue
+            if not admitted:
+                break  # nobody overtakes the head the policy chose
+            bm.record_prefix_query(seq.num_tokens)
+            if seq.num_output_tokens == 0:
+                seq.num_cached_tokens = num_cached
+            queue.popleft()
+            if not queue:
+                del heads[group]
+            changed = True
+            if seq.lora_id:
+                loras.add(seq.lora_id)
+            seq.status = SequenceStatus.RUNNING
+            seq.admitted = self._num_admitted
+            self._num_admitted += 1
+            running[seq.client] += 1
+            self.running.append(seq)
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
+        if changed:  # admitted and cut-off ones leave; preempted ones were put in front
+            self.waiting = deque(s for s in self.waiting if s.status is SequenceStatus.WAITING)
+
+    @staticmethod
+    def _unschedule(victim: Sequence, seqs: list[Sequence], counts: list[int]) -> int:
+        """Take victim out of this step's batch if it is in it; the budget it gives back."""
+        for i, s in enumerate(seqs):
+            if s is victim:
+                seqs.pop(i)
+                return counts.pop(i)
+        return 0
 
     def _needs_recompute(self, seq: Sequence) -> bool:
         limit = self.recompute_above

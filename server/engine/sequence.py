@@ -160,7 +160,7 @@ class Sequence:
     __slots__ = (
         "seq_id", "request_id", "index", "params", "token_ids", "num_prompt_tokens", "num_computed_tokens",
         "num_cached_tokens", "block_table", "block_hashes", "status", "finish_reason", "max_tokens",
-        "eos_token_ids", "stop_token_ids", "arrival", "lora", "lora_id",
+        "eos_token_ids", "stop_token_ids", "arrival", "lora", "lora_id", "client", "priority", "admitted",
     )
 
     def __init__(
@@ -173,6 +173,8 @@ class Sequence:
         eos_token_ids: frozenset[int] = frozenset(),
         arrival: float = 0.0,
         lora: Any = None,
+        client: str = "",
+        priority: int = 0,
     ) -> None:
         if not prompt_token_ids:
             raise ValueError("the prompt must have at least one token")
@@ -198,6 +200,11 @@ class Sequence:
         # base), which the scheduler counts and the prefix cache keys on.
         self.lora = lora
         self.lora_id: int = 0 if lora is None else lora.uid
+        # Who sent it (an API key's or an address's name; "" for all alike) and its priority
+        # (lower first, as vLLM's): the scheduler's fairness and order (scheduler.py).
+        self.client = client
+        self.priority = priority
+        self.admitted = 0  # the scheduler's admission count when it last started running
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}#{self.index}, tokens={self.num_tokens}, "
