@@ -33,6 +33,14 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _sigterm_with_clients(srv: ServerProcess, clients: list[threading.Thread], client_timeout: float) -> int:
+    """SIGTERM with `clients` in flight: they end (within `client_timeout` s), then the server's exit status."""
+    srv.send_signal(signal.SIGTERM)
+    for t in clients:
+        t.join(client_timeout)
+    return srv.wait(timeout=60)
+
+
 def _wrapped(script: Path, *args: str) -> ServerProcess:
     """A server started through `script`, a wrapper that patches the server and then runs
     `quantserve serve` with the arguments it was given."""
@@ -388,10 +396,7 @@ def test_sigterm_drains_streams_then_exits_0(server):
         for e in started:
             assert e.wait(120), "a stream never started"
         finished_at_signal = list(finished)
-        srv.send_signal(signal.SIGTERM)
-        for t in threads:
-            t.join(300)
-        code = srv.wait(timeout=60)
+        code = _sigterm_with_clients(srv, threads, 300)
     finally:
         srv.kill()
     assert not any(finished_at_signal), "a stream had finished before SIGTERM: it proves nothing"
@@ -446,10 +451,7 @@ def test_drain_limit_answers_503_not_a_cancellation(tmp_path):
             t.start()
         assert streaming.wait(120), "the stream never started"
         assert whole[0] is None, "the whole request finished before SIGTERM: it proves nothing"
-        srv.send_signal(signal.SIGTERM)
-        for t in threads:
-            t.join(60)
-        code = srv.wait(timeout=60)
+        code = _sigterm_with_clients(srv, threads, 60)
     finally:
         srv.kill()
     r = whole[0]
