@@ -185,8 +185,14 @@ def run(settings: Settings) -> int:
     app = create_app(settings, registry)
     logger.info("quantserve: serving %s on http://%s:%d (OpenAI API at /v1, health at /health)",
                 settings.display_name(), settings.host, settings.port)
+    from .api.connections import header_timeout_protocol
+
+    # h11 (uvicorn's pure-Python protocol, whichever else is installed) with a deadline on each
+    # request's headers; its header block is capped at h11's 16 KiB (400 beyond); the body's
+    # deadline and size are the app's guards (api/guards.py).
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.shutdown_timeout)
+                            timeout_graceful_shutdown=settings.shutdown_timeout,
+                            http=header_timeout_protocol(settings.header_timeout))
     server = _graceful_server_class()(config, Watchdog(registry))
     try:
         server.run()

@@ -111,6 +111,8 @@ class _SamplingFields(_Request):
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
+    # vLLM's: lower runs first (--scheduling-policy: within the client's own requests under fair).
+    priority: int = Field(0, ge=-(2**31), lt=2**31)
     # Token id (as a string key, as OpenAI sends it) -> bias added to its logit.
     logit_bias: Optional[dict[str, float]] = None
     response_format: Optional[ResponseFormat] = None
@@ -120,7 +122,7 @@ class _SamplingFields(_Request):
     @classmethod
     def _check_logit_bias(cls, value: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
         for key, bias in (value or {}).items():
-            if not key.isdigit():
+            if not (key.isascii() and key.isdigit()):  # "²".isdigit() is true, int("²") fails
                 raise ValueError(f"keys must be token ids, got {key!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"biases must be in [-100, 100], got {bias}")

@@ -53,17 +53,31 @@ class ServedModel:
             raise APIError(400, f"model '{self.name}' has no chat template (its tokenizer has none and no "
                                 "--chat-template was given): use /v1/completions, or serve it with --chat-template FILE",
                            param="messages")
+        from jinja2 import TemplateError
+
         try:
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
                                                 **(template_kwargs or {}))
-        except Exception as exc:  # a template rejecting a role order etc. is the client's input
+        except TemplateError as exc:  # the template's own words (raise_exception): a role order etc.
             raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
+        except Exception:  # the tokenizer's internals are no message for the client
+            logger.debug("rendering a chat failed", exc_info=True)
+            raise APIError(400, "these messages could not be tokenized (is every text valid Unicode, without lone "
+                                "surrogates such as \\ud800?)", param="messages", code="invalid_text") from None
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self._tokenizer().encode(text, add_special_tokens=add_special_tokens))
+    def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
+        """Token ids of `text`; 400 for text that is not valid Unicode (JSON lets a lone surrogate
+        such as "\\ud800" through; the tokenizer refuses it with a TypeError)."""
+        try:
+            return list(self._tokenizer().encode(text, add_special_tokens=add_special_tokens))
+        except TypeError:
+            if isinstance(text, str) and not _encodable(text):
+                raise APIError(400, f"{param} is not valid Unicode: it holds a lone UTF-16 surrogate (\\ud800-\\udfff "
+                                    "without its pair)", param=param, code="invalid_text") from None
+            raise
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tokenizer().decode(token_ids, skip_special_tokens=skip_special_tokens)
@@ -147,6 +161,14 @@ class Registry:
             if not alive:
                 return False, f"engine for '{served.name}' stopped: {error}"
         return True, "ok"
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _reason(exc: BaseException) -> str:

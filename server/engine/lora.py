@@ -1,7 +1,7 @@
 """LoRA adapters served on top of the (4-bit) base, never merged into it.
 
 An adapter is a peft folder (adapter_config.json + adapter_model.safetensors). Loading checks it
-against the base as the native forward holds it (models/llama.py: q/k/v and gate/up are fused
+against the base as the native forward holds it (models/decoder.py: q/k/v and gate/up are fused
 linears, so each adapter module becomes a slice of one fused output) and keeps its A and B
 matrices in the compute dtype. `LoRARegistry` maps served names to loaded adapters; a request
 holds its adapter object, so unloading a name never disturbs requests already running with it.
@@ -93,23 +93,54 @@ class LoRAAdapter:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _read_config(folder: Path, name: str) -> dict[str, Any]:
-    if not folder.is_dir():
+# Caps on what one load reads, checked on the file's size before reading it: a peft config is a
+# few KB; the weights are bounded by what --max-lora-rank allows on the base (max_weights_bytes).
+MAX_CONFIG_BYTES = 1 << 20
+_HEADER_SLACK = 16 << 20  # safetensors' JSON header and alignment, beyond the tensors themselves
+
+
+def _regular_file(path: Path, root: Optional[Path]) -> Optional[Path]:
+    """`path` with its symlinks resolved when it is a regular file (inside `root` if given), else None.
+    Not a FIFO or a device: those would block or never end when read."""
+    try:
+        real = path.resolve()
+        if root is not None and not real.is_relative_to(root):
+            return None
+        return real if real.is_file() else None
+    except (OSError, ValueError, RuntimeError):  # too long, a NUL byte, a symlink loop
+        return None
+
+
+def _read_config(folder: Path, name: str, root: Optional[Path] = None) -> dict[str, Any]:
+    """adapter_config.json as a dict. With `root` (runtime loads), the folder and both files must
+    resolve inside it. The not-found errors name the folder (for the operator's --lora-modules);
+    the HTTP route answers them with one generic message. The other errors name no path or value."""
+    try:
+        is_dir = folder.is_dir()
+    except (OSError, ValueError):  # a name too long, a NUL byte
+        is_dir = False
+    if not is_dir:
         raise AdapterNotFoundError(f"LoRA adapter '{name}': no folder {folder}")
-    config_file, weights_file = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
-    if not config_file.is_file():
+    config_file = _regular_file(folder / ADAPTER_CONFIG, root)
+    if config_file is None:
         raise AdapterNotFoundError(f"LoRA adapter '{name}': {folder} has no {ADAPTER_CONFIG} (a peft adapter folder "
                                    "holds adapter_config.json and adapter_model.safetensors)")
-    if not weights_file.is_file():
+    if _regular_file(folder / ADAPTER_WEIGHTS, root) is None:
         other = " (adapter_model.bin is not read: save with safe_serialization=True)" \
             if (folder / "adapter_model.bin").is_file() else ""
         raise AdapterNotFoundError(f"LoRA adapter '{name}': {folder} has no {ADAPTER_WEIGHTS}{other}")
     try:
-        config = json.loads(config_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"LoRA adapter '{name}': cannot read {config_file}: {exc}") from None
+        with open(config_file, "rb") as f:
+            if f.seek(0, 2) > MAX_CONFIG_BYTES:
+                raise AdapterError(f"LoRA adapter '{name}': {ADAPTER_CONFIG} is over {MAX_CONFIG_BYTES} bytes")
+            f.seek(0)
+            config = json.loads(f.read(MAX_CONFIG_BYTES + 1).decode("utf-8"))
+    except AdapterError:
+        raise
+    except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8, not JSON (the error would echo bytes)
+        raise AdapterError(f"LoRA adapter '{name}': {ADAPTER_CONFIG} is not readable JSON") from None
     if not isinstance(config, dict):
-        raise AdapterError(f"LoRA adapter '{name}': {config_file} is not a JSON object")
+        raise AdapterError(f"LoRA adapter '{name}': {ADAPTER_CONFIG} is not a JSON object")
     return config
 
 
@@ -118,14 +149,15 @@ def _check_config(config: dict[str, Any], name: str) -> None:
     def refuse(why: str) -> None:
         raise AdapterError(f"LoRA adapter '{name}': {why}")
 
+    # The messages name the setting, never its value: a config is the client's file on runtime loads.
     if config.get("peft_type", "LORA") != "LORA":
-        refuse(f"peft_type {config.get('peft_type')!r} is not LORA")
+        refuse("peft_type is not LORA")
     if config.get("use_dora"):
         refuse("DoRA (use_dora) is not supported")
     if config.get("bias", "none") != "none":
-        refuse(f"bias={config.get('bias')!r} is not supported (only 'none')")
+        refuse("bias is not supported (only 'none')")
     if config.get("modules_to_save"):
-        refuse(f"modules_to_save {config.get('modules_to_save')} is not supported (the base's modules are shared)")
+        refuse("modules_to_save is not supported (the base's modules are shared)")
     if config.get("alpha_pattern"):
         refuse("alpha_pattern is not supported")
     if config.get("fan_in_fan_out"):
@@ -133,41 +165,74 @@ def _check_config(config: dict[str, Any], name: str) -> None:
     if config.get("lora_bias"):
         refuse("lora_bias is not supported")
     for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool) or config[key] <= 0:
-            refuse(f"adapter_config.json needs a positive number '{key}', got {config.get(key)!r}")
+        value = config.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+            refuse(f"adapter_config.json needs a positive number '{key}'")
+
+
+def max_weights_bytes(targets: dict[tuple[int, str], Target], max_rank: int) -> int:
+    """The largest adapter_model.safetensors an adapter of rank <= max_rank on these modules can be:
+    A [r, in] and B [out, r] for every module, at 8 bytes an element (float64), plus its header."""
+    elements = sum(max_rank * (t.in_features + t.end - t.start) for t in targets.values())
+    return 8 * elements + _HEADER_SLACK
+
+
+MAX_PATH_CHARS = 4096  # Linux's PATH_MAX
+
+
+def under_root(path: str, root: Path, name: str) -> Path:
+    """A runtime load's lora_path as a folder inside `root` (already resolved): relative paths are
+    taken from the root; symlinks are resolved before the check, so a link inside the root that
+    points elsewhere is refused like a path outside it (AdapterNotFoundError, for every reason)."""
+    try:
+        if "\0" in path or len(path) > MAX_PATH_CHARS:
+            raise ValueError
+        folder = (root / path).resolve()  # an absolute `path` replaces the root
+    except (OSError, ValueError, RuntimeError):
+        folder = None
+    if folder is None or not folder.is_relative_to(root):
+        raise AdapterNotFoundError(f"LoRA adapter '{name}': {path[:200]!r} is not inside the LoRA root")
+    return folder
 
 
 def load_adapter(name: str, path: str, targets: dict[tuple[int, str], Target], max_rank: int,
-                 dtype: torch.dtype, device: torch.device) -> LoRAAdapter:
+                 dtype: torch.dtype, device: torch.device, root: Optional[Path] = None) -> LoRAAdapter:
     """Read and check a peft adapter against the base's modules (`targets`: (layer, module name)
-    -> Target). Raises AdapterNotFoundError (missing folder/files) or AdapterError."""
+    -> Target). Raises AdapterNotFoundError (missing folder/files, or outside `root` once symlinks
+    are resolved) or AdapterError."""
     from safetensors import safe_open
 
-    folder = Path(path).expanduser()
-    config = _read_config(folder, name)
+    folder = Path(path).expanduser() if root is None else under_root(path, root, name)
+    config = _read_config(folder, name, root)
     _check_config(config, name)
+    weights_file = folder / ADAPTER_WEIGHTS
+    cap = max_weights_bytes(targets, max_rank)
+    if weights_file.stat().st_size > cap:
+        raise AdapterError(f"LoRA adapter '{name}': {ADAPTER_WEIGHTS} is larger than an adapter of rank "
+                           f"--max-lora-rank {max_rank} on this model can be ({cap} bytes)")
     alpha, use_rslora = float(config["lora_alpha"]), bool(config.get("use_rslora"))
     base_names = sorted({module for _, module in targets})
     wanted = config.get("target_modules")
     if isinstance(wanted, (list, tuple)):
         missing = sorted(set(wanted) - set(base_names))
         if missing:
-            raise AdapterError(f"LoRA adapter '{name}': target modules {missing} are not in the base model "
+            raise AdapterError(f"LoRA adapter '{name}': {len(missing)} of its target modules are not in the base model "
                                f"(its adapter-capable modules: {base_names})")
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     try:
-        with safe_open(folder / ADAPTER_WEIGHTS, framework="pt", device="cpu") as f:
+        with safe_open(weights_file, framework="pt", device="cpu") as f:
             for key in f.keys():
                 m = _KEY.search(key)
                 if m is None:
-                    raise AdapterError(f"LoRA adapter '{name}': tensor {key} is not a LoRA A/B matrix of a decoder "
+                    raise AdapterError(f"LoRA adapter '{name}': a tensor ({key[:120]!r}) is not a LoRA A/B matrix of a decoder "
                                        "layer's projection (embedding, head or other modules are not supported)")
                 layer, module, which = int(m.group(1)), m.group(2), m.group(3)
                 pairs.setdefault((layer, module), {})[which] = f.get_tensor(key)
     except AdapterError:
         raise
     except Exception as exc:  # noqa: BLE001 - a corrupt file is the adapter's fault, said in one line
-        raise AdapterError(f"LoRA adapter '{name}': cannot read {folder / ADAPTER_WEIGHTS}: {exc}") from None
+        raise AdapterError(f"LoRA adapter '{name}': {ADAPTER_WEIGHTS} is not a readable safetensors file "
+                           f"({type(exc).__name__})") from None
     if not pairs:
         raise AdapterError(f"LoRA adapter '{name}': {ADAPTER_WEIGHTS} holds no LoRA weights")
     per_group: dict[tuple[int, str], list[tuple[Target, torch.Tensor, torch.Tensor, float]]] = {}
@@ -225,22 +290,34 @@ class LoRARegistry:
         self.unsupported = unsupported  # why this model cannot serve adapters (None: it can)
         self._adapters: dict[str, LoRAAdapter] = {}
         self._lock = threading.Lock()
+        self._loading = threading.Lock()
 
-    def load(self, name: str, path: str, reserved: tuple[str, ...] = ()) -> LoRAAdapter:
-        """Load and register `name` (AdapterError if it is bad, already taken or unsupported)."""
+    def load(self, name: str, path: str, reserved: tuple[str, ...] = (), root: Optional[str] = None,
+             capacity: Optional[int] = None) -> LoRAAdapter:
+        """Load and register `name` (AdapterError if it is bad, already taken or unsupported). A runtime
+        load gives `root` (the adapter must be inside it) and `capacity` (the most adapters held)."""
         if not isinstance(name, str) or not name.strip():
             raise AdapterError("a LoRA adapter needs a non-empty name")
         if self.unsupported is not None or self.targets is None:
             raise AdapterError(f"LoRA adapter '{name}': {self.unsupported or 'this model cannot serve adapters'}")
         if name in reserved:
             raise AdapterError(f"LoRA adapter '{name}': the name is the base model's")
-        with self._lock:
+
+        def check() -> None:  # under self._lock
             if name in self._adapters:
                 raise AdapterError(f"The lora adapter '{name}' has already been loaded.")
-        adapter = load_adapter(name, path, self.targets, self.max_rank, self.dtype, self.device)
+            if capacity is not None and len(self._adapters) >= capacity:
+                raise AdapterError(f"LoRA adapter '{name}': {len(self._adapters)} adapters are loaded, the most "
+                                   "--max-cpu-loras allows; unload one first")
+
         with self._lock:
-            if name in self._adapters:  # loaded by someone else meanwhile
-                raise AdapterError(f"The lora adapter '{name}' has already been loaded.")
+            check()
+        resolved_root = None if root is None else Path(root).expanduser().resolve()
+        # One load at a time: each reads up to an adapter's worth of weights into memory.
+        with self._loading:
+            adapter = load_adapter(name, path, self.targets, self.max_rank, self.dtype, self.device, resolved_root)
+        with self._lock:
+            check()  # loaded by someone else meanwhile, or the last free place taken
             self._adapters[name] = adapter
         return adapter
 

@@ -17,8 +17,12 @@ CONSOLE_DIR = Path(__file__).resolve().parents[1] / "console"
 _MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".css": "text/css; charset=utf-8"}
 _HEADERS = {
-    # Same origin only: scripts, styles, fetches; data: for the empty favicon.
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'",
+    # Same origin only: scripts, styles, fetches; data: for the empty favicon. frame-ancestors:
+    # no other site may frame the console (clickjacking its buttons).
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",  # the same, for browsers without CSP level 2
+    "X-Content-Type-Options": "nosniff",  # each file only as its declared type
+    "Referrer-Policy": "no-referrer",
     # Served from the package: a new version must not be mixed with a cached old file.
     "Cache-Control": "no-cache",
 }
