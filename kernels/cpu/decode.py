@@ -1,5 +1,5 @@
 """The whole decoder stack of a Llama-style model in one native call per engine step (decode.cpp,
-next to this file; server/engine/models/native_step.py builds its plan and drives it).
+next to this file; server/engine/models/fused_step.py builds its plan and drives it).
 
 Built on first use by kernels/cpu/build.py: without a C++ compiler `load()` is None and the engine
 runs its Python forward; a failed build raises.

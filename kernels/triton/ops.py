@@ -30,7 +30,7 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from . import configs
-from .attention import paged_attention_kernel, paged_attention_reduce_kernel, write_kv_kernel
+from .paged_attention import paged_attention_kernel, paged_attention_reduce_kernel, write_kv_kernel
 from .dequant import dequantize_4bit_kernel
 from .gemm import gemm_4bit_kernel
 from .gemv import gemv_4bit_kernel

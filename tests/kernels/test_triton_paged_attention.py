@@ -1,4 +1,4 @@
-"""The Triton paged-attention and KV-write kernels (kernels/triton/attention.py) on the engine's own
+"""The Triton paged-attention and KV-write kernels (kernels/triton/paged_attention.py) on the engine's own
 cache layout (keys [blocks, KVH, D, block_size], values [blocks, block_size, KVH, D]) under
 TRITON_INTERPRET=1, small shapes, fp32/fp16, against a float64 reference written from the
 definition (each row's visible positions looked up one by one through its block table).

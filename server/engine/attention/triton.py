@@ -1,5 +1,5 @@
 """The Triton attention backend: one step's work items for the paged-attention kernel
-(kernels/triton/attention.py), and the per-layer call that writes the new keys/values and attends.
+(kernels/triton/paged_attention.py), and the per-layer call that writes the new keys/values and attends.
 
 The runner builds a `TritonPlan` once per step from host lists (no device reads); every layer then
 launches two kernels: the KV write and the attention over the whole flattened batch (decode rows and

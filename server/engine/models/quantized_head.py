@@ -4,7 +4,7 @@ The head is the single largest read of a decode step for a small model with a la
 (SmolLM2-135M: 49152 x 576, 57 MB at 16 bits per step vs ~55 MB for all its 4-bit layers);
 llama.cpp keeps it at Q6_K. `quantize_lm_head(model, kind)` converts a transformers model in
 place, after loading (its head already 16-bit, sixteen_bit.py, or still float), so that its own
-forward (generate) and the engine (LlamaModel.forward_logits calls the model's output embeddings
+forward (generate) and the engine (DecoderModel.forward_logits calls the model's output embeddings
 module) compute the same thing:
 - int8 (`Int8Head`): symmetric per-output-row absmax int8 weights (the rows bitsandbytes'
   int8_vectorwise_quant makes), weight-only: activations stay float32, float32 sums and logits;

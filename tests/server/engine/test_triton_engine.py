@@ -4,35 +4,30 @@ every computed position under a scheduler that preempts, chunks prefills and hit
 greedy output of the whole AsyncEngine; the CUDA-graph runner's padded static inputs (run without a
 graph here: capture itself needs a GPU, tests/server/engine/test_gpu_engine.py).
 
-As in tests/kernels/test_triton_interpret.py, TRITON_INTERPRET=1 must be set before triton is
-first imported: this module sets it at import on a machine without a GPU, and skips when some
-earlier import already loaded triton uninterpreted (then run it in its own process).
+tests/conftest.py sets TRITON_INTERPRET=1 for the whole run on a machine without a GPU, before
+anything imports triton; there these tests must run. On a GPU machine (no interpreter) they skip:
+the GPU tests cover the same path there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
-import os
-import sys
 
 import pytest
 import torch
 
-if "triton" not in sys.modules and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # the interpreter is the only way to run Triton here
+from quantserve.server.engine import EngineConfig, SamplingParams
+from quantserve.server.engine.block_manager import BlockManager
+from quantserve.server.engine.cuda_graphs import DecodeGraphs, batch_ladder
+from quantserve.server.engine.attention.triton import unusable as triton_unusable
+from quantserve.server.engine.model_runner import ModelRunner
+from quantserve.server.engine.scheduler import ScheduledBatch, Scheduler
+from quantserve.server.engine.sequence import Sequence
 
-from quantserve.server.engine import EngineConfig, SamplingParams  # noqa: E402
-from quantserve.server.engine.block_manager import BlockManager  # noqa: E402
-from quantserve.server.engine.cuda_graphs import DecodeGraphs, batch_ladder  # noqa: E402
-from quantserve.server.engine.attention.triton import unusable as triton_unusable  # noqa: E402
-from quantserve.server.engine.model_runner import ModelRunner  # noqa: E402
-from quantserve.server.engine.scheduler import ScheduledBatch, Scheduler  # noqa: E402
-from quantserve.server.engine.sequence import Sequence  # noqa: E402
-
-from . import family_models as fm  # noqa: E402
-from .conftest import run  # noqa: E402
-from .helpers import assert_blocks_all_free, collect, started  # noqa: E402
+from . import family_models as fm
+from .conftest import run
+from .helpers import assert_blocks_all_free, collect, started
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -41,6 +36,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 def interpreted():
     reason = triton_unusable(torch.device("cpu"))
     if reason is not None:
+        if not torch.cuda.is_available():
+            pytest.fail(f"the Triton interpreter should run here: {reason}")
         pytest.skip(reason)
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: see test_families.one_thread
