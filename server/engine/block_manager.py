@@ -22,6 +22,7 @@ still index the table).
 from __future__ import annotations
 
 import hashlib
+import itertools
 from array import array
 from collections import OrderedDict
 from typing import Optional
@@ -204,6 +205,37 @@ class BlockManager:
         if end > start:
             self._released[seq.seq_id] = end
         return released
+
+    def take_scratch(self, num_blocks: int) -> Optional[list[int]]:
+        """`num_blocks` free blocks for work whose keys and values are thrown away right after it
+        (embeddings, engine/pooling.py): no hash is ever registered for them. Blocks that hold no
+        cached prefix are taken first, so the prefix cache stays as it was whenever enough of them
+        are free; only then the least recently freed cached blocks (their content forgotten, as a
+        new prompt would). None, changing nothing, when fewer than `num_blocks` blocks are free."""
+        if num_blocks > len(self.free_blocks):
+            return None
+        blocks = list(itertools.islice((b for b in self.free_blocks if self.block_hash[b] is None), num_blocks))
+        if len(blocks) < num_blocks:
+            taken = set(blocks)
+            blocks += itertools.islice((b for b in self.free_blocks if b not in taken), num_blocks - len(blocks))
+        for block in blocks:
+            del self.free_blocks[block]
+            old = self.block_hash[block]
+            if old is not None:
+                self.block_hash[block] = None
+                if self.hash_to_block.get(old) == block:
+                    del self.hash_to_block[old]
+            self.ref_counts[block] = 1
+        return blocks
+
+    def return_scratch(self, blocks: list[int]) -> None:
+        """Give back take_scratch's blocks: free, first in line for reuse (they hold nothing worth keeping)."""
+        for block in reversed(blocks):
+            if self.ref_counts[block] != 1:  # pragma: no cover - a bookkeeping bug
+                raise RuntimeError(f"scratch block {block} has {self.ref_counts[block]} references")
+            self.ref_counts[block] = 0
+            self.free_blocks[block] = None
+            self.free_blocks.move_to_end(block, last=False)
 
     def evict_free_cached(self) -> int:
         """Forget the content of every free block (after a failed step whose KV writes may not

@@ -31,6 +31,15 @@ class EngineConfig:
         max_queue: submitted but not yet running requests beyond which `generate` raises
             EngineOverloadedError.
         max_n: most choices one call may ask for (n, summed over the prompts of a batched call).
+        scheduling_policy: who runs first (scheduler.py): "fair" (max-min shares of the running
+            slots across clients, a newcomer's sequence preempting the newest of a client more than
+            one over; a request's priority orders its own client's requests), "priority" (vLLM's:
+            lower first, preempting worse ones) or "fcfs" (arrival order).
+        max_seqs_per_client: most running sequences of one client (None: no fixed cap; "fair"
+            still shares the slots). Not applied under "fcfs".
+        default_max_tokens: max_tokens of a request that gives none (None: what the context leaves).
+        max_tokens_per_request: most output tokens one call may ask for, n x max_tokens summed over
+            its prompts: more is refused; a request without max_tokens gets at most its share of it.
         enable_prefix_caching: requests that share a prompt prefix share its KV blocks.
         forward: the forward path, chosen once at start (forward_path.py): "fused" (the decoder
             stack in one native call per step: CPU, float32, native attention), "layers" (the
@@ -49,6 +58,9 @@ class EngineConfig:
             "fp8_e4m3"). "auto": bfloat16 on a CPU where the native attention kernel runs, else the
             model's compute dtype (on CUDA too). Attention computes in float32 on the stored values.
             A combination the chosen attention path cannot run is refused at startup.
+        grammar_compile_workers, grammar_compile_timeout, grammar_cache_bytes, max_grammar_choices,
+            max_grammar_schema_bytes, max_grammar_regex_length, max_grammar_bytes: what a request's
+            structured-output grammar may cost (grammar_pool.GrammarLimits).
         follow_cpu_load: on a CPU, lower torch's thread count (at most the count at start) while
             other processes take some of our cores, and raise it again when they stop
             (engine/cpu_load.py). The server turns it on unless --cpu-threads pins the count.
@@ -63,6 +75,10 @@ class EngineConfig:
     max_model_len: Optional[int] = Field(None, ge=2)
     max_queue: int = Field(256, ge=0)
     max_n: int = Field(16, ge=1)
+    scheduling_policy: Literal["fair", "priority", "fcfs"] = "fair"
+    max_seqs_per_client: Optional[int] = Field(None, ge=1)
+    default_max_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens_per_request: int = Field(65536, ge=1)
     enable_prefix_caching: bool = True
     forward: Literal["auto", "fused", "layers", "transformers"] = "auto"
     seed: int = Field(0, ge=0)
@@ -73,6 +89,14 @@ class EngineConfig:
     enforce_eager: bool = False
     kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
     follow_cpu_load: bool = False
+    # Structured outputs (grammar_pool.GrammarLimits, same names as Settings).
+    grammar_compile_workers: int = Field(2, ge=1)
+    grammar_compile_timeout: float = Field(10.0, gt=0)
+    grammar_cache_bytes: int = Field(128 * 2**20, ge=0)
+    max_grammar_choices: int = Field(10_000, ge=1)
+    max_grammar_schema_bytes: int = Field(2**20, ge=1)
+    max_grammar_regex_length: int = Field(16_384, ge=1)
+    max_grammar_bytes: int = Field(2**20, ge=1)
 
     @classmethod
     def from_settings(cls, settings: Any, **overrides: Any) -> "EngineConfig":

@@ -2,7 +2,7 @@
 
 A decode step (one new token per sequence) is ~7 4-bit matmuls and two attention launches per layer:
 at batch 1 on a GPU, Python and launch overhead would take longer than the kernels. So at startup,
-after warm-up and autotuning, the runner captures the native forward of a decode-only batch for each
+after warm-up and autotuning, the runner captures the decoder forward of a decode-only batch for each
 size of `batch_ladder(max_num_seqs)` (1, 2, 4, 8, 16, 32, 64 ... and max_num_seqs itself), largest
 first, all graphs sharing one memory pool. A step of n decodes replays the graph of the smallest
 captured size >= n: its inputs are copied into static buffers, the rows past n padded (token 0,

@@ -17,6 +17,7 @@ import asyncio
 import collections
 import concurrent.futures
 import copy
+import dataclasses
 import logging
 import threading
 from typing import Any, Optional
@@ -30,6 +31,7 @@ from .cpu_load import CpuLoadFollower
 from .detokenizer import IncrementalDetokenizer
 from .errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
 from .grammar import GrammarCompiler
+from .grammar_pool import GrammarLimits
 from .lora import LoRARegistry, resolve
 from .model_runner import ModelRunner
 from .models import model_max_len, vocab_size
@@ -81,13 +83,15 @@ class AsyncEngine(EngineLoop):
         self.vocab_size = vocab_size(model)
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         # Structured outputs: grammars checked at admission (generate_many), masks in the sampler.
-        self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_token_ids)
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_token_ids,
+                                        GrammarLimits.from_config(config))
         self.runner.sampler.use_grammars(self.grammars)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
                                           config.enable_prefix_caching and self.runner.supports_prefix_caching,
                                           sliding_window=self.runner.sliding_window)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   recompute_above=self.runner.recompute_above, max_loras=config.max_loras)
+                                   recompute_above=self.runner.recompute_above, max_loras=config.max_loras,
+                                   policy=config.scheduling_policy, max_seqs_per_client=config.max_seqs_per_client)
         # LoRA adapters by served name (engine/lora.py): loaded from any thread, held by requests.
         lora = self.runner.lora
         self.loras = LoRARegistry(None if lora is None else lora.targets, config.max_lora_rank,
@@ -95,6 +99,7 @@ class AsyncEngine(EngineLoop):
                                   self.runner.device, unsupported=self.runner.lora_unsupported)
 
         self.pooling = None  # how embed() pools (pooling.py), read from the model's folder on first use
+        self._embed_jobs: collections.deque = collections.deque()  # engine thread only: batches waiting for blocks
         self._inbox: collections.deque = collections.deque()
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -154,22 +159,26 @@ class AsyncEngine(EngineLoop):
     # ------------------------------------------------------------------------------ requests
 
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                 lora: Optional[str] = None) -> RequestStream:
+                 lora: Optional[str] = None, client: str = "", priority: int = 0) -> RequestStream:
         """Submit a request; iterate the result for its outputs (must be called on an event loop).
 
         Raises InvalidRequestError (a ValueError) for a request that breaks a limit,
         EngineOverloadedError when too many are waiting, EngineDeadError when the engine is not running.
         """
-        return self.generate_many([prompt_token_ids], [params], [request_id], lora)[0]
+        return self.generate_many([prompt_token_ids], [params], [request_id], lora, client, priority)[0]
 
     def generate_many(self, prompts: list[list[int]], params: list[SamplingParams],
-                      request_ids: list[str], lora: Optional[str] = None) -> list[RequestStream]:
+                      request_ids: list[str], lora: Optional[str] = None, client: str = "",
+                      priority: int = 0) -> list[RequestStream]:
         """Submit several requests at once (OpenAI's batched prompts): all are admitted, or none.
 
         The one place where a request's limits are checked: token ids within the vocabulary, the
-        context length, the choices per call (n summed over the prompts) and the queue bound.
-        `lora` names a loaded LoRA adapter every prompt runs with (None: the base model); an
-        unknown name raises InvalidRequestError with code model_not_found.
+        context length, the choices per call (n summed over the prompts), the output tokens per
+        call (n x max_tokens summed) and the queue bound; a request without max_tokens gets
+        default_max_tokens. `lora` names a loaded LoRA adapter every prompt runs with (None: the
+        base model); an unknown name raises InvalidRequestError with code model_not_found.
+        `client` names who sent it (an API key's or an address's name) and `priority` orders it
+        (lower first): the scheduling policy shares the engine across clients by them.
         """
         if not len(prompts) == len(params) == len(request_ids) or not prompts:
             raise ValueError("generate_many needs as many params and request ids as prompts (at least one)")
@@ -177,13 +186,19 @@ class AsyncEngine(EngineLoop):
             if not isinstance(sp, SamplingParams):
                 raise TypeError(f"params must be SamplingParams, got {type(sp).__name__}")
         adapter = resolve(self.loras, lora)
+        if not isinstance(priority, int) or isinstance(priority, bool) or not -2**31 <= priority < 2**31:
+            raise InvalidRequestError(f"priority must be an integer in [-2**31, 2**31), got {priority!r}", "priority")
+        if priority and self.config.scheduling_policy == "fcfs":
+            raise InvalidRequestError("priority needs --scheduling-policy fair or priority (this server runs fcfs)",
+                                      "priority")
         checked = [self._check_prompt(prompt, sp) for prompt, sp in zip(prompts, params)]
         choices = sum(sp.n for sp in params)
         if choices > self.config.max_n:
             what = "n" if len(prompts) == 1 else "n times the number of prompts"
             raise InvalidRequestError(f"{what} must be at most {self.config.max_n}, got {choices}", "n")
+        params = self._bound_max_tokens(checked, params, choices)
         loop = asyncio.get_running_loop()
-        requests = [self._new_request(rid, prompt, sp, loop, adapter)
+        requests = [self._new_request(rid, prompt, sp, loop, adapter, client, priority)
                     for rid, prompt, sp in zip(request_ids, checked, params)]
         # Under the lock that the dying engine thread also takes: a request is either in the inbox
         # before the thread fails everything in it, or refused here; never left behind.
@@ -223,13 +238,40 @@ class AsyncEngine(EngineLoop):
         if params.logit_bias and params.logit_bias[-1][0] >= self.vocab_size:
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {self.vocab_size})", "logit_bias")
         if params.structured is not None:
-            self.grammars.check(params.structured)  # compiled now: a bad grammar is refused before anything runs
+            # Prepared (compiled off the loop) by the HTTP layer; else compiled now. Either way a bad
+            # grammar is refused before anything runs.
+            self.grammars.check(params.structured)
         return prompt
 
+    def _bound_max_tokens(self, prompts: list[list[int]], params: list[SamplingParams],
+                          choices: int) -> list[SamplingParams]:
+        """params with max_tokens filled in where the request gave none (default_max_tokens, what
+        the context leaves, its share of max_tokens_per_request); InvalidRequestError where the
+        given ones ask for more than max_tokens_per_request in all."""
+        bound = self.config.max_tokens_per_request
+        asked = sum(sp.n * sp.max_tokens for sp in params if sp.max_tokens is not None)
+        if asked > bound:
+            given = " + ".join(f"{sp.n} x {sp.max_tokens}" for sp in params if sp.max_tokens is not None)
+            raise InvalidRequestError(
+                f"n x max_tokens ({given} = {asked} tokens) is more than this server's max_tokens_per_request "
+                f"({bound}); ask for fewer choices or tokens", "max_tokens")
+        share = max(1, bound // choices)
+        out = []
+        for prompt, sp in zip(prompts, params):
+            if sp.max_tokens is None:
+                limit = min(share, self.max_model_len - len(prompt))
+                if self.config.default_max_tokens is not None:
+                    limit = min(limit, self.config.default_max_tokens)
+                sp = dataclasses.replace(sp, max_tokens=max(limit, min(sp.min_tokens, self.max_model_len - len(prompt)), 1))
+            out.append(sp)
+        return out
+
     def _new_request(self, request_id: str, prompt: list[int], params: SamplingParams,
-                     loop: asyncio.AbstractEventLoop, lora: Any = None) -> Request:
+                     loop: asyncio.AbstractEventLoop, lora: Any = None, client: str = "",
+                     priority: int = 0) -> Request:
         seqs = [Sequence(request_id, prompt, params, index=i, max_model_len=self.max_model_len,
-                         eos_token_ids=self.eos_token_ids, lora=lora) for i in range(params.n)]
+                         eos_token_ids=self.eos_token_ids, lora=lora, client=client, priority=priority)
+                for i in range(params.n)]
         detoks = [IncrementalDetokenizer(self._detok_tokenizer, prompt, params.stop) if self.tokenizer is not None
                   else None for _ in seqs]
         return Request(request_id, seqs, detoks, Collector(), loop)
@@ -248,23 +290,29 @@ class AsyncEngine(EngineLoop):
 
     async def embed(self, prompts: list[list[int]]) -> list[list[float]]:
         """Pooled embedding vectors of `prompts` (pooling.py: the model's own pooling), computed on
-        the engine thread between steps in batches of at most max_num_batched_tokens padded tokens;
-        the KV cache and the prefix cache are not touched. Raises InvalidRequestError for a prompt
+        the engine thread between steps through the engine's prefill path, in batches of at most
+        max_num_batched_tokens tokens and max_num_seqs prompts; their keys and values go to scratch
+        KV blocks, and the prefix cache is not touched. Raises InvalidRequestError for a prompt
         that breaks a limit, EngineDeadError when the engine is not running."""
         from . import pooling
 
+        # Each prompt's keys and values must fit in the KV cache at once (a sliding-window model's
+        # max_model_len can be longer than the cache).
+        bm = self.block_manager
+        limit = min(self.max_model_len, bm.num_blocks * bm.block_size)
         for prompt in prompts:
             if not prompt:
                 raise InvalidRequestError("an input must have at least one token", "input")
             if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
                 raise InvalidRequestError(f"input token ids must be integers in [0, {self.vocab_size})", "input")
-            if len(prompt) > self.max_model_len:
-                raise InvalidRequestError(f"This model's maximum context length is {self.max_model_len} tokens, but "
+            if len(prompt) > limit:
+                raise InvalidRequestError(f"This model's maximum context length is {limit} tokens, but "
                                           f"an input has {len(prompt)} tokens.", "input", "context_length_exceeded")
         if self.pooling is None:
             self.pooling = pooling.pooling_for(self.runner.hf_model)
         loop = asyncio.get_running_loop()
-        groups = pooling.batches(prompts, self.config.max_num_batched_tokens)
+        groups = pooling.batches(prompts, self.config.max_num_batched_tokens, self.config.max_num_seqs, bm.block_size,
+                                 bm.num_blocks)
         jobs = [pooling.EmbedJob([prompts[i] for i in group], self.pooling, loop) for group in groups]
         with self._submit_lock:  # as generate_many: queued before the thread fails the inbox, or refused
             if self._dead_error is not None or self._thread is None or self._stopping:

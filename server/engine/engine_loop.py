@@ -85,10 +85,12 @@ class EngineLoop:
     def _loop(self) -> None:
         while not self._stopping:
             self._drain_inbox()
+            if self._embed_jobs:
+                self._embed_between_steps()
             if not self.scheduler.has_work():
                 self._flush()
                 self._wake.clear()
-                if self._inbox or self._stopping:
+                if self._inbox or self._stopping or self._embed_jobs:
                     continue
                 self._wake.wait()
                 continue
@@ -113,14 +115,36 @@ class EngineLoop:
             elif kind == "fail":
                 for request in list(self._requests.values()):
                     self._fail_request(request, item)
-            elif kind == "embed":  # a batch of embeddings (pooling.py), between two steps
-                item.run(self.runner.hf_model)
+            elif kind == "embed":  # a batch of embeddings (pooling.py): run between two steps
+                self._embed_jobs.append(item)
             else:
                 request = self._requests.get(item)
                 if request is not None:
                     self._abort_request(request)
 
+    def _embed_between_steps(self) -> None:
+        """The oldest embedding batch whose caller still waits (pooling.py), through the prefill path
+        with scratch KV blocks, once enough blocks are free: running sequences are never preempted
+        for it; it waits for them to free theirs."""
+        jobs, bm = self._embed_jobs, self.block_manager
+        while jobs and jobs[0].abandoned:
+            jobs.popleft()
+        if not jobs:
+            return
+        job = jobs[0]
+        blocks = bm.take_scratch(job.blocks_needed(bm.block_size))
+        if blocks is None:
+            if not self.scheduler.has_work():  # pragma: no cover - embed() cuts batches to fit the cache
+                jobs.popleft()
+                job.fail(RuntimeError(f"an embedding batch needs {job.blocks_needed(bm.block_size)} KV blocks; "
+                                      f"the cache has {bm.num_blocks}"))
+            return
+        jobs.popleft()
+        job.run(self.runner, blocks, self.config.max_num_batched_tokens, bm.return_scratch)
+
     def _drain_inbox_on_exit(self) -> None:
+        while self._embed_jobs:
+            self._embed_jobs.popleft().fail(EngineDeadError("engine shut down"))
         while self._inbox:
             kind, item = self._inbox.popleft()
             if kind == "add":
@@ -259,6 +283,8 @@ class EngineLoop:
                 self._fail_request(request, exc)
             except Exception:  # noqa: BLE001 - best effort while dying
                 self._send(request, exc)
+        while self._embed_jobs:
+            self._embed_jobs.popleft().fail(exc)
         while self._inbox:
             kind, item = self._inbox.popleft()
             if kind == "add":

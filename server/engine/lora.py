@@ -1,7 +1,7 @@
 """LoRA adapters served on top of the (4-bit) base, never merged into it.
 
 An adapter is a peft folder (adapter_config.json + adapter_model.safetensors). Loading checks it
-against the base as the native forward holds it (models/decoder.py: q/k/v and gate/up are fused
+against the base as the decoder forward holds it (models/decoder.py: q/k/v and gate/up are fused
 linears, so each adapter module becomes a slice of one fused output) and keeps its A and B
 matrices in the compute dtype. `LoRARegistry` maps served names to loaded adapters; a request
 holds its adapter object, so unloading a name never disturbs requests already running with it.
@@ -44,7 +44,7 @@ class AdapterNotFoundError(AdapterError):
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """Where one adapter module lands in the native forward: layer `layer`'s fused linear `group`
+    """Where one adapter module lands in the decoder forward: layer `layer`'s fused linear `group`
     ("qkv", "o_proj", "up", "down"), output columns [start, end)."""
 
     layer: int

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import cuda_graphs, kv_cache, startup
-from .attention import select_backend
+from .attention import SeqRows, StepLayout, select_backend
 from .config import EngineConfig
 from .forward_path import ForwardChoice, build_forward
 from .models import decoder, lora_layers, serving_shape
@@ -156,6 +156,45 @@ class ModelRunner:
     def inputs(self, batch: ScheduledBatch, host: HostStep) -> StepInputs:
         """The step's inputs for the forward (the backend's metadata, LoRA rows, rope lengths)."""
         return build_inputs(batch, host, self.attention, self.device, self.length_dependent_rope, self.lora)
+
+    @torch.inference_mode()
+    def prefill_hidden(self, chunks: list[tuple[list[int], int, int, list[int]]]) -> torch.Tensor:
+        """Final hidden states [T, hidden] (after the final norm) of prefill chunks, through the
+        chosen forward path and attention backend: chunk (token_ids, start, end, blocks) computes
+        positions start..end-1 of its prompt, its keys and values written to `blocks` (the table
+        covering 0..end; those before start already written by an earlier call). Rows follow the
+        step layout's order (one-row chunks first, as flatten puts decodes), returned in chunk order.
+        For embeddings (pooling.py): nothing is sampled and no Sequence or block hash is involved."""
+        bs = self.block_size
+        order = sorted(range(len(chunks)), key=lambda i: chunks[i][2] - chunks[i][1] != 1)  # stable
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        rope_lengths: list[int] = []
+        seqs: list[SeqRows] = []
+        rows = [0] * len(chunks)
+        for i in order:
+            tokens, start, end, table = chunks[i]
+            rows[i] = len(input_ids)
+            seqs.append(SeqRows(len(input_ids), end - start, end, list(table[: -(-end // bs)])))
+            input_ids.extend(tokens[start:end])
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            rope_lengths.extend([len(tokens)] * (end - start))  # as transformers' forward of the whole prompt
+        max_block = max(b for _, _, end, table in chunks for b in table[: -(-end // bs)])
+        if self.cache.zeroed_blocks < self.cache.num_blocks:
+            self.cache.touch(max_block)
+        layout = StepLayout(seqs, slots, sum(1 for _, start, end, _ in chunks if end - start == 1), bs)
+        long = dict(dtype=torch.long, device=self.device)
+        step = StepInputs(torch.tensor(input_ids, **long), torch.tensor(positions, **long),
+                          self.attention.make_metadata(layout), torch.empty(0, **long), None,
+                          torch.tensor(rope_lengths, **long) if self.length_dependent_rope else None)
+        hidden = self.model.forward(step, self.kv_caches)
+        if order == sorted(order):
+            return hidden
+        back = torch.tensor([rows[i] + k for i in range(len(chunks)) for k in range(chunks[i][2] - chunks[i][1])],
+                            **long)
+        return hidden.index_select(0, back)
 
     @staticmethod
     def _graphable(batch: ScheduledBatch) -> bool:

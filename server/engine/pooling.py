@@ -4,10 +4,14 @@ Pooling per model: the model folder's own sentence-transformers configuration wh
 (modules.json -> the Pooling module's config: CLS, mean or last token; a Normalize module), else
 the mean of the last hidden state, L2-normalized (what decoder LMs are pooled with by default).
 
-A batch runs on the engine thread between steps, through the model's own transformers modules
-(the weights the engine serves, whatever their quantization) in one padded forward without a
-cache: the paged KV cache and its prefix cache are not touched. Batches are cut to the engine's
-token budget, so decode steps keep running between them.
+A batch runs on the engine thread between two steps, through the engine's own prefill path: the
+forward path chosen at start (fused, layers or transformers), its attention backend and the paged
+KV cache. Its keys and values go to scratch blocks taken from the block manager and given back
+right after (block_manager.take_scratch: blocks holding no cached prefix first, no hash ever
+registered), so the prefix cache is left as it was; when too few blocks are free, the batch waits
+for running sequences to free theirs rather than preempting them. Batches are cut to the engine's
+token budget (prompts flattened, no padding), so decode steps keep running between them; a prompt
+longer than the budget is its own batch, prefilled in budget-sized chunks.
 """
 
 from __future__ import annotations
@@ -17,7 +21,12 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
+
+if TYPE_CHECKING:
+    import torch
+
+    from .model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -55,18 +64,23 @@ def pooling_for(model: Any) -> Pooling:
     return Pooling("mean", True, "mean of the last hidden state", matryoshka)
 
 
-def batches(prompts: list[list[int]], budget: int) -> list[list[int]]:
-    """Prompt indices in batches whose padded size (rows x longest) stays within `budget` tokens
-    (a longer prompt is a batch of its own); similar lengths together, so little is padding."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+def batches(prompts: list[list[int]], budget: int, max_rows: int, block_size: int = 1,
+            max_blocks: Optional[int] = None) -> list[list[int]]:
+    """Prompt indices, in order, in batches within the engine's step limits: at most `budget`
+    tokens, `max_rows` prompts and `max_blocks` KV blocks of `block_size` tokens (the whole cache);
+    a prompt longer than the budget is a batch of its own (prefilled in chunks)."""
     out: list[list[int]] = []
     current: list[int] = []
-    for i in order:
-        longest = len(prompts[i])  # sorted: the newest is the longest
-        if current and (len(current) + 1) * longest > budget:
+    tokens = blocks = 0
+    for i, prompt in enumerate(prompts):
+        need = -(-len(prompt) // block_size)
+        if current and (tokens + len(prompt) > budget or len(current) == max_rows
+                        or (max_blocks is not None and blocks + need > max_blocks)):
             out.append(current)
-            current = []
+            current, tokens, blocks = [], 0, 0
         current.append(i)
+        tokens += len(prompt)
+        blocks += need
     if current:
         out.append(current)
     return out
@@ -78,6 +92,15 @@ class EmbedJob:
     def __init__(self, prompts: list[list[int]], pooling: Pooling, loop: asyncio.AbstractEventLoop) -> None:
         self.prompts, self.pooling, self.loop = prompts, pooling, loop
         self.future: asyncio.Future = loop.create_future()
+
+    def blocks_needed(self, block_size: int) -> int:
+        return sum(-(-len(p) // block_size) for p in self.prompts)
+
+    @property
+    def abandoned(self) -> bool:
+        """The caller gave up (client gone): nothing to compute. Read across threads: a stale
+        False only costs the computation."""
+        return self.future.done()
 
     def _settle(self, result: Any, error: Optional[BaseException]) -> None:
         def settle() -> None:
@@ -95,37 +118,67 @@ class EmbedJob:
     def fail(self, error: BaseException) -> None:
         self._settle(None, error)
 
-    def run(self, model: Any) -> None:
-        """On the engine thread: the batch's pooled vectors (float32 lists), or its error."""
+    def run(self, runner: "ModelRunner", blocks: list[int], budget: int,
+            release: Callable[[list[int]], None]) -> None:
+        """On the engine thread, with the batch's scratch blocks: its pooled vectors, or its error,
+        settled once `release` has given the blocks back (the caller sees the cache as it was)."""
+        result, error = None, None
         try:
-            self._settle(embed_batch(model, self.prompts, self.pooling), None)
+            result = embed_prompts(runner, self.prompts, blocks, self.pooling, budget)
         except Exception as exc:  # noqa: BLE001 - this batch's caller gets it; the engine goes on
             logger.exception("embedding a batch failed")
-            self._settle(None, exc)
+            error = exc
+        finally:
+            release(blocks)
+        self._settle(result, error)
 
 
-def embed_batch(model: Any, prompts: list[list[int]], pooling: Pooling) -> list[list[float]]:
+def embed_prompts(runner: "ModelRunner", prompts: list[list[int]], blocks: list[int], pooling: Pooling,
+                  budget: int) -> list[list[float]]:
+    """Pooled vectors (float32 lists) of `prompts`, their keys and values in `blocks` (each prompt's
+    table in turn). Prefilled in passes of at most `budget` tokens (one pass unless a prompt is
+    longer); each pass adds to every prompt's running sum, first and last row (float32)."""
     import torch
     import torch.nn.functional as F
 
-    base = getattr(model, "base_model", model)  # a causal LM's decoder stack (a bare model is its own)
-    device = next(model.parameters()).device
-    lengths = torch.tensor([len(p) for p in prompts])
-    longest = int(lengths.max())
-    input_ids = torch.zeros((len(prompts), longest), dtype=torch.long)
-    for row, prompt in enumerate(prompts):  # right-padded: each real token sits at its own position
-        input_ids[row, : len(prompt)] = torch.tensor(prompt)
-    mask = (torch.arange(longest)[None, :] < lengths[:, None]).long()
-    with torch.inference_mode():
-        hidden = base(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
-        hidden = hidden.float().cpu()
+    bs = runner.block_size
+    tables, used = [], 0
+    for prompt in prompts:
+        count = -(-len(prompt) // bs)
+        tables.append(blocks[used : used + count])
+        used += count
+    if used > len(blocks):
+        raise ValueError(f"{len(prompts)} prompts need {used} KV blocks, given {len(blocks)}")
+    done = [0] * len(prompts)  # tokens of each prompt computed so far
+    sums: list[Optional[torch.Tensor]] = [None] * len(prompts)
+    first: list[Optional[torch.Tensor]] = [None] * len(prompts)
+    last: list[Optional[torch.Tensor]] = [None] * len(prompts)
+    while any(d < len(p) for d, p in zip(done, prompts)):
+        chunks, room = [], budget
+        for i, prompt in enumerate(prompts):  # a prompt's earlier chunks always run in an earlier pass
+            if done[i] < len(prompt) and room > 0:
+                end = min(len(prompt), done[i] + room)
+                chunks.append((i, done[i], end))
+                room -= end - done[i]
+        hidden = runner.prefill_hidden([(prompts[i], start, end, tables[i]) for i, start, end in chunks])
+        row = 0
+        for i, start, end in chunks:
+            rows = hidden[row : row + end - start].float()
+            row += end - start
+            if start == 0:
+                first[i] = rows[0]
+            if end == len(prompts[i]):
+                last[i] = rows[-1]
+            total = rows.sum(0)
+            sums[i] = total if sums[i] is None else sums[i] + total
+            done[i] = end
     if pooling.mode == "cls":
-        pooled = hidden[:, 0]
+        pooled = torch.stack(first)  # type: ignore[arg-type]
     elif pooling.mode == "last":
-        pooled = hidden[torch.arange(len(prompts)), lengths - 1]
+        pooled = torch.stack(last)  # type: ignore[arg-type]
     else:
-        weights = mask.unsqueeze(-1).float()
-        pooled = (hidden * weights).sum(1) / weights.sum(1)
+        lengths = torch.tensor([float(len(p)) for p in prompts], device=sums[0].device)  # type: ignore[union-attr]
+        pooled = torch.stack(sums) / lengths[:, None]  # type: ignore[arg-type]
     if pooling.normalize:
         pooled = F.normalize(pooled, dim=-1)
-    return pooled.tolist()
+    return pooled.cpu().tolist()

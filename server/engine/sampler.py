@@ -131,6 +131,7 @@ class Sampler:
         rows: list[int] = []
         if self.grammars is not None and any(s.params.structured is not None for s in seqs):
             rows, bitmask = self._masks(seqs)
+            self.grammars.shorten_budgets(seqs)  # closing a structure the budget is about to cut
             for i in self.grammars.apply(logits, rows, bitmask):
                 self._grammar_failed(logits, i, seqs[i])
         for i, seq in enumerate(seqs):

@@ -1,4 +1,4 @@
-"""The decoder families the native forward expresses, and how each one's modules are wired.
+"""The decoder families the decoder forward (decoder.py) expresses, and how each one's modules are wired.
 
 Every family here is a stack of (attention, MLP) layers over transformers' own modules; what
 differs is named in one `Family` row: where the norms sit around the two residual branches, how
@@ -62,7 +62,7 @@ _QKV = {"split": ("q_proj", "k_proj", "v_proj"), "fused": ("qkv_proj",), "neox":
 _MLP = {"gated": ("gate_proj", "up_proj", "down_proj"), "gated_fused": ("gate_up_proj", "down_proj"),
         "plain": ("dense_h_to_4h", "dense_4h_to_h")}
 _OUT = ("o_proj", "dense")
-LINEAR_KINDS = (quant.Linear4bit, quant.Linear8bitLt, nn.Linear)  # each fused group must be one kind (see llama.FusedLinear)
+LINEAR_KINDS = (quant.Linear4bit, quant.Linear8bitLt, nn.Linear)  # each fused group must be one kind (see fused_linear.FusedLinear)
 
 
 def text_config(model: nn.Module) -> Any:
@@ -101,7 +101,7 @@ def layer_window(family: Family, attn: nn.Module, config: Any) -> int:
 
 
 def unsupported_reason(model: nn.Module) -> Optional[str]:
-    """Why the native forward cannot run this model (None: it can)."""
+    """Why the decoder forward cannot run this model (None: it can)."""
     config = text_config(model)
     model_type = getattr(model.config, "model_type", None)
     family = FAMILIES.get(model_type)

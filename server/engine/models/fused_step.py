@@ -7,7 +7,7 @@ regions): one call per step leaves the kernels. The call runs the same matmul, c
 attention and LoRA kernels the Python path calls (through function pointers), so both paths
 compute the same products; norms, rope and SiLU are per-row loops in decode.cpp.
 
-Covered: pre-norm layers (RMSNorms that llama.py found equal to the model's own), separate or
+Covered: pre-norm layers (transformers RMSNorms, as norms.py fuses them), separate or
 fused q/k/v with or without per-head q/k RMSNorms (Qwen3), rotate-half rope (partial rotary,
 per-layer-type ropes, NoPE layers), 4-bit linears (any bias), SiLU-gated MLP, paged attention with
 windows and soft-capping, LoRA adapter rows; float32 activations, and any KV cache dtype the native

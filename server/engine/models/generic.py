@@ -10,10 +10,11 @@ for the duration of our forward, so the same model object still works with trans
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import threading
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -91,8 +92,9 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
 
 
 class TransformersModel:
-    """forward_logits(step, kv_caches) -> float32 logits of the step's logit rows, through
-    transformers' own modules with `attention` (the engine's backend) as their attention."""
+    """forward_logits(step, kv_caches) -> float32 logits of the step's logit rows, and forward(step,
+    kv_caches) -> final hidden states [T, hidden], through transformers' own modules with
+    `attention` (the engine's backend) as their attention."""
 
     def __init__(self, model: nn.Module, attention: AttentionBackend) -> None:
         reason = unsupported_reason(model)
@@ -114,21 +116,36 @@ class TransformersModel:
         self._logits_to_keep = "logits_to_keep" in params
         self._layer_ids: dict[int, int] = {}
 
-    @torch.inference_mode()
-    def forward_logits(self, step: StepInputs, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Logits [len(rows), V] of the step's logit rows of the flattened batch."""
+    @contextlib.contextmanager
+    def _paged(self, step: StepInputs, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+        """transformers' modules attend through the engine's paged attention for this block only."""
         config = self.model.config
         previous = config._attn_implementation
-        rows = step.logit_rows
         _local.step = (self.attention, step.attention, kv_caches, self._layer_ids)
         config._attn_implementation = ATTENTION_NAME
         try:
+            yield
+        finally:
+            config._attn_implementation = previous
+            _local.step = None
+
+    @torch.inference_mode()
+    def forward(self, step: StepInputs, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Final hidden states [T, hidden] of the flattened batch (the decoder's last_hidden_state:
+        after its final norm, before the head), as DecoderModel.forward; embeddings pool them."""
+        with self._paged(step, kv_caches):
+            out = self.model.base_model(input_ids=step.input_ids.unsqueeze(0),
+                                        position_ids=step.positions.unsqueeze(0), use_cache=False)
+        return out.last_hidden_state[0]
+
+    @torch.inference_mode()
+    def forward_logits(self, step: StepInputs, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Logits [len(rows), V] of the step's logit rows of the flattened batch."""
+        rows = step.logit_rows
+        with self._paged(step, kv_caches):
             kwargs: dict[str, Any] = dict(input_ids=step.input_ids.unsqueeze(0),
                                           position_ids=step.positions.unsqueeze(0), use_cache=False)
             if self._logits_to_keep:
                 kwargs["logits_to_keep"] = rows
             logits = self.model(**kwargs).logits[0]
-        finally:
-            config._attn_implementation = previous
-            _local.step = None
         return (logits if self._logits_to_keep else logits[rows]).float()

@@ -1,4 +1,4 @@
-"""LLM.int8 projections for the native forward (llama.FusedLinear): Linear8bitLt parts over one
+"""LLM.int8 projections for the decoder forward (fused_linear.FusedLinear): Linear8bitLt parts over one
 input as one int8 matmul.
 
 The parts' int8 rows (CB) and row scales (SCB) are concatenated: each output column depends only

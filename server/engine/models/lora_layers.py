@@ -1,4 +1,4 @@
-"""LoRA on the native forward: each fused linear of every layer gets a wrapper that adds the
+"""LoRA on the decoder forward: each fused linear of every layer gets a wrapper that adds the
 deltas of the adapters in this step's batch to the rows that asked for them.
 
 Per step the runner passes a `StepAdapters` (`LoRAState.step_batch`) in the step's inputs, which

@@ -11,7 +11,7 @@ module) compute the same thing:
   on CPU the native kernel (kernels/cpu/linear8.cpp), else torch a slice at a time.
 - nf4 (`NF4Head`): our own 4-bit quantization (NF4, blocksize 64, no double quant: the same
   bytes as bitsandbytes' quantize_4bit), computed by torch.ops.quant.gemm_4bit, as the 4-bit
-  linears of the native forward (llama.py FusedLinear), with float32 activations.
+  linears of the decoder forward (fused_linear.FusedLinear), with float32 activations.
 - Tied embeddings (the default model): the input embedding becomes a `QuantizedEmbedding` over
   the head's own tensors (no second 16-bit copy), dequantizing the looked-up rows (as llama.cpp
   does). An untied model keeps its 16-bit embedding.

@@ -1,4 +1,4 @@
-"""Rotary position embeddings for the native forward, from the model's own rotary module.
+"""Rotary position embeddings for the decoder forward, from the model's own rotary module.
 
 The inverse frequencies and attention scaling are the ones transformers computed when it built
 the model (its rotary module's buffers, from ROPE_INIT_FUNCTIONS or the family's default), so
