@@ -68,7 +68,7 @@ def _constraint(body: SamplingRequest) -> StructuredOutput | None:
         return StructuredOutput("lark", body._tool_grammar, "tools")
     fmt, so = body.response_format, body.structured_outputs
     if fmt is not None and fmt.type == "json_schema":
-        return StructuredOutput.json_schema(fmt.json_schema.schema_, "response_format")
+        return StructuredOutput.json_schema(fmt.json_schema.schema_, "response_format", bool(fmt.json_schema.strict))
     if fmt is not None and fmt.type == "json_object":
         return StructuredOutput.json_schema({"type": "object"}, "response_format")
     if so is None:

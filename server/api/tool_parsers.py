@@ -64,7 +64,8 @@ class ToolFormat:
                 forced: bool = True) -> str:
         """Lark (llguidance) grammar of this format's calls of these functions.
 
-        forced ("required", a named function): the message is one or more calls, nothing else.
+        forced ("required", a named function): the message is calls, nothing else: one call, or
+        with `parallel` one call or more of distinct functions, in the tools' order (_calls).
         Otherwise ("auto"): free text, or text up to the start marker and then calls, each
         with its function's arguments, that end the message: a call the model starts always
         parses. special: the markers that are special tokens of the model (by id): the grammar
@@ -88,6 +89,33 @@ def _choice(functions: list[dict[str, Any]]) -> str:
     return "(" + " | ".join(f"fn_{i}" for i in range(len(functions))) + ")"
 
 
+_ANY_ORDER_UP_TO = 5  # tools: beyond, distinct calls follow the tools' order (2^F rules otherwise)
+
+
+def _calls(functions: list[dict[str, Any]], parallel: bool, item: str, sep: str) -> tuple[str, str]:
+    """(expression, its extra rules) of forced calls: one call, or with `parallel` one call or more,
+    each of a different function: bounded by the number of tools, the same call never twice. In
+    any order for up to _ANY_ORDER_UP_TO tools (a rule per set of functions already called), in
+    the tools' order beyond (a rule per tool). `item` wraps one call (FN stands for the call), `sep`
+    goes between calls."""
+    count = len(functions)
+    if not parallel or count == 1:
+        return item.replace("FN", _choice(functions)), ""
+    rules = []
+    if count <= _ANY_ORDER_UP_TO:
+        for used in range((1 << count) - 1):  # calls_<used>: the next call and the rest, `used` called already
+            options = [f"{item.replace('FN', f'fn_{i}')}"
+                       + (f" ({sep} calls_{used | 1 << i})?" if used | 1 << i != (1 << count) - 1 else "")
+                       for i in range(count) if not used >> i & 1]
+            rules.append(f"calls_{used}: " + " | ".join(options))
+    else:
+        for i in range(count):  # calls_<i>: calls of functions i.. in order
+            one = item.replace("FN", f"fn_{i}")
+            rules.append(f"calls_{i}: {one}" if i == count - 1 else
+                         f"calls_{i}: {one} ({sep} calls_{i + 1})? | calls_{i + 1}")
+    return "calls_0", "\n".join(rules) + "\n"
+
+
 def _with_text(marker: str, special: dict[str, int], calls: str) -> str:
     """start: any text, or text then the marker then calls. The marker ends the text as soon as
     it appears (a lazy lexeme), so text never contains an unconstrained call."""
@@ -106,9 +134,11 @@ class HermesFormat(ToolFormat):
                 forced: bool = True) -> str:
         open_, close = _literal("<tool_call>", special), _literal("</tool_call>", special)
         body = f'"\\n" {_choice(functions)} "\\n" {close}'
+        if forced:  # one call, or distinct functions' calls (_calls)
+            calls, rules = _calls(functions, parallel, f'"\\n" FN "\\n" {close}', f'"\\n" {open_}')
+            return f"start: {open_} {calls}\n" + rules + _alternatives(self, functions)
         more = f' ("\\n" {open_} {body})*' if parallel else ""
-        start = f"start: {open_} {body}{more}\n" if forced else _with_text("<tool_call>", special, body + more)
-        return start + _alternatives(self, functions)
+        return _with_text("<tool_call>", special, body + more) + _alternatives(self, functions)
 
 
 class Llama3JsonFormat(ToolFormat):
@@ -120,8 +150,9 @@ class Llama3JsonFormat(ToolFormat):
     def grammar(self, functions: list[dict[str, Any]], parallel: bool, special: dict[str, int],
                 forced: bool = True) -> str:
         calls = _choice(functions) + (f' ("; " {_choice(functions)})*' if parallel else "")
-        if forced:
-            return f"start: {calls}\n" + _alternatives(self, functions)
+        if forced:  # one call, or distinct functions' calls (_calls)
+            forced_calls, rules = _calls(functions, parallel, "FN", '"; "')
+            return f"start: {forced_calls}\n" + rules + _alternatives(self, functions)
         # Calls are the whole message: anything else must not begin with "{".
         return (f"start: TEXT | {calls}\nTEXT: /(\\s*[^{{\\s](.|\\n)*)?/\n"
                 + _alternatives(self, functions))
@@ -134,9 +165,11 @@ class MistralFormat(ToolFormat):
     def grammar(self, functions: list[dict[str, Any]], parallel: bool, special: dict[str, int],
                 forced: bool = True) -> str:
         calls = f'"[" {_choice(functions)}' + (f' (", " {_choice(functions)})*' if parallel else "") + ' "]"'
-        start = (f"start: {_literal('[TOOL_CALLS]', special)} {calls}\n" if forced
-                 else _with_text("[TOOL_CALLS]", special, calls))
-        return start + _alternatives(self, functions)
+        if forced:  # one call, or distinct functions' calls (_calls)
+            forced_calls, rules = _calls(functions, parallel, "FN", '", "')
+            return f"start: {_literal('[TOOL_CALLS]', special)} \"[\" {forced_calls} \"]\"\n" + rules \
+                + _alternatives(self, functions)
+        return _with_text("[TOOL_CALLS]", special, calls) + _alternatives(self, functions)
 
 
 FORMATS: dict[str, ToolFormat] = {f.name: f for f in (HermesFormat(), Llama3JsonFormat(), MistralFormat())}

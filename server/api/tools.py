@@ -15,6 +15,7 @@ import functools
 import logging
 from typing import Any, Optional
 
+from ..engine.schema_strict import strict_schema
 from . import protocol as p
 from .errors import bad_request
 from .output import OutputReader
@@ -122,16 +123,26 @@ def render_chat(served: ServedModel, body: p.ChatCompletionRequest,
         raise bad_request(f"cannot tell the tool-call format of model '{served.name}' from its chat template; "
                           "start the server with --tool-call-parser", "tools")
     fmt = FORMATS[name]
-    functions = [t["function"] for t in tools or ()]
+    strict = {t.function.name for t in body.tools or () if t.function.strict}
+    functions = [_strict_function(t["function"], t["function"]["name"] in strict) for t in tools or ()]
     if mode == "named":
         functions = [f for f in functions if f["name"] == body.tool_choice.function.name]
     # "auto" is constrained too (text, or text then calls that parse), unless the request has
     # stop conditions, which a grammar cannot share the end of the output with: then it is read
-    # as the model wrote it.
+    # as the model wrote it. A named choice is exactly one call (as OpenAI returns), whatever
+    # parallel_tool_calls says; "required" with parallel calls allows one call or more, each of a
+    # different function, in the tools' order (tool_parsers._calls): bounded, never repeated.
     if mode != "auto" or not (body.stop or body.stop_token_ids or body.ignore_eos):
-        body._tool_grammar = fmt.grammar(functions, body.parallel_tool_calls, _special_ids(tokenizer, fmt),
-                                         forced=mode != "auto")
+        body._tool_grammar = fmt.grammar(functions, body.parallel_tool_calls and mode != "named",
+                                         _special_ids(tokenizer, fmt), forced=mode != "auto")
     return prompt, ToolContext(mode, fmt)
+
+
+def _strict_function(function: dict, strict: bool) -> dict:
+    """A function with strict: true gets OpenAI's strict parameters (schema_strict.py)."""
+    if not strict or not isinstance(function.get("parameters"), dict):
+        return function
+    return {**function, "parameters": strict_schema(function["parameters"])}
 
 
 def _tool_template(model: str, template: Any) -> str:
