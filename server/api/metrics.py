@@ -4,7 +4,8 @@ observed as each request finishes."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import time
+from typing import Any, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -41,6 +42,11 @@ class _EngineCollector:
                                  "start (value 1)", labels=["model_name", "forward", "attention_backend"])
         steps = CounterMetricFamily("quantserve_engine_steps", "Engine steps by how they ran: replayed from a CUDA "
                                     "graph, or eager", labels=["model_name", "mode"])
+        # vLLM's, as llm-d's endpoint picker reads it (the Gateway API Inference Extension's model
+        # server protocol): the adapters with requests running / waiting, comma-separated, and the
+        # most active at once; the value is when it was read (the picker takes the newest sample).
+        lora_info = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
+                                      labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"])
         for served in models:
             execution = getattr(served.engine, "execution", None)
             if execution is not None:
@@ -65,8 +71,11 @@ class _EngineCollector:
                 kv_bytes.add_metric([served.name, "total"], mem["kv_cache"]["bytes_total"])
                 kv_bytes.add_metric([served.name, "used"], mem["kv_cache"]["bytes_used"])
             hit_rate.add_metric(name, s.prefix_cache_hit_rate)
+            adapters = lora_adapters(served.engine)
+            if adapters is not None:
+                lora_info.add_metric(list(adapters), time.time())
         yield from (running, waiting, kv_usage, prompt, generation, preemptions, weight, weight16, kv_bytes, hit_rate,
-                    path, steps)
+                    path, steps, lora_info)
         host = host_memory()
         rss = GaugeMetricFamily("quantserve_host_rss_bytes", "Resident set size of the server process")
         rss.add_metric([], host["rss_bytes"] or 0)
@@ -77,6 +86,22 @@ class _EngineCollector:
             for kind in ("total", "free", "allocated", "reserved", "peak_allocated"):
                 dev.add_metric([d["device"], kind], d[f"{kind}_bytes"])
         yield from (rss, peak, dev)
+
+
+def lora_adapters(engine: Any) -> Optional[tuple[str, str, str]]:
+    """(max_lora, waiting adapters, running adapters) as vllm:lora_requests_info's labels, or None
+    for an engine that serves no adapters. A scrape copies the scheduler's queues (one C-level copy
+    each, under the GIL) rather than iterating them while the engine thread changes them."""
+    scheduler = getattr(engine, "scheduler", None)
+    max_loras = getattr(scheduler, "max_loras", None)
+    if scheduler is None or max_loras is None or getattr(engine, "loras", None) is None:
+        return None
+
+    def names(queue: Any) -> str:
+        found = {getattr(seq.lora, "name", None) for seq in list(queue) if getattr(seq, "lora", None) is not None}
+        return ",".join(sorted(n for n in found if n))
+
+    return str(max_loras), names(scheduler.waiting), names(scheduler.running)
 
 
 class Metrics:
