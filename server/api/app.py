@@ -18,7 +18,6 @@ from .guards import ApiKey, BodyLimit, HostCheck
 from .metrics import Metrics
 from .registry import Registry
 from .replica import ReplicaHeader, default_replica_id
-from .replica import ReplicaHeader, default_replica_id
 from .routes import console, embeddings, lora, messages, openai, ops, quantization, responses, tokenize
 from .routes.common import Services
 
@@ -54,7 +53,5 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
     else:
         app.add_middleware(HostCheck, allowed=settings.allowed_hosts, bind_host=settings.host)
     # Outermost: the guards' own answers (401, 413, 421) carry it too.
-    app.add_middleware(ReplicaHeader, replica_id=default_replica_id())
-    # Outermost: the guards' own answers (401, 413) carry it too.
     app.add_middleware(ReplicaHeader, replica_id=default_replica_id())
     return app
