@@ -17,6 +17,7 @@ from .errors import install_error_handlers
 from .guards import ApiKey, BodyLimit, HostCheck
 from .metrics import Metrics
 from .registry import Registry
+from .replica import ReplicaHeader, default_replica_id
 from .routes import console, embeddings, lora, messages, openai, ops, quantization, responses, tokenize
 from .routes.common import Services
 
@@ -51,4 +52,6 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
         app.add_middleware(ApiKey, api_key=settings.api_key.get_secret_value(), metrics_public=settings.metrics_public)
     else:
         app.add_middleware(HostCheck, allowed=settings.allowed_hosts, bind_host=settings.host)
+    # Outermost: the guards' own answers (401, 413, 421) carry it too.
+    app.add_middleware(ReplicaHeader, replica_id=default_replica_id())
     return app
