@@ -96,6 +96,23 @@ class Settings(BaseSettings):
     enforce_eager: bool = Field(False, description="no CUDA graphs: decode steps run eagerly (as vLLM's flag)")
     enable_prefix_caching: bool = Field(True, description="share KV blocks of common prompt prefixes")
     max_n: int = Field(16, ge=1, le=128, description="largest n (choices per request) accepted")
+    scheduling_policy: Literal["fair", "priority", "fcfs"] = Field(
+        "fair", description="who runs first: fair (clients, by API key or else address, share the running slots "
+        "max-min fairly; a newcomer preempts the newest sequence of a client over its share, so its first token "
+        "waits about one step; a request's priority orders only its own client's requests), priority (vLLM's: "
+        "lower priority first, preempting worse ones), fcfs (arrival order)"
+    )
+    max_seqs_per_client: Optional[int] = Field(
+        None, ge=1, description="most running sequences of one client even when slots are free (default: no fixed "
+        "cap, the fair policy shares the slots); not applied under fcfs"
+    )
+    default_max_tokens: Optional[int] = Field(
+        None, ge=1, description="max_tokens of a request that gives none (default: what the context leaves)"
+    )
+    max_tokens_per_request: int = Field(
+        65536, ge=1, description="most output tokens one request may ask for: n x max_tokens, summed over a batched "
+        "call's prompts (400 beyond); a request without max_tokens gets at most its share"
+    )
     lora_modules: list[str] = Field(
         default_factory=list, description="LoRA adapters (peft folders) served on top of the base: NAME=PATH ... "
         "(or vLLM's JSON '{\"name\": ..., \"path\": ...}'); a request picks one with \"model\": NAME"

@@ -111,6 +111,8 @@ class _SamplingFields(_Request):
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
+    # vLLM's: lower runs first (--scheduling-policy: within the client's own requests under fair).
+    priority: int = Field(0, ge=-(2**31), lt=2**31)
     # Token id (as a string key, as OpenAI sends it) -> bias added to its logit.
     logit_bias: Optional[dict[str, float]] = None
     response_format: Optional[ResponseFormat] = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 from typing import Any, Awaitable, Optional
 
 from fastapi import Request
@@ -28,13 +29,15 @@ class Services:
 
 
 def submit(services: Services, served: ServedModel, body: SamplingRequest, request_id: str,
-           prompts: list[list[int]], lora: Optional[str] = None) -> Generation:
-    """Submit the call's prompts to the engine (all or none), on LoRA adapter `lora` if named;
-    the Generation the response is built from."""
+           prompts: list[list[int]], lora: Optional[str] = None, http: Optional[Request] = None) -> Generation:
+    """Submit the call's prompts to the engine (all or none), on LoRA adapter `lora` if named, as
+    the client `http` came from; the Generation the response is built from."""
     params = sampling_params(body)
     ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+    client = client_name(http, services.settings) if http is not None else ""
     try:
-        streams = served.engine.generate_many(prompts, [params] * len(prompts), ids, lora=lora)
+        streams = served.engine.generate_many(prompts, [params] * len(prompts), ids, lora=lora, client=client,
+                                              priority=getattr(body, "priority", 0))
     except Exception as exc:  # the engine's verdict on this request: 400, 429 or 503
         raise api_error(exc, body, request_id) from None
 
@@ -54,6 +57,18 @@ def submit(services: Services, served: ServedModel, body: SamplingRequest, reque
         continuous_usage=bool(body.stream_options and body.stream_options.include_usage
                               and body.stream_options.continuous_usage_stats),
     )
+
+
+def client_name(request: Request, settings: Settings) -> str:
+    """Who sent a request, for fair scheduling: its address, and where the server checks API keys
+    the key's hash too (a checked key cannot be forged; one key shared by everyone alone would
+    make everyone one client)."""
+    address = request.client.host if request.client is not None else ""
+    if settings.api_key is None:
+        return address  # unchecked keys would let a client pose as many
+    auth = request.headers.get("authorization", "")
+    key = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
+    return f"{hashlib.sha256(key.encode()).hexdigest()[:16]}@{address}"
 
 
 async def until_disconnect(request: Request, gen: Generation, body: SamplingRequest, work: Awaitable[Any]) -> Any:
