@@ -178,9 +178,11 @@ class Scheduler:
                 budget -= n
                 i += 1
 
-        # Then waiting ones; a step that had to preempt for running ones admits nobody.
-        if self.waiting and not preempted and budget > 0:
-            self._admit(seqs, counts, budget, cut_off)
+        # Then waiting ones. A step that had to preempt for running ones admits nobody (it would
+        # take blocks back from them) but, under "fair", a client under its share: it would have
+        # preempted the biggest client anyway, and under KV pressure such steps can be most steps.
+        if self.waiting and budget > 0 and (not preempted or self.policy == "fair"):
+            self._admit(seqs, counts, budget, cut_off, underserved_only=preempted)
 
         if self.recompute_above is not None:
             self._long.update(s.seq_id for s in seqs if s.num_computed_tokens == 0 and s.num_tokens > self.recompute_above)
@@ -237,7 +239,8 @@ class Scheduler:
                 return next(s for s in reversed(self.running) if s.client == biggest)
         return None
 
-    def _admit(self, seqs: list[Sequence], counts: list[int], budget: int, cut_off: list[Sequence]) -> None:
+    def _admit(self, seqs: list[Sequence], counts: list[int], budget: int, cut_off: list[Sequence],
+               underserved_only: bool = False) -> None:
         bm = self.block_manager
         running = Counter(s.client for s in self.running)
         loras = {s.lora_id for s in self.running if s.lora_id} if self.max_loras is not None else set()
@@ -257,6 +260,8 @@ class Scheduler:
                 group = next(iter(heads))
             queue = heads[group]
             seq = queue[0]
+            if underserved_only and running[seq.client] + 1 >= max(running.values(), default=0):
+                break  # the fairest head is not under its share: nobody is
             if self._at_cap(seq, running):
                 if self.policy == "fair":
                     del heads[group]  # this client's others wait too

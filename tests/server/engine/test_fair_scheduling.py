@@ -192,3 +192,20 @@ def test_one_client_is_first_come_first_served_as_before():
     for s in seqs:
         sched.add(s)
     assert sched.schedule().seqs == seqs[:2] and list(sched.waiting) == seqs[2:]
+
+
+def test_a_newcomer_is_admitted_even_in_a_step_that_preempts_for_blocks():
+    # Under KV pressure most steps preempt a running sequence for another's block: a step that
+    # does must still admit a client under its share, else the newcomer could wait for the batch.
+    sched, bm = make(num_blocks=5, max_num_seqs=8)
+    h0, h1, h2 = seq("hog", "h0", n_prompt=8), seq("hog", "h1", n_prompt=4), seq("hog", "h2", n_prompt=4)
+    for s in (h0, h1, h2):
+        sched.add(s)
+    step(sched)  # 2 + 1 + 1 blocks; each has sampled a token that needs a new block but one
+    chat = seq("victim", n_prompt=3, max_tokens=3)
+    sched.add(chat)
+    batch = step(sched)  # h2 preempted for h1's block, then h1 for the chat's
+    assert sched.num_preemptions == 2 and batch.seqs == [h0, chat]
+    while sched.has_work():
+        step(sched)
+    assert chat.num_output_tokens == 3 and bm.num_free_blocks == bm.num_blocks
