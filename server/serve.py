@@ -121,7 +121,7 @@ def load_served_model(settings: Settings) -> Any:
     settings = fit_to_memory(settings)
     loaded = load_for_serving(settings)
     config = EngineConfig.from_settings(settings)
-    engine = AsyncEngine(loaded.model, loaded.tokenizer, config)
+    engine = AsyncEngine(loaded.model, loaded.tokenizer, config, embedding_only=loaded.embedding_only)
     # The engine's build and warm-up leave freed temporaries in the C heap: give them back to the OS
     # now (34 MiB on the default model, RSS before/after in one process) instead of holding them idle.
     release_free_memory()

@@ -56,7 +56,10 @@ class AsyncEngine(EngineLoop):
     Attributes: max_model_len (context length limit), tokenizer, model_name.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, config: Optional[EngineConfig] = None) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, config: Optional[EngineConfig] = None,
+                 embedding_only: bool = False) -> None:
+        """embedding_only: the model is an embedding model without an output head of its own
+        (loading/embedding_folder.py): embed() serves, generation requests are refused."""
         config = EngineConfig() if config is None else config
         if not isinstance(config, EngineConfig):
             raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
@@ -99,6 +102,7 @@ class AsyncEngine(EngineLoop):
                                   self.runner.device, unsupported=self.runner.lora_unsupported)
 
         self.pooling = None  # how embed() pools (pooling.py), read from the model's folder on first use
+        self.embedding_only = embedding_only
         self._embed_jobs: collections.deque = collections.deque()  # engine thread only: batches waiting for blocks
         self._inbox: collections.deque = collections.deque()
         self._wake = threading.Event()
@@ -182,6 +186,9 @@ class AsyncEngine(EngineLoop):
         """
         if not len(prompts) == len(params) == len(request_ids) or not prompts:
             raise ValueError("generate_many needs as many params and request ids as prompts (at least one)")
+        if self.embedding_only:
+            raise InvalidRequestError(f"model '{self.model_name}' is an embedding model (it has no output head): it "
+                                      "serves /v1/embeddings only, not text generation", "model")
         for sp in params:
             if not isinstance(sp, SamplingParams):
                 raise TypeError(f"params must be SamplingParams, got {type(sp).__name__}")

@@ -19,6 +19,7 @@ partial model.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import logging
@@ -35,6 +36,7 @@ from quantserve.server.engine.models.quantized_head import HEAD_QUANTIZATIONS, h
 
 from .checkpoint import CheckpointReader
 from .default_model import default_cache_dir
+from .embedding_folder import bare_embedding_model
 from .peak_memory import PeakMemory
 from .sources import checkpoint_quant, load_hf_config, load_tokenizer, resolve_source
 from .weight_stream import WeightStreamer, count_params
@@ -179,6 +181,9 @@ class LoadResult:
     tokenizer: Any
     config: LoadConfig
     report: LoadReport
+    # An embedding model stored without an output head (embedding_folder.py): it serves
+    # /v1/embeddings only (its input embedding stands in as the head, unused).
+    embedding_only: bool = False
 
 
 def load_model(config: Optional[LoadConfig] = None, **kwargs: Any) -> LoadResult:
@@ -235,11 +240,23 @@ def _load(config: LoadConfig) -> LoadResult:
     hf_config = load_hf_config(folder)
     stored_quant = checkpoint_quant(hf_config, folder)
     tokenizer = load_tokenizer(folder)
+    embedding_only = False
     with PeakMemory(config.device) as memory, CheckpointReader.open(folder) as reader:  # type: ignore[arg-type]
-        streamer = WeightStreamer(
-            hf_config, folder, config.device, config.dtype, config.quant, stored_quant, config.progress,  # type: ignore[arg-type]
-            quant_stats=config.quant_stats,
-        )
+        def streamer_for(hf_config: Any) -> WeightStreamer:
+            return WeightStreamer(
+                hf_config, folder, config.device, config.dtype, config.quant, stored_quant, config.progress,  # type: ignore[arg-type]
+                quant_stats=config.quant_stats,
+            )
+
+        streamer = streamer_for(hf_config)
+        if bare_embedding_model(folder, hf_config) and streamer.head_missing(reader.names):
+            # An embedding model stored without an output head: the input embedding stands in
+            # (tied, no memory), so the engine runs as for any decoder; generation is refused.
+            hf_config = copy.copy(hf_config)
+            hf_config.tie_word_embeddings = True
+            streamer = streamer_for(hf_config)
+            embedding_only = True
+            logger.info("%s: an embedding model without an output head: serving /v1/embeddings only", folder)
         streamer.run(reader)
     model = streamer.model
     if (folder / "generation_config.json").is_file():
@@ -277,4 +294,4 @@ def _load(config: LoadConfig) -> LoadResult:
         lm_head=head_memory(model),
     )
     logger.info(report.summary())
-    return LoadResult(model=model, tokenizer=tokenizer, config=config, report=report)
+    return LoadResult(model=model, tokenizer=tokenizer, config=config, report=report, embedding_only=embedding_only)

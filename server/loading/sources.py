@@ -10,6 +10,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
+from .embedding_folder import encoder_reason
+
 if TYPE_CHECKING:
     from quantserve.quant import QuantConfig
 
@@ -71,6 +73,9 @@ def check_source(model: Optional[str], revision: Optional[str]) -> None:
         raise ValueError(f"cannot read {path / 'config.json'}: {first_line(exc)}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path / 'config.json'} is not a JSON object")
+    reason = encoder_reason(path, config)
+    if reason is not None:
+        raise ValueError(reason)
     weights = [p for pattern in ("*.safetensors", "*.bin") for p in path.glob(pattern)
                if p.is_file() and not p.name.startswith("training_args")]
     if not weights:
@@ -127,12 +132,15 @@ def hub_folder(repo_id: str, revision: Optional[str]) -> Path:
 def load_hf_config(folder: Path) -> Any:
     """The folder's transformers config; ValueError unless AutoModelForCausalLM can build it."""
     import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
 
     try:
         hf_config = transformers.AutoConfig.from_pretrained(folder)
     except (ValueError, OSError, KeyError, TypeError) as exc:
         raise ValueError(f"cannot read {folder / 'config.json'}: {first_line(exc)}") from None
+    reason = encoder_reason(folder, hf_config.to_dict(), type(hf_config) in MODEL_FOR_MASKED_LM_MAPPING)
+    if reason is not None:  # before the causal-LM check: transformers builds BERT as a causal LM too
+        raise ValueError(reason)
     if type(hf_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         archs = ", ".join(getattr(hf_config, "architectures", None) or []) or "no architectures listed"
         raise ValueError(

@@ -143,6 +143,17 @@ class WeightStreamer:
         self.sixteen_bit = {f"{n}.weight" for n, m in self.model.named_modules()
                             if m is not None and (m is embed or m is head)}
 
+    def head_missing(self, keys: list[str]) -> bool:
+        """The model has an output head of its own (not tied to the input embedding) and no
+        checkpoint key fills it: a checkpoint of the bare decoder (e.g. Qwen3Model's weights)."""
+        head = self.model.get_output_embeddings()
+        if head is None:
+            return False
+        name = next(f"{n}.weight" for n, m in self.model.named_modules() if m is head)
+        if name in self.tied:
+            return False
+        return not any(self.model_name(key) == name for key in keys)
+
     def _effective_quant(self, checkpoint_quant: Optional[QuantConfig]) -> Optional[QuantConfig]:
         requested = self.requested_quant
         if checkpoint_quant is None:

@@ -1,6 +1,7 @@
 """/v1/embeddings through the official openai client on a real server (unquantized, float32
 products), against transformers' own forward of the same weights with the same pooling; the
-pooling choices on a tiny random model against a hand-written forward per prompt."""
+pooling read from a sentence-transformers folder. The engine side (each forward path, chunks,
+the prefix cache, waiting for blocks) is tests/server/engine/test_embed_engine.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantserve.server.engine.pooling import Pooling, batches, embed_batch, pooling_for
+from quantserve.server.engine.pooling import Pooling, pooling_for
 
 from .apis_helpers import MODEL, thinking_server  # noqa: F401 - the fixture
 
@@ -57,11 +58,13 @@ def test_token_ids_and_base64(thinking_server, reference):
     as_text = np.array(client.embeddings.create(model=MODEL, input=TEXTS[0]).data[0].embedding)
     ids = tokenizer(TEXTS[0]).input_ids
     as_ids = np.array(client.embeddings.create(model=MODEL, input=ids).data[0].embedding)
-    np.testing.assert_allclose(as_ids, as_text, atol=1e-6)
+    # Two requests: the same tokens, computed again (bfloat16 keys and values round the small
+    # differences of another thread count), so as close as a batch is to one by one.
+    np.testing.assert_allclose(as_ids, as_text, atol=2e-4)
     raw = thinking_server.post("/v1/embeddings", {"model": MODEL, "input": [ids, ids[:3]],
                                                   "encoding_format": "base64"}).json()
     decoded = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
-    np.testing.assert_allclose(decoded, as_text, atol=1e-6)
+    np.testing.assert_allclose(decoded, as_text, atol=2e-4)
 
 
 def test_bad_input_gets_openais_error_shape(thinking_server):
@@ -88,18 +91,6 @@ def _tiny_model():
     return LlamaForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("mode", ["mean", "last", "cls"])
-def test_pooling_modes_against_one_prompt_at_a_time(mode):
-    model = _tiny_model()
-    prompts = [[1, 5, 9, 3, 7, 2], [4, 4], [8, 1, 6]]
-    got = torch.tensor(embed_batch(model, prompts, Pooling(mode, False, "test")))
-    for row, prompt in enumerate(prompts):
-        with torch.no_grad():
-            hidden = model.model(input_ids=torch.tensor([prompt])).last_hidden_state[0]
-        expected = {"mean": hidden.mean(0), "last": hidden[-1], "cls": hidden[0]}[mode]
-        torch.testing.assert_close(got[row], expected, atol=1e-5, rtol=1e-5)
-
-
 def test_pooling_read_from_a_sentence_transformers_folder(tmp_path):
     model = _tiny_model()
     assert pooling_for(model) == Pooling("mean", True, "mean of the last hidden state")
@@ -113,9 +104,135 @@ def test_pooling_read_from_a_sentence_transformers_folder(tmp_path):
     assert pooling_for(model) == Pooling("last", True, "sentence-transformers config")
 
 
-def test_batches_keep_the_padded_size_within_the_budget():
-    prompts = [[1] * n for n in (5, 1, 9, 3, 9, 2)]
-    groups = batches(prompts, 10)
-    assert sorted(i for g in groups for i in g) == list(range(6))
-    for group in groups:
-        assert len(group) == 1 or len(group) * max(len(prompts[i]) for i in group) <= 10
+# --------------------------------------------------------------------- embedding model folders
+
+ST_MODULES = [
+    {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+]
+
+
+def _sentence_transformers_files(folder, pooling: dict) -> None:
+    """modules.json, 1_Pooling/config.json and 2_Normalize/ as sentence-transformers writes them."""
+    (folder / "modules.json").write_text(json.dumps(ST_MODULES))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    (folder / "2_Normalize").mkdir()
+
+
+def _embedding_folder(base, default_model_dir, name: str, model) -> str:
+    """`model` saved as a folder with the default model's tokenizer (its vocabulary: 49152 ids)."""
+    from transformers import AutoTokenizer
+
+    folder = base / name
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(default_model_dir).save_pretrained(folder)
+    return str(folder)
+
+
+def _qwen3_config(tie: bool):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                       tie_word_embeddings=tie, initializer_range=0.2)
+
+
+LAST_TOKEN = {"word_embedding_dimension": 64, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False,
+              "pooling_mode_lasttoken": True, "include_prompt": True}
+
+
+@pytest.fixture(scope="module")
+def embedding_folders(tmp_path_factory, default_model_dir):
+    """Tiny random-weight folders shaped as Qwen3-Embedding-0.6B (a Qwen3 causal LM, tied head,
+    sentence-transformers last-token pooling + normalize), as Qwen3-Embedding-8B (the bare
+    decoder's weights: Qwen3Model, untied, so no head), and as a BERT sentence encoder."""
+    from transformers import BertConfig, BertModel, Qwen3ForCausalLM, Qwen3Model
+
+    base = tmp_path_factory.mktemp("embedding_models")
+    torch.manual_seed(0)
+    folders = {}
+    folders["qwen3_lm"] = _embedding_folder(base, default_model_dir, "qwen3-embedding-lm",
+                                            Qwen3ForCausalLM(_qwen3_config(tie=True)))
+    folders["qwen3_bare"] = _embedding_folder(base, default_model_dir, "qwen3-embedding-bare",
+                                              Qwen3Model(_qwen3_config(tie=False)))
+    bert = BertModel(BertConfig(vocab_size=49152, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=128, max_position_embeddings=512))
+    folders["bert"] = _embedding_folder(base, default_model_dir, "bert-embedding", bert)
+    for key, pooling in (("qwen3_lm", LAST_TOKEN), ("qwen3_bare", LAST_TOKEN),
+                         ("bert", {**LAST_TOKEN, "pooling_mode_lasttoken": False, "pooling_mode_mean_tokens": True})):
+        _sentence_transformers_files(base / folders[key].rsplit("/", 1)[-1], pooling)
+    return folders
+
+
+def _last_token_reference(folder: str):
+    """transformers' own forward of the folder's decoder, last token, L2-normalized."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+
+    def embed(text: str) -> np.ndarray:
+        with torch.no_grad():
+            hidden = model(input_ids=tokenizer(text, return_tensors="pt").input_ids).last_hidden_state[0]
+        return torch.nn.functional.normalize(hidden[-1], dim=-1).numpy()
+
+    return embed
+
+
+def _check_embeddings(server, name: str, reference) -> None:
+    client = server.openai()
+    batch = client.embeddings.create(model=name, input=TEXTS).data
+    for text, item in zip(TEXTS, batch):
+        got = np.array(item.embedding)
+        assert got.shape == (64,) and float(got @ reference(text)) > 0.999
+        single = np.array(client.embeddings.create(model=name, input=text).data[0].embedding)
+        np.testing.assert_allclose(single, got, atol=2e-4)
+
+
+EXACT = ("--quant", "none", "--matmul-precision", "highest", "--kv-cache-dtype", "float32")
+
+
+def test_qwen3_embedding_folder_with_a_head_embeds_and_chats(embedding_folders):
+    from .apis_helpers import serving
+
+    folder = embedding_folders["qwen3_lm"]
+    for server in serving(folder, "--served-model-name", "qwen3-emb", *EXACT):
+        _check_embeddings(server, "qwen3-emb", _last_token_reference(folder))
+        chat = server.post("/v1/chat/completions", {"model": "qwen3-emb", "max_tokens": 4, "ignore_eos": True,
+                                                     "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 4, chat.text
+
+
+def test_bare_qwen3_embedding_folder_serves_embeddings_only(embedding_folders):
+    from .apis_helpers import serving
+
+    folder = embedding_folders["qwen3_bare"]
+    for server in serving(folder, "--served-model-name", "qwen3-bare", *EXACT):
+        _check_embeddings(server, "qwen3-bare", _last_token_reference(folder))
+        for path, body in [
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
+            ("/v1/completions", {"prompt": "hi", "max_tokens": 4}),
+            ("/v1/responses", {"input": "hi", "max_output_tokens": 4}),
+        ]:
+            r = server.post(path, {"model": "qwen3-bare", **body})
+            assert r.status_code == 400, r.text
+            assert "embedding model" in r.json()["error"]["message"], r.text
+        r = server.post("/v1/messages", {"model": "qwen3-bare", "max_tokens": 4,
+                                         "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400 and r.json()["type"] == "error", r.text
+        assert "embedding model" in r.json()["error"]["message"], r.text
+
+
+def test_bert_folder_refused_at_startup_with_one_line(embedding_folders):
+    import subprocess
+    import sys
+
+    folder = embedding_folders["bert"]
+    done = subprocess.run([sys.executable, "-m", "quantserve.server", "serve", folder, "--port", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("quantserve serve: error: ") and "'bert' encoder" in last, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
