@@ -11,7 +11,9 @@ right after (block_manager.take_scratch: blocks holding no cached prefix first, 
 registered), so the prefix cache is left as it was; when too few blocks are free, the batch waits
 for running sequences to free theirs rather than preempting them. Batches are cut to the engine's
 token budget (prompts flattened, no padding), so decode steps keep running between them; a prompt
-longer than the budget is its own batch, prefilled in budget-sized chunks.
+longer than the budget is its own batch, prefilled in budget-sized chunks (one forward's
+activations at a time), all between the same two steps: its scratch blocks are never held while
+the scheduler runs.
 """
 
 from __future__ import annotations
