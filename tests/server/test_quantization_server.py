@@ -6,6 +6,7 @@ of a server whose settings cannot fit (exit 1 and one line, before the model is 
 from __future__ import annotations
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
@@ -20,7 +21,7 @@ def server(default_model_dir):
         yield srv
 
 
-def test_quantization_report(server):
+def test_quantization_report(server, default_model_dir, bnb):
     body = httpx.get(f"{server.url}/v1/models/{MODEL}/quantization", timeout=30).json()
     assert body["object"] == "quantization_report" and body["model"] == MODEL
     layers, summary = body["layers"], body["summary"]
@@ -30,6 +31,19 @@ def test_quantization_report(server):
         assert layer["format"] == "nf4" and layer["bits_per_param"] == 4.5 and 0 < layer["rel_error"] < 0.2
         assert len(layer["shape"]) == 2 and layer["absmax"] > 0 and 0 <= layer["outlier_fraction"] < 0.01
     assert summary["format"] == "nf4" and summary["bits_per_param"] == 4.5
+    # A layer measured whole (below the stats' sampling size), against bitsandbytes quantizing the
+    # checkpoint's own weight and numpy computing the error in float64
+    from safetensors import safe_open
+
+    from quantserve.server.loading.quant_stats import SAMPLE_ELEMENTS
+
+    layer = next(x for x in layers if x["shape"][0] * x["shape"][1] <= SAMPLE_ELEMENTS)
+    with safe_open(str(default_model_dir / "model.safetensors"), framework="pt") as f:
+        w = f.get_tensor(layer["name"] + ".weight").float()
+    packed, state = bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    ref, deq = w.double().numpy(), bnb.functional.dequantize_4bit(packed, state).double().numpy()
+    assert layer["rel_error"] == pytest.approx(np.linalg.norm(ref - deq) / np.linalg.norm(ref), rel=1e-4)
+    assert layer["absmax"] == pytest.approx(np.abs(ref).max(), rel=1e-6)
     assert summary["rel_error_max"] == max(layer["rel_error"] for layer in layers)
     assert summary["rel_error_mean"] == pytest.approx(sum(layer["rel_error"] for layer in layers) / len(layers))
     # the summary is in the model card too, as the openai client reads it
