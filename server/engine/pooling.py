@@ -120,7 +120,7 @@ class EmbedJob:
     def fail(self, error: BaseException) -> None:
         self._settle(None, error)
 
-    def run(self, runner: "ModelRunner", blocks: list[int], budget: int,
+    def run(self, runner: ModelRunner, blocks: list[int], budget: int,
             release: Callable[[list[int]], None]) -> None:
         """On the engine thread, with the batch's scratch blocks: its pooled vectors, or its error,
         settled once `release` has given the blocks back (the caller sees the cache as it was)."""
@@ -135,7 +135,7 @@ class EmbedJob:
         self._settle(result, error)
 
 
-def embed_prompts(runner: "ModelRunner", prompts: list[list[int]], blocks: list[int], pooling: Pooling,
+def embed_prompts(runner: ModelRunner, prompts: list[list[int]], blocks: list[int], pooling: Pooling,
                   budget: int) -> list[list[float]]:
     """Pooled vectors (float32 lists) of `prompts`, their keys and values in `blocks` (each prompt's
     table in turn). Prefilled in passes of at most `budget` tokens (one pass unless a prompt is

@@ -15,9 +15,9 @@ from quantserve.server.engine import SamplingParams
 from quantserve.server.engine.block_manager import BlockManager
 from quantserve.server.engine.pooling import Pooling, batches
 
+from .conftest import run
 from .family_models import build_config, build_model, prompts
 from .helpers import assert_blocks_all_free, collect, started
-from .conftest import run
 
 PATHS = ["fused", "layers", "transformers"]
 
