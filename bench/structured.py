@@ -13,12 +13,19 @@ figure that stays meaningful on a machine shared with other work.
     python bench/structured.py                       # concurrency 1 16, 3 repeats
     python bench/structured.py --masks-only          # compile times and per-step grammar work only
     python bench/structured.py --concurrency 1 4 16 --repeats 5 --json out.json
+    python bench/structured.py --battery             # issue 25's battery on a real server (see below)
+
+--battery starts `quantserve serve` on the default model and runs bench/structured_battery.py (parse
+with a City model, json_object, tool_choice required and named; temperature 0; max_tokens 64 and
+200): does every constrained answer parse and validate, with what finish_reason and how many
+tokens. Measured here (2-core CPU, shared): all 8 parse; see the docstring of structured_battery.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -151,6 +158,25 @@ def mask_cost(tokenizer, vocab: int, eos: set[int], rows: int) -> dict[str, floa
             "wall_ms_per_step": round((time.perf_counter() - t_wall) / steps * 1000, 3)}
 
 
+def battery(max_tokens: list[int]) -> list[dict[str, Any]]:
+    """Issue 25's battery on a real server: one row per (case, max_tokens)."""
+    from quantserve.server.testing import ServerProcess
+    from structured_battery import BATTERY, run_case  # bench/structured_battery.py
+
+    rows = []
+    with ServerProcess("--kv-cache-memory", "0.25") as server:
+        print("| case | max_tokens | parses | finish_reason | tokens | s | answer |")
+        print("|---|---|---|---|---|---|---|")
+        for budget in max_tokens:
+            for case in BATTERY:
+                r = run_case(server.client(), case, budget)
+                rows.append(dataclasses.asdict(r))
+                print(f"| {r.case} | {r.max_tokens} | {'yes' if r.ok else 'NO'} | {r.finish_reason} | "
+                      f"{r.completion_tokens} | {r.seconds:.1f} | `{r.detail[:80]}` |", flush=True)
+    print(f"{sum(r['ok'] for r in rows)}/{len(rows)} constrained answers parse and validate")
+    return rows
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 16])
@@ -161,9 +187,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--masks-only", action="store_true", help="only the compile times and the grammar's work "
                         "per step (no model runs)")
+    parser.add_argument("--battery", action="store_true", help="only issue 25's battery on a real server "
+                        "(bench/structured_battery.py) at max_tokens 64 and 200")
     args = parser.parse_args(argv)
     from lock import hold  # bench/lock.py: one benchmark at a time on this machine
     hold()
+    if args.battery:
+        rows = battery([64, 200])
+        if args.json:
+            args.json.write_text(json.dumps({"battery": rows}, indent=2))
+        return 0 if all(r["ok"] for r in rows) else 1
     torch.set_float32_matmul_precision("medium")  # the server's default
     folder = default_model_folder()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)

@@ -24,6 +24,8 @@ import logging
 import threading
 from typing import Any, Iterable, Literal, Optional
 
+import numpy as np
+
 from .errors import InvalidRequestError
 from .grammar_closing import ClosingTokens, closing_plan
 from .grammar_pool import ByteLRU, CompilePool, GrammarLimits
@@ -327,11 +329,35 @@ class GrammarBank:
             return state.closing[0]
         if left > self.CLOSING_HORIZON or state.matcher.is_error():
             return None
+        if state.matcher.is_accepting():
+            return self._end_if_no_room(state.matcher, left)
         plan = closing_plan(state.matcher, self.compiler.closing_tokens, left)
         if plan and len(plan) + self.CLOSING_SLACK >= left:
             state.closing = plan
             state.budget_end = seq.num_output_tokens + len(plan)
             return plan[0]
+        return None
+
+    def _end_if_no_room(self, matcher: Any, left: int) -> Optional[int]:
+        """At a complete answer near the budget: EOS if something the grammar allows next (a
+        second tool call, another list item) could not be closed within the budget; else None
+        (free). More than a few continuations: EOS too (a grammar open-ended there)."""
+        eos = next((t for t in self.compiler.eos_token_ids if t < self.compiler.mask_vocab_size), None)
+        if eos is None:
+            return None
+        bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        nexts = [t for t in np.flatnonzero(bits).tolist() if t not in self.compiler.eos_token_ids]
+        if not nexts:
+            return None
+        if len(nexts) > 16:
+            return eos
+        for token in nexts:
+            if not matcher.try_consume_tokens([token]):
+                continue
+            plan = closing_plan(matcher, self.compiler.closing_tokens, left - 1)
+            matcher.rollback(1)
+            if plan is None or 1 + len(plan) + self.CLOSING_SLACK > left:
+                return eos
         return None
 
     def shorten_budgets(self, seqs: list[Any]) -> None:
