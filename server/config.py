@@ -149,6 +149,35 @@ class Settings(BaseSettings):
         "(oldest evicted first)"
     )
 
+    # Structured outputs: what one request's grammar may cost. Compiling runs on worker threads
+    # (never the event loop or the engine thread); these bound how long, how big and how many.
+    grammar_compile_workers: int = Field(
+        2, ge=1, le=64, description="threads that compile structured-output grammars (JSON schemas, regexes, "
+        "choices, tool calls); requests beyond wait their turn"
+    )
+    grammar_compile_timeout: float = Field(
+        10.0, gt=0, description="seconds a request's grammar may take to compile, waiting for a thread included "
+        "(400 beyond)"
+    )
+    grammar_cache_bytes: int = Field(
+        128 * 2**20, ge=0, description="bytes of compiled grammars kept for reuse, by a hash of the grammar (least "
+        "recently used dropped first; a compiled grammar takes ~24x its text)"
+    )
+    max_grammar_choices: int = Field(
+        10_000, ge=1, description="most strings in a structured_outputs.choice (400 beyond)"
+    )
+    max_grammar_schema_bytes: int = Field(
+        2**20, ge=1, description="longest JSON schema of response_format / structured_outputs.json, as JSON text "
+        "(400 beyond)"
+    )
+    max_grammar_regex_length: int = Field(
+        16_384, ge=1, description="longest structured_outputs.regex, in characters (400 beyond)"
+    )
+    max_grammar_bytes: int = Field(
+        2**20, ge=1, description="longest grammar text: structured_outputs.grammar (GBNF / Lark), a choice list "
+        "as JSON, and the tool-call grammar made from a request's tools (400 beyond)"
+    )
+
     # HTTP
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 for all interfaces)")
     port: int = Field(8000, ge=0, le=65535, description="port to bind (0 picks a free one)")

@@ -28,11 +28,17 @@ class Services:
     metrics: Metrics
 
 
-def submit(services: Services, served: ServedModel, body: SamplingRequest, request_id: str,
+async def submit(services: Services, served: ServedModel, body: SamplingRequest, request_id: str,
            prompts: list[list[int]], lora: Optional[str] = None, http: Optional[Request] = None) -> Generation:
     """Submit the call's prompts to the engine (all or none), on LoRA adapter `lora` if named, as
     the client `http` came from; the Generation the response is built from."""
     params = sampling_params(body)
+    grammars = getattr(served.engine, "grammars", None)
+    if params.structured is not None and grammars is not None:
+        try:  # compiled on the engine's grammar threads, within its time budget: never on the loop
+            await grammars.prepare(params.structured)
+        except Exception as exc:
+            raise api_error(exc, body, request_id) from None
     ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
     client = client_name(http, services.settings) if http is not None else ""
     try:

@@ -27,7 +27,7 @@ def router(services: Services) -> APIRouter:
         chat = chat_from_messages(body)
         prompt, reader = await to_thread(prepare_chat, served, chat, settings.tool_call_parser,
                                          settings.reasoning_parser)
-        gen = submit(services, served, chat, p.random_id("msg").replace("-", "_"), [prompt], lora, request)
+        gen = await submit(services, served, chat, p.random_id("msg").replace("-", "_"), [prompt], lora, request)
         stop = messages.StopReader(body.stop_sequences, lambda ids: served.decode(ids, skip_special_tokens=True))
         if body.stream:
             return StreamingResponse(messages.message_stream(gen, reader, stop), media_type="text/event-stream",

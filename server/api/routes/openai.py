@@ -24,7 +24,7 @@ def router(services: Services) -> APIRouter:
         settings = services.settings
         prompt, reader = await to_thread(prepare_chat, served, body, settings.tool_call_parser,
                                          settings.reasoning_parser)
-        gen = submit(services, served, body, p.random_id("chatcmpl"), [prompt], lora, request)
+        gen = await submit(services, served, body, p.random_id("chatcmpl"), [prompt], lora, request)
         if body.stream:
             return StreamingResponse(streaming.chat_stream(gen, reader), media_type="text/event-stream",
                                      headers=SSE_HEADERS)
@@ -36,7 +36,7 @@ def router(services: Services) -> APIRouter:
         if body.echo and body.logprobs is not None:
             raise bad_request("echo with logprobs is not supported", "echo")
         prompts = [await to_thread(served.encode, raw) if isinstance(raw, str) else list(raw) for raw in body.prompts()]
-        gen = submit(services, served, body, p.random_id("cmpl"), prompts, lora, request)
+        gen = await submit(services, served, body, p.random_id("cmpl"), prompts, lora, request)
         if body.stream:
             return StreamingResponse(streaming.completion_stream(gen), media_type="text/event-stream",
                                      headers=SSE_HEADERS)

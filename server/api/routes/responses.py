@@ -47,7 +47,7 @@ def router(services: Services) -> APIRouter:
         chat = chat_from_responses(body, items)
         prompt, reader = await to_thread(prepare_chat, served, chat, settings.tool_call_parser,
                                          settings.reasoning_parser)
-        gen = submit(services, served, chat, p.random_id("resp").replace("-", "_"), [prompt], lora, request)
+        gen = await submit(services, served, chat, p.random_id("resp").replace("-", "_"), [prompt], lora, request)
         ctx = responses.ResponseContext(body, history, store,
                                         lambda text: len(served.encode(text, add_special_tokens=False)))
         if body.stream:
