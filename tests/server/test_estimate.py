@@ -63,9 +63,9 @@ def test_estimate_is_within_5_percent_of_v1_memory(family_folders, family, setti
     q = QUANTS[setting]
     with monkeypatch.context() as m:
         _no_weight_reads(m)
-        est = estimate_memory(EstimateRequest(model=folder, quant=q, kv_cache_memory_gib=KV_GIB, max_num_seqs=4))
+        est = estimate_memory(EstimateRequest(model=folder, quant=q, kv_cache_memory=KV_GIB, max_num_seqs=4))
     result = load_model(LoadConfig(folder, quant=q, progress=False))
-    engine = AsyncEngine(result.model, result.tokenizer, EngineConfig(kv_cache_memory_gib=KV_GIB, max_num_seqs=4))
+    engine = AsyncEngine(result.model, result.tokenizer, EngineConfig(kv_cache_memory=KV_GIB, max_num_seqs=4))
     measured = model_memory(ServedModel("m", engine, result.tokenizer, engine.max_model_len, load_report=result.report))
     weights, kv = measured["weights"]["weight_bytes"], measured["kv_cache"]["bytes_total"]
     assert est.weight_bytes == pytest.approx(weights, rel=0.05), (est.weight_bytes_by_part, measured["weights"])
@@ -86,18 +86,18 @@ def test_estimate_is_within_5_percent_of_v1_memory(family_folders, family, setti
 
 def test_verdict_and_largest_context(family_folders):
     folder = str(family_folders["qwen3"])
-    base = estimate_memory(EstimateRequest(model=folder, kv_cache_memory_gib=KV_GIB, free_bytes=64 * GIB))
+    base = estimate_memory(EstimateRequest(model=folder, kv_cache_memory=KV_GIB, free_bytes=64 * GIB))
     assert base.fits and base.verdict.startswith("fits") and base.largest_context == base.model_max_len
     # Free memory for the weights, the step's activations and 300 tokens of KV: the rest does not fit.
     free = base.weight_bytes + base.activation_reserve_bytes + 300 * base.kv_bytes_per_token
-    tight = estimate_memory(EstimateRequest(model=folder, kv_cache_memory_gib=KV_GIB, free_bytes=free))
+    tight = estimate_memory(EstimateRequest(model=folder, kv_cache_memory=KV_GIB, free_bytes=free))
     assert not tight.fits and "does not fit" in tight.verdict and tight.problems
     assert tight.largest_context == 288  # whole blocks of 16
     update = fit_settings(tight, auto=True)
     assert update["max_model_len"] == 288 and update["kv_cache_memory"] * GIB == 288 * tight.kv_bytes_per_token
     with pytest.raises(ValueError, match="cannot be served with these settings: does not fit"):
         fit_settings(tight, auto=False)
-    too_long = estimate_memory(EstimateRequest(model=folder, kv_cache_memory_gib=0.001, max_model_len=4096,
+    too_long = estimate_memory(EstimateRequest(model=folder, kv_cache_memory=0.001, max_model_len=4096,
                                                free_bytes=64 * GIB))
     assert not too_long.fits and "more than the KV cache holds" in too_long.verdict
 
@@ -133,9 +133,9 @@ def test_estimate_of_a_prequantized_checkpoint(tmp_path, arch, flags, monkeypatc
     q = quant.QuantConfig(load_in_8bit=True) if "int8" in flags else quant.QuantConfig()
     with monkeypatch.context() as m:
         _no_weight_reads(m)
-        est = estimate_memory(EstimateRequest(model=str(folder), quant=q, kv_cache_memory_gib=KV_GIB))
+        est = estimate_memory(EstimateRequest(model=str(folder), quant=q, kv_cache_memory=KV_GIB))
     result = load_model(LoadConfig(str(folder), quant=q, progress=False))
-    engine = AsyncEngine(result.model, result.tokenizer, EngineConfig(kv_cache_memory_gib=KV_GIB))
+    engine = AsyncEngine(result.model, result.tokenizer, EngineConfig(kv_cache_memory=KV_GIB))
     measured = model_memory(ServedModel("m", engine, result.tokenizer, engine.max_model_len, load_report=result.report))
     assert est.quant.endswith("(prequantized)") and est.quantized_layers == len(result.report.quantized)
     assert est.weight_bytes == pytest.approx(measured["weights"]["weight_bytes"], rel=0.05)
