@@ -117,6 +117,11 @@ class _SamplingFields(_Request):
     logit_bias: Optional[dict[str, float]] = None
     response_format: Optional[ResponseFormat] = None
     structured_outputs: Optional[StructuredOutputs] = None
+    # SGLang's, which the SGLang-family routers (vllm-router, sglang-router) add to every request
+    # they forward, at these values: accepted at the value that changes nothing, refused at any other.
+    no_stop_trim: Literal[False] = False
+    return_hidden_states: Literal[False] = False
+    skip_special_tokens: Literal[True] = True
 
     @field_validator("logit_bias")
     @classmethod
@@ -217,6 +222,11 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool = True
     # vLLM's: extra variables for the chat template (e.g. {"enable_thinking": false} for Qwen3).
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    # Added by the SGLang-family routers too (see _SamplingFields), at the values that change nothing.
+    continue_final_message: Literal[False] = False
+    separate_reasoning: Literal[True] = True
+    stream_reasoning: Literal[True] = True
+    include_reasoning: Literal[True] = True
     # The Lark grammar of a constrained tool call ("required" or a named function), set by the
     # route once it knows the model's tool-call format; convert.py turns it into the constraint.
     _tool_grammar: Optional[str] = PrivateAttr(None)
