@@ -10,16 +10,20 @@ sequence last in the running order is preempted: its blocks are freed and it goe
 front of the queue, to be recomputed (prompt + output so far) when it fits again.
 
 Who goes first is the policy's (`policy`; every sequence carries its `client` and `priority`):
-- "fair" (default): max-min fair shares of the running slots across clients. The next admitted
-  is the head of the client with the fewest running sequences (ties: the earliest head); a
-  client's own queue is ordered by priority (lower first), then arrival, so a client's priority
-  ranks its own requests and buys nothing against other clients. When a slot or KV blocks are
-  missing, the newest sequence of a client holding more than one sequence over the newcomer's
-  client is preempted for it, so a new client's first token waits about one step, not for
-  another client's whole batch. The running order interleaves clients (each client's first,
-  then each client's second, ...): the prefill budget goes round-robin and the sequence
-  preempted for blocks is the newest of the client holding the most. While an under-served
-  client waits, running prefills leave it room in the step's token budget.
+- "fair" (default): max-min fair shares of the running slots, across clients and, within a
+  client, across its requests (clients behind one address or key are told apart by their
+  requests). The next admitted comes from the client with the fewest running sequences (ties:
+  the earliest); within it, from the request with the best priority (lower first), then the
+  fewest running, then the earliest, so a client's priority ranks its own requests and buys
+  nothing against other clients. When a slot or KV blocks are missing, the newest sequence of a
+  client holding more than one sequence over the newcomer's client is preempted for it (else,
+  within the newcomer's client, the newest of a request of no better priority holding more than
+  one over the newcomer's request), so a new request's first token waits about one step, not
+  for another's whole batch; that admission happens even in a step that preempted for blocks.
+  The running order interleaves requests within a client and then clients (each one's first,
+  then each one's second, ...): the prefill budget goes round-robin and the sequence preempted
+  for blocks is the newest of the biggest request of the biggest client. While an under-served
+  client or request waits, running prefills leave its prompt up to half the step's budget.
 - "priority" (vLLM's): one queue by (priority, arrival); a waiting sequence preempts a running
   one of a worse (higher) priority when it lacks room.
 - "fcfs": one queue by arrival, no preemption for admission (the behaviour before fairness).
@@ -191,10 +195,6 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------ fairness
 
-    def _group(self, seq: Sequence) -> str:
-        """The queue a waiting sequence is in: its client's under "fair", one shared queue otherwise."""
-        return seq.client if self.policy == "fair" else ""
-
     def _order_running(self) -> None:
         """Sort the running sequences: the first get the budget first, the last are preempted first."""
         if self.policy == "fcfs" or len(self.running) < 2:
@@ -202,79 +202,114 @@ class Scheduler:
         if self.policy == "priority":
             self.running.sort(key=lambda s: (s.priority, s.admitted))
             return
-        # fair: each client's sequences ranked by (priority, admission); then rank 0 of every
-        # client, rank 1 of every client, ... (round-robin); the last is the newest of the biggest.
-        rank: dict[int, int] = {}
+        # fair, on two levels: a client's sequences interleave its requests (each request's first,
+        # then each one's second, ... by priority), then the clients interleave likewise. The last
+        # is the newest sequence of the biggest request of the biggest client.
+        by_request: dict[int, int] = {}
         taken: Counter = Counter()
-        for s in sorted(self.running, key=lambda s: (s.priority, s.admitted)):
-            rank[s.seq_id] = taken[s.client]
+        for s in sorted(self.running, key=lambda s: s.admitted):
+            by_request[s.seq_id] = taken[s.request_id]
+            taken[s.request_id] += 1
+        by_client: dict[int, int] = {}
+        taken = Counter()
+        for s in sorted(self.running, key=lambda s: (s.priority, by_request[s.seq_id], s.admitted)):
+            by_client[s.seq_id] = taken[s.client]
             taken[s.client] += 1
-        self.running.sort(key=lambda s: (rank[s.seq_id], s.admitted))
+        self.running.sort(key=lambda s: (by_client[s.seq_id], s.admitted))
 
     def _reserve(self) -> int:
         """Under "fair": the prompt tokens of the first waiting sequence whose client runs fewer
-        sequences than another client (at most half the step's budget), else 0."""
+        sequences than another client (or whose request runs fewer than another of its client's),
+        at most half the step's budget; else 0."""
         if self.policy != "fair" or not self.waiting or not self.running:
             return 0
-        running = Counter(s.client for s in self.running)
-        most = max(running.values())
+        clients, requests = self._counts()
+        most = max(clients.values())
+        most_of: dict[str, int] = {}
+        for s in self.running:
+            most_of[s.client] = max(most_of.get(s.client, 0), requests[s.request_id])
         for seq in self.waiting:
-            if running[seq.client] < most and not self._at_cap(seq, running):
+            behind = clients[seq.client] < most or requests[seq.request_id] < most_of.get(seq.client, 0)
+            if behind and not self._at_cap(seq, clients):
                 return min(seq.num_tokens - seq.num_computed_tokens, self.max_num_batched_tokens // 2)
         return 0
 
-    def _at_cap(self, seq: Sequence, running: Counter) -> bool:
-        cap = self.max_seqs_per_client
-        return cap is not None and running[seq.client] >= cap
+    def _counts(self) -> tuple[Counter, Counter]:
+        """Running sequences by client and by request."""
+        return Counter(s.client for s in self.running), Counter(s.request_id for s in self.running)
 
-    def _victim_for(self, seq: Sequence, running: Counter) -> Optional[Sequence]:
-        """The running sequence to preempt so that `seq` can be admitted, or None."""
+    def _at_cap(self, seq: Sequence, clients: Counter) -> bool:
+        cap = self.max_seqs_per_client
+        return cap is not None and clients[seq.client] >= cap
+
+    def _victim_for(self, seq: Sequence, clients: Counter, requests: Counter) -> Optional[Sequence]:
+        """The running sequence to preempt so that `seq` can be admitted, or None.
+
+        fair: the newest of the biggest client when it runs more than one sequence over seq's
+        client; else, within seq's client, the newest of its biggest request (of no better
+        priority) when that runs more than one over seq's request (clients behind one address or
+        key are told apart by their requests). priority: the worst running one if worse than seq."""
         if self.policy == "priority":
             worst = max(self.running, key=lambda s: (s.priority, s.admitted), default=None)
             return worst if worst is not None and worst.priority > seq.priority else None
-        if self.policy == "fair" and self.running:
-            biggest = max(running, key=lambda c: running[c])
-            if running[biggest] > running[seq.client] + 1:
-                # running is in round-robin order: the biggest client's last there is its newest.
-                return next(s for s in reversed(self.running) if s.client == biggest)
+        if self.policy != "fair" or not self.running:
+            return None
+        biggest = max(clients, key=lambda c: clients[c])
+        if clients[biggest] > clients[seq.client] + 1:
+            # running is in the order _order_running gave: the biggest client's last is its newest.
+            return next(s for s in reversed(self.running) if s.client == biggest)
+        mine = [s for s in self.running if s.client == seq.client and s.priority >= seq.priority]
+        if mine:
+            big = max(mine, key=lambda s: (requests[s.request_id], s.admitted)).request_id
+            if requests[big] > requests[seq.request_id] + 1:
+                return next(s for s in reversed(self.running) if s.request_id == big)
         return None
 
     def _admit(self, seqs: list[Sequence], counts: list[int], budget: int, cut_off: list[Sequence],
                underserved_only: bool = False) -> None:
         bm = self.block_manager
-        running = Counter(s.client for s in self.running)
+        clients, requests = self._counts()
         loras = {s.lora_id for s in self.running if s.lora_id} if self.max_loras is not None else set()
-        queues: dict[str, list[Sequence]] = {}
-        for seq in self.waiting:
-            queues.setdefault(self._group(seq), []).append(seq)
-        if self.policy != "fcfs":  # by priority, then queue order (preempted first, then arrival)
-            for queue in queues.values():
-                queue.sort(key=lambda s: s.priority)
-        heads = {group: deque(queue) for group, queue in queues.items()}
-        position = {s.seq_id: i for i, s in enumerate(self.waiting)}
+        # Waiting sequences by client, then by request, in queue order (preempted ones first, then
+        # arrival). fcfs and priority: one queue (priority: sorted by priority, stably).
+        fair = self.policy == "fair"
+        queue = sorted(self.waiting, key=lambda s: s.priority) if self.policy == "priority" else self.waiting
+        position = {s.seq_id: i for i, s in enumerate(queue)}
+        queues: dict[str, dict[str, deque[Sequence]]] = {}
+        for seq in queue:
+            key = (seq.client, seq.request_id) if fair else ("", "")
+            queues.setdefault(key[0], {}).setdefault(key[1], deque()).append(seq)
+
+        def head(client: str) -> tuple[str, Sequence]:
+            """A client's next: its request with the best priority, then fewest running, then earliest."""
+            rid, q = min(queues[client].items(), key=lambda item: (
+                item[1][0].priority, requests[item[0]], position[item[1][0].seq_id]))
+            return rid, q[0]
+
+        def drop(client: str, rid: str) -> None:
+            q = queues[client][rid]
+            q.popleft()
+            if not q:
+                del queues[client][rid]
+                if not queues[client]:
+                    del queues[client]
+
         changed = False
-        while heads and budget > 0:
-            if self.policy == "fair":
-                group = min(heads, key=lambda g: (running[heads[g][0].client], position[heads[g][0].seq_id]))
-            else:
-                group = next(iter(heads))
-            queue = heads[group]
-            seq = queue[0]
-            if underserved_only and running[seq.client] + 1 >= max(running.values(), default=0):
+        while queues and budget > 0:
+            heads = {client: head(client) for client in queues}
+            client = min(heads, key=lambda c: (clients[c], position[heads[c][1].seq_id])) if fair else ""
+            rid, seq = heads[client]
+            if underserved_only and self._victim_for(seq, clients, requests) is None:
                 break  # the fairest head is not under its share: nobody is
-            if self._at_cap(seq, running):
-                if self.policy == "fair":
-                    del heads[group]  # this client's others wait too
+            if self._at_cap(seq, clients):
+                if fair:
+                    del queues[client]  # this client's others wait too
                 else:
-                    queue.popleft()  # passed over, stays in the queue
-                    if not queue:
-                        del heads[group]
+                    drop(client, rid)  # passed over, stays in the queue
                 continue
             if seq.lora_id and seq.lora_id not in loras and self.max_loras is not None \
                     and len(loras) >= self.max_loras:
-                queue.popleft()  # waits for a LoRA slot, in its place
-                if not queue:
-                    del heads[group]
+                drop(client, rid)  # waits for a LoRA slot, in its place
                 continue
             admitted = False
             while True:
@@ -285,38 +320,36 @@ class Scheduler:
                     admitted = True
                     break
                 if not self.running:  # the whole cache is free and it still does not fit
-                    queue.popleft()
+                    drop(client, rid)
                     changed = True
                     self._finish(seq, FinishReason.LENGTH)
                     cut_off.append(seq)
                     break
-                victim = self._victim_for(seq, running)
+                victim = self._victim_for(seq, clients, requests)
                 if victim is None:
                     break
                 budget += self._unschedule(victim, seqs, counts)
                 self.running.remove(victim)
-                running[victim.client] -= 1
+                clients[victim.client] -= 1
+                requests[victim.request_id] -= 1
                 self._preempt(victim)
                 changed = True
             if seq.status is SequenceStatus.FINISHED:
-                if not queue:
-                    del heads[group]
                 continue
             if not admitted:
                 break  # nobody overtakes the head the policy chose
             bm.record_prefix_query(seq.num_tokens)
             if seq.num_output_tokens == 0:
                 seq.num_cached_tokens = num_cached
-            queue.popleft()
-            if not queue:
-                del heads[group]
+            drop(client, rid)
             changed = True
             if seq.lora_id:
                 loras.add(seq.lora_id)
             seq.status = SequenceStatus.RUNNING
             seq.admitted = self._num_admitted
             self._num_admitted += 1
-            running[seq.client] += 1
+            clients[seq.client] += 1
+            requests[seq.request_id] += 1
             self.running.append(seq)
             seqs.append(seq)
             counts.append(n)

@@ -209,3 +209,40 @@ def test_a_newcomer_is_admitted_even_in_a_step_that_preempts_for_blocks():
     while sched.has_work():
         step(sched)
     assert chat.num_output_tokens == 3 and bm.num_free_blocks == bm.num_blocks
+
+
+def test_requests_of_one_client_share_its_slots_too():
+    # Clients behind one address (or key) are one client: its requests are told apart, so one
+    # n-choice request does not hold another request's first token for its whole length either.
+    sched, _ = make(max_num_seqs=8)
+    big = [Sequence("big", [1, 2, 3], SamplingParams(n=8, max_tokens=1000), index=i, client="10.0.0.1")
+           for i in range(8)]
+    for s in big:
+        sched.add(s)
+    step(sched)
+    assert running(sched, "10.0.0.1") == 8
+    chat = seq("10.0.0.1", "chat", max_tokens=2)
+    sched.add(chat)
+    batch = step(sched)
+    assert chat in batch.seqs and sched.num_preemptions == 1 and big[7] in sched.waiting  # the newest choice
+    # Single-choice requests of one client stay first come first served: nobody is over by more than one.
+    sched, _ = make(max_num_seqs=2)
+    singles = [seq("10.0.0.1", f"s{i}") for i in range(3)]
+    for s in singles:
+        sched.add(s)
+    step(sched)
+    step(sched)
+    assert singles[2] in sched.waiting and sched.num_preemptions == 0
+
+
+def test_a_worse_priority_request_does_not_preempt_its_clients_urgent_one():
+    sched, _ = make(max_num_seqs=4)
+    urgent = [Sequence("urgent", [1, 2, 3], SamplingParams(n=4, max_tokens=100), index=i, client="a", priority=-1)
+              for i in range(4)]
+    for s in urgent:
+        sched.add(s)
+    step(sched)
+    later = seq("a", "later", priority=0)
+    sched.add(later)
+    step(sched)
+    assert later in sched.waiting and sched.num_preemptions == 0
