@@ -2,14 +2,16 @@
 
 A real `quantserve serve` on the default model per scheduling policy. The hog (one client, address
 127.0.0.1) sends --hogs streamed chat requests with n=16, max_tokens=1000, ignore_eos, which fill
-every sequence slot; once the running batch is full, the victim (another client: the official
-openai client bound to source address 127.0.0.2) asks a 4-token chat --victims times in a row,
+every sequence slot; once the running batch is full, the victim (the official openai client bound
+to source address --victim-address: 127.0.0.2, another client, or 127.0.0.1, the hog's own as in
+the issue's reproduction) asks a 4-token chat --victims times in a row,
 each with a --victim-timeout deadline. Reported per policy: the victim's time to first token and
 to its last token, the hog's running sequences when the victim asked, the preemptions, and the
 hog's generated tokens per second meanwhile (what fairness costs it).
 
     python bench/fairness.py                                # fcfs (the behaviour before) then fair
     python bench/fairness.py --policies fair --victims 5
+    python bench/fairness.py --victim-address 127.0.0.1     # the victim behind the hog's address
     python bench/fairness.py --json out.json
 
 Exit status 0 when every victim under a policy other than fcfs got its first token within
@@ -53,11 +55,11 @@ def hog(server: ServerProcess, stop: threading.Event, tokens: list[int], errors:
         errors.append(repr(exc))
 
 
-def victim(server: ServerProcess, timeout: float) -> dict[str, Any]:
-    """A streamed 4-token chat from another address: its TTFT and total time (None: timed out)."""
+def victim(server: ServerProcess, timeout: float, address: str) -> dict[str, Any]:
+    """A streamed 4-token chat from `address`: its TTFT and total time (None: timed out)."""
     import openai
 
-    http = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=timeout)
+    http = httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=timeout)
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.api_key or "none", max_retries=0,
                            http_client=http, timeout=timeout)
     start = time.perf_counter()
@@ -86,7 +88,7 @@ def run_policy(policy: str, args: argparse.Namespace) -> dict[str, Any]:
         server.model = httpx.get(server.url + "/v1/models", headers=server.headers()).json()["data"][0]["id"]
         m = server.metrics()
         # Alone first: the victim's TTFT on an idle server.
-        idle = victim(server, args.victim_timeout)
+        idle = victim(server, args.victim_timeout, args.victim_address)
         stop, tokens, errors = threading.Event(), [0], []
         threads = [threading.Thread(target=hog, args=(server, stop, tokens, errors, args.n, args.max_tokens),
                                     daemon=True) for _ in range(args.hogs)]
@@ -101,7 +103,7 @@ def run_policy(policy: str, args: argparse.Namespace) -> dict[str, Any]:
         hog_running = m.get("vllm:num_requests_running", 0)
         preempt0 = m.get("vllm:num_preemptions_total", m.get("vllm:num_preemptions", 0))
         tok0, t0 = tokens[0], time.perf_counter()
-        victims = [victim(server, args.victim_timeout) for _ in range(args.victims)]
+        victims = [victim(server, args.victim_timeout, args.victim_address) for _ in range(args.victims)]
         elapsed = time.perf_counter() - t0
         hog_tps = (tokens[0] - tok0) / elapsed if elapsed > 0 else 0.0
         m = server.metrics()
@@ -110,7 +112,7 @@ def run_policy(policy: str, args: argparse.Namespace) -> dict[str, Any]:
         for t in threads:
             t.join(timeout=60)
     ttfts = [v["ttft_s"] for v in victims if v["ttft_s"] is not None]
-    return {"policy": policy, "idle_victim": idle, "hog_running_seqs": hog_running, "victims": victims,
+    return {"policy": policy, "victim_address": args.victim_address, "idle_victim": idle, "hog_running_seqs": hog_running, "victims": victims,
             "victim_ttft_max_s": max(ttfts) if len(ttfts) == len(victims) else None,
             "victim_ttft_median_s": statistics.median(ttfts) if ttfts else None,
             "timed_out": sum(v["ttft_s"] is None for v in victims), "preemptions": preemptions,
@@ -126,6 +128,8 @@ def main() -> int:
     parser.add_argument("--max-num-seqs", type=int, default=64, help="the server's --max-num-seqs (default 64)")
     parser.add_argument("--victims", type=int, default=3, help="victim chats, one after another (default 3)")
     parser.add_argument("--victim-timeout", type=float, default=100.0, help="seconds per victim chat (default 100)")
+    parser.add_argument("--victim-address", default="127.0.0.2",
+                        help="the victim's source address (default 127.0.0.2: another client; 127.0.0.1: the hog's)")
     parser.add_argument("--max-ttft", type=float, default=30.0, help="goal for the victim's TTFT, in s (default 30)")
     parser.add_argument("--serve-flag", action="append", default=[], help="more serve flags (repeatable)")
     parser.add_argument("--json", type=Path, help="write the results here too")
