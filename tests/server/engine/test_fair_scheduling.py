@@ -46,7 +46,7 @@ def hog(sched, client="hog", count=16, **kw):
 
 
 def test_a_newcomer_runs_at_the_next_step_of_a_full_batch():
-    sched, bm = make()
+    sched, _ = make()
     hog(sched)
     assert running(sched, "hog") == 8 and sched.num_waiting == 8
     chat = seq("victim", max_tokens=4)
