@@ -341,7 +341,8 @@ class GrammarBank:
     def _end_if_no_room(self, matcher: Any, left: int) -> Optional[int]:
         """At a complete answer near the budget: EOS if something the grammar allows next (a
         second tool call, another list item) could not be closed within the budget; else None
-        (free). More than a few continuations: EOS too (a grammar open-ended there)."""
+        (free). More than a few continuations (free text, as tool_choice "auto" allows): free, the
+        text needs no closing."""
         eos = next((t for t in self.compiler.eos_token_ids if t < self.compiler.mask_vocab_size), None)
         if eos is None:
             return None
@@ -350,7 +351,7 @@ class GrammarBank:
         if not nexts:
             return None
         if len(nexts) > 16:
-            return eos
+            return None
         for token in nexts:
             if not matcher.try_consume_tokens([token]):
                 continue
