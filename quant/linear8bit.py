@@ -9,8 +9,11 @@ defaults are transformers' (has_fp16_weights=False, threshold=6.0), not bitsandb
 State dicts use bitsandbytes' keys: `weight` (int8), `SCB` (float32) and `weight_format` (uint8 0:
 row-major), and `load_state_dict` takes such a state dict directly, with no device move first.
 
-The forward is the mixed-precision decomposition (quant.int8_matmul), whatever the module's
-training flag: bitsandbytes on CPU in training mode runs dequantize + float matmul instead.
+The forward is quant.int8_matmul, whatever the module's training flag. By default it is the
+dequantized-weight matmul (activations unquantized, exact to float rounding), which is what
+bitsandbytes computes on CPU in training mode (MatMul8bitFp); `int8_activations=True` (QuantConfig's
+llm_int8_activations) runs LLM.int8's mixed-precision decomposition instead, bitsandbytes' eval-mode
+forward byte for byte.
 """
 
 from __future__ import annotations
@@ -106,11 +109,11 @@ class _FP16WeightMatmul(torch.autograd.Function):
     bitsandbytes' CPU training path computes it."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, threshold):
+    def forward(ctx, x, weight, bias, threshold, int8_activations):
         CB, SCB = quantize_weight(weight.detach())
         ctx.save_for_backward(x, CB, SCB)
         ctx.has_bias = bias is not None
-        return int8_matmul(x.detach(), CB, SCB, None if bias is None else bias.detach(), threshold)
+        return int8_matmul(x.detach(), CB, SCB, None if bias is None else bias.detach(), threshold, int8_activations)
 
     @staticmethod
     def backward(ctx, grad):
@@ -120,7 +123,7 @@ class _FP16WeightMatmul(torch.autograd.Function):
         grad2 = grad.reshape(-1, grad.shape[-1])
         grad_w = (grad2.t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype)) if ctx.needs_input_grad[1] else None
         grad_b = grad2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 class Linear8bitLt(nn.Linear):
@@ -130,7 +133,10 @@ class Linear8bitLt(nn.Linear):
         input_features, output_features, bias: as nn.Linear.
         has_fp16_weights: keep the float weight and quantize it at each forward (for training);
             False (default) quantizes it once, on the first move to a device.
-        threshold: activations with |x| >= threshold make their column run in 16 bits (0: off).
+        threshold: activations with |x| >= threshold make their column run in 16 bits (0: off);
+            with int8_activations only.
+        int8_activations: quantize the activations too (LLM.int8 proper, bitsandbytes' eval
+            forward byte for byte); False (default): the dequantized-weight matmul.
     """
 
     def __init__(
@@ -142,9 +148,11 @@ class Linear8bitLt(nn.Linear):
         threshold: float = 6.0,
         index: Any = None,
         device: Optional[torch.device | str] = None,
+        int8_activations: bool = False,
     ) -> None:
         super().__init__(input_features, output_features, bias, device)
         self.threshold = float(threshold)
+        self.int8_activations = bool(int8_activations)
         self.has_fp16_weights = has_fp16_weights
         self.index = index
         self.weight = Int8Params(self.weight.data, has_fp16_weights, has_fp16_weights)
@@ -158,6 +166,7 @@ class Linear8bitLt(nn.Linear):
             module = cls(
                 linear.in_features, linear.out_features, bias=False,
                 has_fp16_weights=config.llm_int8_has_fp16_weight, threshold=config.llm_int8_threshold,
+                int8_activations=config.llm_int8_activations,
             )
         weight = Int8Params(linear.weight.detach(), module.has_fp16_weights, module.has_fp16_weights)
         module.weight = weight if module.has_fp16_weights else weight.quantize()
@@ -199,18 +208,19 @@ class Linear8bitLt(nn.Linear):
             raise RuntimeError("Linear8bitLt.weight must be an Int8Params")
         if weight.has_fp16_weights:
             if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):
-                return _FP16WeightMatmul.apply(x, weight, self.bias, self.threshold)
+                return _FP16WeightMatmul.apply(x, weight, self.bias, self.threshold, self.int8_activations)
             CB, SCB = quantize_weight(weight)
-            return int8_matmul(x, CB, SCB, self.bias, self.threshold)
+            return int8_matmul(x, CB, SCB, self.bias, self.threshold, self.int8_activations)
         if not weight.int8_quantized:
             # As bitsandbytes: a float weight still here is quantized by the first forward.
             self.weight = weight = weight.quantize()
-        return int8_matmul(x, weight.data, weight.SCB, self.bias, self.threshold)
+        return int8_matmul(x, weight.data, weight.SCB, self.bias, self.threshold, self.int8_activations)
 
     def extra_repr(self) -> str:
         desc = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
         quantized = isinstance(self.weight, Int8Params) and self.weight.int8_quantized
-        return desc + f", threshold={self.threshold}, " + ("int8" if quantized else "quantized=False")
+        acts = ", int8 activations" if self.int8_activations else ""
+        return desc + f", threshold={self.threshold}{acts}, " + ("int8" if quantized else "quantized=False")
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)

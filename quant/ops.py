@@ -261,6 +261,14 @@ for _op_name in ("gemm_4bit", "gemm_4bit_nested"):
 #   rounded to A's dtype; then the outlier columns' contribution is added in A's dtype:
 #   out.addmm(A[:, cols], dequantize(CB[:, cols], SCB).to(A.dtype).T). (6.200124e-05 is
 #   bitsandbytes' CPU constant for 1 / 127^2, which it rounds 1.8e-5 high; kept for identical bytes.)
+#   It is the opt-in (QuantConfig.llm_int8_activations, --int8-activations): quantizing the
+#   activations costs ~0.5-0.9% relative error per matmul.
+# - int8_linear is the default forward: the weight-only product A @ W.T (+ bias) with
+#   W = CB * SCB * float32(1 / 127), the activations unquantized (bitsandbytes' CPU MatMul8bitFp).
+#   Exact up to float rounding: at torch's "highest" float32 matmul precision the products and sums
+#   are float32 (a kernel may factor the row scale out of the sum: (sum_k A[m,k] * CB[n,k]) * s[n]),
+#   the result rounded once to A's dtype; at "high"/"medium" a kernel may round the activations to
+#   bf16 (CB is exact in bf16), never coarser.
 # ------------------------------------------------------------------------------------------------
 
 INT8_MM_DEQUANT_SCALE = 6.200124e-05
@@ -268,6 +276,7 @@ INT8_MM_DEQUANT_SCALE = 6.200124e-05
 _lib.define("int8_vectorwise_quant(Tensor A, float threshold=0.0) -> (Tensor, Tensor, Tensor)")
 _lib.define("int8_vectorwise_dequant(Tensor A, Tensor stats) -> Tensor")
 _lib.define("gemm_int8(Tensor A, Tensor CB, Tensor SCB, float threshold=0.0, Tensor? bias=None) -> Tensor")
+_lib.define("int8_linear(Tensor A, Tensor CB, Tensor SCB, Tensor? bias=None) -> Tensor")
 
 
 @torch.library.register_fake(f"{NAMESPACE}::int8_vectorwise_quant")
@@ -296,6 +305,19 @@ def _(A: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, threshold: float = 0
     return torch.empty((*A.shape[:-1], CB.shape[0]), device=A.device, dtype=A.dtype)
 
 
+@torch.library.register_fake(f"{NAMESPACE}::int8_linear")
+def _(A: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, bias: Optional[torch.Tensor] = None):
+    torch._check(A.is_floating_point(), lambda: f"A must be a float tensor, got {A.dtype}")
+    torch._check(CB.dtype == torch.int8, lambda: f"CB must be int8, got {CB.dtype}")
+    torch._check(CB.dim() == 2, lambda: f"CB must be (out_features, in_features), got {tuple(CB.shape)}")
+    torch._check(SCB.dtype == torch.float32, lambda: f"SCB must be float32, got {SCB.dtype}")
+    torch._check(SCB.numel() == CB.shape[0], lambda: f"SCB must have {CB.shape[0]} row scales, got {SCB.numel()}")
+    torch._check(A.dim() >= 1 and A.shape[-1] == CB.shape[1],
+                 lambda: f"A has {A.shape[-1] if A.dim() else 0} input features, the weight {CB.shape[1]}")
+    torch._check(bias is None or bias.numel() == CB.shape[0], lambda: f"bias must have {CB.shape[0]} values")
+    return torch.empty((*A.shape[:-1], CB.shape[0]), device=A.device, dtype=A.dtype)
+
+
 def _gemm_int8_setup_context(ctx, inputs, output) -> None:
     A, CB, SCB, _threshold, bias = inputs
     ctx.save_for_backward(CB, SCB)
@@ -319,4 +341,28 @@ def _gemm_int8_backward(ctx, grad: torch.Tensor):
 
 torch.library.register_autograd(
     f"{NAMESPACE}::gemm_int8", _gemm_int8_backward, setup_context=_gemm_int8_setup_context
+)
+
+
+def _int8_linear_setup_context(ctx, inputs, output) -> None:
+    A, CB, SCB, bias = inputs
+    ctx.save_for_backward(CB, SCB)
+    ctx.a_dtype = A.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _int8_linear_backward(ctx, grad: torch.Tensor):
+    """As gemm_int8's (the same dequantized weight): grad_A = grad @ W; the bias' gradient."""
+    CB, SCB = ctx.saved_tensors
+    grad_A = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        W = torch.Tensor.to(CB, ctx.a_dtype).mul_(SCB.unsqueeze(1).mul(1.0 / 127.0))
+        grad_A = torch.matmul(grad.to(ctx.a_dtype), W)
+    if len(ctx.needs_input_grad) > 3 and ctx.needs_input_grad[3]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0, dtype=ctx.bias_dtype)
+    return grad_A, None, None, grad_bias
+
+
+torch.library.register_autograd(
+    f"{NAMESPACE}::int8_linear", _int8_linear_backward, setup_context=_int8_linear_setup_context
 )

@@ -13,7 +13,9 @@ from torch import nn
 import quantserve.quant as quant
 from quantserve.quant import Int8Params, Linear8bitLt
 
-from .test_int8_parity import bnb_linear, with_outliers
+from .test_int8_parity import assert_dequant_matmul, bnb_linear, with_outliers
+
+INT8_ACTS = quant.QuantConfig(load_in_8bit=True, llm_int8_activations=True)
 
 
 def _bnb_state_dict(bnb, N=48, K=96, threshold=6.0, dtype=torch.float32):
@@ -42,15 +44,17 @@ def test_bnb_saved_state_dict_loads_directly(bnb):
     # bitsandbytes itself refuses this before a device move on CPU.
     with pytest.raises(RuntimeError, match="non-quantized"):
         bnb.nn.Linear8bitLt(96, 48, has_fp16_weights=False, threshold=6.0).load_state_dict(sd)
-    ours = Linear8bitLt(96, 48)
+    ours = Linear8bitLt(96, 48, int8_activations=True)
     ours.load_state_dict(sd)  # strict: no missing or unexpected keys
     assert ours.weight.int8_quantized and torch.equal(ours.weight.data, sd["weight"]) and torch.equal(ours.SCB, sd["SCB"])
     x = with_outliers((4, 96), torch.float32)
     with torch.no_grad():
         assert torch.equal(ours(x), theirs(x))
+        ours.int8_activations = False  # the default: the dequantized-weight matmul
+        assert_dequant_matmul(ours(x), x, sd["weight"], sd["SCB"], sd["bias"])
     # Built on the meta device (as loaders do), it loads the same.
     with torch.device("meta"):
-        empty = Linear8bitLt(96, 48)
+        empty = Linear8bitLt(96, 48, int8_activations=True)
     empty.load_state_dict(sd)
     assert empty.weight.device.type == "cpu" and empty.bias.device.type == "cpu"
     with torch.no_grad():
@@ -60,7 +64,8 @@ def test_bnb_saved_state_dict_loads_directly(bnb):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_our_state_dict_loads_in_bitsandbytes(bnb, dtype):
     linear = nn.Linear(96, 48).to(dtype)
-    ours = Linear8bitLt.from_linear(linear)
+    ours = Linear8bitLt.from_linear(linear, INT8_ACTS)
+    assert ours.int8_activations and not Linear8bitLt.from_linear(linear).int8_activations
     sd = ours.state_dict()
     assert sd["weight"].dtype == torch.int8 and sd["SCB"].dtype == torch.float32
     assert sd["weight_format"].dtype == torch.uint8 and sd["weight_format"].item() == 0
@@ -111,7 +116,7 @@ def test_module_moves_and_casts():
 def test_first_forward_quantizes_like_bitsandbytes(bnb):
     # A float weight never moved: bitsandbytes quantizes it on the first forward; so do we.
     linear = nn.Linear(64, 32)
-    ours = Linear8bitLt(64, 32)
+    ours = Linear8bitLt(64, 32, int8_activations=True)
     ours.load_state_dict(linear.state_dict())
     x = with_outliers((2, 64), torch.float32)
     theirs = bnb_linear(bnb, linear.weight.detach(), linear.bias.detach(), 6.0)
@@ -197,7 +202,8 @@ def test_quantize_model_8bit_equals_transformers_bitsandbytes(bnb, tmp_path):
     import transformers as tf
 
     model = _tiny_llama(tmp_path).eval()
-    report = quant.quantize_model(model, quant.QuantConfig(load_in_8bit=True))
+    exact = copy.deepcopy(model)
+    report = quant.quantize_model(model, INT8_ACTS)
     assert "lm_head" in report.skipped and len(report.quantized) == 14
     assert all(isinstance(model.get_submodule(n), Linear8bitLt) for n in report.quantized)
     theirs = tf.AutoModelForCausalLM.from_pretrained(
@@ -209,3 +215,10 @@ def test_quantize_model_8bit_equals_transformers_bitsandbytes(bnb, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, theirs(ids).logits)
     assert report.bytes_after < report.bytes_before / 2
+    # The default (unquantized activations) against bitsandbytes' dequantized-weight path: float32
+    # rounding through two layers, never the int8 activations' ~1e-2.
+    quant.quantize_model(exact, quant.QuantConfig(load_in_8bit=True))
+    for name in report.quantized:
+        theirs.get_submodule(name).train()  # bitsandbytes' CPU MatMul8bitFp
+    with torch.no_grad():
+        torch.testing.assert_close(exact(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)

@@ -25,6 +25,10 @@ def test_opcheck_int8_ops(dtype):
     # The autograd registration: gradients for A and the bias.
     x = A.float().requires_grad_()
     torch.library.opcheck(torch.ops.quant.gemm_int8.default, (x, CB, SCB, 6.0, bias.float().requires_grad_()))
+    # int8_linear, the default forward (weight-only), with and without bias, and its autograd.
+    for b in (None, bias):
+        torch.library.opcheck(torch.ops.quant.int8_linear.default, (A, CB, SCB, b))
+    torch.library.opcheck(torch.ops.quant.int8_linear.default, (x, CB, SCB, bias.float().requires_grad_()))
 
 
 def test_fake_shapes_match_real():
@@ -34,9 +38,12 @@ def test_fake_shapes_match_real():
     CB, SCB, _ = quant.int8_vectorwise_quant(torch.randn(7, 33))
     real = torch.ops.quant.int8_vectorwise_quant(A, 6.0)
     real_out = torch.ops.quant.gemm_int8(A, CB, SCB, 6.0, None)
+    real_linear = torch.ops.quant.int8_linear(A, CB, SCB, None)
     with FakeTensorMode() as mode:
         fake = torch.ops.quant.int8_vectorwise_quant(mode.from_tensor(A), 6.0)
         fake_out = torch.ops.quant.gemm_int8(mode.from_tensor(A), mode.from_tensor(CB), mode.from_tensor(SCB), 6.0, None)
+        fake_linear = torch.ops.quant.int8_linear(mode.from_tensor(A), mode.from_tensor(CB), mode.from_tensor(SCB))
+    assert fake_linear.shape == real_linear.shape == (2, 5, 7) and fake_linear.dtype == real_linear.dtype
     assert [t.shape for t in fake] == [t.shape for t in real]
     assert [t.dtype for t in fake] == [t.dtype for t in real]
     assert fake_out.shape == real_out.shape == (2, 5, 7) and fake_out.dtype == real_out.dtype

@@ -1,0 +1,90 @@
+"""LLM.int8's default CPU forward (kernels/cpu/int8_linear.cpp, quant op int8_linear): activations in
+float32 / float16 / bfloat16 times int8 weight tiles widened in registers, against the float64
+dequantized matmul, held to Higham's bound from the oracle's side (tests/rounding.py via
+tests/quant/test_int8_parity.dequant_oracle): odd sizes, 1..70 rows, bias or not, both code paths
+(AVX-512 and the portable loop), one thread or two, and batch invariance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import quantserve.quant as quant
+from quantserve.kernels.cpu import int8_linear
+from quantserve.quant.backends import cpu_int8, default
+
+from ..native import require_native
+from ..quant.test_int8_parity import assert_dequant_matmul, with_outliers
+
+require_native(int8_linear.load)
+
+SHAPES = [(1, 576, 192), (1, 15, 5), (2, 67, 129), (3, 16, 64), (5, 130, 33), (17, 100, 257), (70, 256, 96),
+          (2, 4099, 17)]
+
+
+def _case(M, K, N, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(N, K, generator=g) / K**0.5
+    weight[:, :3] *= 8.0  # some large rows' absmax
+    CB, SCB, _ = quant.int8_vectorwise_quant(weight)
+    x = with_outliers((M, K), dtype, seed=seed + 1)
+    bias = torch.randn(N, generator=g).to(dtype)
+    return x, CB, SCB, bias
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_within_float_rounding_of_the_dequantized_matmul(shape, dtype, with_bias, portable):
+    x, CB, SCB, bias = _case(*shape, dtype)
+    bias = bias if with_bias else None
+    got = cpu_int8.int8_linear(x, CB, SCB, bias, portable=portable)
+    assert_dequant_matmul(got, x, CB, SCB, bias)
+
+
+def test_the_op_dispatches_to_the_native_kernel():
+    x, CB, SCB, bias = _case(4, 576, 192, torch.float32)
+    assert torch.equal(torch.ops.quant.int8_linear(x, CB, SCB, bias), cpu_int8.int8_linear(x, CB, SCB, bias))
+    # The reference (dequantize + F.linear) agrees to float rounding, not bit for bit.
+    assert_dequant_matmul(default.int8_linear(x, CB, SCB, bias), x, CB, SCB, bias)
+    # 3-D activations keep their leading dimensions.
+    x3 = x.reshape(2, 2, 576)
+    assert torch.equal(torch.ops.quant.int8_linear(x3, CB, SCB, bias).reshape(4, 192),
+                       torch.ops.quant.int8_linear(x, CB, SCB, bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_batch_invariant_and_thread_invariant(dtype):
+    """A row's output does not depend on the rows beside it nor on the number of threads."""
+    x, CB, SCB, bias = _case(37, 576, 320, dtype, seed=3)
+    whole = cpu_int8.int8_linear(x, CB, SCB, bias)
+    for i in (0, 5, 36):
+        assert torch.equal(cpu_int8.int8_linear(x[i : i + 1], CB, SCB, bias), whole[i : i + 1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(cpu_int8.int8_linear(x, CB, SCB, bias), whole)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_special_values():
+    x, CB, SCB, _ = _case(3, 64, 16, torch.float32)
+    x[1, 5] = float("nan")
+    x[2, 7] = float("inf")
+    got = cpu_int8.int8_linear(x, CB, SCB)
+    ref = default.int8_linear(x, CB, SCB)
+    assert torch.isnan(got[1]).all() and torch.equal(torch.isnan(got), torch.isnan(ref))
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    # All-zero weight rows (SCB 0) give exactly the bias.
+    CB[3] = 0
+    SCB[3] = 0.0
+    bias = torch.randn(16)
+    assert torch.equal(cpu_int8.int8_linear(x[:1], CB, SCB, bias)[0, 3], bias[3])
+    # Empty batches.
+    assert cpu_int8.int8_linear(x[:0], CB, SCB).shape == (0, 16)
+
+
+def test_backend_report_names_the_kernel():
+    assert "weight-only int8" in int8_linear.describe()
