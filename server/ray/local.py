@@ -43,3 +43,12 @@ def kill_replica(unique_id: str) -> None:
 
     actor = ray.get_actor(f"SERVE_REPLICA::{APP_NAME}#{REPLICA_DEPLOYMENT}#{unique_id}", namespace="serve")
     ray.kill(actor, no_restart=True)
+
+
+def replica_ids() -> list[str]:
+    """The live replicas' ids (what x-quantserve-replica names; a request carrying one goes there)."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{APP_NAME}#{REPLICA_DEPLOYMENT}#"
+    names = ray.util.list_named_actors(all_namespaces=True)
+    return sorted(a["name"][len(prefix):] for a in names if a["namespace"] == "serve" and a["name"].startswith(prefix))
