@@ -1,63 +1,31 @@
 """What the tests of the agent-facing APIs share (Messages, Responses, embeddings, reasoning,
-chat details): a real `quantserve serve` process on a free port, started once per session per
-flag set, and the chat template whose assistant turns think in <think> tags."""
+chat details): a real `quantserve serve` process through the shared harness, started once per
+session per flag set, and the chat template whose assistant turns think in <think> tags."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Iterator, Optional
 
 import httpx
 import pytest
 
+from quantserve.server.testing import ServerProcess
+
 API_KEY = "test-key-123"
 MODEL = "SmolLM2-135M-Instruct"
 THINKING_TEMPLATE = Path(__file__).parent / "fixtures" / "thinking_chatml.jinja"
 
 
-class Server:
+class Server(ServerProcess):
+    """The shared harness (quantserve.server.testing) with the default test flags, an API key, and
+    clients for the APIs these tests speak."""
+
     def __init__(self, *flags: str, api_key: Optional[str] = API_KEY) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.api_key = api_key
-        cmd = [sys.executable, "-m", "quantserve.server", "serve", "--port", str(self.port), "--kv-cache-memory", "0.25",
-               *flags, *(["--api-key", api_key] if api_key else [])]
-        self.log = Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"quantserve-apis-{self.port}.log"
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 600) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(self.log.read_text()[-4000:])
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return -9
+        super().__init__("--kv-cache-memory", "0.25", *flags, api_key=api_key)
 
     def openai(self):
-        import openai
-
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0)
+        return self.client()
 
     def anthropic(self):
         import anthropic
@@ -65,18 +33,13 @@ class Server:
         return anthropic.Anthropic(base_url=self.url, api_key=self.api_key or "none", max_retries=0)
 
     def post(self, path: str, body: dict, **headers: str) -> httpx.Response:
-        sent = {"Authorization": f"Bearer {self.api_key}", **headers} if self.api_key else headers
-        return httpx.post(self.url + path, json=body, headers=sent, timeout=300)
+        return httpx.post(self.url + path, json=body, headers={**self.headers(), **headers}, timeout=300)
 
 
 def serving(*flags: str) -> Iterator[Server]:
-    server = Server(*flags)
-    try:
-        server.wait_ready()
+    """A server for a session-scoped fixture: ready on entry, stopped (and exited 0) on the way out."""
+    with Server(*flags) as server:
         yield server
-    finally:
-        code = server.stop()
-        assert code == 0, server.log.read_text()[-3000:]
 
 
 @pytest.fixture(scope="session")
