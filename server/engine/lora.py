@@ -207,7 +207,11 @@ def load_adapter(name: str, path: str, targets: dict[tuple[int, str], Target], m
     _check_config(config, name)
     weights_file = folder / ADAPTER_WEIGHTS
     cap = max_weights_bytes(targets, max_rank)
-    if weights_file.stat().st_size > cap:
+    try:
+        size = weights_file.stat().st_size
+    except OSError:  # removed since it was found
+        raise AdapterNotFoundError(f"LoRA adapter '{name}': {folder} has no {ADAPTER_WEIGHTS}") from None
+    if size > cap:
         raise AdapterError(f"LoRA adapter '{name}': {ADAPTER_WEIGHTS} is larger than an adapter of rank "
                            f"--max-lora-rank {max_rank} on this model can be ({cap} bytes)")
     alpha, use_rslora = float(config["lora_alpha"]), bool(config.get("use_rslora"))

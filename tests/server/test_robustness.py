@@ -274,7 +274,7 @@ def _raw_chunked_post(port: int, path: str, pieces) -> tuple[int, bytes]:
     """POST with Transfer-Encoding: chunked and no Content-Length, over a raw socket (what the
     client sends is exactly this); stops sending once the server has answered. (status, body)."""
     with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
-        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n".encode())
         try:
             for piece in pieces:
@@ -345,7 +345,7 @@ def test_client_hangup_on_non_streamed_request_stops_generation(server):
     body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Write a long essay."}],
                        "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}).encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         assert wait_for(lambda: server.metric("vllm:num_requests_running") == 1, 30), "never started"
         time.sleep(0.5)
