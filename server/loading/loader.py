@@ -209,7 +209,7 @@ def load_for_serving(settings: Any) -> LoadResult:
     quant_type = getattr(settings, "quant", "nf4")
     quant = None
     if quant_type == "int8":
-        quant = QuantConfig(load_in_8bit=True)
+        quant = QuantConfig(load_in_8bit=True, llm_int8_activations=getattr(settings, "int8_activations", False))
     elif quant_type != "none":
         quant = QuantConfig(bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=getattr(settings, "double_quant", False))
     result = load_model(

@@ -180,7 +180,8 @@ class WeightStreamer:
                 f"{self.folder} is already quantized ({stored}); requantizing with other settings is not supported"
             )
         compute = requested.bnb_4bit_compute_dtype or checkpoint_quant.bnb_4bit_compute_dtype
-        return dataclasses.replace(checkpoint_quant, bnb_4bit_compute_dtype=compute)
+        return dataclasses.replace(checkpoint_quant, bnb_4bit_compute_dtype=compute,
+                                   llm_int8_activations=requested.llm_int8_activations)
 
     def model_name(self, key: str) -> Optional[str]:
         """The model's name for a checkpoint key (GPT-2 checkpoints omit the `transformer.` prefix;
@@ -234,6 +235,7 @@ class WeightStreamer:
                     new = Linear8bitLt(
                         in_features, out_features, bias=module.bias is not None,
                         has_fp16_weights=q.llm_int8_has_fp16_weight, threshold=q.llm_int8_threshold,
+                        int8_activations=q.llm_int8_activations,
                     )
                 else:
                     new = Linear4bit(

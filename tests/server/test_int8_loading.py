@@ -1,10 +1,13 @@
 """--quant int8 through the loader, the prequantized-checkpoint path, `quantserve quantize` and
 `quantserve inspect`, on tiny random models, against transformers + bitsandbytes 8-bit (the oracle:
-same int8 bytes, same logits bit for bit, its input embedding and output head brought to 16 bits
-as quantserve loads them: server/engine/models/sixteen_bit.py)."""
+same int8 bytes; its input embedding and output head brought to 16 bits as quantserve loads them:
+server/engine/models/sixteen_bit.py). Logits: with --int8-activations bit for bit those of
+bitsandbytes in eval mode (LLM.int8 proper); by default those of bitsandbytes' dequantized-weight
+path (its CPU MatMul8bitFp, taken in training mode) to float32 rounding."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -18,6 +21,7 @@ from .loader_helpers import logits, tiny_model
 
 THRESHOLD = 3.0  # low enough for the random models' activations to have outlier columns
 INT8 = quant.QuantConfig(load_in_8bit=True, llm_int8_threshold=THRESHOLD)
+INT8_ACTS = quant.QuantConfig(load_in_8bit=True, llm_int8_threshold=THRESHOLD, llm_int8_activations=True)
 
 
 def bnb_int8_reference(folder, threshold=THRESHOLD):
@@ -41,6 +45,23 @@ def bnb_int8_modules(model) -> dict:
     import bitsandbytes as bnb
 
     return {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+
+
+def bnb_exact(model):
+    """The model with bitsandbytes' Linear8bitLt layers on their dequantized-weight path
+    (MatMul8bitFp, which bitsandbytes takes on CPU in training mode; a Linear has no dropout)."""
+    for layer in bnb_int8_modules(model).values():
+        layer.train()
+    return model
+
+
+def assert_same_logits(got, want, int8_activations):
+    """Bit for bit against bitsandbytes' eval forward with int8 activations; else float32 rounding
+    against its dequantized-weight path (int8 activations would be ~1e-2 away)."""
+    if int8_activations:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +95,16 @@ def _assert_same_int8_layers(ours, theirs):
         assert torch.equal(layer.weight.SCB, ref[name].weight.SCB), name
 
 
+@pytest.mark.parametrize("int8_activations", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-def test_logits_match_transformers_bitsandbytes(folders, ids, arch):
-    result = _load(folders[arch])
+def test_logits_match_transformers_bitsandbytes(folders, ids, arch, int8_activations):
+    result = _load(folders[arch], quant=INT8_ACTS if int8_activations else INT8)
     theirs = as_quantserve_loads(bnb_int8_reference(folders[arch]))
     _assert_same_int8_layers(result.model, theirs)
+    if not int8_activations:
+        bnb_exact(theirs)
     got, want = logits(result.model, ids), logits(theirs, ids)
-    assert torch.equal(got, want)
+    assert_same_logits(got, want, int8_activations)
     report = result.report
     assert report.quant.load_in_8bit and len(report.quantized) == len(bnb_int8_modules(theirs))
     assert "int8" in report.summary()
@@ -103,7 +127,10 @@ def test_prequantized_8bit_checkpoint_loads_as_stored(folders, ids, tmp_path, ar
             key = name if name + ".SCB" in stored else name.removeprefix("transformer.")
             assert torch.equal(layer.weight.data, stored[key + ".weight"]), name
             assert torch.equal(layer.weight.SCB, stored[key + ".SCB"]), name
-    assert torch.equal(logits(result.model, ids), logits(as_quantserve_loads(theirs), ids))
+    assert_same_logits(logits(result.model, ids), logits(bnb_exact(as_quantserve_loads(theirs)), ids), False)
+    acts = _load(tmp_path, quant=dataclasses.replace(quant.QuantConfig(), llm_int8_activations=True))
+    assert acts.report.prequantized and all(m.int8_activations for m in acts.model.modules() if isinstance(m, Linear8bitLt))
+    assert torch.equal(logits(acts.model, ids), logits(theirs.eval(), ids))
     with pytest.raises(ValueError, match=r"already quantized \(int8\)"):
         _load(tmp_path, quant=quant.QuantConfig(bnb_4bit_quant_type="fp4"))
     assert _load(tmp_path, quant=quant.QuantConfig(load_in_8bit=True)).report.prequantized  # --quant int8: as stored
@@ -122,10 +149,11 @@ def test_cli_quantize_int8_checkpoint_loads_in_transformers_with_same_logits(fol
     theirs = tf.AutoModelForCausalLM.from_pretrained(out).eval()  # transformers + bitsandbytes, as stored
     assert bnb_int8_modules(theirs)
     as_quantserve_loads(theirs)
-    ours = _load(folders["llama"], quant=quant.QuantConfig(load_in_8bit=True))
+    ours = _load(folders["llama"], quant=quant.QuantConfig(load_in_8bit=True, llm_int8_activations=True))
     _assert_same_int8_layers(ours.model, theirs)
     assert torch.equal(logits(theirs, ids), logits(ours.model, ids))
-    again = _load(out, quant=quant.QuantConfig())  # and quantserve loads it back as stored
+    # and quantserve loads it back as stored (the default request, with the same activation choice)
+    again = _load(out, quant=dataclasses.replace(quant.QuantConfig(), llm_int8_activations=True))
     assert again.report.prequantized and torch.equal(logits(again.model, ids), logits(ours.model, ids))
 
 

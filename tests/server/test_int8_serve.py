@@ -26,9 +26,20 @@ def test_load_for_serving_int8_settings(monkeypatch):
     from quantserve.server.loading import loader
 
     seen = {}
-    monkeypatch.setattr(loader, "load_model", lambda config: seen.setdefault("config", config))
+    monkeypatch.setattr(loader, "load_model", lambda config: seen.__setitem__("config", config))
     loader.load_for_serving(Settings(quant="int8"))
     assert seen["config"].quant.load_in_8bit and seen["config"].quant.llm_int8_threshold == 6.0
+    assert not seen["config"].quant.llm_int8_activations  # the default: the dequantized-weight matmul
+    loader.load_for_serving(Settings(quant="int8", int8_activations=True))
+    assert seen["config"].quant.llm_int8_activations
+
+
+def test_serve_takes_int8_activations(monkeypatch):
+    args = build_parser().parse_args(["serve", "--quant", "int8", "--int8-activations"])
+    assert settings_from_args(args).int8_activations
+    assert not settings_from_args(build_parser().parse_args(["serve", "--quant", "int8"])).int8_activations
+    monkeypatch.setenv("QUANTSERVE_INT8_ACTIVATIONS", "true")
+    assert settings_from_args(build_parser().parse_args(["serve"])).int8_activations
 
 
 @pytest.mark.slow
