@@ -46,3 +46,11 @@ def test_serving_applies_the_precision(monkeypatch):
             assert info.value.args == (precision, bf16)
     finally:
         torch.set_float32_matmul_precision("highest")
+
+
+@pytest.mark.parametrize("quant", ["int8", "none"])
+def test_double_quant_is_refused_outside_the_4bit_formats(quant):
+    """--double-quant quantizes the 4-bit formats' absmax; with int8 or none it would be ignored."""
+    with pytest.raises(pydantic.ValidationError, match="--double-quant applies to the 4-bit formats"):
+        Settings(quant=quant, double_quant=True)
+    assert Settings(quant="fp4", double_quant=True).double_quant
