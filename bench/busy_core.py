@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 import httpx
+
+from quantserve.server.testing import ServerExited, ServerProcess
 
 
 def main() -> int:
@@ -32,27 +32,16 @@ def main() -> int:
     from lock import hold  # bench/lock.py: one benchmark at a time on this machine
     hold()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    log = tempfile.NamedTemporaryFile("w", prefix="quantserve-busy-core-", suffix=".log", delete=False)
-    print(f"server log: {log.name}", flush=True)
-    server = subprocess.Popen([sys.executable, "-m", "quantserve.server", "serve", "--port", str(port),
-                               *args.serve_args], stdout=log, stderr=subprocess.STDOUT)
+    server = ServerProcess(*args.serve_args, name="busy-core")
+    print(f"server log: {server.log}", flush=True)
+    url = server.url
     stop = threading.Event()
     try:
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            if server.poll() is not None:
-                print(f"server exited with {server.returncode}; see {log.name}", file=sys.stderr)
-                return 2
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        try:
+            server.wait_ready()
+        except (ServerExited, TimeoutError) as exc:
+            print(exc, file=sys.stderr)
+            return 2
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
 
         def load() -> None:  # one stream after another, so the engine keeps stepping
@@ -85,8 +74,7 @@ def main() -> int:
         return 0
     finally:
         stop.set()
-        server.terminate()
-        server.wait()
+        server.stop()
 
 
 if __name__ == "__main__":

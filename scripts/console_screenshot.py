@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,29 +19,11 @@ import httpx
 import openai
 from playwright.sync_api import sync_playwright
 
+from quantserve.server.testing import ServerProcess
+
 QUESTION = "Give me three tips for staying focused while studying."
 LOAD = ["Write a short poem about the sea.", "Explain what a KV cache is.", "List five fruits and their colours.",
         "Tell me a fact about Paris."]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode} (its log: {tempfile.gettempdir()})")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("the server did not become ready")
 
 
 def background_load(url: str, model: str, stop: threading.Event) -> None:
@@ -72,15 +50,11 @@ def main() -> None:
     ap.add_argument("--load-seconds", type=float, default=25.0, help="how long the charts run before the picture")
     args = ap.parse_args()
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = Path(tempfile.gettempdir()) / f"quantserve-console-{port}.log"  # the server's output, if it fails
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "quantserve.server", "serve", "--port", str(port),
-                                 "--kv-cache-memory", "0.25"], stdout=out, stderr=subprocess.STDOUT)
+    server = ServerProcess("--kv-cache-memory", "0.25", name="console")
+    url = server.url
     stop = threading.Event()
     try:
-        wait_ready(url, proc)
+        server.wait_ready()
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
@@ -101,8 +75,7 @@ def main() -> None:
         print(f"wrote {args.out}")
     finally:
         stop.set()
-        proc.terminate()
-        proc.wait(timeout=60)
+        server.stop()
 
 
 if __name__ == "__main__":
