@@ -370,16 +370,9 @@ def _quant_from(name: str, double_quant: bool, blocksize: int = 64) -> Optional[
 
 
 def parse_max_model_len(value: Any) -> Optional[int]:
-    """--max-model-len: a number of tokens, or "auto" / None (the longest that fits)."""
-    if value is None or value == "auto":
-        return None
-    try:
-        tokens = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"--max-model-len must be a number of tokens or 'auto', got {value!r}") from None
-    if tokens < 16:
-        raise ValueError(f"--max-model-len must be at least 16, got {tokens}")
-    return tokens
+    """--max-model-len as Settings validated it (tokens >= 16, or "auto"): tokens, or None for auto
+    (the longest that fits)."""
+    return None if value is None or value == "auto" else int(value)
 
 
 def estimate_from_args(args: Any) -> MemoryEstimate:
