@@ -191,8 +191,14 @@ def test_slow_headers_and_bodies_are_cut_while_others_are_served(server):
 def test_kept_alive_connection_gets_the_same_deadline(server):
     sock = _connect(server)
     sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    first = sock.recv(65536)
-    assert first.startswith(b"HTTP/1.1 200")
+    first = b""
+    while b"\r\n\r\n" not in first:
+        first += sock.recv(65536)
+    head, _, body = first.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += sock.recv(65536)
+    assert head.startswith(b"HTTP/1.1 200") and len(body) == length
     start = time.monotonic()
     sock.sendall(b"GET /health HTTP/1.1\r\n")  # the next request's first line, then nothing more
     data, closed = _read_all(sock, 20)
