@@ -322,10 +322,10 @@ def test_prefix_affinity_and_pinning(ray_app):
 def test_replica_killed_under_load(ray_app):
     """One of two replicas killed while 24 requests run: none hangs, each is answered or gets a 503
     with Retry-After, and Ray brings the deployment back to two replicas."""
-    from quantserve.server.ray.local import kill_replica
+    from quantserve.server.ray.local import kill_replica, replica_ids
 
     url = ray_app
-    before = {_chat(url, s, "Hi.").headers["x-quantserve-replica"] for s in SYSTEM + ["You are terse. " * 10]}
+    before = set(replica_ids())
     assert len(before) == 2
     victim = sorted(before)[0]
 
@@ -350,10 +350,47 @@ def test_replica_killed_under_load(ray_app):
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         states = serve.status().applications["quantserve"].deployments["QuantserveReplica"].replica_states
-        if states.get("RUNNING") == 2 and len(states) == 1:
+        alive = set(replica_ids())
+        if states == {"RUNNING": 2} and len(alive - {victim}) == 2:
             break
         time.sleep(2)
-    assert states == {"RUNNING": 2}, states
+    assert states == {"RUNNING": 2} and victim not in alive, (states, alive)
+    time.sleep(2)  # the ingress's router hears of the new replica
     seen = {_chat(url, f"A prompt no one sent before, number {n}. " * 4, "Hi.").headers["x-quantserve-replica"]
             for n in range(2)}
     assert victim not in seen and seen - before, seen
+
+
+@pytest.mark.slow
+def test_scale_down_drains(ray_app):
+    """Two replicas scaled to one while each streams a long answer: both answers finish whole (the
+    replica leaving drains before it stops), and one replica is left. Runs last: it changes the app."""
+    from ray import serve
+
+    from quantserve.server.ray import build_app
+    from quantserve.server.ray.local import APP_NAME, replica_ids
+
+    url = ray_app
+    ids = replica_ids()
+    assert len(ids) == 2
+
+    def long_answer(replica: str) -> tuple[int, str, int]:
+        body = {"model": MODEL, "max_tokens": 96, "ignore_eos": True, "stream": True,
+                "messages": [{"role": "user", "content": "Tell me a long story."}],
+                "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300,
+                          headers={"Authorization": "Bearer k", "x-quantserve-replica": replica}) as response:
+            lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+        usage = next((json.loads(line[6:])["usage"] for line in lines if '"usage"' in line and line != "data: [DONE]"
+                      and json.loads(line[6:]).get("usage")), {})
+        return response.status_code, lines[-1], usage.get("completion_tokens", 0)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = [pool.submit(long_answer, rid) for rid in ids]
+        time.sleep(3)  # both streams running
+        args = {"num_replicas": 1, "cpu_threads": 1, "kv_cache_memory": 0.25, "max_model_len": 512,
+                "api_key": "k", "assign_timeout_s": 20}
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/")  # returns once scaled down
+        results = [a.result(timeout=300) for a in answers]
+    assert results == [(200, "data: [DONE]", 96)] * 2, results
+    assert len(replica_ids()) == 1
