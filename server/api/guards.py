@@ -83,12 +83,16 @@ class ApiKey:
         return bearer_ok or key_ok
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or path in self.public or path.startswith(_PUBLIC_PREFIXES) \
-                or scope["method"] == "OPTIONS":
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        path, method = scope.get("path", ""), scope["method"]
         headers = dict(scope.get("headers") or [])
-        if not self.authorized(headers):
+        # Public: GETs of the public paths and CORS preflights, each without a body: nothing lets
+        # an unauthenticated client make the server read one.
+        public = not _has_body(headers) and (
+            (method in ("GET", "HEAD") and (path in self.public or path.startswith(_PUBLIC_PREFIXES)))
+            or method == "OPTIONS")
+        if not public and not self.authorized(headers):
             extra = {"WWW-Authenticate": "Bearer"}
             if _has_body(headers):  # stop reading it: closing costs the client a reconnect, not us a body
                 extra["Connection"] = "close"
