@@ -34,6 +34,7 @@ class APIError(Exception):
         code: Optional[str] = None,
         headers: Optional[dict[str, str]] = None,
     ) -> None:
+        message, param = _utf8(message), None if param is None else _utf8(param)
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
@@ -50,6 +51,16 @@ class APIError(Exception):
         """The JSON response, in the shape of the API that `path` belongs to."""
         body = self.anthropic_body() if is_anthropic(path) else self.body()
         return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def _utf8(text: str) -> str:
+    """`text` as valid UTF-8: a message that quotes the client's input may hold a lone surrogate
+    (JSON's "\\ud800"), which the JSON response could not encode (a 500 instead of the error)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",

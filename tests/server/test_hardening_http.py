@@ -259,6 +259,11 @@ def test_lone_surrogates_are_400_without_internals(server):
         r = _post_raw(server, path, body)
         assert r.status_code == 400, (path, r.status_code, r.text)
         assert "TextEncodeInput" not in r.text and "Union[" not in r.text, r.text
+    # errors that quote the client's value: the surrogate is written escaped, not a failed 500
+    for path, body in (("/tokenize", '{"model": "\\udc80", "prompt": "x"}'),
+                       ("/v1/responses", '{"model": "%s", "input": "x", "previous_response_id": "r\\ud800"}' % MODEL)):
+        r = _post_raw(server, path, body)
+        assert r.status_code in (400, 404) and "\\u" in r.json()["error"]["message"], (path, r.status_code, r.text)
     ok = _post_raw(server, "/tokenize", '{"prompt": "\\ud83d\\ude00"}')  # a pair (an emoji) is fine
     assert ok.status_code == 200 and ok.json()["count"] >= 1
 
