@@ -1,10 +1,12 @@
 """The default model in LLM.int8 (--quant int8): our Linear8bitLt in transformers' model equals
-transformers + bitsandbytes 8-bit (same int8 bytes, same logits, same greedy output) and the
-server's loader puts the same bytes in its layers; the engine's fused int8
+transformers + bitsandbytes 8-bit (same int8 bytes; with --int8-activations the same logits and
+greedy output as its eval forward, by default those of its dequantized-weight path to float
+rounding) and the server's loader puts the same bytes in its layers; the engine's fused int8
 projections equal the layers they fuse; its native and generic paths give the same tokens; and
 both follow transformers' generate on the same model, to the precision LLM.int8 allows.
 
-That precision is coarse on this model: quantizing every activation row to 8 bits makes the
+(tests/server/test_int8_greedy.py: the default forward's greedy text equals bitsandbytes' exact one.)
+With --int8-activations that precision is coarse on this model: quantizing every activation row to 8 bits makes the
 logits jump with the last bit of the floats before it. transformers' own sdpa and eager attention,
 on our int8 model and on bitsandbytes' alike, differ by up to 0.8 in a log-probability and pick
 different greedy tokens (unquantized: 2.5e-5). The engine's paged attention differs from both in
@@ -58,7 +60,8 @@ def test_int8_equals_transformers_bitsandbytes(smollm_int8, smollm_folder):
         smollm_folder, quantization_config=tf.BitsAndBytesConfig(load_in_8bit=True), dtype=torch.float32
     ).eval()
     ours = tf.AutoModelForCausalLM.from_pretrained(smollm_folder, dtype=torch.float32).eval()
-    report = quant.quantize_model(ours, quant.QuantConfig(load_in_8bit=True))
+    exact = copy.deepcopy(ours)
+    report = quant.quantize_model(ours, quant.QuantConfig(load_in_8bit=True, llm_int8_activations=True))
     ref_layers = {n: m for n, m in theirs.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
     assert len(report.quantized) == 210 and sorted(report.quantized) == sorted(ref_layers)
     loaded = dict(smollm_int8[0].named_modules())
@@ -72,6 +75,14 @@ def test_int8_equals_transformers_bitsandbytes(smollm_int8, smollm_folder):
     answer = hf_greedy(ours, prompt, 10)  # bitsandbytes' CPU path takes ~1 s a token here
     assert answer == hf_greedy(theirs, prompt, 10)
     assert "Paris" in tokenizer.decode(answer)
+    # The default forward against bitsandbytes' dequantized-weight path (MatMul8bitFp, its
+    # training-mode CPU path): float32 rounding through 30 layers.
+    quant.quantize_model(exact, quant.QuantConfig(load_in_8bit=True))
+    for layer in ref_layers.values():
+        layer.train()
+    with torch.no_grad():
+        torch.testing.assert_close(exact(torch.tensor([prompt])).logits, theirs(torch.tensor([prompt])).logits,
+                                   rtol=1e-4, atol=1e-4)
 
 
 def _check_follows_transformers(model, prompts, outputs, near_tie: float = INT8_NEAR_TIE) -> int:
