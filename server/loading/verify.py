@@ -7,6 +7,12 @@ KL(p_16bit || p_quantized) averaged over positions, and how often their top-1 to
     result = verify(VerifyRequest(model=None, formats=("nf4", "nf4+dq", "fp4", "int8")))
     result["perplexity_16bit"], result["formats"]["nf4"]["kl_divergence"]
 
+For int8 the figures are the default forward's (int8 weights, float activations: the dequantized-
+weight matmul) and, under "int8_activations", those of the opt-in --int8-activations (activations
+quantized to int8 too, LLM.int8 proper) on the same loaded weights; every format also reports the
+quantized model's forward speed over the text (tokens_per_second), so the opt-in's cost and speed
+stand side by side.
+
 The unquantized model keeps at most one window's logits per call: it stays loaded beside one
 quantized model at a time, and its logits are cached for the whole text only while they are
 small (CACHE_LIMIT_BYTES), else recomputed per format.
@@ -69,6 +75,40 @@ def perplexity(model: Any, ids: torch.Tensor, window: int = 2048) -> float:
         nll -= logp.gather(1, targets[:, None]).sum().item()
         count += targets.numel()
     return math.exp(nll / count)
+
+
+class _Timed:
+    """An iterator that adds up the seconds spent producing its items (the candidate's forwards,
+    not the comparison's arithmetic)."""
+
+    def __init__(self, items: Iterator) -> None:
+        self.items, self.seconds = items, 0.0
+
+    def __iter__(self) -> "_Timed":
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self.items)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def _measure(reference: Iterator, model: Any, ids: torch.Tensor, window: int, tick: Callable[[], None]) -> dict:
+    timed = _Timed(window_log_probs(model, ids, window))
+    figures = compare(reference, timed, tick)
+    figures["tokens_per_second"] = figures["tokens"] / timed.seconds if timed.seconds > 0 else None
+    return figures
+
+
+def _set_int8_activations(model: Any, on: bool) -> int:
+    from quantserve.quant import Linear8bitLt
+
+    layers = [m for m in model.modules() if isinstance(m, Linear8bitLt)]
+    for layer in layers:
+        layer.int8_activations = on
+    return len(layers)
 
 
 def compare(reference: Iterator, candidate: Iterator, tick: Callable[[], None] = lambda: None) -> dict[str, float]:
@@ -143,13 +183,21 @@ def verify(request: VerifyRequest) -> dict[str, Any]:
         "perplexity_16bit": None,
         "formats": {},
     }
-    bar = tqdm(total=len(configs) * windows, desc="verify", unit="window", disable=not request.progress)
+    passes = len(configs) + sum(q.load_in_8bit for q in configs.values())  # int8: also with int8 activations
+    bar = tqdm(total=passes * windows, desc="verify", unit="window", disable=not request.progress)
     for name, quant in configs.items():
         bar.set_postfix_str(f"loading {name}")
         loaded = load_model(dataclasses.replace(base, quant=quant))
         bar.set_postfix_str(name)
-        figures = compare(reference_windows(), window_log_probs(loaded.model, ids, window), bar.update)
+        figures = _measure(reference_windows(), loaded.model, ids, window, bar.update)
         result["perplexity_16bit"] = figures.pop("perplexity_16bit")
+        if quant.load_in_8bit and _set_int8_activations(loaded.model, not quant.llm_int8_activations):
+            bar.set_postfix_str(f"{name}, int8 activations")
+            other = _measure(reference_windows(), loaded.model, ids, window, bar.update)
+            other.pop("perplexity_16bit")
+            other.pop("tokens")
+            other["perplexity_ratio"] = other["perplexity_quantized"] / result["perplexity_16bit"]
+            figures["int8_activations"] = other
         summary = loaded.report.quantization_summary()
         figures["perplexity_ratio"] = figures["perplexity_quantized"] / result["perplexity_16bit"]
         figures["bits_per_param"] = summary["bits_per_param"]
@@ -171,17 +219,33 @@ def format_verify(result: dict[str, Any]) -> str:
         f"text       {result['text']['source']}: {result['text']['tokens']} tokens, windows of {result['window']}",
         f"16-bit     perplexity {result['perplexity_16bit']:.4f}",
         "",
-        f"{'format':<8} {'perplexity':>10} {'x 16-bit':>9} {'KL div':>9} {'KL max':>8} {'top-1 agree':>11} "
-        f"{'bits/param':>10} {'weight err':>10}",
+        f"{'format':<10} {'perplexity':>10} {'x 16-bit':>9} {'KL div':>9} {'KL max':>8} {'top-1 agree':>11} "
+        f"{'bits/param':>10} {'weight err':>10} {'tok/s':>8}",
     ]
+
+    def row(label: str, f: dict, bits: str, err: str) -> str:
+        speed = f.get("tokens_per_second")
+        return (f"{label:<10} {f['perplexity_quantized']:>10.4f} {f['perplexity_ratio']:>9.4f} "
+                f"{f['kl_divergence']:>9.5f} {f['kl_divergence_max']:>8.3f} {f['top1_agreement']:>11.2%} {bits:>10} "
+                f"{err:>10} {'-' if speed is None else format(speed, '.0f'):>8}")
+
+    notes = []
     for name, f in result["formats"].items():
         err = f["weight_rel_error_mean"]
-        lines.append(
-            f"{name:<8} {f['perplexity_quantized']:>10.4f} {f['perplexity_ratio']:>9.4f} {f['kl_divergence']:>9.5f} "
-            f"{f['kl_divergence_max']:>8.3f} {f['top1_agreement']:>11.2%} {f['bits_per_param']:>10.3f} "
-            f"{'null' if err is None else format(err, '.5f'):>10}"
-        )
+        err_text = "null" if err is None else format(err, ".5f")
+        lines.append(row(name, f, format(f["bits_per_param"], ".3f"), err_text))
+        acts = f.get("int8_activations")
+        if acts is not None:
+            lines.append(row(f"{name}+acts", acts, "same", "same"))
+            speed, speed_acts = f.get("tokens_per_second"), acts.get("tokens_per_second")
+            ratio = f"{speed_acts / speed:.2f}x the default's speed, " if speed and speed_acts else ""
+            notes.append(f"{name}+acts: --int8-activations (activations quantized to int8 too, LLM.int8 proper, "
+                         f"bitsandbytes' eval forward): {ratio}perplexity "
+                         f"{100 * (acts['perplexity_quantized'] / f['perplexity_quantized'] - 1):+.2f}% over the "
+                         f"default int8 forward (int8 weights, float activations)")
     lines.append("")
+    lines.extend(notes)
     lines.append("KL div: mean over positions of KL(p_16bit || p_quantized) in nats; top-1 agree: share of positions "
-                 "whose most likely next token is the same; weight err: mean relative Frobenius error per layer")
+                 "whose most likely next token is the same; weight err: mean relative Frobenius error per layer; "
+                 "tok/s: the quantized model's forward over the text (windows of the given size)")
     return "\n".join(lines)

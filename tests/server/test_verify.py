@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from quantserve.server.loading.default_text import TEXT
-from quantserve.server.loading.verify import VerifyRequest, quant_config, verify
+from quantserve.server.loading.verify import VerifyRequest, format_verify, quant_config, verify
 
 from .loader_helpers import bnb_reference
 
@@ -33,8 +33,9 @@ def small_folder(default_model_dir, tmp_path_factory):
     return folder
 
 
-def _reference(folder, fmt: str) -> dict:
-    """The same figures from transformers (16-bit side) and transformers + bitsandbytes."""
+def _reference(folder, fmt: str, int8_activations: bool = False) -> dict:
+    """The same figures from transformers (16-bit side) and transformers + bitsandbytes (int8:
+    its dequantized-weight path, quantserve's default, or with int8_activations its eval forward)."""
     import transformers as tf
 
     tokenizer = tf.AutoTokenizer.from_pretrained(folder)
@@ -46,6 +47,12 @@ def _reference(folder, fmt: str) -> dict:
         quantized = tf.AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch.float32, quantization_config=tf.BitsAndBytesConfig(load_in_8bit=True)).eval()
         to_16bit(quantized, torch.float32)
+        if not int8_activations:
+            import bitsandbytes as bnb
+
+            for layer in quantized.modules():
+                if isinstance(layer, bnb.nn.Linear8bitLt):
+                    layer.train()  # bitsandbytes' CPU MatMul8bitFp: the dequantized-weight matmul
     else:
         quantized = bnb_reference(folder, quant_config(fmt))
     with torch.no_grad():
@@ -61,8 +68,8 @@ def _reference(folder, fmt: str) -> dict:
     }
 
 
-def _check(ours: dict, fmt: str, ref: dict) -> None:
-    got = ours["formats"][fmt]
+def _check(ours: dict, fmt: str, ref: dict, int8_activations: bool = False) -> None:
+    got = ours["formats"][fmt]["int8_activations"] if int8_activations else ours["formats"][fmt]
     assert ours["text"]["tokens"] == ref["tokens"]
     assert ours["perplexity_16bit"] == pytest.approx(ref["perplexity_16bit"], rel=1e-4)
     assert got["perplexity_quantized"] == pytest.approx(ref["perplexity_quantized"], rel=1e-4)
@@ -77,6 +84,11 @@ def test_verify_matches_transformers_bitsandbytes(small_folder, fmt):
     torch.set_float32_matmul_precision("highest")
     ours = verify(VerifyRequest(model=str(small_folder), formats=(fmt,), progress=False))
     _check(ours, fmt, _reference(small_folder, fmt))
+    assert ours["formats"][fmt]["tokens_per_second"] > 0
+    if fmt == "int8":  # the opt-in's figures beside the default's
+        _check(ours, fmt, _reference(small_folder, fmt, int8_activations=True), int8_activations=True)
+        assert ours["formats"][fmt]["int8_activations"]["tokens_per_second"] > 0
+        assert "int8+acts" in format_verify(ours)
 
 
 def test_cli_verify_json_and_text_file(small_folder, tmp_path, capsys):
