@@ -14,8 +14,11 @@ fused kernel that computes in bf16; the "bnb exact" rows switch that off (dequan
 which is what quantserve computes at the "highest" float32 matmul precision. The "ours, medium"
 column is quantserve at torch's "medium" precision (the server's default): bf16 products with
 float32 sums in the 4-bit matmuls on AVX-512-BF16 CPUs (and in torch's own float32 matmuls).
-int8 computes the same bytes as bitsandbytes' Linear8bitLt whatever the precision (integer sums;
-the outlier columns in float32), so it has no separate "exact" row.
+int8 (the default forward: int8 weights, float activations, the dequantized-weight matmul) is
+compared with "bnb exact" = bitsandbytes' Linear8bitLt on its dequantized-weight path (MatMul8bitFp,
+which it takes on CPU in training mode); "int8+acts" is quantserve's --int8-activations (activations
+quantized to int8 too, LLM.int8 proper), whose bytes equal the "transformers/bnb" column (bitsandbytes
+in eval mode, as users get it).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def main() -> None:
     parser.add_argument("--model", help="folder or Hub id (default: the built-in default model)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--cache-dir", help="quantserve cache ($QUANTSERVE_CACHE)")
-    parser.add_argument("--settings", help="comma-separated subset of fp32,nf4,nf4+dq,fp4,int8 (default: all)")
+    parser.add_argument("--settings", help="comma-separated subset of fp32,nf4,nf4+dq,fp4,int8,int8+acts (default: all)")
     parser.add_argument("--lm-heads", default="none", help="comma-separated output head formats: none,int8,nf4 "
                         "(default: none, the 16-bit head)")
     args = parser.parse_args()
@@ -57,6 +60,7 @@ def main() -> None:
         "nf4+dq": quant.QuantConfig(bnb_4bit_use_double_quant=True),
         "fp4": quant.QuantConfig(bnb_4bit_quant_type="fp4"),
         "int8": quant.QuantConfig(load_in_8bit=True),
+        "int8+acts": quant.QuantConfig(load_in_8bit=True, llm_int8_activations=True),
     }
     if args.settings:
         wanted = [name.strip() for name in args.settings.split(",")]
@@ -105,6 +109,12 @@ def main() -> None:
         ppl_ref = perplexity(ref, ids)
         seconds_ref = time.perf_counter() - start
         exact = ""
+        if q is not None and q.load_in_8bit and device.type == "cpu":
+            ref = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+            for module in ref.modules():
+                if isinstance(module, bnb.nn.Linear8bitLt):
+                    module.train()  # its CPU dequantized-weight path (MatMul8bitFp); a Linear has no dropout
+            exact = f"{perplexity(ref, ids):.4f}"
         if q is not None and not q.load_in_8bit and device.type == "cpu":
             ref = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
             for module in ref.modules():

@@ -12,9 +12,12 @@ gemv for one row) and into a dense torch matmul with the same activations. Ratio
 are faster. Prints a markdown table.
 
 int8 rows (LLM.int8, threshold 6.0, as transformers' load_in_8bit): quantizing the weight (through
-float16, as Int8Params does) against bitsandbytes' int8_vectorwise_quant, and Linear8bitLt's
-forward against bitsandbytes' Linear8bitLt (eval mode) at 1, 16 and 256 rows in fp32 and bf16.
-The activations carry two outlier columns (|x| >= 6 in most rows), as LLMs' hidden states do.
+float16, as Int8Params does) against bitsandbytes' int8_vectorwise_quant; Linear8bitLt's default
+forward ("int8 matmul": int8 weights, float activations, the native weight-only kernel) against
+bitsandbytes' Linear8bitLt on its dequantized-weight path (training mode, MatMul8bitFp), and the
+opt-in --int8-activations forward ("int8 matmul +acts") against bitsandbytes' eval-mode forward, at
+1, 16 and 256 rows in fp32 and bf16. The activations carry two outlier columns (|x| >= 6 in most
+rows), as LLMs' hidden states do.
 """
 
 from __future__ import annotations
@@ -146,6 +149,8 @@ def int8_rows(n, min_time, row) -> None:
         with torch.no_grad():
             linear.weight.copy_(W)
         ours_layer = quant.Linear8bitLt.from_linear(linear)  # threshold 6.0
+        ours_acts = quant.Linear8bitLt.from_linear(linear, quant.QuantConfig(load_in_8bit=True,
+                                                                              llm_int8_activations=True))
         bnb_layer = bnb.nn.Linear8bitLt(n, n, bias=False, has_fp16_weights=False, threshold=6.0)
         bnb_layer.load_state_dict(linear.state_dict())
         bnb_layer = bnb_layer.to("cpu").eval()
@@ -156,9 +161,13 @@ def int8_rows(n, min_time, row) -> None:
             x[:, n // 2] *= 12.0
             with torch.inference_mode():
                 ours_m = bench(lambda: ours_layer(x), min_time)
-                theirs_m = bench(lambda: bnb_layer(x), min_time)
+                ours_a = bench(lambda: ours_acts(x), min_time)
+                theirs_a = bench(lambda: bnb_layer.eval()(x), min_time)
+                theirs_m = bench(lambda: bnb_layer.train()(x), min_time)  # its dequantized-weight path
+                bnb_layer.eval()
                 dense = bench(lambda: torch.nn.functional.linear(x, W_dense), min_time)
             row("int8 matmul", dtype, None, rows, ours_m, theirs_m, dense)
+            row("int8 matmul +acts", dtype, None, rows, ours_a, theirs_a, dense)
 
 
 if __name__ == "__main__":

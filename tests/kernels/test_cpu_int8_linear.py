@@ -2,7 +2,8 @@
 float32 / float16 / bfloat16 times int8 weight tiles widened in registers, against the float64
 dequantized matmul, held to Higham's bound from the oracle's side (tests/rounding.py via
 tests/quant/test_int8_parity.dequant_oracle): odd sizes, 1..70 rows, bias or not, both code paths
-(AVX-512 and the portable loop), one thread or two, and batch invariance."""
+(AVX-512 and the portable loop), the tiled path for many rows (prefill), one thread or two, and batch
+invariance below it."""
 
 from __future__ import annotations
 
@@ -56,10 +57,11 @@ def test_the_op_dispatches_to_the_native_kernel():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_batch_invariant_and_thread_invariant(dtype):
-    """A row's output does not depend on the rows beside it nor on the number of threads."""
-    x, CB, SCB, bias = _case(37, 576, 320, dtype, seed=3)
+    """Below the tiled path's rows (decode batches), a row's output does not depend on the rows
+    beside it nor on the number of threads."""
+    x, CB, SCB, bias = _case(cpu_int8.INT8_LINEAR_TILED_MIN_ROWS - 1, 576, 320, dtype, seed=3)
     whole = cpu_int8.int8_linear(x, CB, SCB, bias)
-    for i in (0, 5, 36):
+    for i in (0, 5, x.shape[0] - 1):
         assert torch.equal(cpu_int8.int8_linear(x[i : i + 1], CB, SCB, bias), whole[i : i + 1])
     threads = torch.get_num_threads()
     try:
@@ -67,6 +69,17 @@ def test_batch_invariant_and_thread_invariant(dtype):
         assert torch.equal(cpu_int8.int8_linear(x, CB, SCB, bias), whole)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("rows", [16, 64, 300])
+def test_tiled_path_within_float_rounding(rows):
+    """From INT8_LINEAR_TILED_MIN_ROWS rows on, the weight is dequantized a tile at a time (here
+    several tiles: K = 4099 makes a tile 64 rows) and multiplied by torch's GEMM."""
+    assert rows >= cpu_int8.INT8_LINEAR_TILED_MIN_ROWS
+    x, CB, SCB, bias = _case(rows, 4099 if rows == 16 else 576, 200, torch.float32, seed=rows)
+    assert_dequant_matmul(cpu_int8.int8_linear(x, CB, SCB, bias), x, CB, SCB, bias)
+    xb = x.bfloat16()
+    assert_dequant_matmul(cpu_int8.int8_linear(xb, CB, SCB, bias.bfloat16()), xb, CB, SCB, bias.bfloat16())
 
 
 def test_special_values():
