@@ -2,6 +2,7 @@
 
     int8_quantize_rows(A, threshold, as_f16) -> (CA int8 [M, K], SCA float32 [M], mask bool [K])
     int8_gemm(CA, CB, SCA, SCB, bias, dtype) -> dtype(float(CA @ CB.T) * (SCA * SCB) * 6.200124e-05 + bias)
+    int8_linear(A, CB, SCB, bias, ieee) -> A.dtype(float32(A @ CB.T) * (SCB * float32(1 / 127)) + bias)
 
 The format and each rounding step are quant/ops.py's (bitsandbytes'): a row's scale is its absmax
 without the outliers, q = round_half_even(a * ((1 / scale) * 127)) with NaN -> 0, the outlier
@@ -86,6 +87,59 @@ def int8_gemm_kernel(
         v = v + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm[:, None] * N + rn[None, :], v.to(out_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+INV_127 = tl.constexpr(7.874015718698502e-3)  # float32(1 / 127), as bitsandbytes' SCB * (1.0 / 127.0)
+
+
+@triton.jit
+def int8_linear_kernel(
+    a_ptr, b_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """LLM.int8's default (weight-only) forward, out tile [BLOCK_M, BLOCK_N]: each int8 weight tile
+    converted to the activations' dtype in registers (exact: |q| <= 127 fits bf16 and fp16), float32
+    accumulation with tl.dot (16-bit tensor cores; float32 activations in IEEE float32 when IEEE,
+    else TF32), then the row scale and the bias. No float copy of the weight."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        a = tl.load(a_ptr + rm[:, None] * K + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + rn[None, :] * K + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)
+        if IEEE:
+            acc = tl.dot(a, b.to(a.dtype), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b.to(a.dtype), acc)
+    scale = tl.load(sb_ptr + rn, mask=rn < N, other=0.0) * INV_127
+    v = acc * scale[None, :]
+    if HAS_BIAS:
+        v = v + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], v.to(out_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def int8_linear(
+    A: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, bias: Optional[torch.Tensor], ieee: bool,
+    block_m: int = 32, block_n: int = 64, block_k: int = 64,
+) -> torch.Tensor:
+    """A [M, K] (float32/float16/bfloat16, rows contiguous) @ (CB [N, K] int8 * SCB / 127).T (+ bias
+    in A's dtype) -> A's dtype. ieee: float32 activations multiplied in IEEE float32 (torch's
+    "highest" precision), else TF32."""
+    M, K = A.shape
+    N = CB.shape[0]
+    out = torch.empty((M, N), dtype=A.dtype, device=A.device)
+    if M:
+        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+        int8_linear_kernel[grid](A, CB, SCB, bias if bias is not None else SCB, out, M, N, K,
+                                 HAS_BIAS=bias is not None, IEEE=ieee, BLOCK_M=block_m, BLOCK_N=block_n,
+                                 BLOCK_K=block_k)
+    return out
 
 
 def _round_to(value: float, dtype: torch.dtype) -> float:

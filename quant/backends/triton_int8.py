@@ -6,6 +6,11 @@ one kernel (the outlier columns found first by one torch pass), the int8 product
 (+ bias) by a tl.dot kernel with int32 accumulation, then the outlier columns' 16-bit product is
 added with torch's addmm, as bitsandbytes does. Rows are summed exactly in int32; the epilogue may
 fuse a multiply-add, so GPU results can differ from the CPU's in the last bit.
+
+int8_linear (the default, weight-only forward): one tl.dot kernel converting each int8 weight tile
+to the activations' dtype in registers (exact), float32 accumulation, the row scale and bias in the
+epilogue; float32 activations in IEEE float32 at torch's "highest" float32 matmul precision, TF32
+otherwise (10-bit products: within the bf16 rounding "medium" allows).
 """
 
 from __future__ import annotations
@@ -60,10 +65,27 @@ def gemm_int8(
     return out.reshape(*A.shape[:-1], N)
 
 
+def int8_linear(
+    A: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    N, K = CB.shape if CB.dim() == 2 else (0, 0)
+    if A.dtype not in _DTYPES or CB.dtype != torch.int8 or SCB.dtype != torch.float32 or N == 0 or K == 0 \
+            or A.dim() == 0 or A.shape[-1] != K or SCB.numel() != N \
+            or (bias is not None and (bias.numel() != N or not bias.is_floating_point())):
+        return _ref.int8_linear(A, CB, SCB, bias)
+    A2 = A.reshape(-1, K).contiguous()
+    if bias is not None:
+        bias = bias.reshape(N).to(A.dtype).contiguous()
+    ieee = torch.get_float32_matmul_precision() == "highest"
+    out = _kernels().int8_linear(A2, CB.contiguous(), SCB.contiguous(), bias, ieee)
+    return out.reshape(*A.shape[:-1], N)
+
+
 def _register() -> None:
     if "reason" in _triton._state:
         return
-    for name, fn in {"int8_vectorwise_quant": int8_vectorwise_quant, "gemm_int8": gemm_int8}.items():
+    for name, fn in {"int8_vectorwise_quant": int8_vectorwise_quant, "gemm_int8": gemm_int8,
+                     "int8_linear": int8_linear}.items():
         torch.library.register_kernel(f"{NAMESPACE}::{name}", "cuda")(fn)
 
 

@@ -86,3 +86,37 @@ def test_gemm_tiles_and_k_tail(kt):
     out = kt.int8_gemm(CA, CB, SCA, SCB, None, torch.float32, block_m=16, block_n=16, block_k=32)
     acc = (CA.double() @ CB.double().T).to(torch.int32)
     assert torch.equal(out, acc * (SCA[:, None] * SCB[None, :]) * 6.200124e-05)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,K,N", [(1, 40, 24), (5, 33, 17), (3, 64, 40), (20, 50, 36)])
+def test_int8_linear_within_float_rounding(kt, M, K, N, dtype):
+    """The default (weight-only) forward's kernel, IEEE float32 accumulation: within Higham's bound
+    of the float64 dequantized matmul (tests/quant/test_int8_parity.dequant_oracle), several tiles
+    and a K tail; with the bias and without."""
+    from ..quant.test_int8_parity import assert_dequant_matmul
+
+    CB, SCB, _ = quant.int8_vectorwise_quant(torch.randn(N, K))
+    x = _activations((M, K), dtype, seed=M + K)
+    bias = torch.randn(N).to(dtype)
+    for b in (None, bias):
+        got = kt.int8_linear(x, CB, SCB, b, ieee=True, block_m=16, block_n=16, block_k=16)
+        assert_dequant_matmul(got, x, CB, SCB, b)
+
+
+def test_backend_int8_linear(kt):
+    from quantserve.quant.backends import triton_int8
+
+    from ..quant.test_int8_parity import assert_dequant_matmul
+
+    CB, SCB, _ = quant.int8_vectorwise_quant(torch.randn(24, 40))
+    x = _activations((2, 3, 40), torch.float32)
+    bias = torch.randn(24)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        got = triton_int8.int8_linear(x, CB, SCB, bias)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert got.shape == (2, 3, 24)
+    assert_dequant_matmul(got.reshape(6, 24), x.reshape(6, 40), CB, SCB, bias)
