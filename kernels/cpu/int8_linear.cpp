@@ -43,11 +43,37 @@ bool use_avx512(int force_portable) {
 #endif
 }
 
+#if QS_AVX512
+// rows x K int8 -> dtype, each row times its scale (float32 product, then one rounding to dtype).
+T512 void dequant_rows_avx512(const int8_t* CB, const float* scale, i64 rows, i64 K, void* out, int dtype) {
+    for (i64 r = 0; r < rows; ++r) {
+        const __m512 s = _mm512_set1_ps(scale[r]);
+        const int8_t* q = CB + r * K;
+        for (i64 k = 0; k < K; k += 16) {
+            const __mmask16 m = tail16(K - k);
+            const __m512 v = _mm512_mul_ps(widen16(q + k, m), s);
+            const i64 o = r * K + k;
+            if (dtype == DT_F32) {
+                _mm512_mask_storeu_ps(static_cast<float*>(out) + o, m, v);
+            } else if (dtype == DT_BF16) {  // round to nearest even, as f32_to_bf16 (v is finite)
+                __m512i u = _mm512_castps_si512(v);
+                const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+                u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+                _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + o, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+            } else {
+                _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + o, m,
+                                         _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            }
+        }
+    }
+}
+#endif
+
 }  // namespace
 
 extern "C" {
 
-int i8l_abi_version() { return 1; }
+int i8l_abi_version() { return 2; }
 
 // 1 if the AVX-512 path runs on this CPU, else 0 (the portable loop).
 int i8l_has_avx512() { return use_avx512(0) ? 1 : 0; }
@@ -97,6 +123,36 @@ int i8l_linear(const void* A, int dtype, i64 M, i64 K, const int8_t* CB, const f
     (void)fast;
     if (dtype != DT_F32)
         for (i64 i = 0; i < M * N; ++i) store_any(out, dtype, i, y32[(size_t)i]);
+    return 0;
+}
+
+// out [rows, K] (dtype) = CB [rows, K] int8 * (SCB [rows] * float32(1/127)), one rounding to dtype:
+// a tile of the dequantized weight (bitsandbytes' CB * (SCB / 127)) for a GEMM on many rows.
+// Returns 0, or 1 for bad arguments.
+int i8l_dequant(const int8_t* CB, const float* SCB, i64 rows, i64 K, void* out, int dtype, int force_portable,
+                int nthreads) {
+    if (rows < 0 || K < 0 || dtype < DT_F32 || dtype > DT_BF16) return 1;
+    const i64 chunk = 16;  // rows per work item
+    const i64 items = (rows + chunk - 1) / chunk;
+    const int nt = team_size(rows * K, (i64)1 << 16, std::max(nthreads, 1));
+    const bool fast = use_avx512(force_portable);
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 i = 0; i < items; ++i) {
+        const i64 r0 = i * chunk, r1 = std::min(rows, r0 + chunk);
+        float scale[chunk];
+        for (i64 r = r0; r < r1; ++r) scale[r - r0] = SCB[r] * kInv127;
+#if QS_AVX512
+        if (fast) {
+            const size_t width = dtype == DT_F32 ? 4 : 2;
+            dequant_rows_avx512(CB + r0 * K, scale, r1 - r0, K, static_cast<char*>(out) + (size_t)(r0 * K) * width,
+                                dtype);
+            continue;
+        }
+#endif
+        for (i64 r = r0; r < r1; ++r)
+            for (i64 k = 0; k < K; ++k) store_any(out, dtype, r * K + k, (float)CB[r * K + k] * scale[r - r0]);
+    }
+    (void)fast;
     return 0;
 }
 

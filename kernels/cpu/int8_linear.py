@@ -19,9 +19,11 @@ _SIGNATURES = {
     "i8l_has_avx512": (_I, []),
     # A, dtype, M, K, CB, SCB, N, bias or NULL, out, force portable, threads
     "i8l_linear": (_I, [_P, _I, _L, _L, _P, _P, _L, _P, _P, _I, _I]),
+    # CB, SCB, rows, K, out, dtype, force portable, threads
+    "i8l_dequant": (_I, [_P, _P, _L, _L, _P, _I, _I, _I]),
 }
 
-_LIB = NativeLibrary("int8_linear.cpp", _SIGNATURES, ("i8l_abi_version", 1), "using the PyTorch reference")
+_LIB = NativeLibrary("int8_linear.cpp", _SIGNATURES, ("i8l_abi_version", 2), "using the PyTorch reference")
 load = _LIB.load  # the library (built on first use), None without a compiler (kernels/cpu/build.py)
 
 

@@ -13,11 +13,12 @@
   below INT8_LINEAR_TILED_MIN_ROWS rows (decode) kernels/cpu/int8_linear.cpp widens the int8
   weight tiles to float32 in registers and multiplies the unquantized activations with AVX-512
   FMAs (float32 sums, the row scale applied once per output; batch-invariant); from that many rows
-  on (prefill) the weight is dequantized one L2-sized tile of rows at a time into float32 (bnb's
-  W = CB * (SCB / 127), one rounding) and multiplied by torch's float32 GEMM, ~2.5x faster than the
-  register kernel there (one thread, 256 x 576 @ 576 x 1536 on an AVX-512 Xeon: 4.6 vs 11.3 ms).
-  Both are within float32 rounding of the dequantized matmul (torch's "medium" precision may give
-  the GEMM bf16 products, as it does for every float32 matmul).
+  on (prefill) the weight is dequantized by a native kernel one L2-sized tile of rows at a time
+  (bnb's W = CB * (SCB / 127), one rounding; float32, or bf16/fp16 for 16-bit activations below
+  the "highest" precision) into one reused buffer and multiplied by torch's GEMM, ~2.5x faster than
+  the register kernel there (one thread, 256 x 576 @ 576 x 1536 on an AVX-512 Xeon: 4.6 vs 11.3 ms).
+  At "highest" both are within float32 rounding of the dequantized matmul; at "medium" the GEMM
+  may use bf16 products, as torch does for every float32 matmul.
 Anything the native code does not take (no C++ compiler on this machine, odd dtypes or shapes)
 goes to the reference in quant.backends.default, which also raises the errors.
 """
@@ -135,7 +136,7 @@ def int8_linear(
     if bias is not None:
         bias = bias.reshape(N).to(A.dtype).contiguous()  # added in the activations' dtype, as F.linear
     if A2.shape[0] >= INT8_LINEAR_TILED_MIN_ROWS and not portable:
-        return _int8_linear_tiled(A2, CB, SCB, bias).to(A.dtype).reshape(*A.shape[:-1], N)
+        return _int8_linear_tiled(lib, A2, CB, SCB, bias).to(A.dtype).reshape(*A.shape[:-1], N)
     out = torch.empty((A2.shape[0], N), dtype=A.dtype)
     rc = lib.i8l_linear(A2.data_ptr(), DTYPE_CODE[A.dtype], A2.shape[0], K, CB.data_ptr(), SCB.data_ptr(), N,
                         None if bias is None else bias.data_ptr(), out.data_ptr(), int(portable),
@@ -145,22 +146,31 @@ def int8_linear(
     return out.reshape(*A.shape[:-1], N)
 
 
-def _int8_linear_tiled(A2: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """float32 [M, N] = A2 @ (CB * SCB / 127).T (+ bias), the weight dequantized a tile of rows at
-    a time (INT8_LINEAR_TILE_BYTES of float32, a multiple of 64 rows)."""
+def _int8_linear_tiled(lib, A2: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor,
+                       bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """[M, N] in A2's dtype = A2 @ (CB * SCB / 127).T (+ bias), the weight dequantized by the native
+    kernel one tile of rows at a time (INT8_LINEAR_TILE_BYTES, a multiple of 64 rows) into one
+    reused buffer, each tile multiplied by torch's GEMM. The tile and the GEMM are float32, except
+    for 16-bit activations below the "highest" float32 matmul precision: then both are in the
+    activations' dtype (one rounding of each weight to it, float32 sums inside the GEMM), as
+    bitsandbytes' own dequantized-weight path computes."""
     M, K = A2.shape
     N = CB.shape[0]
-    x = A2.float()
-    scale = SCB.mul(1.0 / 127.0).unsqueeze(1)  # float32(SCB * float32(1 / 127)), as bitsandbytes
-    out = torch.empty((M, N), dtype=torch.float32)
-    tile = max(64, INT8_LINEAR_TILE_BYTES // (4 * K) // 64 * 64)
+    exact = A2.dtype == torch.float32 or torch.get_float32_matmul_precision() == "highest"
+    dtype = torch.float32 if exact else A2.dtype
+    x = A2.to(dtype)
+    b = None if bias is None else bias.to(dtype)
+    out = torch.empty((M, N), dtype=dtype)
+    tile = min(N, max(64, INT8_LINEAR_TILE_BYTES // (4 * K) // 64 * 64))
+    weight = torch.empty((tile, K), dtype=dtype)
+    threads = torch.get_num_threads()
     for n0 in range(0, N, tile):
         n1 = min(N, n0 + tile)
-        weight = CB[n0:n1].to(torch.float32).mul_(scale[n0:n1])
-        if bias is None:
-            out[:, n0:n1] = x @ weight.t()
-        else:
-            out[:, n0:n1] = torch.addmm(bias[n0:n1].float(), x, weight.t())
+        w = weight[: n1 - n0]
+        if lib.i8l_dequant(CB[n0].data_ptr(), SCB[n0:].data_ptr(), n1 - n0, K, w.data_ptr(), DTYPE_CODE[dtype], 0,
+                           threads):
+            raise RuntimeError("i8l_dequant refused its arguments")
+        out[:, n0:n1] = x @ w.t() if b is None else torch.addmm(b[n0:n1], x, w.t())
     return out
 
 

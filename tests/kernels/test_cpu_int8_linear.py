@@ -101,3 +101,42 @@ def test_special_values():
 
 def test_backend_report_names_the_kernel():
     assert "weight-only int8" in int8_linear.describe()
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_dequant_tile_equals_bitsandbytes_weight(dtype, portable):
+    """The tiled path's native dequantization: CB * float32(SCB * float32(1/127)) rounded once to
+    the dtype, bit for bit what torch computes (bitsandbytes' formula in float32, then the cast)."""
+    lib = int8_linear.load()
+    CB, SCB, _ = quant.int8_vectorwise_quant(torch.randn(37, 131) * 3)
+    out = torch.empty(37, 131, dtype=dtype)
+    assert lib.i8l_dequant(CB.data_ptr(), SCB.data_ptr(), 37, 131, out.data_ptr(),
+                           cpu_int8.DTYPE_CODE[dtype], int(portable), 2) == 0
+    want = (CB.float() * SCB.mul(1.0 / 127.0).unsqueeze(1)).to(dtype)
+    assert torch.equal(out, want)
+
+
+def test_tiled_path_at_medium_precision_within_bf16_rounding():
+    """16-bit activations at "medium": the tile and the GEMM in bf16 (each weight rounded once to
+    bf16, float32 sums): within the bf16 rounding of every product plus float32 sums and the output
+    cast, i.e. the bound with bf16's unit roundoff per term."""
+    from tests.rounding import UNIT_ROUNDOFF, gamma
+
+    from ..quant.test_int8_parity import dequant_oracle
+
+    x, CB, SCB, bias = _case(64, 576, 200, torch.bfloat16, seed=9)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        got = cpu_int8.int8_linear(x, CB, SCB, bias)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    oracle, _ = dequant_oracle(x, CB, SCB, bias)
+    W = CB.double() * (SCB.double().unsqueeze(1) / 127.0)
+    magnitude = x.double().abs() @ W.abs().T + bias.double().abs()
+    u = UNIT_ROUNDOFF[torch.bfloat16]
+    # a bf16 rounding per product (the weight), float32 sums, then the bias and the output in bf16
+    bound = (u + gamma(576 + 2, torch.float32)) * magnitude
+    bound = bound + 2 * u * (oracle.abs() + bound)
+    assert bool(((got.double() - oracle).abs() <= bound).all())
