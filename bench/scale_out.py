@@ -3,12 +3,13 @@ against one `quantserve serve`, on the default model.
 
 1. Throughput: --streams concurrent streamed chats (distinct prompts, ignore_eos, --max-tokens
    each, --requests in all) against one server with --cpu-threads 1 and against two Ray replicas
-   with one thread each. Target: >= 1.5x the output tokens/s, TTFT p50 no worse.
+   with one thread each, both up, measured in turns (--rounds each; medians). Target: >= 1.5x the
+   output tokens/s, TTFT p50 no worse.
 2. Prefix affinity: 4 system prompts x 8 users (users in turn, --prefix-streams at once). The
    prefix-cache hit rate over all replicas (hits / prompt tokens, from each replica's /metrics read
    through x-quantserve-replica) against the single server's. Target: >= 90% of it.
 3. A replica killed: --kill-requests whole (non-streamed) chats, --streams at once, on the two
-   replicas; one replica's actor is killed after --kill-after seconds. Target: none hangs (each
+   replicas; one replica's actor is killed once a quarter of them are answered. Target: none hangs (each
    answered within --request-timeout), >= 95% succeed, every failure a 503 with Retry-After. Then,
    once Ray has replaced it, the same with streamed chats, for the record: a stream's status went
    out with its first event, so one cut by the kill ends with an error event instead.
@@ -109,11 +110,15 @@ def chat(url: str, messages: list[dict[str, str]], max_tokens: int, timeout: flo
 
 
 def run_load(url: str, conversations: list[list[dict[str, str]]], streams: int, max_tokens: int,
-             timeout: float, during: Optional[Callable[[], None]] = None,
-             stream: bool = True) -> tuple[list[dict[str, Any]], float]:
+             timeout: float, during: Optional[Callable[[], None]] = None, stream: bool = True,
+             done: Optional[list[int]] = None) -> tuple[list[dict[str, Any]], float]:
+    """Every conversation once, `streams` at a time: the results and the wall time. `during` runs
+    once all are submitted; `done` gets one item per finished request."""
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(streams) as pool:
         futures = [pool.submit(chat, url, c, max_tokens, timeout, None, stream) for c in conversations]
+        for future in futures:
+            future.add_done_callback(lambda _: done.append(1) if done is not None else None)
         if during is not None:
             during()
         results = [f.result() for f in futures]
@@ -160,7 +165,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--prefix-streams", type=int, default=8)
     parser.add_argument("--kill-requests", type=int, default=64)
-    parser.add_argument("--kill-after", type=float, default=8.0, help="seconds into the kill phase's load")
+    parser.add_argument("--rounds", type=int, default=3, help="throughput measurements of each, in turns (median)")
     parser.add_argument("--request-timeout", type=float, default=300.0, help="beyond this a request counts as hung")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -172,24 +177,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     results: dict[str, Any] = {"load_before": loadavg()}
     throughput_load = distinct_conversations(args.requests)
 
-    # ---- one server
-    cli = [f"--{k.replace('_', '-')}" if isinstance(v, bool) else f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
-    with ServerProcess(*cli, name="scale-out-single") as server:
-        chat(server.url, [{"role": "user", "content": "warm up"}], 4, 120)
-        res, wall = run_load(server.url, throughput_load, args.streams, args.max_tokens, args.request_timeout)
-        results["single"] = summary(res, wall)
-        print("single server:", results["single"], flush=True)
-        before = hit_counts([httpx.get(server.url + "/metrics", timeout=30).text])
-        res, wall = run_load(server.url, prefix_conversations(), args.prefix_streams, args.max_tokens,
-                             args.request_timeout)
-        after = hit_counts([httpx.get(server.url + "/metrics", timeout=30).text])
-        results["single_prefix"] = {**summary(res, wall), "hit_rate": round(hit_rate(before, after), 4)}
-        print("single server, 4 system prompts x 8 users:", results["single_prefix"], flush=True)
-
-    # ---- two replicas on Ray
+    # ---- one server and two replicas on Ray, both up (the idle one waits): measured in turns, so
+    # that a change in the machine's load falls on both
     from quantserve.server.ray.local import kill_replica, local_app, replica_ids
 
-    with local_app({"num_replicas": 2, **flags}, num_cpus=4) as url:
+    cli = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    with ServerProcess(*cli, name="scale-out-single") as server, \
+            local_app({"num_replicas": 2, **flags}, num_cpus=4) as url:
         ids = replica_ids()
 
         def replica_metrics() -> list[str]:
@@ -200,12 +194,27 @@ def main(argv: Optional[list[str]] = None) -> int:
                 texts.append(response.text)
             return texts
 
-        for rid in ids:  # warm each replica up
+        chat(server.url, [{"role": "user", "content": "warm up"}], 4, 120)
+        for rid in ids:
             chat(url, [{"role": "user", "content": "warm up"}], 4, 120, headers={"x-quantserve-replica": rid})
-        res, wall = run_load(url, throughput_load, args.streams, args.max_tokens, args.request_timeout)
-        results["ray"] = summary(res, wall)
-        results["ray"]["per_replica"] = {rid: sum(1 for r in res if r["replica"] == rid) for rid in ids}
-        print("ray, 2 replicas:", results["ray"], flush=True)
+        rounds: dict[str, list[dict[str, Any]]] = {"single": [], "ray": []}
+        for n in range(args.rounds):
+            for name, target in (("single", server.url), ("ray", url)):
+                res, wall = run_load(target, throughput_load, args.streams, args.max_tokens, args.request_timeout)
+                rounds[name].append(summary(res, wall))
+                if name == "ray":
+                    rounds[name][-1]["per_replica"] = {rid: sum(1 for r in res if r["replica"] == rid) for rid in ids}
+                print(f"round {n + 1}, {name}:", rounds[name][-1], flush=True)
+        for name in ("single", "ray"):
+            results[name] = {"rounds": rounds[name], **{key: statistics.median(r[key] for r in rounds[name])
+                                                         for key in ("tokens_per_s", "ttft_p50_s")}}
+
+        before = hit_counts([httpx.get(server.url + "/metrics", timeout=30).text])
+        res, wall = run_load(server.url, prefix_conversations(), args.prefix_streams, args.max_tokens,
+                             args.request_timeout)
+        after = hit_counts([httpx.get(server.url + "/metrics", timeout=30).text])
+        results["single_prefix"] = {**summary(res, wall), "hit_rate": round(hit_rate(before, after), 4)}
+        print("single server, 4 system prompts x 8 users:", results["single_prefix"], flush=True)
         before = hit_counts(replica_metrics())
         res, wall = run_load(url, prefix_conversations(), args.prefix_streams, args.max_tokens, args.request_timeout)
         after = hit_counts(replica_metrics())
@@ -216,15 +225,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             placement[i % len(SYSTEMS)][r["replica"]] += 1
         results["ray_prefix"]["placement"] = placement
         print("ray, 4 system prompts x 8 users:", results["ray_prefix"], flush=True)
+        server.stop()  # the kill phases: Ray alone
 
         def kill_phase(victim: str, stream: bool) -> dict[str, Any]:
-            def kill_later() -> None:
-                time.sleep(args.kill_after)
+            done: list[int] = []
+
+            def kill_later() -> None:  # mid-load: once a quarter of the requests are answered
+                while len(done) < args.kill_requests // 4:
+                    time.sleep(0.05)
                 kill_replica(victim)
 
             killer = threading.Thread(target=kill_later)
             res, wall = run_load(url, distinct_conversations(args.kill_requests), args.streams, args.max_tokens,
-                                 args.request_timeout, during=killer.start, stream=stream)
+                                 args.request_timeout, during=killer.start, stream=stream, done=done)
             killer.join()
             failures = [r for r in res if r["status"] != 200]
             return {**summary(res, wall), "streamed": stream, "killed": victim,
