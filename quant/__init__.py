@@ -9,7 +9,8 @@ pure-PyTorch reference and native backends.
     report = quant.quantize_model(model, quant.QuantConfig(bnb_4bit_use_double_quant=True))
 
     CB, SCB, outlier_cols = quant.int8_vectorwise_quant(weight)          # 8-bit rows, as bitsandbytes
-    y = quant.int8_matmul(x, CB, SCB, threshold=6.0)                     # LLM.int8 decomposition
+    y = quant.int8_matmul(x, CB, SCB)                                    # x @ dequantized W.T, float activations
+    y = quant.int8_matmul(x, CB, SCB, threshold=6.0, int8_activations=True)  # LLM.int8 decomposition (opt-in)
     report = quant.quantize_model(model, quant.QuantConfig(load_in_8bit=True))   # Linear8bitLt
 """
 
