@@ -76,7 +76,8 @@ def int8_linear(
     A2 = A.reshape(-1, K).contiguous()
     if bias is not None:
         bias = bias.reshape(N).to(A.dtype).contiguous()
-    ieee = torch.get_float32_matmul_precision() == "highest"
+    # IEEE float32 products only matter (and only apply) for float32 activations.
+    ieee = A.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
     out = _kernels().int8_linear(A2, CB.contiguous(), SCB.contiguous(), bias, ieee)
     return out.reshape(*A.shape[:-1], N)
 
