@@ -14,6 +14,7 @@ figure that stays meaningful on a machine shared with other work.
     python bench/structured.py --masks-only          # compile times and per-step grammar work only
     python bench/structured.py --concurrency 1 4 16 --repeats 5 --json out.json
     python bench/structured.py --battery             # issue 25's battery on a real server (see below)
+    python bench/structured.py --delays 5            # big grammar requests vs another client's latency
 
 --battery starts `quantserve serve` on the default model and runs bench/structured_battery.py (parse
 with a City model, json_object, tool_choice required and named; temperature 0; max_tokens 64 and
@@ -177,6 +178,82 @@ def battery(max_tokens: list[int]) -> list[dict[str, Any]]:
     return rows
 
 
+BIG_BODIES = {
+    # 2.4 MB: refused by --max-grammar-choices, after the body is read and parsed
+    "100k_choices": {"choice": [f"option number {i:06d}" for i in range(100_000)]},
+    # allowed; ~0.5-3 s to compile on a 2-core CPU
+    "slow_schema": {"json": {"type": "object", "properties": {
+        f"k_{i}": {"type": "string", "description": "d" * 90} for i in range(2500)}}},
+}
+
+
+def delays(repeats: int) -> list[dict[str, Any]]:
+    """Issue 25's "one request freezes everyone": how much a big grammar request delays another
+    client's /health and first token on a real server. Per kind: the big body (pre-encoded) sent
+    `repeats` times in a row from one thread while another polls /health every 20 ms and a third
+    times 4-token streamed chats; the first tokens' median against the same chats alone."""
+    import threading
+
+    import httpx
+
+    from quantserve.server.testing import ServerProcess
+
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+
+    def first_token(client) -> float:
+        start = time.perf_counter()
+        stream = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=question, max_tokens=4,
+                                                temperature=0, stream=True)
+        took = None
+        for chunk in stream:
+            if took is None and chunk.choices and chunk.choices[0].delta.content:
+                took = time.perf_counter() - start
+        return took if took is not None else time.perf_counter() - start
+
+    rows = []
+    with ServerProcess("--kv-cache-memory", "0.25") as server:
+        client = server.client()
+        alone = statistics.median(first_token(client) for _ in range(5))
+        for kind, so in BIG_BODIES.items():
+            raw = json.dumps({"model": "SmolLM2-135M-Instruct", "messages": question, "max_tokens": 2,
+                              "temperature": 0, "structured_outputs": so}).encode()
+            done = threading.Event()
+            health: list[float] = []
+            statuses: list[int] = []
+
+            def big() -> None:
+                with httpx.Client(timeout=120) as http:
+                    for _ in range(repeats):
+                        statuses.append(http.post(server.url + "/v1/chat/completions", content=raw,
+                                                  headers={"Content-Type": "application/json"}).status_code)
+                done.set()
+
+            def poll() -> None:
+                with httpx.Client(timeout=60) as http:
+                    while not done.is_set():
+                        start = time.perf_counter()
+                        http.get(server.url + "/health")
+                        health.append(time.perf_counter() - start)
+                        time.sleep(0.02)
+
+            threads = [threading.Thread(target=big), threading.Thread(target=poll)]
+            for t in threads:
+                t.start()
+            during = []
+            while not done.is_set():
+                during.append(first_token(client))
+            for t in threads:
+                t.join()
+            row = {"kind": kind, "statuses": sorted(set(statuses)), "health_worst_ms": round(max(health) * 1e3),
+                   "health_p50_ms": round(statistics.median(health) * 1e3),
+                   "first_token_alone_ms": round(alone * 1e3),
+                   "first_token_during_p50_ms": round(statistics.median(during) * 1e3),
+                   "first_token_during_worst_ms": round(max(during) * 1e3), "chats_during": len(during)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 16])
@@ -189,9 +266,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "per step (no model runs)")
     parser.add_argument("--battery", action="store_true", help="only issue 25's battery on a real server "
                         "(bench/structured_battery.py) at max_tokens 64 and 200")
+    parser.add_argument("--delays", type=int, default=0, metavar="REPEATS",
+                        help="only how much big grammar requests (each sent REPEATS times) delay another client's "
+                        "/health and first token on a real server")
     args = parser.parse_args(argv)
     from lock import hold  # bench/lock.py: one benchmark at a time on this machine
     hold()
+    if args.delays:
+        rows = delays(args.delays)
+        if args.json:
+            args.json.write_text(json.dumps({"delays": rows}, indent=2))
+        return 0
     if args.battery:
         rows = battery([64, 200])
         if args.json:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import os
 import dataclasses
 import threading
 from typing import Any, Callable, Generic, Hashable, Optional, TypeVar
@@ -103,12 +104,27 @@ class ByteLRU(Generic[T]):
                 self.nbytes -= size
 
 
+# The workers' nice value: a grammar that takes seconds to compile must not take a core from the
+# engine thread's step or the event loop. Per-thread niceness orders threads of one process (they
+# share a scheduling group, so autogroup does not flatten it as it does across sessions).
+COMPILE_NICE = 19
+
+
+def _lower_priority() -> None:
+    """Run in each worker as it starts: this thread only (Linux: a thread id is a PRIO_PROCESS id)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), COMPILE_NICE)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the compile still runs
+        pass
+
+
 class CompilePool:
-    """Runs compile(spec) on a few worker threads; `run` awaits it within the time budget."""
+    """Runs compile(spec) on a few low-priority worker threads; `run` awaits it within the time budget."""
 
     def __init__(self, workers: int, timeout: float) -> None:
         self.timeout = timeout
-        self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="quantserve-compile")
+        self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="quantserve-compile",
+                                                               initializer=_lower_priority)
 
     async def run(self, compile: Callable[[], T], field: Optional[str]) -> T:
         """compile() on a worker; InvalidRequestError (field) naming the limit when the budget
