@@ -136,12 +136,20 @@ async def serve_forwarded(app: Any, request: ForwardedRequest, replica: str) -> 
                 start = message
             elif message["type"] == "http.response.body" and start is not None:
                 chunk, more = message.get("body", b""), message.get("more_body", False)
+                ended = False
+                while more and not messages.empty():  # what queued meanwhile goes as one frame (fewer hops)
+                    queued = messages.get_nowait()
+                    if queued is None or queued["type"] != "http.response.body":
+                        ended = True
+                        break
+                    chunk += queued.get("body", b"")
+                    more = queued.get("more_body", False)
                 if not head_sent:
                     yield Head(start["status"], _with_replica(start.get("headers", []), replica), chunk, more)
                     head_sent = True
                 elif chunk:
                     yield chunk
-                if not more:
+                if not more or ended:
                     return
     finally:
         disconnected.set()

@@ -33,6 +33,9 @@ class PrefixAwareRouter(RequestRouter):
         self._table = PrefixTable(block_chars, max_entries)
         self._max_imbalance = max_imbalance
         self._in_flight: dict[str, int] = {}
+        # Chosen but not yet sent (request id -> first choice): counted as load, so that a burst of
+        # new prefixes arriving together spreads instead of all going to the same idle replica.
+        self._pending: dict[str, str] = {}
 
     async def choose_replicas(self, candidate_replicas: List[RunningReplica],
                               pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
@@ -44,11 +47,21 @@ class PrefixAwareRouter(RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         if request.replica is not None and request.replica in by_id:
             return [[by_id[request.replica]]]
+        request_id = pending_request.metadata.internal_request_id
+        self._pending.pop(request_id, None)
         loads = {rid: self._in_flight.get(rid, 0) for rid in by_id}
-        return [[by_id[rid]] for rid in self._table.rank(request.prompt, loads, self._max_imbalance)]
+        for rid in self._pending.values():
+            if rid in loads:
+                loads[rid] += 1
+        ranked = self._table.rank(request.prompt, loads, self._max_imbalance)
+        self._pending[request_id] = ranked[0]
+        if request.prompt:  # held there from now on (the same replica almost always takes it)
+            self._table.insert(request.prompt, ranked[0])
+        return [[by_id[rid]] for rid in ranked]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         rid = replica_id.unique_id
+        self._pending.pop(pending_request.metadata.internal_request_id, None)
         self._in_flight[rid] = self._in_flight.get(rid, 0) + 1
         request = _forwarded(pending_request)
         if request is not None and request.prompt:
