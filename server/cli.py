@@ -61,22 +61,13 @@ def _command(sub: Any, name: str, func: Callable[[argparse.Namespace], int], hel
 def _load_from_args(args: argparse.Namespace):
     import logging
 
-    import quantserve.quant as quant
-
+    from .loading import formats
     from .loading.loader import LoadConfig, load_model
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    quant_config = None
     skip = None if args.skip_modules is None else [n.strip() for n in args.skip_modules.split(",") if n.strip()]
-    if args.quant == "int8":
-        if args.double_quant:
-            raise ValueError("--double-quant applies to the 4-bit formats, not int8")
-        quant_config = quant.QuantConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    elif args.quant != "none":
-        quant_config = quant.QuantConfig(
-            bnb_4bit_quant_type=args.quant, bnb_4bit_use_double_quant=args.double_quant,
-            bnb_4bit_quant_storage=args.quant_storage, llm_int8_skip_modules=skip, blocksize=args.blocksize,
-        )
+    quant_config = formats.quant_config(args.quant, double_quant=args.double_quant, blocksize=args.blocksize,
+                                        storage=args.quant_storage, skip=skip)
     config = LoadConfig(
         model=args.model, revision=args.revision, device=args.device, dtype=args.compute_dtype, quant=quant_config,
         progress=not args.no_progress,

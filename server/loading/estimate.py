@@ -31,6 +31,8 @@ import torch
 
 from quantserve.quant import QuantConfig
 
+from .formats import quant_config
+
 GIB = 2**30
 _CODE_4BIT_BYTES = 16 * 4  # NF4/FP4 table, float32, one per format (shared by every layer)
 _NESTED_CODE_BYTES = 256 * 4  # the 8-bit dynamic map of double quantization
@@ -359,16 +361,6 @@ def _prequantized_parts(entries: dict, model: Any, streamer: Any, dtype: torch.d
     return parts
 
 
-def _quant_from(name: str, double_quant: bool, blocksize: int = 64) -> Optional[QuantConfig]:
-    if name == "none":
-        return None
-    if name == "int8":
-        if double_quant:
-            raise ValueError("--double-quant applies to the 4-bit formats, not int8")
-        return QuantConfig(load_in_8bit=True)
-    return QuantConfig(bnb_4bit_quant_type=name, bnb_4bit_use_double_quant=double_quant, blocksize=blocksize)
-
-
 def parse_max_model_len(value: Any) -> Optional[int]:
     """--max-model-len as Settings validated it (tokens >= 16, or "auto"): tokens, or None for auto
     (the longest that fits)."""
@@ -378,7 +370,7 @@ def parse_max_model_len(value: Any) -> Optional[int]:
 def estimate_from_args(args: Any) -> MemoryEstimate:
     """`quantserve estimate`'s arguments -> the estimate."""
     return estimate_memory(EstimateRequest(
-        model=args.model, revision=args.revision, quant=_quant_from(args.quant, args.double_quant, args.blocksize),
+        model=args.model, revision=args.revision, quant=quant_config(args.quant, double_quant=args.double_quant, blocksize=args.blocksize),
         dtype=args.compute_dtype, device=args.device, max_model_len=parse_max_model_len(args.max_model_len),
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
@@ -388,7 +380,7 @@ def estimate_from_args(args: Any) -> MemoryEstimate:
 def estimate_for_settings(settings: Any) -> MemoryEstimate:
     """What `serve` with these Settings will need (its check before loading)."""
     return estimate_memory(EstimateRequest(
-        model=settings.model, revision=settings.revision, quant=_quant_from(settings.quant, settings.double_quant),
+        model=settings.model, revision=settings.revision, quant=quant_config(settings.quant, double_quant=settings.double_quant),
         dtype=settings.compute_dtype, device=settings.device, max_model_len=parse_max_model_len(settings.max_model_len),
         max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
         block_size=settings.block_size, kv_cache_memory=settings.kv_cache_memory,

@@ -206,12 +206,10 @@ def load_model(config: Optional[LoadConfig] = None, **kwargs: Any) -> LoadResult
 def load_for_serving(settings: Any) -> LoadResult:
     """Load what a server's Settings ask for (model, revision, quant, double_quant,
     compute_dtype, device, chat_template)."""
-    quant_type = getattr(settings, "quant", "nf4")
-    quant = None
-    if quant_type == "int8":
-        quant = QuantConfig(load_in_8bit=True, llm_int8_activations=getattr(settings, "int8_activations", False))
-    elif quant_type != "none":
-        quant = QuantConfig(bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=getattr(settings, "double_quant", False))
+    from .formats import quant_config
+
+    quant = quant_config(getattr(settings, "quant", "nf4"), double_quant=getattr(settings, "double_quant", False),
+                         int8_activations=getattr(settings, "int8_activations", False))
     result = load_model(
         LoadConfig(
             model=getattr(settings, "model", None),

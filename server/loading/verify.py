@@ -29,6 +29,8 @@ import torch
 
 from quantserve.quant import QuantConfig
 
+from . import formats
+
 FORMATS = ("nf4", "nf4+dq", "fp4", "fp4+dq", "int8")
 CACHE_LIMIT_BYTES = 512 * 2**20
 
@@ -37,10 +39,8 @@ def quant_config(name: str, blocksize: int = 64) -> QuantConfig:
     """nf4 / fp4 (+dq: double quantization) / int8 as a QuantConfig."""
     if name not in FORMATS:
         raise ValueError(f"unknown format {name!r}; choose from {', '.join(FORMATS)}")
-    if name == "int8":
-        return QuantConfig(load_in_8bit=True)
     kind, _, dq = name.partition("+")
-    return QuantConfig(bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=bool(dq), blocksize=blocksize)
+    return formats.quant_config(kind, double_quant=bool(dq), blocksize=blocksize)
 
 
 @dataclasses.dataclass(frozen=True)
