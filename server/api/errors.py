@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, ShuttingDownError
-from .protocol import ErrorInfo, ErrorResponse
+from .protocol_models import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger("quantserve.server")
 

@@ -1,7 +1,7 @@
 """OpenAI wire types (pydantic) of chat completions, completions and models, in the order of the
 OpenAI API reference, and what every API's types share. The other APIs' types have their own
 modules: protocol_messages (Anthropic), protocol_responses (OpenAI Responses), protocol_embeddings,
-protocol_vllm (/tokenize, /detokenize, LoRA adapters). Requests validate every value's type and API range (a bad one is a
+protocol_vllm (/tokenize, /detokenize, LoRA adapters), protocol_models (/v1/models, the error body). Requests validate every value's type and API range (a bad one is a
 400 naming the field). A field this server does not implement is a 400 naming it, never silently
 dropped: every model forbids extras, and the few fields with no effect on the output (user,
 metadata, store, service_tier) are declared and ignored.
@@ -19,6 +19,9 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_serializer,
                       model_validator)
+
+# The model listing and the error body, which every API shares, live in protocol_models.
+from .protocol_models import ErrorInfo, ErrorResponse, ModelCard, ModelList  # noqa: F401
 
 
 def random_id(prefix: str) -> str:
@@ -473,36 +476,3 @@ class CompletionChoice(_Choice):
 class Completion(_Envelope):
     object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
-
-
-# ---------------------------------------------------------------- models
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "quantserve"
-    root: Optional[str] = None
-    parent: Optional[str] = None  # a LoRA adapter's base model (vLLM's field)
-    max_model_len: Optional[int] = None
-    quantization: Optional[dict[str, Any]] = None  # what quantizing cost: routes/quantization.py's summary
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-# ---------------------------------------------------------------- errors
-
-
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: Optional[str] = None
-    code: Optional[str] = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo
