@@ -7,10 +7,11 @@ The validated Settings object is passed down to the app, the registry and the en
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -187,11 +188,14 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 for all interfaces)")
     port: int = Field(8000, ge=0, le=65535, description="port to bind (0 picks a free one)")
     api_key: Optional[SecretStr] = Field(None, description="require 'Authorization: Bearer KEY' on /v1/* and /tokenize")
-    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (e.g. '*')")
+    # NoDecode: the variable is a comma-separated list (QUANTSERVE_CORS_ORIGINS=a,b), which
+    # pydantic-settings would otherwise parse as JSON and refuse before the validator below runs.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                         description="origins allowed by CORS (e.g. '*')")
     max_body_bytes: int = Field(8 * 2**20, ge=1024, description="largest request body accepted (413 beyond)")
     # Without a key nothing else stops a web page from reaching a server on 127.0.0.1 through DNS
     # rebinding (its own name pointed at 127.0.0.1): the Host header it sends is that name.
-    allowed_hosts: list[str] = Field(
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="without --api-key, the Host names requests may carry besides localhost, "
         "IP addresses and --host (DNS-rebinding guard; '*' allows any); with a key every host is accepted"
     )
@@ -235,9 +239,7 @@ class Settings(BaseSettings):
     @field_validator("allowed_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
-        if isinstance(value, str):  # QUANTSERVE_ALLOWED_HOSTS="api.example,gpu-box"
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return value
+        return comma_list(value)  # QUANTSERVE_ALLOWED_HOSTS="api.example,gpu-box"
 
     @field_validator("lora_root")
     @classmethod
@@ -260,9 +262,7 @@ class Settings(BaseSettings):
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
-        if isinstance(value, str):  # QUANTSERVE_CORS_ORIGINS="https://a.example,https://b.example"
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return value
+        return comma_list(value)  # QUANTSERVE_CORS_ORIGINS="https://a.example,https://b.example"
 
     @model_validator(mode="after")
     def _double_quant_is_4bit(self) -> "Settings":
@@ -291,6 +291,15 @@ def chat_template_text(value: str) -> str:
     if "{{" in value or "{%" in value:
         return value
     raise ValueError(f"no chat template file {value} (give a Jinja file, or the template itself)")
+
+
+def comma_list(value: object) -> object:
+    """A list setting given as text: "a,b" or a JSON array '["a", "b"]'."""
+    if not isinstance(value, str):
+        return value
+    if value.lstrip().startswith("["):
+        return json.loads(value)
+    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def lora_module_pairs(entries: list[str]) -> list[tuple[str, str]]:

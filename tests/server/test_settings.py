@@ -54,3 +54,13 @@ def test_double_quant_is_refused_outside_the_4bit_formats(quant):
     with pytest.raises(pydantic.ValidationError, match="--double-quant applies to the 4-bit formats"):
         Settings(quant=quant, double_quant=True)
     assert Settings(quant="fp4", double_quant=True).double_quant
+
+
+def test_list_settings_from_comma_separated_variables(monkeypatch):
+    """QUANTSERVE_ALLOWED_HOSTS / QUANTSERVE_CORS_ORIGINS as a compose or Kubernetes file writes them
+    (a,b), or as a JSON array; pydantic-settings alone would parse the first as JSON and fail."""
+    monkeypatch.setenv("QUANTSERVE_ALLOWED_HOSTS", "quantserve, quantserve.default.svc")
+    monkeypatch.setenv("QUANTSERVE_CORS_ORIGINS", '["https://a.example", "https://b.example"]')
+    settings = Settings()
+    assert settings.allowed_hosts == ["quantserve", "quantserve.default.svc"]
+    assert settings.cors_origins == ["https://a.example", "https://b.example"]
