@@ -86,7 +86,12 @@ def engine_logits(model, tokens: list[list[int]], prompt_lens: list[int], num_bl
     if runners is not None:
         runners.append(runner)
     bm = BlockManager(runner.num_blocks, 16, runner.supports_prefix_caching, sliding_window=runner.sliding_window)
-    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=budget, recompute_above=runner.recompute_above)
+    # First come, first served: on this tiny cache that order both preempts and serves shared prefixes
+    # from the cache, the runner paths these tests are for (the fair policy interleaves the prompts'
+    # prefills, and on an all-sliding model their shared blocks are evicted before anyone reuses them;
+    # fairness has its own tests, test_fair_scheduling.py).
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=budget, recompute_above=runner.recompute_above,
+                      policy="fcfs")
     seqs = []
     for i, (toks, plen) in enumerate(zip(tokens, prompt_lens)):
         seq = Sequence(f"r{i}", toks[:plen], SamplingParams(max_tokens=len(toks) - plen, temperature=0,

@@ -244,7 +244,7 @@ def test_transformers_path_refuses_adapters(smollm, adapters):
     async def go():
         engine = await started(model, tokenizer, num_kv_blocks=32, forward="transformers")
         try:
-            with pytest.raises(AdapterError, match="need the native forward"):
+            with pytest.raises(AdapterError, match="need the decoder forward"):
                 engine.loras.load("a", str(adapters["attn"]))
         finally:
             await engine.shutdown()
