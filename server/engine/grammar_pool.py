@@ -104,10 +104,12 @@ class ByteLRU(Generic[T]):
                 self.nbytes -= size
 
 
-# The workers' nice value: a grammar that takes seconds to compile must not take a core from the
-# engine thread's step or the event loop. Per-thread niceness orders threads of one process (they
-# share a scheduling group, so autogroup does not flatten it as it does across sessions).
-COMPILE_NICE = 19
+# The workers' nice value: a grammar that takes seconds to compile yields a contended core to the
+# engine thread's step and the event loop. Per-thread niceness orders threads of one process (they
+# share a scheduling group, so autogroup does not flatten it as it does across sessions). Mild on
+# purpose: at 19, a 1.6 s compile starved past --grammar-compile-timeout under a busy engine
+# (bench/structured.py --delays: every big request refused); at 5 it compiles and no chat waits on it.
+COMPILE_NICE = 5
 
 
 def _lower_priority() -> None:

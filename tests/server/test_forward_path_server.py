@@ -28,7 +28,11 @@ def transformers_answer(default_model_dir):
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("forward, attention", [("fused", "native"), ("layers", "torch"), ("transformers", "native")])
+@pytest.mark.parametrize("forward, attention", [
+    ("fused", "native"),  # the CPU default; the other two paths are also covered in-process (tests/server/engine)
+    pytest.param("layers", "torch", marks=pytest.mark.slow),
+    pytest.param("transformers", "native", marks=pytest.mark.slow),
+])
 def test_each_forward_path_serves_and_reports_itself(default_model_dir, transformers_answer, forward, attention):
     """A float32 KV cache at highest precision: every path gives transformers' greedy text on the
     same weights; /health says which path and backend run, /metrics counts its steps."""
