@@ -9,12 +9,12 @@ it (attention/base.py says why keys are transposed within a block).
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 
 from quantserve.kernels.cpu import paged_attention as native_kernel
 
+from .attention import kv_cache_shapes
 from .attention import triton as triton_attention
 
 logger = logging.getLogger(__name__)
@@ -89,9 +89,8 @@ class KVCache:
         else:
             self.tensor = torch.zeros(shape, dtype=dtype, device=device)
             self.zeroed_blocks = num_blocks
-        # Keys transposed within a block: [blocks, KVH, D, block_size].
-        self.layers = [(self.tensor[i, 0].view(num_blocks, kv_heads, head_dim, block_size), self.tensor[i, 1])
-                       for i in range(layers)]
+        keys, values = kv_cache_shapes(num_blocks, block_size, kv_heads, head_dim)
+        self.layers = [(self.tensor[i, 0].view(keys), self.tensor[i, 1].view(values)) for i in range(layers)]
 
     @property
     def nbytes(self) -> int:
@@ -107,11 +106,11 @@ class KVCache:
         self.tensor[:, :, :num_blocks].zero_()
 
 
-def num_blocks_for(budget: float, bytes_per_block: int, what: Optional[str] = None) -> int:
+def num_blocks_for(budget: float, bytes_per_block: int) -> int:
     blocks = int(budget // bytes_per_block)
     if blocks < 1:
         raise ValueError(
             f"the KV cache budget ({budget / GIB:.3f} GiB) holds no block of {bytes_per_block} bytes; "
-            "give more memory (kv_cache_memory / gpu_memory_utilization)" + (f" ({what})" if what else "")
+            "give more memory (kv_cache_memory / gpu_memory_utilization)"
         )
     return blocks

@@ -64,7 +64,8 @@ def keys_view(k_cache: torch.Tensor) -> torch.Tensor:
 
 
 def kv_cache_shapes(num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> tuple[tuple, tuple]:
-    """(keys, values) shapes of one layer's cache, the same for every backend."""
+    """(keys, values) shapes of one layer's cache: every backend reads this layout (kv_cache.py
+    allocates it)."""
     return (num_blocks, kv_heads, head_dim, block_size), (num_blocks, block_size, kv_heads, head_dim)
 
 
@@ -72,16 +73,10 @@ class AttentionBackend(abc.ABC):
     """One way to run paged attention, chosen once at engine start (select.py)."""
 
     name: ClassVar[str]
-    # Whether forward() takes (and returns) float32 queries only.
-    float32_only: ClassVar[bool] = False
 
     def __init__(self, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         self.device = device
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-
-    @staticmethod
-    def kv_cache_shapes(num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> tuple[tuple, tuple]:
-        return kv_cache_shapes(num_blocks, block_size, kv_heads, head_dim)
 
     @abc.abstractmethod
     def make_metadata(self, layout: StepLayout) -> Any:

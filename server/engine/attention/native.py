@@ -44,7 +44,6 @@ def unusable(device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_he
 
 class NativeBackend(AttentionBackend):
     name = "native"
-    float32_only = True
 
     def make_metadata(self, layout: StepLayout) -> NativeMetadata:
         rows, tables, offset = [], [], 0
