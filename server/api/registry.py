@@ -5,12 +5,14 @@ the port opens at once and /health can say "loading" rather than nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import dataclasses
 import logging
+import queue
 import threading
 import time
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 from ..engine.errors import ShuttingDownError
 from .errors import APIError, model_not_found, unavailable
@@ -29,16 +31,27 @@ class ServedModel:
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     load_report: Any = None  # the loader's report (bytes, layers, load time), shown by /v1/memory
 
-    _local: threading.local = dataclasses.field(default_factory=threading.local, repr=False, compare=False)
+    _spare: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue, repr=False, compare=False)
 
-    def _tokenizer(self) -> Any:
-        """This thread's own copy of the tokenizer. A fast tokenizer used by two threads at once
-        can fail ("Already borrowed"): the HTTP side encodes on worker threads and decodes on the
-        event loop's thread, and the engine thread decodes with a copy of its own."""
-        tokenizer = getattr(self._local, "tokenizer", None)
-        if tokenizer is None:
-            tokenizer = self._local.tokenizer = copy.deepcopy(self.tokenizer)
-        return tokenizer
+    def __post_init__(self) -> None:
+        # One copy made now, while loading: a copy is ~250 ms of Python holding the GIL, which on a
+        # serving thread stalls the event loop (/health) and the engine for that long.
+        self._spare.put(copy.deepcopy(self.tokenizer))
+
+    @contextlib.contextmanager
+    def _tokenizer(self) -> Iterator[Any]:
+        """A copy of the tokenizer no other thread uses meanwhile (a fast tokenizer used by two
+        threads at once can fail, "Already borrowed"): the HTTP side encodes on worker threads and
+        decodes on the event loop's thread, and the engine thread decodes with a copy of its own.
+        Copies are lent and given back, so there are only as many as calls ever overlapped."""
+        try:
+            tokenizer = self._spare.get_nowait()
+        except queue.Empty:
+            tokenizer = copy.deepcopy(self.tokenizer)
+        try:
+            yield tokenizer
+        finally:
+            self._spare.put(tokenizer)
 
     @property
     def vocab_size(self) -> int:
@@ -48,7 +61,11 @@ class ServedModel:
                     template_kwargs: Optional[dict[str, Any]] = None) -> list[int]:
         """Chat template -> prompt token ids (with the assistant's generation prompt unless told not
         to); template_kwargs: more variables for the template (e.g. enable_thinking)."""
-        tokenizer = self._tokenizer()
+        with self._tokenizer() as tokenizer:
+            return self._render(tokenizer, messages, add_generation_prompt, template_kwargs)
+
+    def _render(self, tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                template_kwargs: Optional[dict[str, Any]]) -> list[int]:
         if getattr(tokenizer, "chat_template", None) is None:
             raise APIError(400, f"model '{self.name}' has no chat template (its tokenizer has none and no "
                                 "--chat-template was given): use /v1/completions, or serve it with --chat-template FILE",
@@ -72,7 +89,8 @@ class ServedModel:
         """Token ids of `text`; 400 for text that is not valid Unicode (JSON lets a lone surrogate
         such as "\\ud800" through; the tokenizer refuses it with a TypeError)."""
         try:
-            return list(self._tokenizer().encode(text, add_special_tokens=add_special_tokens))
+            with self._tokenizer() as tokenizer:
+                return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
         except TypeError:
             if isinstance(text, str) and not _encodable(text):
                 raise APIError(400, f"{param} is not valid Unicode: it holds a lone UTF-16 surrogate (\\ud800-\\udfff "
@@ -80,10 +98,12 @@ class ServedModel:
             raise
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self._tokenizer().decode(token_ids, skip_special_tokens=skip_special_tokens)
+        with self._tokenizer() as tokenizer:
+            return tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def token_text(self, token_id: int) -> str:
-        return self._tokenizer().decode([token_id])
+        with self._tokenizer() as tokenizer:
+            return tokenizer.decode([token_id])
 
 
 Loader = Callable[[], ServedModel]

@@ -56,6 +56,9 @@ class EngineLoop:
     def _thread_body(self, ready: concurrent.futures.Future) -> None:
         try:
             self.runner.warmup(self.max_model_len)
+            # llguidance's view of the vocabulary (~0.4 s of Python holding the GIL): built before
+            # serving, not on the first constrained request, where it would stall every stream.
+            self.grammars.warm()
         except BaseException as exc:  # noqa: BLE001 - reported to start()'s caller
             with self._submit_lock:
                 self._dead_error = f"warmup failed: {exc!r}"
