@@ -6,7 +6,8 @@
         print(out.outputs[0].text, end="")
 
 Pure-Python parts (no torch): config, sequence, outputs, block_manager, scheduler, detokenizer.
-The device side: model_runner, attention, sampler, models/.
+The device side: model_runner (with forward_path, kv_cache, step_inputs, startup), attention/ (the
+backends), sampler, models/.
 """
 
 from .config import EngineConfig
