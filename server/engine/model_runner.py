@@ -63,7 +63,6 @@ class ModelRunner:
         heads, kv_heads, head_dim, layers = serving_shape(model)
         self.attention = select_backend(config.attention_backend, self.device, self.dtype, heads, kv_heads,
                                         head_dim, config.block_size)
-        self.attention_backend = self.attention.name
         self.kv_dtype = kv_cache.cache_dtype(config.kv_cache_dtype, self.attention.name, self.dtype, self.device)
         self.forward: ForwardChoice
         self.model, self.forward = build_forward(model, config.forward, self.attention, self.kv_dtype)
@@ -103,6 +102,10 @@ class ModelRunner:
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s, %s); attention: %s; forward: %s", num_blocks,
                     config.block_size, self.cache.nbytes / kv_cache.GIB, self.device,
                     str(self.kv_dtype).removeprefix("torch."), self.attention.name, self.forward.path)
+
+    @property
+    def attention_backend(self) -> str:
+        return self.attention.name
 
     @property
     def num_blocks(self) -> int:
