@@ -13,6 +13,8 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .engine.spec_config import SpeculativeConfig
+
 
 class Settings(BaseSettings):
     # env_ignore_empty: compose passes unset variables as "" (QUANTSERVE_MAX_MODEL_LEN=), meaning "default".
@@ -76,6 +78,15 @@ class Settings(BaseSettings):
     # 512: on a CPU a bigger prefill chunk stalls every running stream for seconds.
     max_num_batched_tokens: int = Field(512, ge=16, description="token budget of one engine step (chunked prefill)")
     max_queue: int = Field(256, ge=1, description="waiting requests beyond which new ones get 429 + Retry-After")
+    # Speculative decoding (server/engine/speculative.py)
+    speculative_config: Optional[SpeculativeConfig] = Field(
+        None, description="speculative decoding, as vLLM's flag (JSON): {\"method\": \"ngram\", "
+        "\"num_speculative_tokens\": k, \"prompt_lookup_max\": n, \"prompt_lookup_min\": m} (prompt lookup; "
+        "defaults n 5, m 2) or {\"model\": PATH, \"num_speculative_tokens\": k} (a draft model with the same "
+        "vocabulary, loaded 4-bit; \"quantization\": \"none\" keeps it 16/32-bit); optional "
+        "\"disable_by_batch_size\": no drafts while more sequences run. Drafts are verified in one forward; "
+        "speculation turns itself off where it does not pay (docs/speculative.md)"
+    )
     kv_cache_memory: Optional[float] = Field(
         None, gt=0, description="KV cache size in GiB (default on CPU: the tokens 1 GiB of float32 holds, 0.5 GiB at 16 bits; 90%% of free memory on GPU)"
     )

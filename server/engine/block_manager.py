@@ -151,7 +151,8 @@ class BlockManager:
             self.ref_counts[block] = 1
             seq.block_table.append(block)
         if self.enable_prefix_caching:
-            self._register_full_blocks(seq, total)
+            # Only verified tokens: draft positions (speculative decoding) past token_ids may be rejected.
+            self._register_full_blocks(seq, min(total, seq.num_tokens))
         return True
 
     def record_prefix_query(self, num_tokens: int) -> None:
@@ -182,6 +183,29 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = 0
         self._released.pop(seq.seq_id, None)
+
+    def trim(self, seq: Sequence) -> int:
+        """Give back seq's blocks past those its computed tokens need (after speculative decoding
+        rejected drafts whose keys and values were written there). Returns how many. Those blocks
+        hold no verified full block, so no prefix hash: they go first in line for reuse."""
+        keep = self.blocks_needed(seq.num_computed_tokens)
+        extra = seq.block_table[keep:]
+        if not extra:
+            return 0
+        del seq.block_table[keep:]
+        for block in extra:
+            if block == FREED:  # pragma: no cover - windows free blocks from the front
+                continue
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                h = self.block_hash[block]
+                if h is not None:  # pragma: no cover - never registered (allocate stops at num_tokens)
+                    self.block_hash[block] = None
+                    if self.hash_to_block.get(h) == block:
+                        del self.hash_to_block[h]
+                self.free_blocks[block] = None
+                self.free_blocks.move_to_end(block, last=False)
+        return len(extra)
 
     def release_out_of_window(self, seq: Sequence) -> int:
         """Free seq's blocks that no future token can see: with window W, the token at position p

@@ -10,6 +10,8 @@ from typing import Any, Literal, Optional
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
+from .spec_config import SpeculativeConfig
+
 
 @dataclass(frozen=True, config=ConfigDict(strict=True))
 class EngineConfig:
@@ -61,6 +63,9 @@ class EngineConfig:
         grammar_compile_workers, grammar_compile_timeout, grammar_cache_bytes, max_grammar_choices,
             max_grammar_schema_bytes, max_grammar_regex_length, max_grammar_bytes: what a request's
             structured-output grammar may cost (grammar_pool.GrammarLimits).
+        speculative_config: speculative decoding (speculative.py; vLLM's --speculative-config):
+            n-gram prompt lookup or a draft model proposes up to num_speculative_tokens tokens per
+            decoding sequence, verified in the same step; None: off.
         follow_cpu_load: on a CPU, lower torch's thread count (at most the count at start) while
             other processes take some of our cores, and raise it again when they stop
             (engine/cpu_load.py). The server turns it on unless --cpu-threads pins the count.
@@ -89,6 +94,7 @@ class EngineConfig:
     enforce_eager: bool = False
     kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
     follow_cpu_load: bool = False
+    speculative_config: Optional[SpeculativeConfig] = None
     # Structured outputs (grammar_pool.GrammarLimits, same names as Settings).
     grammar_compile_workers: int = Field(2, ge=1)
     grammar_compile_timeout: float = Field(10.0, gt=0)

@@ -38,6 +38,7 @@ from .models import model_max_len, vocab_size
 from .models import lora_layers
 from .outputs import EngineStats
 from .scheduler import Scheduler
+from .speculative import build_spec_decoder
 from .sequence import SamplingParams, Sequence
 from .engine_loop import EngineLoop, Request
 from .streams import Collector, RequestStream
@@ -57,9 +58,11 @@ class AsyncEngine(EngineLoop):
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, config: Optional[EngineConfig] = None,
-                 embedding_only: bool = False) -> None:
+                 embedding_only: bool = False, draft_model: Optional[nn.Module] = None) -> None:
         """embedding_only: the model is an embedding model without an output head of its own
-        (loading/embedding_folder.py): embed() serves, generation requests are refused."""
+        (loading/embedding_folder.py): embed() serves, generation requests are refused.
+        draft_model: the speculative draft model, already loaded (else config.speculative_config's
+        "model" is loaded here when it names one)."""
         config = EngineConfig() if config is None else config
         if not isinstance(config, EngineConfig):
             raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
@@ -89,6 +92,8 @@ class AsyncEngine(EngineLoop):
         self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_token_ids,
                                         GrammarLimits.from_config(config))
         self.runner.sampler.use_grammars(self.grammars)
+        # Speculative decoding (speculative.py; None: off): drafts proposed before each step.
+        self.spec = build_spec_decoder(config, self.runner, draft_model)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
                                           config.enable_prefix_caching and self.runner.supports_prefix_caching,
                                           sliding_window=self.runner.sliding_window)

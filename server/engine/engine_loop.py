@@ -159,10 +159,13 @@ class EngineLoop:
     def _step(self) -> None:
         batch: Optional[ScheduledBatch] = None
         try:
+            if self.spec is not None:  # drafts for the decoding sequences (speculative.py)
+                self.spec.plan(self.scheduler.running)
             batch = self.scheduler.schedule()
             if batch.seqs:
                 self._note_first_scheduled(batch)
                 result = self.runner.run(batch)
+                before = [s.num_tokens for s in batch.seqs]
                 updated = self.scheduler.postprocess(batch, result.token_ids)
             elif not batch.cut_off:
                 raise RuntimeError("the scheduler found nothing it could run")  # pragma: no cover
@@ -177,31 +180,44 @@ class EngineLoop:
             news.setdefault(seq.request_id, []).append(
                 CompletionOutput(seq.index, "", [], None, FinishReason.LENGTH.value))
         if not batch.seqs:
-            updated, logprobs = [], {}
+            updated, logprobs, first = [], {}, {}
         else:
             self._num_steps += 1
             logprobs = {id(s): lp for s, lp in zip(batch.seqs, result.logprobs)}
-        self._generation_tokens_total += len(updated)
+            first = {id(s): n for s, n in zip(batch.seqs, before)}  # where each one's new tokens start
+            if batch.num_drafts:
+                self._record_drafts(batch, result.token_ids)
         for seq in updated:
             request = self._requests.get(seq.request_id)
             if request is None:  # pragma: no cover - finished requests leave the scheduler
                 continue
-            token = seq.token_ids[-1]
+            start = first[id(seq)]
+            tokens = seq.token_ids[start:]  # one, or several after a verification (speculative decoding)
             detok = request.detokenizers[seq.index]
             text = ""
             if detok is not None:
                 try:
-                    text, stopped = detok.update([token], seq.is_finished)
+                    for k, token in enumerate(tokens):
+                        last = k == len(tokens) - 1
+                        piece, stopped = detok.update([token], seq.is_finished and last)
+                        text += piece
+                        if stopped:
+                            break
                 except Exception as exc:  # noqa: BLE001 - a tokenizer failure ends only this request
                     logger.exception("detokenizing request %s failed", seq.request_id)
                     news.pop(seq.request_id, None)
                     self._fail_request(request, RequestFailedError(f"detokenization failed: {exc!r}"))
                     continue
+                if stopped and not last:  # a stop string inside an accepted run: the rest is dropped
+                    tokens = tokens[: k + 1]
+                    del seq.token_ids[start + k + 1:]
                 if stopped and not seq.is_finished:
                     self.scheduler.finish(seq, FinishReason.STOP)
+            self._generation_tokens_total += len(tokens)
             lp = logprobs.get(id(seq))
+            lps = None if lp is None else (lp[: len(tokens)] if isinstance(lp, list) else [lp])
             news.setdefault(seq.request_id, []).append(CompletionOutput(
-                index=seq.index, text=text, token_ids=[token], logprobs=None if lp is None else [lp],
+                index=seq.index, text=text, token_ids=tokens, logprobs=lps,
                 finish_reason=None if seq.finish_reason is None else seq.finish_reason.value,
             ))
         for request_id, outputs in news.items():
@@ -216,6 +232,12 @@ class EngineLoop:
                 num_cached_tokens=request.seqs[0].num_cached_tokens, finished=finished,
                 queue_time=request.queue_time,
             ))
+
+    def _record_drafts(self, batch: ScheduledBatch, emitted: list) -> None:
+        """Speculation statistics and each sequence's acceptance estimate (speculative.py)."""
+        for seq, d, tokens in zip(batch.seqs, batch.num_drafts, emitted):
+            if d and isinstance(tokens, list):
+                self.spec.record(seq, d, len(tokens) - 1)
 
     def _note_first_scheduled(self, batch: ScheduledBatch) -> None:
         now = time.monotonic()
@@ -247,6 +269,8 @@ class EngineLoop:
         self._requests.pop(request.request_id, None)
         for seq in request.seqs:
             self.runner.release(seq)
+            if self.spec is not None:
+                self.spec.release(seq)
         self._num_requests_finished += 1
         self._recent_finishes.append(time.monotonic())
 

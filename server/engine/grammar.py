@@ -376,6 +376,15 @@ class GrammarBank:
                 return eos
         return None
 
+    def accepted_prefix(self, seq: Any, tokens: list[int]) -> int:
+        """How many of `tokens` (drafts to follow seq's output) the grammar accepts in a row:
+        speculative decoding verifies only those. The matcher is left where it was. While a
+        closing plan forces the tokens, none."""
+        state = self._catch_up(seq)
+        if state.closing or state.matcher.is_error():
+            return 0
+        return int(state.matcher.validate_tokens(list(tokens)))
+
     def shorten_budgets(self, seqs: list[Any]) -> None:
         """Engine thread, after fill: a sequence being closed ends with its plan, as one whose
         max_tokens ran out ("length": its content was cut short, even though it parses)."""

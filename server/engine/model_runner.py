@@ -42,8 +42,11 @@ def device_guard(device: torch.device):
 
 @dataclasses.dataclass
 class StepResult:
-    token_ids: list[Optional[int]]  # per batch entry: the sampled token, None if it did not sample
-    logprobs: list[Optional[TokenLogprob]]
+    # Per batch entry: the sampled token, None if it did not sample; where the entry verified
+    # drafts (batch.num_drafts), the list of tokens it emitted (accepted drafts, then one more)
+    # and their logprobs as a list.
+    token_ids: list[Optional[int | list[int]]]
+    logprobs: list[Optional[TokenLogprob | list[TokenLogprob]]]
 
 
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -129,8 +132,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
-        tokens: list[Optional[int]] = [None] * len(batch)
-        logprobs: list[Optional[TokenLogprob]] = [None] * len(batch)
+        tokens: list[Optional[int | list[int]]] = [None] * len(batch)
+        logprobs: list[Optional[TokenLogprob | list[TokenLogprob]]] = [None] * len(batch)
         sample_idx = [i for i, s in enumerate(batch.sample) if s]
         sampling = [batch.seqs[i] for i in sample_idx]
         self.sampler.prepare(sampling)  # grammar masks are built while the model runs
@@ -142,7 +145,12 @@ class ModelRunner:
         else:
             logits = self.model.forward_logits(self.inputs(batch, host), self.kv_caches)
             self.steps["eager"] += 1
-        if sample_idx:
+        if sample_idx and batch.num_drafts:  # speculative decoding: d + 1 rows per verifying sequence
+            emitted, lps = self.sampler.verify(logits, sampling, [batch.num_drafts[i] for i in sample_idx])
+            for j, i in enumerate(sample_idx):
+                tokens[i] = emitted[j]
+                logprobs[i] = lps[j]
+        elif sample_idx:
             sampled, lps = self.sampler(logits, sampling)
             for j, i in enumerate(sample_idx):
                 tokens[i] = sampled[j]
@@ -201,7 +209,8 @@ class ModelRunner:
 
     @staticmethod
     def _graphable(batch: ScheduledBatch) -> bool:
-        """A decode-only step without LoRA rows (their per-step state is not in the graphs' buffers)."""
+        """A decode-only step without LoRA rows (their per-step state is not in the graphs' buffers).
+        A step verifying drafts (speculative decoding) has d + 1 rows for some sequences: eager."""
         return all(n == 1 for n in batch.num_new_tokens) and all(s.lora is None for s in batch.seqs)
 
     def release(self, seq: Sequence) -> None:

@@ -83,14 +83,7 @@ class Sampler:
         logits = logits.float()
         raw = logits
         params = [s.params for s in seqs]
-        penalized = [i for i, p in enumerate(params) if p.has_penalties]
-        constrained = any(p.logit_bias or p.min_tokens or p.structured is not None for p in params)
-        if penalized or constrained:
-            logits = logits.clone()
-            for i in penalized:
-                self._apply_penalties(logits[i], seqs[i])
-        if constrained:
-            self._constrain(logits, seqs)
+        logits = self._process(logits, seqs)
         tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         sampled = [i for i, p in enumerate(params) if not p.greedy]
@@ -106,7 +99,152 @@ class Sampler:
         token_list = tokens.tolist()
         return token_list, self._logprobs(raw, seqs, tokens, token_list)
 
+    # ------------------------------------------------------------------------------ speculative
+
+    def verify(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[int]
+               ) -> tuple[list[list[int]], list[Optional[list[TokenLogprob]]]]:
+        """Speculative decoding's verification (speculative.py). seqs[i] verifies the first
+        drafts[i] tokens of its spec_token_ids; logits holds drafts[i] + 1 rows per sequence, in
+        order (row j: the distribution after the sequence's tokens and its first j drafts).
+        Returns per sequence the tokens it emits -- the accepted drafts, then one more -- and
+        their logprobs (None where not asked for).
+
+        Each row is processed as a plain step at that position would process it (penalties,
+        logit_bias, grammar mask and min_tokens see the accepted drafts before it), then:
+        greedy: a draft is accepted while it is the row's argmax; the first other argmax is the
+        token after it (so the output is the plain engine's, given the same logits). Sampling:
+        the standard rule (Leviathan et al. 2023; Chen et al. 2023): draft x drawn from q is
+        accepted with probability min(1, p(x) / q(x)), p the row's final distribution (after
+        temperature, top_k, top_p, min_p); at the first rejection the token is drawn from
+        max(p - q, 0) renormalized; after d acceptances one more is drawn from the last row's p.
+        Each emitted token is then distributed exactly as p. An n-gram draft is a point mass
+        (q(x) = 1: accepted with probability p(x), the residual is p without x)."""
+        logits = logits.float()
+        starts, row = [], 0
+        for d in drafts:
+            starts.append(row)
+            row += d + 1
+        emitted: list[list[int]] = [[] for _ in seqs]
+        rows_of: list[list[int]] = [[] for _ in seqs]  # the logit row of each emitted token
+        simple = all(s.params.greedy and not s.params.has_penalties and not s.params.logit_bias
+                     and not s.params.min_tokens and s.params.structured is None for s in seqs)
+        if simple:  # greedy, rows independent of the drafts: one argmax over every row
+            best = logits.argmax(dim=-1).tolist()
+            for i, seq in enumerate(seqs):
+                for j in range(drafts[i] + 1):
+                    token = best[starts[i] + j]
+                    emitted[i].append(token)
+                    rows_of[i].append(starts[i] + j)
+                    if j == drafts[i] or token != seq.spec_token_ids[j]:
+                        break
+        else:
+            self._verify_rows(logits, seqs, drafts, starts, emitted, rows_of)
+        return emitted, self._verify_logprobs(logits, seqs, emitted, rows_of)
+
+    def _verify_rows(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[int], starts: list[int],
+                     emitted: list[list[int]], rows_of: list[list[int]]) -> None:
+        """verify's general case: position by position over the sequences still accepting."""
+        alive = list(range(len(seqs)))
+        j = 0
+        while alive:
+            rows = [starts[i] + j for i in alive]
+            sub = [seqs[i] for i in alive]
+            for i in alive:  # what a plain step at this position would have seen
+                seqs[i].token_ids.extend(emitted[i])
+            try:
+                processed = self._process(logits[rows], sub)
+            finally:
+                for i in alive:
+                    if emitted[i]:
+                        del seqs[i].token_ids[-len(emitted[i]):]
+            greedy = [a for a, seq in enumerate(sub) if seq.params.greedy]
+            sampled = [a for a, seq in enumerate(sub) if not seq.params.greedy]
+            chosen = [0] * len(sub)
+            accepted = [False] * len(sub)
+            if greedy:
+                best = processed[greedy].argmax(dim=-1).tolist() if len(greedy) < len(sub) \
+                    else processed.argmax(dim=-1).tolist()
+                for a, token in zip(greedy, best):
+                    i = alive[a]
+                    chosen[a] = token
+                    accepted[a] = j < drafts[i] and token == seqs[i].spec_token_ids[j]
+            if sampled:
+                probs = self._probs(processed[sampled], [sub[a].params for a in sampled])
+                self._accept_or_resample(probs, [sub[a] for a in sampled], [drafts[alive[a]] for a in sampled], j,
+                                         sampled, chosen, accepted)
+            still = []
+            for a, i in enumerate(alive):
+                emitted[i].append(chosen[a])
+                rows_of[i].append(rows[a])
+                if accepted[a]:
+                    still.append(i)
+            alive = still
+            j += 1
+
+    def _accept_or_resample(self, probs: torch.Tensor, seqs: list[Sequence], drafts: list[int], j: int,
+                            where: list[int], chosen: list[int], accepted: list[bool]) -> None:
+        """Rows of sampled sequences at draft position j: accept the draft or draw the token."""
+        dev = probs.device
+        probs = probs / probs.sum(dim=-1, keepdim=True)  # min_p leaves rows unnormalized
+        draw = probs.clone()
+        checks = []  # (row, draft token, q(x))
+        for r, (seq, d) in enumerate(zip(seqs, drafts)):
+            if j >= d:
+                continue  # the row after every draft: a plain draw from p
+            x = seq.spec_token_ids[j]
+            q = None if seq.spec_probs is None else seq.spec_probs[j].to(dev, torch.float32)
+            checks.append((r, x, q))
+        if checks:
+            gens = [self._generator(seqs[r]) if seqs[r].params.seed is not None else self.generator for r, _, _ in checks]
+            u = [float(torch.rand((), generator=g, device=dev)) for g in gens]
+            px = probs[[r for r, _, _ in checks], [x for _, x, _ in checks]].tolist()
+            for (r, x, q), ur, p in zip(checks, u, px):
+                qx = 1.0 if q is None else float(q[x])
+                if qx > 0 and ur * qx < p:  # u < p(x) / q(x)
+                    accepted[where[r]] = True
+                    chosen[where[r]] = x
+                    continue
+                if q is None:  # point mass at x: the residual is p without x
+                    draw[r, x] = 0.0
+                else:
+                    draw[r] = (probs[r] - q).clamp_(min=0.0)
+                if not bool(draw[r].gt(0).any()):  # p equal to q everywhere (rounding): keep p
+                    draw[r] = probs[r]
+        tokens = self._race(draw, seqs).tolist()
+        for r, token in enumerate(tokens):
+            if not accepted[where[r]]:
+                chosen[where[r]] = token
+
+    def _verify_logprobs(self, logits: torch.Tensor, seqs: list[Sequence], emitted: list[list[int]],
+                         rows_of: list[list[int]]) -> list[Optional[list[TokenLogprob]]]:
+        wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        out: list[Optional[list[TokenLogprob]]] = [None] * len(seqs)
+        if not wanted:
+            return out
+        row_seqs = [seqs[i] for i in wanted for _ in emitted[i]]
+        rows = [r for i in wanted for r in rows_of[i]]
+        tokens = [t for i in wanted for t in emitted[i]]
+        lps = self._logprobs(logits[rows], row_seqs, torch.tensor(tokens, device=logits.device), tokens)
+        k = 0
+        for i in wanted:
+            out[i] = lps[k: k + len(emitted[i])]
+            k += len(emitted[i])
+        return out
+
     # ------------------------------------------------------------------------------ pieces
+
+    def _process(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Penalties, logit_bias, grammar masks and min_tokens (a copy where any applies)."""
+        params = [s.params for s in seqs]
+        penalized = [i for i, p in enumerate(params) if p.has_penalties]
+        constrained = any(p.logit_bias or p.min_tokens or p.structured is not None for p in params)
+        if penalized or constrained:
+            logits = logits.clone()
+            for i in penalized:
+                self._apply_penalties(logits[i], seqs[i])
+        if constrained:
+            self._constrain(logits, seqs)
+        return logits
 
     def _apply_penalties(self, row: torch.Tensor, seq: Sequence) -> None:
         p = seq.params
@@ -156,8 +294,12 @@ class Sampler:
         seq.max_tokens = seq.num_output_tokens + 1
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        return self._race(self._probs(logits, [s.params for s in seqs]), seqs)
+
+    def _probs(self, logits: torch.Tensor, params: list) -> torch.Tensor:
+        """The distribution sampled from: temperature, top_k, top_p, min_p (rows may not sum to 1
+        after min_p; the race draws in proportion)."""
         dev = logits.device
-        params = [s.params for s in seqs]
         temps = torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)
         logits = logits / temps
         top_k = [p.top_k for p in params]
@@ -180,6 +322,12 @@ class Sampler:
         if any(min_p):
             threshold = probs.amax(dim=-1, keepdim=True) * torch.tensor(min_p, device=dev).unsqueeze(1)
             probs = probs.masked_fill(probs < threshold, 0.0)
+        return probs
+
+    def _race(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """One token per row drawn in proportion to probs (the exponential race)."""
+        dev = probs.device
+        params = [s.params for s in seqs]
         noise = torch.empty_like(probs)
         unseeded = [i for i, p in enumerate(params) if p.seed is None]
         if len(unseeded) == len(seqs):

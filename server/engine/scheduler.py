@@ -53,6 +53,9 @@ class ScheduledBatch:
     sample: list[bool]
     # Sequences the scheduler ended with "length": they cannot fit in the whole KV cache.
     cut_off: list[Sequence] = dataclasses.field(default_factory=list)
+    # Speculative decoding: draft tokens seqs[i] verifies this step (the first num_drafts[i] of its
+    # spec_token_ids, after its last token; counted in num_new_tokens). Empty: none anywhere.
+    num_drafts: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -133,6 +136,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
+        seq.spec_token_ids = []
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -161,11 +165,21 @@ class Scheduler:
                 continue
             bm.release_out_of_window(seq)  # sliding-window models: blocks no layer sees again
             want = seq.num_tokens - seq.num_computed_tokens
-            n = min(want, budget if want == 1 else budget - reserve)
+            if seq.spec_token_ids:
+                if want != 1:  # not decoding (recomputed): drafts are for the token after the last
+                    seq.spec_token_ids = []
+                else:  # verify as many drafts as the budget leaves (they never wait for a prefill)
+                    del seq.spec_token_ids[max(budget - 1, 0):]
+                    want += len(seq.spec_token_ids)
+            n = min(want, budget if want == 1 or seq.spec_token_ids else budget - reserve)
             if n <= 0:  # a prefill chunk would eat the newcomer's room: it waits a step
                 i += 1
                 continue
             while not bm.allocate(seq, n):
+                if seq.spec_token_ids:  # short of blocks: drop the drafts before preempting anyone
+                    seq.spec_token_ids = []
+                    n = 1
+                    continue
                 if len(self.running) == 1:  # alone and still too big: it never will fit
                     self.running.pop()
                     self._finish(seq, FinishReason.LENGTH)
@@ -190,8 +204,9 @@ class Scheduler:
 
         if self.recompute_above is not None:
             self._long.update(s.seq_id for s in seqs if s.num_computed_tokens == 0 and s.num_tokens > self.recompute_above)
-        sample = [s.num_computed_tokens + n == s.num_tokens for s, n in zip(seqs, counts)]
-        return ScheduledBatch(seqs, counts, sample, cut_off)
+        sample = [s.num_computed_tokens + n >= s.num_tokens for s, n in zip(seqs, counts)]
+        drafts = [s.num_computed_tokens + n - s.num_tokens if t else 0 for s, n, t in zip(seqs, counts, sample)]
+        return ScheduledBatch(seqs, counts, sample, cut_off, drafts if any(drafts) else [])
 
     # ------------------------------------------------------------------------------ fairness
 
@@ -376,22 +391,37 @@ class Scheduler:
     def postprocess(self, batch: ScheduledBatch, sampled: list[Optional[int]]) -> list[Sequence]:
         """Record a finished step: tokens computed, sampled tokens appended, stops checked.
 
-        sampled[i] is the token seqs[i] sampled (None where it did not sample). Returns the
-        sequences that got a new token; those that finished have left the running queue.
+        sampled[i] is the token seqs[i] sampled (None where it did not sample), or, where it
+        verified drafts, the tokens it emitted: the accepted drafts, then the one sampled after
+        them. The KV of rejected drafts is forgotten: the computed count stops at the accepted
+        tokens and the blocks past them go back (BlockManager.trim). Tokens after one that ends
+        the sequence (EOS, max_tokens) are dropped. Returns the sequences that got new tokens;
+        those that finished have left the running queue.
         """
         updated = []
         finished = False
-        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled):
+        drafts = batch.num_drafts or [0] * len(batch.seqs)
+        for seq, n, token, d in zip(batch.seqs, batch.num_new_tokens, sampled, drafts):
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # finished or preempted meanwhile
-            seq.num_computed_tokens += n
+            seq.spec_token_ids = []
+            seq.spec_probs = None
             if token is None:
+                seq.num_computed_tokens += n
                 continue
-            reason = seq.append_token(token)
+            tokens = [token] if isinstance(token, int) else token
+            seq.num_computed_tokens += n - (d - (len(tokens) - 1))  # rejected drafts: not computed
+            reason = None
+            for t in tokens:
+                reason = seq.append_token(t)
+                if reason is not None:
+                    break
             updated.append(seq)
             if reason is not None:
                 self._finish(seq, reason)
                 finished = True
+            elif d:
+                self.block_manager.trim(seq)
         if finished:
             self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
         return updated

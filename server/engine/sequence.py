@@ -161,6 +161,7 @@ class Sequence:
         "seq_id", "request_id", "index", "params", "token_ids", "num_prompt_tokens", "num_computed_tokens",
         "num_cached_tokens", "block_table", "block_hashes", "status", "finish_reason", "max_tokens",
         "eos_token_ids", "stop_token_ids", "arrival", "lora", "lora_id", "client", "priority", "admitted",
+        "spec_token_ids", "spec_probs",
     )
 
     def __init__(
@@ -205,6 +206,11 @@ class Sequence:
         self.client = client
         self.priority = priority
         self.admitted = 0  # the scheduler's admission count when it last started running
+        # Speculative decoding (speculative.py): draft tokens proposed for the next step, verified
+        # after the last token (never part of token_ids until accepted), and the distributions they
+        # were drawn from (None: point masses).
+        self.spec_token_ids: list[int] = []
+        self.spec_probs: Any = None
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}#{self.index}, tokens={self.num_tokens}, "

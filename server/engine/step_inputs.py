@@ -59,6 +59,8 @@ def flatten(batch: ScheduledBatch, block_size: int) -> HostStep:
         table = seq.block_table
         seqs.append(SeqRows(len(input_ids), n, context, [max(b, 0) for b in table[: -(-context // bs)]]))
         input_ids.extend(seq.token_ids[start:context])
+        if context > seq.num_tokens:  # speculative decoding: the drafts verified after the last token
+            input_ids.extend(seq.spec_token_ids[: context - seq.num_tokens])
         positions.extend(range(start, context))
         slots.extend(table[p // bs] * bs + p % bs for p in range(start, context))
         last_row[i] = len(input_ids) - 1
@@ -71,7 +73,10 @@ def flatten(batch: ScheduledBatch, block_size: int) -> HostStep:
 def build_inputs(batch: ScheduledBatch, host: HostStep, backend: AttentionBackend, device: torch.device,
                  length_dependent_rope: bool, lora: Optional[lora_layers.LoRAState]) -> StepInputs:
     long = dict(dtype=torch.long, device=device)
-    sample_rows = [host.last_row[i] for i, s in enumerate(batch.sample) if s]
+    # A sequence verifying d drafts wants the logits of its last d + 1 rows (sampler.verify).
+    drafts = batch.num_drafts or [0] * len(batch.seqs)
+    sample_rows = [r for i, s in enumerate(batch.sample) if s
+                   for r in range(host.last_row[i] - drafts[i], host.last_row[i] + 1)]
     rope = None
     if length_dependent_rope:  # as transformers' generate: the prompt at once, then per token
         rope = torch.tensor([batch.seqs[i].num_tokens for i in host.order for _ in range(batch.num_new_tokens[i])],
