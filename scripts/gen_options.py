@@ -52,7 +52,7 @@ def table() -> str:
 
     rows = ["| flag | environment variable | default | what it sets |", "|---|---|---|---|"]
     for name, field in Settings.model_fields.items():
-        flag = "`MODEL` (positional)" if name == "model" else f"`--{name.replace('_', '-')}`"
+        flag = "`MODEL ...` (positional)" if name == "models" else f"`--{name.replace('_', '-')}`"
         if field.annotation is bool:
             flag = f"`--{name.replace('_', '-')}` / `--no-{name.replace('_', '-')}`"
         description = field.description or ""

@@ -224,14 +224,18 @@ def _add_serve_command(sub: Any) -> None:
 
     serve = sub.add_parser(
         "serve",
-        help="serve a model over an OpenAI-compatible HTTP API",
+        help="serve one or more models over an OpenAI-compatible HTTP API",
         description=(
-            "Load MODEL quantized to 4 bits (the built-in SmolLM2-135M-Instruct when omitted) and serve "
-            "the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), /tokenize, "
-            "/detokenize, /health, /metrics and /v1/memory. The port opens at once; /health answers "
-            "503 until the model is loaded. A model that cannot be loaded, or an engine that stops, "
-            "ends the process with status 1 and a one-line reason on stderr; SIGTERM finishes the "
-            "requests in flight, then exits 0. Every flag can also be set as a QUANTSERVE_* variable."
+            "Load each MODEL quantized to 4 bits (the built-in SmolLM2-135M-Instruct when none is given) and serve "
+            "the OpenAI API (/v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings, /v1/models), "
+            "Anthropic's /v1/messages, /tokenize, /detokenize, /health, /metrics and /v1/memory. The port opens at "
+            "once; /health answers 503 until the startup models are loaded. Several models: a request's \"model\" "
+            "picks one; models under --models-dir (or in --models-config) load on their first request, and the least "
+            "recently used idle ones are unloaded to fit --models-max and --models-memory, or after --keep-alive "
+            "idle; POST /models/load and /models/unload do it by hand. With one model, a model that cannot be "
+            "loaded, or an engine that stops, ends the process with status 1 and a one-line reason on stderr "
+            "(with several, that model answers 503 with its reason and the others serve on); SIGTERM finishes "
+            "the requests in flight, then exits 0. Every flag can also be set as a QUANTSERVE_* variable."
         ),
     )
     add_serve_arguments(serve)

@@ -21,9 +21,40 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QUANTSERVE_", extra="forbid", frozen=True, env_ignore_empty=True)
 
     # What to serve
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="models loaded at startup, each [NAME=]PATH_OR_ID: an HF folder, hub id "
+        "(org/name), .gguf file or prequantized bnb-4bit checkpoint, served as NAME (default: as given); none "
+        "(and no --models-dir): the built-in SmolLM2-135M-Instruct"
+    )
     model: Optional[str] = Field(
-        None, description="HF folder, hub id (org/name), .gguf file or prequantized bnb-4bit checkpoint; "
-        "default: the built-in SmolLM2-135M-Instruct"
+        None, description="one model to serve, as a MODEL argument (kept for QUANTSERVE_MODEL); given with MODEL "
+        "arguments it is the first of them"
+    )
+    models_dir: Optional[str] = Field(
+        None, description="a folder of models known by name and loaded on their first request: each model folder "
+        "(HF layout) under it by its folder name, each .gguf file by its name without .gguf (llama-server's flag)"
+    )
+    models_config: Optional[str] = Field(
+        None, description="a YAML or TOML file of per-model settings: {NAME: {model: PATH, quant: ..., "
+        "max_model_len: ..., lora_modules: [...], chat_template: ..., keep_alive: ..., preload: true}}; each "
+        "entry's unset settings are the flags'; a NAME not otherwise known is added"
+    )
+    models_max: Optional[int] = Field(
+        None, ge=1, description="most models loaded at once (llama-server's --models-max, Ollama's "
+        "OLLAMA_MAX_LOADED_MODELS); the least recently used idle one is unloaded to make room (default: no count "
+        "limit, only --models-memory)"
+    )
+    models_memory: Optional[float] = Field(
+        None, gt=0, description="GiB the loaded models may take together, each counted as `quantserve estimate` "
+        "prices it (weights + KV cache + one step's activations); a load that does not fit unloads the least "
+        "recently used idle models first (default: 90%% of the host's available memory at startup on CPU, "
+        "--gpu-memory-utilization of the GPU's)"
+    )
+    keep_alive: float = Field(
+        300.0, description="how long a model stays loaded after its last request (Ollama's keep_alive: seconds, "
+        "or a duration such as 10m, 1h30m; negative: forever; 0: unloaded as soon as it is idle); a request's "
+        "keep_alive field overrides it for its model. Models given as MODEL arguments never expire unless this is "
+        "set"
     )
     revision: Optional[str] = Field(None, description="hub revision (branch, tag or commit)")
     served_model_name: Optional[str] = Field(None, description="the model id clients send (default: derived from MODEL)")
@@ -237,6 +268,20 @@ class Settings(BaseSettings):
             chat_template_text(value)  # refused at startup, before anything loads
         return value
 
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        return parse_duration(value)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        return comma_list(value)  # QUANTSERVE_MODELS="chat=/models/a,coder=/models/b"
+
+    def model_entries(self) -> list[str]:
+        """The models given to load at startup (--model first, then the MODEL arguments)."""
+        return ([self.model] if self.model else []) + list(self.models)
+
     @field_validator("lora_modules")
     @classmethod
     def _lora_pairs(cls, value: list[str]) -> list[str]:
@@ -302,6 +347,28 @@ def chat_template_text(value: str) -> str:
     if "{{" in value or "{%" in value:
         return value
     raise ValueError(f"no chat template file {value} (give a Jinja file, or the template itself)")
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: object) -> object:
+    """A keep-alive as Ollama takes it: a number of seconds, or Go's duration text ("5m", "1h30m",
+    "90s", "-1"), as float seconds; other values are left for pydantic to refuse."""
+    import re
+
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    match = re.fullmatch(r"(-?)((?:\d+(?:\.\d+)?(?:ms|h|m|s))+)", text)
+    if match is None:
+        raise ValueError(f"{value!r} is not a duration (seconds, or such as 30s, 10m, 1h30m; negative: forever)")
+    seconds = sum(float(n) * _DURATION_UNITS[unit] for n, unit in re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", match[2]))
+    return -seconds if match[1] else seconds
 
 
 def comma_list(value: object) -> object:

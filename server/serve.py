@@ -75,7 +75,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser, names: Optional[Sequ
             help_text = description if default in (None, [], False) else f"{description} (default: {default})"
         help_text = help_text.replace("%", "%%")
         value = argparse.SUPPRESS if serve else default
-        if name == "model":
+        if name == "models":  # `serve [MODEL ...]`
+            parser.add_argument("models", nargs="*", default=value, metavar="MODEL", help=help_text)
+            continue
+        if name == "model" and not serve:  # the other commands' one MODEL; serve has --model too
             parser.add_argument("model", nargs="?", default=value, metavar="MODEL", help=help_text)
             continue
         flag = "--" + name.replace("_", "-")
@@ -102,30 +105,37 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**given)
 
 
-def load_served_model(settings: Settings) -> Any:
-    """Load the model (quantized) and build its engine: the registry's loader."""
+def prepare_process(settings: Settings) -> None:
+    """What the process sets once for every model it serves: torch's float32 matmul precision and
+    the CPU thread count."""
     import torch
 
-    from .engine import AsyncEngine, EngineConfig
-    from .loading.loader import load_for_serving
-    from .loading.peak_memory import release_free_memory
-    from .api.registry import ServedModel
     from .cpu_threads import apply_cpu_threads
 
-    # Process-wide, as torch has it: this process serves one model.
     torch.set_float32_matmul_precision(settings.matmul_precision)
     logger.info("float32 matmul precision: %s%s", settings.matmul_precision,
                 " (bf16 products where the CPU has AVX-512-BF16)" if settings.matmul_precision == "medium" else "")
     threads, why = apply_cpu_threads(settings.cpu_threads)
     logger.info("CPU threads: %d (%s)", threads, why)
-    settings = fit_to_memory(settings)
+
+
+def load_served_model(settings: Settings, worker: Any = None, estimate: Any = None) -> Any:
+    """Load one model (quantized), build its engine and warm it up, on the calling thread: the
+    registry's loader. worker: the device worker that will step it (None: one of its own)."""
+    from .engine import AsyncEngine, EngineConfig
+    from .loading.loader import load_for_serving
+    from .loading.peak_memory import release_free_memory
+    from .api.served_model import ServedModel
+
+    settings = fit_to_memory(settings, estimate)
     loaded = load_for_serving(settings)
     config = EngineConfig.from_settings(settings)
-    engine = AsyncEngine(loaded.model, loaded.tokenizer, config, embedding_only=loaded.embedding_only)
+    engine = AsyncEngine(loaded.model, loaded.tokenizer, config, embedding_only=loaded.embedding_only, worker=worker)
+    engine.prepare()  # warm-up here, off the device worker's thread
     # The engine's build and warm-up leave freed temporaries in the C heap: give them back to the OS
     # now (34 MiB on the default model, RSS before/after in one process) instead of holding them idle.
     release_free_memory()
-    for name, path in settings.lora_pairs():  # a bad adapter fails the start (exit 1, its reason)
+    for name, path in settings.lora_pairs():  # a bad adapter fails the load (exit 1 for a one-model server)
         adapter = engine.loras.load(name, path, reserved=(settings.display_name(),))
         logger.info("LoRA adapter '%s' (rank %d, %s) from %s", name, adapter.rank, ", ".join(adapter.target_modules),
                     path)
@@ -138,14 +148,65 @@ def load_served_model(settings: Settings) -> Any:
     )
 
 
-def fit_to_memory(settings: Settings) -> Settings:
+def build_registry(settings: Settings) -> Any:
+    """The registry of every model these settings name (ValueError for a bad catalog)."""
+    import torch
+
+    from .api.registry import ModelCost, Registry
+    from .engine.device_worker import DeviceWorker
+    from .loading.catalog import build_catalog
+    from .loading.estimate import estimate_for_settings
+
+    catalog = build_catalog(settings)
+    workers: dict[str, DeviceWorker] = {}
+    estimates: dict[str, Any] = {}
+
+    def worker_for(spec: Any) -> DeviceWorker:
+        device = spec.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = str(torch.device(device if device != "cuda" else "cuda:0"))
+        if device not in workers:  # one worker per device, its CPU threads followed unless pinned
+            workers[device] = DeviceWorker(device, follow_cpu_load=settings.cpu_threads is None)
+        return workers[device]
+
+    def estimator(spec: Any) -> ModelCost:
+        est = estimate_for_settings(spec.settings)
+        estimates[spec.name] = est
+        return ModelCost(est.weight_bytes, est.kv_cache_bytes, est.serving_bytes)
+
+    def loader(spec: Any, worker: Any, alone: bool) -> Any:
+        return load_served_model(spec.settings, worker, estimates.pop(spec.name, None))
+
+    budget = None
+    if settings.models_memory is not None:
+        budget = int(settings.models_memory * 2**30)
+    elif not catalog.single:
+        budget = default_models_budget(settings)
+    return Registry(catalog, loader, estimator if not catalog.single or budget is not None else None,
+                    budget_bytes=budget, max_loaded=settings.models_max, workers=worker_for)
+
+
+def default_models_budget(settings: Settings) -> Optional[int]:
+    """The loaded models' memory budget when --models-memory is not given: on a GPU
+    --gpu-memory-utilization of its memory, on a CPU 90% of the host's available memory now."""
+    import torch
+
+    from .api.memory import host_memory
+
+    if torch.cuda.is_available() and (settings.device or "cuda").startswith("cuda"):
+        index = torch.device(settings.device or "cuda").index or 0
+        return int(torch.cuda.mem_get_info(index)[1] * settings.gpu_memory_utilization)
+    available = host_memory().get("available_bytes")
+    return None if available is None else int(available * 0.9)
+
+
+def fit_to_memory(settings: Settings, estimate: Any = None) -> Settings:
     """The check before loading (server/loading/estimate.py, from the config and the tensor index):
     ValueError, with the estimate's explanation, when the model cannot fit; with --max-model-len
-    auto, the settings with the longest context that fits (logged)."""
+    auto, the settings with the longest context that fits (logged). estimate: made already."""
     from .loading.estimate import estimate_for_settings, fit_settings
 
     try:
-        estimate = estimate_for_settings(settings)
+        estimate = estimate if estimate is not None else estimate_for_settings(settings)
     except (ValueError, OSError):
         raise  # the model itself cannot be read: the loader would say the same
     except Exception as exc:  # noqa: BLE001 - a gap in the estimate must not stop a model that loads
@@ -167,8 +228,13 @@ def run(settings: Settings) -> int:
     from .loading.sources import check_source
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .loading.catalog import build_catalog
+
     try:  # milliseconds, before the port opens: a mistyped path or a taken port fails at once
-        check_source(settings.model, settings.revision)
+        catalog = build_catalog(settings)
+        for spec in catalog.specs:
+            if spec.preload:
+                check_source(spec.settings.model, spec.settings.revision)
         _check_listen(settings.host, settings.port)
     except (ValueError, OSError) as exc:
         return _fail(str(exc))
@@ -179,12 +245,12 @@ def run(settings: Settings) -> int:
     import uvicorn
 
     from .api.app import create_app
-    from .api.registry import Registry
 
-    registry = Registry(lambda: load_served_model(settings))
+    prepare_process(settings)
+    registry = build_registry(settings)
     app = create_app(settings, registry)
     logger.info("quantserve: serving %s on http://%s:%d (OpenAI API at /v1, health at /health)",
-                settings.display_name(), settings.host, settings.port)
+                ", ".join(catalog.names()), settings.host, settings.port)
     from .api.connections import header_timeout_protocol
 
     # h11 (uvicorn's pure-Python protocol, whichever else is installed) with a deadline on each

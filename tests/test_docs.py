@@ -54,7 +54,7 @@ def test_options_table_has_one_row_per_setting():
     assert len(rows) == len(Settings.model_fields)
     for row, name in zip(rows, Settings.model_fields):
         assert f"`QUANTSERVE_{name.upper()}`" in row
-        assert name == "model" or f"`--{name.replace('_', '-')}`" in row
+        assert name == "models" or f"`--{name.replace('_', '-')}`" in row
 
 
 def test_gen_options_check_fails_on_a_stale_table():

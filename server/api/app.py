@@ -16,9 +16,9 @@ from ..config import Settings
 from .errors import install_error_handlers
 from .guards import ApiKey, BodyLimit, HostCheck
 from .metrics import Metrics
-from .registry import Registry
+from .registry import ModelLeases, Registry
 from .replica import ReplicaHeader, default_replica_id
-from .routes import console, embeddings, lora, messages, openai, ops, quantization, responses, tokenize
+from .routes import console, embeddings, lora, messages, models, openai, ops, quantization, responses, tokenize
 from .routes.common import Services
 
 logger = logging.getLogger("quantserve.server")
@@ -40,8 +40,10 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
     app = FastAPI(title="quantserve", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     install_error_handlers(app)
     services = Services(settings=settings, registry=registry, metrics=Metrics(registry))
-    for routes in (quantization, openai, messages, responses, embeddings, tokenize, ops, console, lora):  # quantization's path before /v1/models/{id}
+    for routes in (quantization, models, openai, messages, responses, embeddings, tokenize, ops, console, lora):  # quantization's path before /v1/models/{id}
         app.include_router(routes.router(services))
+    # Innermost: a request's model leases end once its response is sent in full (registry.py).
+    app.add_middleware(ModelLeases, registry=registry)
     # Added last = outermost: the Host check runs first, then the key check (before any of the
     # body is read), then the body's size and time limits, then CORS.
     if settings.cors_origins:

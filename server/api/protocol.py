@@ -36,6 +36,17 @@ class _Strict(BaseModel):
 class _Request(_Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
+    # Ollama's: how long the model stays loaded after this request (seconds, or "5m", "1h"; negative:
+    # forever; 0: unloaded once idle); it sets the model's keep-alive until another request changes it.
+    keep_alive: Optional[float] = None
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        from ..config import parse_duration
+
+        return parse_duration(value)
+
 
 class _OmitNone(BaseModel):
     """Serialized without its None fields (OpenAI's deltas: the role once, then only what changed)."""

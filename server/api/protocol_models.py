@@ -17,6 +17,12 @@ class ModelCard(BaseModel):
     parent: Optional[str] = None  # a LoRA adapter's base model (vLLM's field)
     max_model_len: Optional[int] = None
     quantization: Optional[dict[str, Any]] = None  # what quantizing cost: routes/quantization.py's summary
+    # The registry's (api/registry.py): loaded, loading, unloaded, unloading or error (with why), and
+    # what the model costs loaded as `quantserve estimate` prices it (bytes; None until estimated).
+    state: Optional[str] = None
+    error: Optional[str] = None
+    memory: Optional[dict[str, Any]] = None
+    keep_alive: Optional[float] = None  # seconds it stays loaded once idle (None: until evicted)
 
 
 class ModelList(BaseModel):

@@ -1,141 +1,166 @@
-"""Model registry: model id -> a loaded, running engine. Loads at startup, in the background, so
-the port opens at once and /health can say "loading" rather than nothing.
+"""The model registry: every model the server knows (loading/catalog.py), loaded on demand, kept
+alive, and unloaded to fit.
+
+States: unloaded -> loading -> loaded -> (unloading ->) unloaded, or error (with its reason).
+- A request naming an unloaded model loads it and waits; concurrent first requests share the one
+  load. A load runs on a daemon thread at the lowest CPU priority (and with one compute thread
+  while other models serve), warm-up included: the device worker stepping the loaded models is
+  not held up by it.
+- Memory is counted, not guessed: each model costs what `quantserve estimate` prices (weights + KV
+  cache + one step's activations). Before a load the least recently used *idle* models are
+  unloaded until the newcomer fits the budget (--models-memory) and the count (--models-max). A
+  model with requests in flight is never unloaded under them: a load that only fits by doing so
+  gets 503 + Retry-After; one that does not fit even alone gets 507, both naming the numbers.
+- Keep-alive (Ollama's): a model is unloaded once idle for its keep-alive (a request's keep_alive
+  sets it for its model; negative = forever, 0 = as soon as it is idle).
+- Requests hold a lease on their model from resolve() until their HTTP exchange ends (the
+  ModelLeases middleware), streams included: "idle" is no lease and no unfinished request.
+- A model that fails to load or whose engine dies is marked error and answers 503 for itself;
+  the others serve on. A one-model server (Catalog.single) still stops on it, so that a
+  supervisor restarts it (serve.Watchdog).
+All registry state is changed on the event loop's thread; loads run in threads and report back.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import copy
+import contextvars
 import dataclasses
+import gc
 import logging
-import queue
+import os
 import threading
 import time
-from typing import Any, Callable, Iterator, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 from ..engine.errors import ShuttingDownError
+from ..loading.catalog import Catalog, ModelSpec
 from .errors import APIError, model_not_found, unavailable
+from .served_model import ServedModel
 
 logger = logging.getLogger("quantserve.server")
 
+GIB = 2**30
+State = Literal["unloaded", "loading", "loaded", "unloading", "error"]
 
-@dataclasses.dataclass
-class ServedModel:
-    """A model as the HTTP layer sees it: its engine, its tokenizer, and what loading reported."""
 
-    name: str
-    engine: Any  # server.engine.AsyncEngine (narrow interface: generate / abort / health / stats)
-    tokenizer: Any
-    max_model_len: int
-    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
-    load_report: Any = None  # the loader's report (bytes, layers, load time), shown by /v1/memory
+@dataclasses.dataclass(frozen=True)
+class ModelCost:
+    """What a model takes while loaded, as `quantserve estimate` prices it (bytes)."""
 
-    _spare: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue, repr=False, compare=False)
+    weight_bytes: int
+    kv_cache_bytes: int
+    total_bytes: int  # weights + KV cache + one step's activations
 
-    def __post_init__(self) -> None:
-        # One copy made now, while loading: a copy is ~250 ms of Python holding the GIL, which on a
-        # serving thread stalls the event loop (/health) and the engine for that long.
-        self._spare.put(copy.deepcopy(self.tokenizer))
 
-    @contextlib.contextmanager
-    def _tokenizer(self) -> Iterator[Any]:
-        """A copy of the tokenizer no other thread uses meanwhile (a fast tokenizer used by two
-        threads at once can fail, "Already borrowed"): the HTTP side encodes on worker threads and
-        decodes on the event loop's thread, and the engine thread decodes with a copy of its own.
-        Copies are lent and given back, so there are only as many as calls ever overlapped."""
-        try:
-            tokenizer = self._spare.get_nowait()
-        except queue.Empty:
-            tokenizer = copy.deepcopy(self.tokenizer)
-        try:
-            yield tokenizer
-        finally:
-            self._spare.put(tokenizer)
+@dataclasses.dataclass(eq=False)
+class ModelEntry:
+    """One known model and its state (changed on the event loop's thread only)."""
+
+    spec: ModelSpec
+    state: State = "unloaded"
+    error: Optional[str] = None
+    served: Optional[ServedModel] = None
+    cost: Optional[ModelCost] = None
+    loading: Optional[asyncio.Future] = None  # the load in progress, awaited by every request for it
+    leases: int = 0  # HTTP requests holding it now
+    last_used: float = dataclasses.field(default_factory=time.monotonic)
+    keep_alive: Optional[float] = None  # a request's override; None: the spec's
+    load_seconds: Optional[float] = None
+    spec_created: int = dataclasses.field(default_factory=lambda: int(time.time()))  # known since
 
     @property
-    def vocab_size(self) -> int:
-        return len(self.tokenizer)
+    def name(self) -> str:
+        return self.spec.name
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    template_kwargs: Optional[dict[str, Any]] = None) -> list[int]:
-        """Chat template -> prompt token ids (with the assistant's generation prompt unless told not
-        to); template_kwargs: more variables for the template (e.g. enable_thinking)."""
-        with self._tokenizer() as tokenizer:
-            return self._render(tokenizer, messages, add_generation_prompt, template_kwargs)
+    @property
+    def busy(self) -> bool:
+        return self.leases > 0 or (self.served is not None and self.served.engine.num_unfinished > 0)
 
-    def _render(self, tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                template_kwargs: Optional[dict[str, Any]]) -> list[int]:
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise APIError(400, f"model '{self.name}' has no chat template (its tokenizer has none and no "
-                                "--chat-template was given): use /v1/completions, or serve it with --chat-template FILE",
-                           param="messages")
-        from jinja2 import TemplateError
+    def expires_at(self) -> Optional[float]:
+        """Monotonic time at which an idle loaded model is unloaded (None: never)."""
+        keep = self.keep_alive if self.keep_alive is not None else self.spec.keep_alive
+        if keep is None or keep < 0:
+            return None
+        return self.last_used + keep
 
+
+# The leases one HTTP request holds (ModelLeases sets a list per request; resolve() appends).
+_LEASES: contextvars.ContextVar[Optional[list[ModelEntry]]] = contextvars.ContextVar("quantserve_leases",
+                                                                                      default=None)
+
+
+class ModelLeases:
+    """ASGI middleware: the models a request resolved stay leased until its response is sent in
+    full (a stream's last byte, or the client gone), then count as used at that moment."""
+
+    def __init__(self, app: Any, registry: "Registry") -> None:
+        self.app = app
+        self.registry = registry
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        held: list[ModelEntry] = []
+        token = _LEASES.set(held)
         try:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                                **(template_kwargs or {}))
-        except TemplateError as exc:  # the template's own words (raise_exception): a role order etc.
-            raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
-        except Exception:  # the tokenizer's internals are no message for the client
-            logger.debug("rendering a chat failed", exc_info=True)
-            raise APIError(400, "these messages could not be tokenized (is every text valid Unicode, without lone "
-                                "surrogates such as \\ud800?)", param="messages", code="invalid_text") from None
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
-
-    def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
-        """Token ids of `text`; 400 for text that is not valid Unicode (JSON lets a lone surrogate
-        such as "\\ud800" through; the tokenizer refuses it with a TypeError)."""
-        try:
-            with self._tokenizer() as tokenizer:
-                return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
-        except TypeError:
-            if isinstance(text, str) and not _encodable(text):
-                raise APIError(400, f"{param} is not valid Unicode: it holds a lone UTF-16 surrogate (\\ud800-\\udfff "
-                                    "without its pair)", param=param, code="invalid_text") from None
-            raise
-
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
-        with self._tokenizer() as tokenizer:
-            return tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
-
-    def token_text(self, token_id: int) -> str:
-        with self._tokenizer() as tokenizer:
-            return tokenizer.decode([token_id])
+            await self.app(scope, receive, send)
+        finally:
+            _LEASES.reset(token)
+            for entry in held:
+                self.registry.release(entry)
 
 
-Loader = Callable[[], ServedModel]
+Loader = Callable[[ModelSpec, Any, bool], ServedModel]  # (spec, device worker, alone) -> loaded model
+Estimator = Callable[[ModelSpec], ModelCost]
 
 
 class Registry:
-    """Holds the served model(s). `start()` loads in a worker thread and starts the engine."""
+    """The served models (see the module docstring). `start()` loads the startup models."""
 
-    def __init__(self, loader: Loader) -> None:
+    def __init__(self, catalog: Catalog, loader: Loader, estimator: Optional[Estimator] = None,
+                 budget_bytes: Optional[int] = None, max_loaded: Optional[int] = None,
+                 workers: Optional[Callable[[ModelSpec], Any]] = None) -> None:
+        self.catalog = catalog
+        self._entries = {spec.name: ModelEntry(spec) for spec in catalog.specs}
         self._loader = loader
-        self._models: dict[str, ServedModel] = {}
+        self._estimator = estimator
+        self.budget_bytes = budget_bytes
+        self.max_loaded = max_loaded
+        self._workers = workers or (lambda spec: None)
         self.state: Literal["loading", "ready", "failed", "stopped"] = "loading"
         self.error: Optional[str] = None
         self.started_at = time.time()
+        self._room = asyncio.Lock()  # one load decides and takes its room at a time
+        self._keeper: Optional[asyncio.Task] = None
+
+    # ------------------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        try:
-            served = await _in_daemon_thread(self._loader)
-            await served.engine.start()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # noqa: BLE001 - even SystemExit from the loader thread is a failed load
-            self.error = _reason(exc)
-            if isinstance(exc, (ValueError, OSError)):  # the loader's one-line errors: a bad model or path
-                logger.error("loading the model failed: %s", self.error)
-                logger.debug("loading the model failed", exc_info=True)
-            else:  # anything else may be a bug: keep the traceback in the log
-                logger.exception("loading the model failed: %s", self.error)
-            self.state = "failed"  # last: the server's watchdog stops the process on seeing it
-            return
-        self._models[served.name] = served
-        self.state = "ready"
+        """Load the startup models, one after another; then keep the keep-alives."""
+        for entry in self._entries.values():
+            if not entry.spec.preload or self.state == "stopped":
+                continue
+            try:
+                await self._ensure_loaded(entry)
+            except asyncio.CancelledError:
+                raise
+            except APIError as exc:
+                if self.catalog.single:
+                    self._fail(exc.message)
+                    return
+                logger.error("model '%s' was not loaded at startup: %s", entry.name, exc.message)
+            if self.catalog.single and entry.state == "error":
+                self._fail(entry.error or "loading the model failed")
+                return
+        if self.state == "loading":
+            self.state = "ready"
+        self._keeper = asyncio.create_task(self._keep())
+
+    def _fail(self, reason: str) -> None:
+        self.error = reason
+        self.state = "failed"  # last: the server's watchdog stops the process on seeing it
 
     def fail_unfinished(self, reason: str) -> None:
         """Every request still running ends with 503 `reason` (see serve.py's drain limit)."""
@@ -144,51 +169,283 @@ class Registry:
 
     async def shutdown(self) -> None:
         self.state = "stopped"
-        for served in {id(m): m for m in self._models.values()}.values():
-            await served.engine.shutdown()
+        if self._keeper is not None:
+            self._keeper.cancel()
+        for entry in self._entries.values():
+            if entry.served is not None:
+                await entry.served.engine.shutdown()
+
+    # ------------------------------------------------------------------------------ lookups
+
+    def entries(self) -> list[ModelEntry]:
+        return list(self._entries.values())
+
+    def entry(self, name: str) -> ModelEntry:
+        found = self._entries.get(name)
+        if found is None:
+            raise model_not_found(name)
+        return found
 
     def models(self) -> list[ServedModel]:
-        return list({id(m): m for m in self._models.values()}.values())
+        """The loaded models."""
+        return [e.served for e in self._entries.values() if e.state == "loaded" and e.served is not None]
 
     def get(self, name: Optional[str]) -> ServedModel:
-        """The served model `name` is, or is an adapter of (404 model_not_found for neither)."""
-        return self.resolve(name)[0]
+        """A loaded model by name, without loading it (503 while it is not loaded)."""
+        self.check_serving()
+        entry = self._default() if name is None else self._entries.get(name)
+        if entry is None:
+            for e in self._entries.values():
+                if e.served is not None and e.served.engine.loras.get(name) is not None:
+                    return e.served
+            raise model_not_found(name or "")
+        if entry.state != "loaded" or entry.served is None:
+            raise self._not_loaded(entry)
+        return entry.served
 
-    def resolve(self, name: Optional[str]) -> tuple[ServedModel, Optional[str]]:
-        """(served model, LoRA adapter name or None) for a request's "model" (vLLM's convention:
-        a loaded adapter's name picks that adapter on its base)."""
-        if self.state == "loading":
-            raise unavailable("The model is still loading; retry shortly.", retry_after=5)
-        if self.state != "ready":
-            raise unavailable(f"The model is not available ({self.error or self.state}).")
+    async def resolve(self, name: Optional[str], keep_alive: Optional[float] = None) -> tuple[ServedModel, Optional[str]]:
+        """(served model, LoRA adapter name or None) for a request's "model", loading the model if
+        it is not (vLLM's convention: a loaded adapter's name picks that adapter on its base). The
+        model is leased to the HTTP request until it ends; keep_alive: the request's keep_alive."""
+        self.check_serving()
+        entry, adapter = self._find(name)
+        if keep_alive is not None:
+            entry.keep_alive = keep_alive
+        leases = _LEASES.get()
+        if leases is not None:  # leased before any wait: nothing unloads it from here on
+            entry.leases += 1
+            leases.append(entry)
+        await self._ensure_loaded(entry)
+        assert entry.served is not None
+        return entry.served, adapter
+
+    def _find(self, name: Optional[str]) -> tuple[ModelEntry, Optional[str]]:
         if name is None:
-            return self.models()[0], None
-        served = self._models.get(name)
-        if served is not None:
-            return served, None
-        for served in self.models():
-            loras = getattr(served.engine, "loras", None)
+            return self._default(), None
+        entry = self._entries.get(name)
+        if entry is not None:
+            return entry, None
+        for entry in self._entries.values():  # an adapter: runtime-loaded on a loaded model, or configured
+            loras = entry.served.engine.loras if entry.served is not None else None
             if loras is not None and loras.get(name) is not None:
-                return served, name
+                return entry, name
+            if any(adapter == name for adapter, _ in entry.spec.settings.lora_pairs()):
+                return entry, name
         raise model_not_found(name)
 
+    def _default(self) -> ModelEntry:
+        """The model of a request that names none: the first loaded one, else the first known."""
+        loaded = [e for e in self._entries.values() if e.state == "loaded"]
+        return loaded[0] if loaded else next(iter(self._entries.values()))
+
+    def check_serving(self) -> None:
+        if self.state == "loading" and self.catalog.single:
+            raise unavailable("The model is still loading; retry shortly.", retry_after=5)
+        if self.state in ("failed", "stopped"):
+            raise unavailable(f"The model is not available ({self.error or self.state}).")
+
+    def _not_loaded(self, entry: ModelEntry) -> APIError:
+        if entry.state == "error":
+            return unavailable(f"model '{entry.name}' is not available: {entry.error}")
+        return unavailable(f"model '{entry.name}' is {entry.state}; retry shortly", retry_after=5)
+
+    def release(self, entry: ModelEntry) -> None:
+        """A request leasing `entry` ended (ModelLeases)."""
+        entry.leases = max(0, entry.leases - 1)
+        entry.last_used = time.monotonic()
+        if entry.leases == 0 and entry.expires_at() is not None and entry.expires_at() <= entry.last_used:
+            self._wake_keeper()  # keep_alive 0: unloaded once its engine is done too
+
+    # ------------------------------------------------------------------------------ load / unload
+
+    async def load(self, name: str) -> ModelEntry:
+        """POST /models/load: load `name` (again, after an error) if it is not loaded."""
+        self.check_serving()
+        entry = self.entry(name)
+        if entry.state == "error":
+            entry.state, entry.error = "unloaded", None
+        entry.last_used = time.monotonic()
+        await self._ensure_loaded(entry)
+        return entry
+
+    async def unload(self, name: str) -> ModelEntry:
+        """POST /models/unload: unload `name` once its requests are done; 409 while it has some."""
+        entry = self.entry(name)
+        if entry.state == "loading" and entry.loading is not None:
+            await asyncio.shield(entry.loading)
+        if entry.state != "loaded":
+            return entry
+        if entry.busy:
+            unfinished = entry.served.engine.num_unfinished if entry.served is not None else 0
+            raise APIError(409, f"model '{name}' has {max(unfinished, entry.leases)} requests in flight; unload it "
+                                "once they finish (or let keep_alive unload it when idle)", "invalid_request_error",
+                           "model", "model_busy")
+        await self._unload(entry, "asked to")
+        return entry
+
+    async def _ensure_loaded(self, entry: ModelEntry) -> None:
+        while True:
+            if entry.state == "loaded":
+                return
+            if entry.state == "error":
+                raise self._not_loaded(entry)
+            if entry.state == "unloading" or entry.loading is not None:
+                await asyncio.shield(entry.loading) if entry.loading is not None else await asyncio.sleep(0.05)
+                continue
+            entry.loading = asyncio.get_running_loop().create_future()
+            try:
+                await self._load(entry)
+            finally:
+                loading, entry.loading = entry.loading, None
+                if not loading.done():
+                    loading.set_result(None)
+
+    async def _load(self, entry: ModelEntry) -> None:
+        async with self._room:
+            if entry.cost is None and self._estimator is not None:
+                try:
+                    entry.cost = await _in_daemon_thread(lambda: self._estimator(entry.spec), "quantserve-estimate")
+                except (ValueError, OSError) as exc:  # the model cannot be read: loading would fail the same way
+                    entry.state, entry.error = "error", _reason(exc)
+                    logger.error("model '%s' cannot be loaded: %s", entry.name, entry.error)
+                    raise self._not_loaded(entry) from None
+                except Exception as exc:  # noqa: BLE001 - a gap in the estimate must not stop a model that loads
+                    logger.warning("model '%s': no memory estimate (%s: %s)", entry.name, type(exc).__name__, exc)
+            await self._make_room(entry)
+            entry.state = "loading"
+            alone = not self.models()
+            started = time.monotonic()
+            logger.info("loading model '%s'%s", entry.name,
+                        "" if entry.cost is None else f" ({_gib(entry.cost.total_bytes)} estimated)")
+            try:
+                served = await _in_daemon_thread(lambda: self._loader(entry.spec, self._workers(entry.spec), alone),
+                                                 "quantserve-loader", background=not alone)
+                await served.engine.start()
+            except asyncio.CancelledError:
+                entry.state = "unloaded"
+                raise
+            except BaseException as exc:  # noqa: BLE001 - even SystemExit from the loader thread is a failed load
+                entry.state, entry.error = "error", _reason(exc)
+                if isinstance(exc, (ValueError, OSError)):  # the loader's one-line errors: a bad model or path
+                    logger.error("loading model '%s' failed: %s", entry.name, entry.error)
+                    logger.debug("loading the model failed", exc_info=True)
+                else:  # anything else may be a bug: keep the traceback in the log
+                    logger.exception("loading model '%s' failed: %s", entry.name, entry.error)
+                raise self._not_loaded(entry) from None
+            entry.served, entry.state, entry.error = served, "loaded", None
+            entry.load_seconds = time.monotonic() - started
+            entry.last_used = time.monotonic()
+            logger.info("model '%s' loaded in %.1f s", entry.name, entry.load_seconds)
+
+    async def _make_room(self, entry: ModelEntry) -> None:
+        """Unload least recently used idle models until `entry` fits the count and the budget."""
+        need = entry.cost.total_bytes if entry.cost is not None else 0
+        budget = self.budget_bytes
+        if budget is not None and need > budget:
+            raise APIError(507, f"model '{entry.name}' needs {_gib(need)} (weights {_gib(entry.cost.weight_bytes)}, "
+                                f"KV cache {_gib(entry.cost.kv_cache_bytes)}) but the models' memory budget is "
+                                f"{_gib(budget)} (--models-memory)", "insufficient_storage", "model", "model_too_large")
+        while True:
+            loaded = [e for e in self._entries.values() if e.state == "loaded"]
+            used = sum(e.cost.total_bytes for e in loaded if e.cost is not None)
+            over_count = self.max_loaded is not None and len(loaded) + 1 > self.max_loaded
+            over_memory = budget is not None and used + need > budget
+            if not over_count and not over_memory:
+                return
+            idle = sorted((e for e in loaded if not e.busy), key=lambda e: e.last_used)
+            if not idle:
+                busy = ", ".join(f"'{e.name}'" for e in loaded)
+                why = (f"{len(loaded)} models are loaded (--models-max {self.max_loaded})" if over_count else
+                       f"the loaded models take {_gib(used)} of the {_gib(budget)} budget and '{entry.name}' needs "
+                       f"{_gib(need)}")
+                raise unavailable(f"cannot load '{entry.name}' now: {why}, and every loaded model ({busy}) has "
+                                  "requests in flight; retry when one is idle", retry_after=5)
+            await self._unload(idle[0], "to make room for '%s'" % entry.name)
+
+    async def _unload(self, entry: ModelEntry, why: str) -> None:
+        served = entry.served
+        entry.state = "unloading"
+        logger.info("unloading model '%s' (%s)", entry.name, why)
+        try:
+            if served is not None:
+                await served.engine.shutdown()
+                served.close()
+        finally:
+            entry.served = None
+            entry.state = "unloaded"
+            entry.keep_alive = None
+            del served
+            await _in_daemon_thread(_give_back_memory, "quantserve-unload")
+
+    # ------------------------------------------------------------------------------ keep-alive, health
+
+    def _wake_keeper(self) -> None:
+        if self._keeper is not None and not self._keeper.done():
+            self._keeper_wake.set()
+
+    @property
+    def _keeper_wake(self) -> asyncio.Event:
+        if not hasattr(self, "_keeper_event"):
+            self._keeper_event = asyncio.Event()
+        return self._keeper_event
+
+    async def _keep(self) -> None:
+        """Unload expired idle models; mark models whose engine died (the one-model server's
+        watchdog stops the process instead)."""
+        while self.state == "ready":
+            now = time.monotonic()
+            for entry in list(self._entries.values()):
+                if entry.state != "loaded" or entry.served is None:
+                    continue
+                alive, reason = entry.served.engine.health()
+                if not alive and not self.catalog.single:
+                    logger.error("model '%s' stopped serving: %s", entry.name, reason)
+                    served, entry.served = entry.served, None
+                    entry.state, entry.error = "error", f"its engine stopped: {reason}"
+                    await served.engine.shutdown()
+                    continue
+                expires = entry.expires_at()
+                if expires is not None and expires <= now and not entry.busy and not self._room.locked():
+                    await self._unload(entry, "idle past its keep_alive")
+            try:
+                await asyncio.wait_for(self._keeper_wake.wait(), timeout=0.5)
+            except asyncio.TimeoutError:
+                pass
+            self._keeper_wake.clear()
+
     def health(self) -> tuple[bool, str]:
-        """(serving, reason): serving only when loaded and every engine thread is alive."""
+        """(serving, reason). A one-model server serves only while its model does; a registry of
+        several serves while it runs (each model's state is in /v1/models)."""
         if self.state != "ready":
             return False, self.error or self.state
-        for served in self.models():
-            alive, error = served.engine.health()
-            if not alive:
-                return False, f"engine for '{served.name}' stopped: {error}"
+        if self.catalog.single:
+            for served in self.models():
+                alive, error = served.engine.health()
+                if not alive:
+                    return False, f"engine for '{served.name}' stopped: {error}"
+            if not self.models():
+                entry = next(iter(self._entries.values()))
+                return False, entry.error or f"model '{entry.name}' is {entry.state}"
         return True, "ok"
 
 
-def _encodable(text: str) -> bool:
+def _give_back_memory() -> None:
+    """After an unload: collect the model's cycles and hand the freed heap back to the OS."""
+    gc.collect()
+    from ..loading.peak_memory import release_free_memory
+
+    release_free_memory()
     try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+
+
+def _gib(n: Optional[float]) -> str:
+    return "?" if n is None else f"{n / GIB:.2f} GiB"
 
 
 def _reason(exc: BaseException) -> str:
@@ -202,14 +459,17 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
+async def _in_daemon_thread(fn: Callable[[], Any], name: str, background: bool = False) -> Any:
     """fn() in a daemon thread. Not asyncio.to_thread: a process asked to stop while loading
-    (SIGTERM) would wait at exit for the executor's thread to finish loading, for minutes."""
+    (SIGTERM) would wait at exit for the executor's thread to finish loading, for minutes.
+    background: while other models serve, at the lowest CPU priority (nice 19: under autogroup a
+    thread's nice weighs against the threads of its own process) and with one compute thread (a
+    second OpenMP pool beside the device worker's would slow every one of its steps)."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future = loop.create_future()
 
     def settle(result: Any, error: Optional[BaseException]) -> None:
-        if future.done():  # cancelled: nobody wants the model any more
+        if future.done():  # cancelled: nobody wants the result any more
             return
         if error is not None:
             future.set_exception(error)
@@ -219,13 +479,29 @@ async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
     def target() -> None:
         result, error = None, None
         try:
+            if background:
+                _lower_this_thread()
             result = fn()
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
             error = exc
+        finally:
+            from quantserve.kernels.cpu import paged_attention as native
+
+            native.release_openmp_threads()  # this thread's OpenMP pool is not needed any more
         try:
             loop.call_soon_threadsafe(settle, result, error)
         except RuntimeError:  # the event loop has closed: the server stopped meanwhile
             pass
 
-    threading.Thread(target=target, name="quantserve-loader", daemon=True).start()
+    threading.Thread(target=target, name=name, daemon=True).start()
     return await future
+
+
+def _lower_this_thread() -> None:
+    import torch
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (OSError, AttributeError):
+        pass
+    torch.set_num_threads(1)

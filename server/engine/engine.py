@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import copy
 import dataclasses
 import logging
@@ -27,7 +26,7 @@ from torch import nn
 from quantserve.kernels.cpu import paged_attention as native
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .cpu_load import CpuLoadFollower
+from .device_worker import DeviceWorker
 from .detokenizer import IncrementalDetokenizer
 from .errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
 from .grammar import GrammarCompiler
@@ -58,9 +57,12 @@ class AsyncEngine(EngineLoop):
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, config: Optional[EngineConfig] = None,
-                 embedding_only: bool = False, draft_model: Optional[nn.Module] = None) -> None:
+                 embedding_only: bool = False, worker: Optional[DeviceWorker] = None,
+                 draft_model: Optional[nn.Module] = None) -> None:
         """embedding_only: the model is an embedding model without an output head of its own
         (loading/embedding_folder.py): embed() serves, generation requests are refused.
+        worker: the device's worker thread, shared with the other engines on the device (the
+        registry's); None: a worker of this engine's own.
         draft_model: the speculative draft model, already loaded (else config.speculative_config's
         "model" is loaded here when it names one)."""
         config = EngineConfig() if config is None else config
@@ -110,8 +112,10 @@ class AsyncEngine(EngineLoop):
         self.embedding_only = embedding_only
         self._embed_jobs: collections.deque = collections.deque()  # engine thread only: batches waiting for blocks
         self._inbox: collections.deque = collections.deque()
-        self._wake = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self.worker = worker if worker is not None else DeviceWorker(self.runner.device, config.follow_cpu_load)
+        self._wake = self.worker.wake
+        self._detached: Optional[threading.Event] = None  # set once the worker let this engine go
+        self._prepared = False
         self._stopping = False
         self._dead_error: Optional[str] = None
         self._requests: dict[str, Request] = {}  # engine thread only
@@ -127,29 +131,28 @@ class AsyncEngine(EngineLoop):
         self._num_requests_finished = 0
         self._num_steps = 0
         self._recent_finishes: collections.deque = collections.deque(maxlen=64)  # monotonic times
-        self._cpu_load: Optional[CpuLoadFollower] = None  # made on the engine thread (config.follow_cpu_load)
         self._release_cpu_threads()  # this thread (the loader's) is done with parallel CPU work
 
     # ------------------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Start the engine thread (warms the model up first; raises if that fails)."""
-        if self._thread is not None:
+        """Warm the model up if prepare() has not, then have the device worker step this engine
+        (raises if warming up fails)."""
+        if self._detached is not None:
             return
-        ready: concurrent.futures.Future = concurrent.futures.Future()
-        self._thread = threading.Thread(target=self._thread_main, args=(ready,), name="quantserve-engine",
-                                        daemon=True)
-        self._thread.start()
-        await asyncio.wrap_future(ready)
+        if not self._prepared:
+            await _in_thread(self.prepare, "quantserve-warmup")
+        self._detached = self.worker.attach(self)
         self._release_cpu_threads()  # the event loop's thread computes nothing
 
     async def shutdown(self) -> None:
-        """Stop the thread; unfinished requests end with finish_reason "abort"."""
-        thread = self._thread
+        """Stop stepping this engine; unfinished requests end with finish_reason "abort"."""
         self._stopping = True
         self._wake.set()
-        if thread is not None and thread.is_alive():
-            await asyncio.to_thread(thread.join)
+        detached = self._detached
+        if detached is not None and not detached.is_set() and self.worker.alive:
+            await asyncio.to_thread(detached.wait)
+        self.grammars.close()
 
     def _release_cpu_threads(self) -> None:
         # Only the engine thread should keep OpenMP workers (see native.release_openmp_threads).
@@ -159,10 +162,10 @@ class AsyncEngine(EngineLoop):
     def health(self) -> tuple[bool, Optional[str]]:
         if self._dead_error is not None:
             return False, self._dead_error
-        if self._thread is None:
+        if self._detached is None:
             return False, "engine not started"
-        if not self._thread.is_alive():
-            return False, "engine thread stopped"
+        if self._detached.is_set() or not self.worker.alive:
+            return False, f"engine stopped{': ' + self.worker.error if self.worker.error else ''}"
         return True, None
 
     # ------------------------------------------------------------------------------ requests
@@ -215,7 +218,7 @@ class AsyncEngine(EngineLoop):
         # Under the lock that the dying engine thread also takes: a request is either in the inbox
         # before the thread fails everything in it, or refused here; never left behind.
         with self._submit_lock:
-            if self._dead_error is not None or self._thread is None or self._stopping:
+            if self._dead_error is not None or self._detached is None or self._stopping:
                 raise EngineDeadError(self._dead_error or "the engine is not running")
             waiting = self._num_unadmitted + self.scheduler.num_waiting
             if waiting + len(requests) > self.config.max_queue:
@@ -327,7 +330,7 @@ class AsyncEngine(EngineLoop):
                                  bm.num_blocks)
         jobs = [pooling.EmbedJob([prompts[i] for i in group], self.pooling, loop) for group in groups]
         with self._submit_lock:  # as generate_many: queued before the thread fails the inbox, or refused
-            if self._dead_error is not None or self._thread is None or self._stopping:
+            if self._dead_error is not None or self._detached is None or self._stopping:
                 raise EngineDeadError(self._dead_error or "the engine is not running")
             self._inbox.extend(("embed", job) for job in jobs)
         self._wake.set()
@@ -376,8 +379,8 @@ class AsyncEngine(EngineLoop):
                 "cuda_graphs": "on" if r.graphs is not None else r.graphs_off, "steps": dict(r.steps)}
 
     def cpu_load_report(self) -> Optional[dict[str, object]]:
-        """The thread-count controller's state for /health (None when the count is pinned)."""
-        return None if self._cpu_load is None else self._cpu_load.report()
+        """The device's thread-count controller's state for /health (None when the count is pinned)."""
+        return self.worker.cpu_load_report()
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
@@ -396,6 +399,12 @@ class AsyncEngine(EngineLoop):
             num_requests_finished=self._num_requests_finished,
             num_steps=self._num_steps,
         )
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests and embedding batches submitted and not yet finished, read from any thread (the
+        registry never unloads a model under them)."""
+        return len(self._requests) + self._num_unadmitted + len(self._embed_jobs)
 
     @property
     def _num_unadmitted(self) -> int:
@@ -419,3 +428,20 @@ def _eos_token_ids(model: nn.Module, tokenizer: Any) -> frozenset[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(v for v in value if isinstance(v, int))
     return frozenset(ids)
+
+
+async def _in_thread(fn: Any, name: str) -> Any:
+    """fn() on a daemon thread of its own, awaited (not the default executor, whose threads keep
+    OpenMP pools alive and which a stopping process waits for)."""
+    import concurrent.futures
+
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def target() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            future.set_exception(exc)
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return await asyncio.wrap_future(future)

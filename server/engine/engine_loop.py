@@ -1,17 +1,16 @@
-"""The engine thread's side of AsyncEngine (engine.py): warm-up, then the loop that takes new
-requests and aborts from the inbox, runs a step (schedule -> run -> postprocess), detokenizes,
-applies stop strings and hands each request's news to its own collector. Failures of a step fail
-that step's requests; a death of the thread fails them all and marks the engine dead."""
+"""The device worker's side of AsyncEngine (engine.py): warm-up, then the rounds the worker
+(device_worker.py) runs: take new requests and aborts from the inbox, run a step (schedule -> run
+-> postprocess), detokenize, apply stop strings and hand each request's news to its own
+collector. Failures of a step fail that step's requests; an exception escaping a round fails them
+all and marks this engine dead (other engines on the device go on)."""
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import time
 from typing import Any, Optional
 
-from .cpu_load import CpuLoadFollower
 from .detokenizer import IncrementalDetokenizer
 from .errors import EngineDeadError, RequestFailedError
 from .model_runner import device_guard
@@ -43,41 +42,40 @@ class Request:
 
 
 class EngineLoop:
-    """What runs on the engine thread. AsyncEngine holds the state it reads: runner, scheduler,
-    block_manager, config, tokenizer, the inbox and its lock, the requests by id, counters."""
+    """What runs on the device worker's thread. AsyncEngine holds the state it reads: runner,
+    scheduler, block_manager, config, tokenizer, the inbox and its lock, the requests by id, counters."""
 
     # ------------------------------------------------------------------------------ engine thread
 
-    def _thread_main(self, ready: concurrent.futures.Future) -> None:
-        # --device cuda:N: every launch of this thread (Triton's included) goes to the engine's GPU.
+    def prepare(self) -> None:
+        """Warm the model up (every kernel and shape it serves; on a GPU the tuning and CUDA graphs)
+        on the calling thread: the loader's, so that a device worker stepping other models is not
+        held up by it. start() runs it if nobody has."""
+        if self._prepared:
+            return
         with device_guard(self.runner.device):
-            self._thread_body(ready)
-
-    def _thread_body(self, ready: concurrent.futures.Future) -> None:
-        try:
             self.runner.warmup(self.max_model_len)
-            # llguidance's view of the vocabulary (~0.4 s of Python holding the GIL): built before
-            # serving, not on the first constrained request, where it would stall every stream.
-            self.grammars.warm()
-        except BaseException as exc:  # noqa: BLE001 - reported to start()'s caller
-            with self._submit_lock:
-                self._dead_error = f"warmup failed: {exc!r}"
-            ready.set_exception(exc)
-            return
-        if self.config.follow_cpu_load and self.runner.device.type == "cpu":
-            self._cpu_load = CpuLoadFollower.for_current_threads()
-        ready.set_result(None)
-        try:
-            self._loop()
-        except BaseException as exc:  # noqa: BLE001 - the thread must report any death
-            logger.exception("engine thread died")
-            with self._submit_lock:  # see generate_many: nothing can be queued after this
-                self._dead_error = f"engine thread died: {exc!r}"
-            self._fail_all(EngineDeadError(self._dead_error))
-            self._flush()
-            return
-        if self._cpu_load is not None:
-            self._cpu_load.close()  # torch's thread count back to what the server started with
+        # llguidance's view of the vocabulary (~0.4 s of Python holding the GIL): built before
+        # serving, not on the first constrained request, where it would stall every stream.
+        self.grammars.warm()
+        self._prepared = True
+
+    def _wants_step(self) -> bool:
+        """Whether the device worker has anything to do for this engine now."""
+        return bool(self._inbox or self._embed_jobs or self.scheduler.has_work())
+
+    def _tick(self) -> None:
+        """One round on the device worker's thread: new requests and aborts, the embedding batches
+        that fit, one step, and the outputs delivered."""
+        self._drain_inbox()
+        if self._embed_jobs:
+            self._embed_between_steps()
+        if self.scheduler.has_work():
+            self._step()
+        self._flush()
+
+    def _stop_requests(self) -> None:
+        """The engine stops (shutdown): every request still running ends with "abort"."""
         with self._submit_lock:
             self._dead_error = "engine shut down"
         for request in list(self._requests.values()):
@@ -85,22 +83,12 @@ class EngineLoop:
         self._drain_inbox_on_exit()
         self._flush()
 
-    def _loop(self) -> None:
-        while not self._stopping:
-            self._drain_inbox()
-            if self._embed_jobs:
-                self._embed_between_steps()
-            if not self.scheduler.has_work():
-                self._flush()
-                self._wake.clear()
-                if self._inbox or self._stopping or self._embed_jobs:
-                    continue
-                self._wake.wait()
-                continue
-            if self._cpu_load is not None:
-                self._cpu_load.maybe_update()  # returns at once unless its interval has passed
-            self._step()
-            self._flush()
+    def _die(self, exc: BaseException) -> None:
+        """The step loop raised: no state can be trusted; fail every request, refuse new ones."""
+        with self._submit_lock:  # see generate_many: nothing can be queued after this
+            self._dead_error = f"engine thread died: {exc!r}"
+        self._fail_all(EngineDeadError(self._dead_error))
+        self._flush()
 
     def _drain_inbox(self) -> None:
         inbox = self._inbox

@@ -155,6 +155,12 @@ class GrammarCompiler:
                     self._hf_tokenizer, n_vocab=n_vocab, eos_token=self.eos_token_ids or None)
             return self._lltokenizer
 
+    def close(self) -> None:
+        """Stop the compile threads (the engine is unloaded)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
     @property
     def closing_tokens(self) -> ClosingTokens:
         if self._closing is None:

@@ -35,15 +35,15 @@ class QuantserveReplica:
 
     async def __init__(self, settings: dict[str, Any]) -> None:  # Ray Serve awaits an async constructor
         from ..api.app import create_app
-        from ..api.registry import Registry
         from ..config import Settings
         from ..process_memory import prepare_serving_process
-        from ..serve import load_served_model
+        from ..serve import build_registry, prepare_process
 
         config = Settings(**settings)
         logging.getLogger("quantserve").setLevel(config.log_level.upper())
         prepare_serving_process(config)
-        self.registry = Registry(lambda: load_served_model(config))
+        prepare_process(config)
+        self.registry = build_registry(config)
         self.app = create_app(config, self.registry)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._lifespan = self.app.router.lifespan_context(self.app)

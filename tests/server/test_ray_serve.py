@@ -231,8 +231,10 @@ def test_plain_server_names_itself():
     from quantserve.server.api.app import create_app
     from quantserve.server.api.registry import Registry
     from quantserve.server.config import Settings
+    from quantserve.server.loading.catalog import build_catalog
 
-    app = create_app(Settings(api_key="k"), Registry(lambda: pytest.fail("no load in this test")))
+    settings = Settings(api_key="k")
+    app = create_app(settings, Registry(build_catalog(settings), lambda *_: pytest.fail("no load in this test")))
 
     async def run():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:

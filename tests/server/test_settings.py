@@ -26,7 +26,7 @@ def test_matmul_precision_default_flag_and_env(monkeypatch):
 
 
 def test_serving_applies_the_precision(monkeypatch):
-    """load_served_model sets torch's precision before loading (the CPU 4-bit matmul reads it)."""
+    """prepare_process sets torch's precision before any model loads (the CPU 4-bit matmul reads it)."""
     from quantserve.server.loading import loader
     from quantserve.quant.backends.cpu import bf16_products_allowed
 
@@ -42,7 +42,9 @@ def test_serving_applies_the_precision(monkeypatch):
     try:
         for precision, bf16 in (("medium", True), ("highest", False)):
             with pytest.raises(Stop) as info:
-                serve.load_served_model(Settings(matmul_precision=precision))
+                settings = Settings(matmul_precision=precision)
+                serve.prepare_process(settings)
+                serve.load_served_model(settings)
             assert info.value.args == (precision, bf16)
     finally:
         torch.set_float32_matmul_precision("highest")

@@ -98,21 +98,6 @@ async def until_disconnect(request: Request, gen: Generation, body: SamplingRequ
             task.cancel()
 
 
-def card(served: ServedModel) -> p.ModelCard:
-    from .quantization import quantization_summary
-
-    return p.ModelCard(id=served.name, created=served.created, root=served.name, max_model_len=served.max_model_len,
-                       quantization=quantization_summary(served))
-
-
-def lora_cards(served: ServedModel) -> list[p.ModelCard]:
-    """The served model's LoRA adapters: parent = the base, root = the adapter's name (vLLM puts its
-    path there; a public listing shows no server path)."""
-    loras = getattr(served.engine, "loras", None)
-    return [p.ModelCard(id=a.name, created=a.created, root=a.name, parent=served.name,
-                        max_model_len=served.max_model_len) for a in (loras.list() if loras is not None else [])]
-
-
 async def to_thread(fn: Any, *args: Any) -> Any:
     # Tokenizing a long prompt takes milliseconds to seconds: keep it off the event loop.
     return await asyncio.to_thread(fn, *args)

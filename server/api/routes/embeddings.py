@@ -28,7 +28,7 @@ def router(services: Services) -> APIRouter:
 
     @api.post("/v1/embeddings")
     async def create_embeddings(body: pe.EmbeddingRequest) -> pe.EmbeddingResponse:
-        served, lora = registry.resolve(body.model)
+        served, lora = await registry.resolve(body.model, body.keep_alive)
         if lora is not None:
             raise bad_request(f"embeddings are not served through a LoRA adapter ('{lora}'): use the base model "
                               f"'{served.name}'", "model")

@@ -42,7 +42,7 @@ def router(services: Services) -> APIRouter:
         if len(body.lora_path) > MAX_PATH_CHARS:
             raise bad_request(f"lora_path is longer than {MAX_PATH_CHARS} characters.", "lora_path")
         served = registry.get(None)
-        if any(m.name == name for m in registry.models()):
+        if any(e.name == name for e in registry.entries()):
             raise bad_request(f"The lora adapter '{name}' cannot take the base model's name.", "lora_name")
         try:  # reading and checking the weights takes a while: off the event loop
             await to_thread(served.engine.loras.load, name, body.lora_path, (), settings.lora_root,

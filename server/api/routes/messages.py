@@ -23,7 +23,7 @@ def router(services: Services) -> APIRouter:
 
     @api.post("/v1/messages", response_model=None)
     async def create_message(body: pm.MessagesRequest, request: Request):
-        served, lora = registry.resolve(body.model)
+        served, lora = await registry.resolve(body.model, body.keep_alive)
         chat = chat_from_messages(body)
         prompt, reader = await to_thread(prepare_chat, served, chat, settings.tool_call_parser,
                                          settings.reasoning_parser)
@@ -36,7 +36,7 @@ def router(services: Services) -> APIRouter:
 
     @api.post("/v1/messages/count_tokens")
     async def count_tokens(body: pm.CountTokensRequest) -> pm.CountTokensResponse:
-        served, _ = registry.resolve(body.model)
+        served, _ = await registry.resolve(body.model, body.keep_alive)
         chat = chat_from_messages(body)
         prompt, _ = await to_thread(prepare_chat, served, chat, settings.tool_call_parser, None)
         return pm.CountTokensResponse(input_tokens=len(prompt))

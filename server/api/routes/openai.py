@@ -1,4 +1,4 @@
-"""POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}]."""
+"""POST /v1/chat/completions, POST /v1/completions."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from fastapi.responses import StreamingResponse
 
 from .. import protocol as p
 from .. import streaming
-from ..errors import bad_request, model_not_found
+from ..errors import bad_request
 from ..tools import prepare_chat
-from .common import Services, card, lora_cards, submit, to_thread, until_disconnect
+from .common import Services, submit, to_thread, until_disconnect
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -20,7 +20,7 @@ def router(services: Services) -> APIRouter:
 
     @api.post("/v1/chat/completions", response_model=None)
     async def create_chat_completion(body: p.ChatCompletionRequest, request: Request):
-        served, lora = registry.resolve(body.model)
+        served, lora = await registry.resolve(body.model, body.keep_alive)
         settings = services.settings
         prompt, reader = await to_thread(prepare_chat, served, body, settings.tool_call_parser,
                                          settings.reasoning_parser)
@@ -32,7 +32,7 @@ def router(services: Services) -> APIRouter:
 
     @api.post("/v1/completions", response_model=None)
     async def create_completion(body: p.CompletionRequest, request: Request):
-        served, lora = registry.resolve(body.model)
+        served, lora = await registry.resolve(body.model, body.keep_alive)
         if body.echo and body.logprobs is not None:
             raise bad_request("echo with logprobs is not supported", "echo")
         prompts = [await to_thread(served.encode, raw) if isinstance(raw, str) else list(raw) for raw in body.prompts()]
@@ -44,18 +44,5 @@ def router(services: Services) -> APIRouter:
         echo = [raw if isinstance(raw, str) else await to_thread(served.decode, raw) for raw in body.prompts()] \
             if body.echo else None
         return await until_disconnect(request, gen, body, streaming.completion_response(gen, echo))
-
-    @api.api_route("/v1/models", methods=["GET", "HEAD"])
-    async def list_models() -> p.ModelList:
-        registry.get(None)  # 503 while loading or failed
-        return p.ModelList(data=[c for m in registry.models() for c in [card(m), *lora_cards(m)]])
-
-    @api.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"])
-    async def retrieve_model(model_id: str) -> p.ModelCard:
-        served, lora = registry.resolve(model_id)
-        found = card(served) if lora is None else next((c for c in lora_cards(served) if c.id == lora), None)
-        if found is None:  # unloaded meanwhile
-            raise model_not_found(model_id)
-        return found
 
     return api

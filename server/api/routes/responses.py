@@ -33,7 +33,7 @@ def router(services: Services) -> APIRouter:
 
     @api.post("/v1/responses", response_model=None)
     async def create_response(body: pr.ResponsesRequest, request: Request):
-        served, lora = registry.resolve(body.model)
+        served, lora = await registry.resolve(body.model, body.keep_alive)
         history: list = []
         if body.previous_response_id is not None:
             stored = store.get(body.previous_response_id)

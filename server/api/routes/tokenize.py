@@ -16,7 +16,7 @@ def router(services: Services) -> APIRouter:
 
     @api.post("/tokenize")
     async def tokenize(body: pv.TokenizeRequest) -> pv.TokenizeResponse:
-        served = registry.get(body.model)
+        served, _ = await registry.resolve(body.model, body.keep_alive)
         if body.messages is not None:
             messages = p.ChatCompletionRequest(model=served.name, messages=body.messages).chat_messages()
             tokens = await to_thread(served.render_chat, messages, body.add_generation_prompt)
@@ -26,7 +26,7 @@ def router(services: Services) -> APIRouter:
 
     @api.post("/detokenize")
     async def detokenize(body: pv.DetokenizeRequest) -> pv.DetokenizeResponse:
-        served = registry.get(body.model)
+        served, _ = await registry.resolve(body.model, body.keep_alive)
         # The one check of ids that never reach the engine.
         vocab = served.vocab_size
         if any(t >= vocab for t in body.tokens):
