@@ -46,7 +46,8 @@ class _EngineCollector:
         # server protocol): the adapters with requests running / waiting, comma-separated, and the
         # most active at once; the value is when it was read (the picker takes the newest sample).
         lora_info = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
-                                      labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"])
+                                      labels=["model_name", "max_lora", "waiting_lora_adapters",
+                                              "running_lora_adapters"])
         for served in models:
             execution = getattr(served.engine, "execution", None)
             if execution is not None:
@@ -73,9 +74,10 @@ class _EngineCollector:
             hit_rate.add_metric(name, s.prefix_cache_hit_rate)
             adapters = lora_adapters(served.engine)
             if adapters is not None:
-                lora_info.add_metric(list(adapters), time.time())
+                lora_info.add_metric([served.name, *adapters], time.time())
         yield from (running, waiting, kv_usage, prompt, generation, preemptions, weight, weight16, kv_bytes, hit_rate,
                     path, steps, lora_info)
+        yield from _registry_metrics(reg)
         host = host_memory()
         rss = GaugeMetricFamily("quantserve_host_rss_bytes", "Resident set size of the server process")
         rss.add_metric([], host["rss_bytes"] or 0)
@@ -86,6 +88,26 @@ class _EngineCollector:
             for kind in ("total", "free", "allocated", "reserved", "peak_allocated"):
                 dev.add_metric([d["device"], kind], d[f"{kind}_bytes"])
         yield from (rss, peak, dev)
+
+
+def _registry_metrics(reg: Any) -> Iterable[Any]:
+    """Every known model's state, loads and unloads; the loaded models' memory against the budget."""
+    state = GaugeMetricFamily("quantserve_model_state", "1 for the state each known model is in (loaded, loading, "
+                              "unloaded, unloading, error)", labels=["model_name", "state"])
+    loads = CounterMetricFamily("quantserve_model_loads", "Loads started", labels=["model_name"])
+    unloads = CounterMetricFamily("quantserve_model_unloads", "Unloads done", labels=["model_name"])
+    for entry in reg.entries():
+        state.add_metric([entry.name, entry.state], 1)
+        loads.add_metric([entry.name], entry.loads)
+        unloads.add_metric([entry.name], entry.unloads)
+    yield from (state, loads, unloads)
+    if reg.budget_bytes is not None:
+        budget = GaugeMetricFamily("quantserve_models_memory_budget_bytes", "What the loaded models may take "
+                                   "together (--models-memory)")
+        budget.add_metric([], reg.budget_bytes)
+        used = GaugeMetricFamily("quantserve_models_memory_used_bytes", "What the loaded models take, as estimated")
+        used.add_metric([], reg.used_bytes())
+        yield from (budget, used)
 
 
 def lora_adapters(engine: Any) -> Optional[tuple[str, str, str]]:

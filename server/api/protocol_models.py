@@ -23,6 +23,7 @@ class ModelCard(BaseModel):
     error: Optional[str] = None
     memory: Optional[dict[str, Any]] = None
     keep_alive: Optional[float] = None  # seconds it stays loaded once idle (None: until evicted)
+    load_seconds: Optional[float] = None  # how long its last load took, warm-up included
 
 
 class ModelList(BaseModel):

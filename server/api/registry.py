@@ -67,6 +67,8 @@ class ModelEntry:
     last_used: float = dataclasses.field(default_factory=time.monotonic)
     keep_alive: Optional[float] = None  # a request's override; None: the spec's
     load_seconds: Optional[float] = None
+    loads: int = 0  # loads started
+    unloads: int = 0
     spec_created: int = dataclasses.field(default_factory=lambda: int(time.time()))  # known since
 
     @property
@@ -185,6 +187,10 @@ class Registry:
         if found is None:
             raise model_not_found(name)
         return found
+
+    def used_bytes(self) -> int:
+        """What the loaded models take together, as estimated (the budget's count)."""
+        return sum(e.cost.total_bytes for e in self._entries.values() if e.state == "loaded" and e.cost is not None)
 
     def models(self) -> list[ServedModel]:
         """The loaded models."""
@@ -313,6 +319,7 @@ class Registry:
                     logger.warning("model '%s': no memory estimate (%s: %s)", entry.name, type(exc).__name__, exc)
             await self._make_room(entry)
             entry.state = "loading"
+            entry.loads += 1
             alone = not self.models()
             started = time.monotonic()
             logger.info("loading model '%s'%s", entry.name,
@@ -374,6 +381,7 @@ class Registry:
             entry.served = None
             entry.state = "unloaded"
             entry.keep_alive = None
+            entry.unloads += 1
             del served
             await _in_daemon_thread(_give_back_memory, "quantserve-unload")
 

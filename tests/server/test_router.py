@@ -39,7 +39,7 @@ def _served(loras: object, running: list, waiting: list) -> SimpleNamespace:
 
 
 def _samples(served: SimpleNamespace) -> dict[str, list]:
-    registry = SimpleNamespace(state="ready", models=lambda: [served])
+    registry = SimpleNamespace(state="ready", models=lambda: [served], entries=lambda: [], budget_bytes=None)
     text = Metrics(registry).render().decode()
     out: dict[str, list] = {}
     for family in text_string_to_metric_families(text):
@@ -62,10 +62,12 @@ def test_gauges_the_routers_read():
     assert samples["vllm:num_requests_waiting"][0].value == 2
     assert samples["vllm:kv_cache_usage_perc"][0].value == 0.25
     (info,) = samples["vllm:lora_requests_info"]
-    assert info.labels == {"max_lora": "4", "running_lora_adapters": "sql", "waiting_lora_adapters": "chat,sql"}
+    assert info.labels == {"model_name": MODEL, "max_lora": "4", "running_lora_adapters": "sql",
+                           "waiting_lora_adapters": "chat,sql"}
     assert before <= info.value <= after
     idle = _samples(_served(LORAS, running=[], waiting=[]))["vllm:lora_requests_info"][0]
-    assert idle.labels == {"max_lora": "4", "running_lora_adapters": "", "waiting_lora_adapters": ""}
+    assert idle.labels == {"model_name": MODEL, "max_lora": "4", "running_lora_adapters": "",
+                           "waiting_lora_adapters": ""}
     # An engine that serves no adapters has no such gauge (as vLLM without --enable-lora).
     assert "vllm:lora_requests_info" not in _samples(_served(None, running=[], waiting=[]))
 

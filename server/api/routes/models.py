@@ -67,7 +67,7 @@ def entry_card(entry: ModelEntry) -> p.ModelCard:
         max_model_len=served.max_model_len if served is not None else None,
         quantization=quantization_summary(served) if served is not None else None,
         state=entry.state, error=entry.error, memory=memory(entry),
-        keep_alive=None if keep is None or keep < 0 else keep)
+        keep_alive=None if keep is None or keep < 0 else keep, load_seconds=entry.load_seconds)
 
 
 def memory(entry: ModelEntry) -> Optional[dict[str, Any]]:

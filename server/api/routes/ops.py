@@ -27,7 +27,8 @@ def router(services: Services) -> APIRouter:
                 follower = getattr(model.engine, "cpu_load_report", lambda: None)()
                 cpu.update(follower or {"follows_load": False})
             execution = {m.name: m.engine.execution() for m in registry.models() if hasattr(m.engine, "execution")}
-            return JSONResponse({"status": "ok", "models": [m.name for m in registry.models()], "cpu": cpu,
+            return JSONResponse({"status": "ok", "models": [m.name for m in registry.models()],
+                                 "states": {e.name: e.state for e in registry.entries()}, "cpu": cpu,
                                  "execution": execution})
         if registry.state == "loading":
             elapsed = int(time.time() - registry.started_at)
@@ -40,7 +41,9 @@ def router(services: Services) -> APIRouter:
 
     @api.get("/v1/memory")
     async def memory() -> JSONResponse:
-        models = [model_memory(m) for m in registry.models()] if registry.state == "ready" else []
-        return JSONResponse({"host": host_memory(), "devices": device_memory(), "models": models})
+        models = [model_memory(m) for m in registry.models()]
+        budget = {"budget_bytes": registry.budget_bytes, "used_bytes": registry.used_bytes(),
+                  "models_max": registry.max_loaded}
+        return JSONResponse({"host": host_memory(), "devices": device_memory(), "models": models, "registry": budget})
 
     return api
