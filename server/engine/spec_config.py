@@ -30,6 +30,7 @@ class SpeculativeConfig(BaseModel):
     quantization: Literal["nf4", "fp4", "none"] = "nf4"
     # Overrides of the adaptive rule's cost model (see the module docstring); None: the device's.
     row_cost: Optional[float] = Field(None, gt=0, le=1)
+    draft_cost: Optional[float] = Field(None, ge=0, le=4)
     initial_acceptance: float = Field(0.6, gt=0, le=1)
 
     @model_validator(mode="before")

@@ -25,8 +25,9 @@ tokens per unit of cost. Giving a sequence d drafts costs c d more and yields E(
 + a^d more tokens in expectation, a being its estimated acceptance rate per draft token (an
 exponential moving average, starting at `initial_acceptance`). A sequence gets the largest d <= k
 with E(d) / (c d) >= B / (1 + c (B - 1)) -- its drafts must pay at least what the step already
-earns -- and none when even d = 1 does not. So speculation turns itself off for a sequence whose
-drafts are rejected (below break-even) and, as B grows and the step becomes compute-bound, for
+earns -- and none when even d = 1 does not. A draft model's own forward adds r per draft
+(`draft_cost`, default its weight bytes over the target's), so c + r replaces c above.
+So speculation turns itself off for a sequence whose drafts are rejected (below break-even) and, as B grows and the step becomes compute-bound, for
 everyone but sequences that copy nearly perfectly. `disable_by_batch_size` (vLLM's) is a hard
 cap on top: no drafts at all while more sequences run. A sequence without drafts drifts back
 toward `initial_acceptance` (5% a step), so it tries again later.
@@ -151,6 +152,11 @@ class SpecDecoder:
         self.k = config.num_speculative_tokens
         self.proposer = proposer
         self.row_cost = config.row_cost if config.row_cost is not None else row_cost
+        # What proposing one draft token costs, in single-row target steps: ~0 for n-gram lookup;
+        # for a draft model the ratio of its weight bytes to the target's (decode steps read every
+        # weight once), unless the config gives draft_cost.
+        own = getattr(proposer, "cost_per_token", 0.0)
+        self.draft_cost = config.draft_cost if config.draft_cost is not None else own
         self.prior = config.initial_acceptance
         self.grammars = grammars  # sampler.grammars: drafts a grammar refuses are cut before verify
         self.stats = SpecStats(self.k)
@@ -169,7 +175,7 @@ class SpecDecoder:
         for d in range(1, self.k + 1):
             p *= rate
             gain += p
-            if gain / (c * d) >= earned:
+            if gain / ((c + self.draft_cost) * d) >= earned:
                 best = d
         return best
 

@@ -195,3 +195,72 @@ def test_sampled_requests_run_and_seeded_ones_are_not_speculated(smollm):
     plain, _ = run(_generate(model, tokenizer, prompts[:1], seeded))
     again, stats = run(_generate(model, tokenizer, prompts[:1], seeded, NGRAM))
     assert again[0].token_ids == plain[0].token_ids and stats["num_drafts"] == 0
+
+
+# ------------------------------------------------------------------------------ draft model
+
+
+def _random_draft(vocab: int):
+    """A tiny random Llama with the default model's vocabulary, 4-bit like a served draft."""
+    import transformers
+
+    import quantserve.quant as quant
+    from quantserve.server.engine.models.sixteen_bit import to_16bit
+
+    torch.manual_seed(5)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    draft = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    quant.quantize_model(draft, quant.QuantConfig())
+    to_16bit(draft)
+    return draft
+
+
+async def _with_draft(model, tokenizer, prompts, params, spec, draft_model=None, **config):
+    from quantserve.server.engine import EngineConfig
+    from quantserve.server.engine.engine import AsyncEngine
+
+    engine = AsyncEngine(model, tokenizer, EngineConfig(**{"kv_cache_dtype": "float32", "num_kv_blocks": 512,
+                                                          "speculative_config": spec, **config}),
+                         draft_model=draft_model)
+    await engine.start()
+    try:
+        results = await asyncio.gather(*[collect(engine, p, params, f"r{i}", delay=0.02 * i)
+                                         for i, p in enumerate(prompts)])
+        assert_blocks_all_free(engine)
+        proposer = engine.spec.proposer
+        assert proposer.bm.num_free_blocks == proposer.bm.num_blocks  # the draft's cache too
+        return results, engine.spec.stats.snapshot()
+    finally:
+        await engine.shutdown()
+
+
+def test_draft_model_equal_to_the_target_is_always_accepted(smollm, smollm_folder, highest):
+    """The default model as its own draft, loaded by path through the loader (4-bit): at
+    temperature 0 every draft is accepted, and the output is the plain engine's."""
+    model, tokenizer = smollm
+    prompts = make_prompts(tokenizer, 4)
+    params = SamplingParams(max_tokens=20, temperature=0)
+    spec = SpeculativeConfig(model=str(smollm_folder), num_speculative_tokens=3, draft_cost=0)
+    plain, _ = run(_generate(model, tokenizer, prompts, params, max_num_batched_tokens=96))
+    got, stats = run(_with_draft(model, tokenizer, prompts, params, spec, max_num_batched_tokens=96))
+    assert [r.token_ids for r in got] == [r.token_ids for r in plain]
+    assert stats["num_draft_tokens"] > 20 and stats["num_accepted_tokens"] == stats["num_draft_tokens"], stats
+
+
+def test_draft_model_that_guesses_badly_changes_nothing(smollm, highest):
+    """A random draft (its guesses mostly rejected, rolled back in both caches): greedy output equal
+    to the plain engine's over several prompts and lengths; sampled requests run through the
+    rejection rule with the draft's distributions."""
+    model, tokenizer = smollm
+    draft = _random_draft(model.get_input_embeddings().weight.shape[0])
+    prompts = make_prompts(tokenizer, 6) + copy_prompts(tokenizer)[:1]
+    params = SamplingParams(max_tokens=16, temperature=0)
+    spec = SpeculativeConfig(model="random-draft", num_speculative_tokens=3, draft_cost=0, initial_acceptance=1.0)
+    plain, _ = run(_generate(model, tokenizer, prompts, params, max_num_batched_tokens=96))
+    got, stats = run(_with_draft(model, tokenizer, prompts, params, spec, draft, max_num_batched_tokens=96))
+    assert [r.token_ids for r in got] == [r.token_ids for r in plain]
+    assert stats["num_draft_tokens"] > stats["num_accepted_tokens"], stats
+    sampled = SamplingParams(max_tokens=16, temperature=0.9)
+    got, stats = run(_with_draft(model, tokenizer, prompts[:3], sampled, spec, draft))
+    assert stats["num_drafts"] > 0 and all(len(r.token_ids[0]) > 0 for r in got)
