@@ -48,7 +48,21 @@ class _EngineCollector:
         lora_info = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
                                       labels=["model_name", "max_lora", "waiting_lora_adapters",
                                               "running_lora_adapters"])
+        # Speculative decoding (vLLM's names; only for engines that speculate).
+        drafts = c("vllm:spec_decode_num_drafts", "Sequence-steps that verified draft tokens")
+        draft_tokens = c("vllm:spec_decode_num_draft_tokens", "Draft tokens verified")
+        accepted = c("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted")
+        per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted, by "
+                                      "position in the draft (0 = first)", labels=["model_name", "position"])
         for served in models:
+            speculation = getattr(served.engine, "speculation", None)
+            spec = speculation() if speculation is not None else None
+            if spec is not None:
+                drafts.add_metric([served.name], spec["num_drafts"])
+                draft_tokens.add_metric([served.name], spec["num_draft_tokens"])
+                accepted.add_metric([served.name], spec["num_accepted_tokens"])
+                for pos, n in enumerate(spec["accepted_per_pos"]):
+                    per_pos.add_metric([served.name, str(pos)], n)
             execution = getattr(served.engine, "execution", None)
             if execution is not None:
                 e = execution()
@@ -76,7 +90,7 @@ class _EngineCollector:
             if adapters is not None:
                 lora_info.add_metric([served.name, *adapters], time.time())
         yield from (running, waiting, kv_usage, prompt, generation, preemptions, weight, weight16, kv_bytes, hit_rate,
-                    path, steps, lora_info)
+                    path, steps, lora_info, drafts, draft_tokens, accepted, per_pos)
         yield from _registry_metrics(reg)
         host = host_memory()
         rss = GaugeMetricFamily("quantserve_host_rss_bytes", "Resident set size of the server process")

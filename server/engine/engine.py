@@ -378,6 +378,14 @@ class AsyncEngine(EngineLoop):
                 "kv_cache_dtype": str(r.kv_dtype).removeprefix("torch."),
                 "cuda_graphs": "on" if r.graphs is not None else r.graphs_off, "steps": dict(r.steps)}
 
+    def speculation(self) -> Optional[dict[str, object]]:
+        """Speculative decoding's counters (vLLM's meaning: drafts, draft tokens, accepted tokens,
+        accepted per draft position) and its method; None when it is off."""
+        spec = self.spec
+        if spec is None:
+            return None
+        return {"method": spec.proposer.name, "num_speculative_tokens": spec.k, **spec.stats.snapshot()}
+
     def cpu_load_report(self) -> Optional[dict[str, object]]:
         """The device's thread-count controller's state for /health (None when the count is pinned)."""
         return self.worker.cpu_load_report()

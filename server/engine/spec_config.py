@@ -43,6 +43,8 @@ class SpeculativeConfig(BaseModel):
                 raise ValueError(f"speculative_config is not valid JSON ({exc})") from None
             if not isinstance(value, dict):
                 raise ValueError("speculative_config must be a JSON object")
+        if isinstance(value, dict) and "num_speculative_tokens" not in value:
+            raise ValueError('speculative_config needs "num_speculative_tokens" (the most tokens drafted per step)')
         return value
 
     @model_validator(mode="after")
