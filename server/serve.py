@@ -168,19 +168,37 @@ def build_registry(settings: Settings) -> Any:
             workers[device] = DeviceWorker(device, follow_cpu_load=settings.cpu_threads is None)
         return workers[device]
 
-    def estimator(spec: Any) -> ModelCost:
-        est = estimate_for_settings(spec.settings)
-        estimates[spec.name] = est
-        return ModelCost(est.weight_bytes, est.kv_cache_bytes, est.serving_bytes)
-
-    def loader(spec: Any, worker: Any, alone: bool) -> Any:
-        return load_served_model(spec.settings, worker, estimates.pop(spec.name, None))
-
     budget = None
     if settings.models_memory is not None:
         budget = int(settings.models_memory * 2**30)
     elif not catalog.single:
         budget = default_models_budget(settings)
+    slots = settings.models_max or len(catalog.specs)
+
+    def settings_for(spec: Any) -> Settings:
+        """A model's settings, with its KV cache share on a GPU shared by several models: an
+        equal part of the budget per model slot (--models-max, else one per known model), less
+        its weights and one step's activations (a model alone on a GPU would take 90% of what is
+        free for its KV cache, leaving nothing for the next). On a CPU each model's KV cache is
+        its --kv-cache-memory (default 1 GiB of float32's tokens), counted in its cost."""
+        s = spec.settings
+        device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if catalog.single or budget is None or s.kv_cache_memory is not None or not device.startswith("cuda"):
+            return s
+        probe = estimate_for_settings(s.model_copy(update={"kv_cache_memory": 1 / 1024}))
+        share = max(budget / slots - probe.weight_bytes - probe.activation_reserve_bytes, 2**28)
+        logger.info("model '%s': KV cache %.2f GiB (its share of %.2f GiB over %d models)", spec.name, share / 2**30,
+                    budget / 2**30, slots)
+        return s.model_copy(update={"kv_cache_memory": share / 2**30})
+
+    def estimator(spec: Any) -> ModelCost:
+        est = estimate_for_settings(settings_for(spec))
+        estimates[spec.name] = est
+        return ModelCost(est.weight_bytes, est.kv_cache_bytes, est.serving_bytes)
+
+    def loader(spec: Any, worker: Any) -> Any:
+        return load_served_model(settings_for(spec), worker, estimates.pop(spec.name, None))
+
     return Registry(catalog, loader, estimator if not catalog.single or budget is not None else None,
                     budget_bytes=budget, max_loaded=settings.models_max, workers=worker_for)
 

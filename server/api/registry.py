@@ -29,6 +29,7 @@ import dataclasses
 import gc
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Any, Callable, Literal, Optional
@@ -41,6 +42,7 @@ from .served_model import ServedModel
 logger = logging.getLogger("quantserve.server")
 
 GIB = 2**30
+BACKGROUND_SWITCH_INTERVAL = 0.0005  # seconds: the GIL switch interval while a model loads beside serving ones
 State = Literal["unloaded", "loading", "loaded", "unloading", "error"]
 
 
@@ -114,7 +116,7 @@ class ModelLeases:
                 self.registry.release(entry)
 
 
-Loader = Callable[[ModelSpec, Any, bool], ServedModel]  # (spec, device worker, alone) -> loaded model
+Loader = Callable[[ModelSpec, Any], ServedModel]  # (spec, its device's worker) -> the model, loaded and warm
 Estimator = Callable[[ModelSpec], ModelCost]
 
 
@@ -134,8 +136,12 @@ class Registry:
         self.state: Literal["loading", "ready", "failed", "stopped"] = "loading"
         self.error: Optional[str] = None
         self.started_at = time.time()
-        self._room = asyncio.Lock()  # one load decides and takes its room at a time
+        # One load (or estimate) at a time: it decides and takes its room alone, and estimates and
+        # loads never overlap (see _estimate_all).
+        self._room = asyncio.Lock()
         self._keeper: Optional[asyncio.Task] = None
+        self._estimating: Optional[asyncio.Task] = None
+        self._keeper_wake = asyncio.Event()  # set when a model may have just expired (keep_alive 0)
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -159,6 +165,26 @@ class Registry:
         if self.state == "loading":
             self.state = "ready"
         self._keeper = asyncio.create_task(self._keep())
+        if self._estimator is not None:
+            self._estimating = asyncio.create_task(self._estimate_all())
+
+    async def _estimate_all(self) -> None:
+        """Price every model not yet priced, one at a time, at low priority: /v1/models shows each
+        one's cost from the start, and a first request pays its model's load, not its estimate."""
+        for entry in list(self._entries.values()):
+            if entry.cost is not None or entry.state != "unloaded" or self.state != "ready":
+                continue
+            # Under the room lock: an estimate builds its model skeleton under accelerate's
+            # init_empty_weights, which patches torch.nn.Module for the whole process; a load
+            # running meanwhile would build its modules through that patch.
+            async with self._room:
+                if entry.cost is not None or entry.state != "unloaded":
+                    continue
+                try:  # at the lowest priority once a model serves (the first estimate imports for ~2 s)
+                    entry.cost = await _in_daemon_thread(lambda: self._estimator(entry.spec), "quantserve-estimate",
+                                                         background=bool(self.models()))
+                except Exception:  # noqa: BLE001 - priced (or refused with its reason) when first asked for
+                    logger.debug("estimating model '%s' failed", entry.name, exc_info=True)
 
     def _fail(self, reason: str) -> None:
         self.error = reason
@@ -171,8 +197,9 @@ class Registry:
 
     async def shutdown(self) -> None:
         self.state = "stopped"
-        if self._keeper is not None:
-            self._keeper.cancel()
+        for task in (self._keeper, self._estimating):
+            if task is not None:
+                task.cancel()
         for entry in self._entries.values():
             if entry.served is not None:
                 await entry.served.engine.shutdown()
@@ -325,7 +352,7 @@ class Registry:
             logger.info("loading model '%s'%s", entry.name,
                         "" if entry.cost is None else f" ({_gib(entry.cost.total_bytes)} estimated)")
             try:
-                served = await _in_daemon_thread(lambda: self._loader(entry.spec, self._workers(entry.spec), alone),
+                served = await _in_daemon_thread(lambda: self._loader(entry.spec, self._workers(entry.spec)),
                                                  "quantserve-loader", background=not alone)
                 await served.engine.start()
             except asyncio.CancelledError:
@@ -388,14 +415,7 @@ class Registry:
     # ------------------------------------------------------------------------------ keep-alive, health
 
     def _wake_keeper(self) -> None:
-        if self._keeper is not None and not self._keeper.done():
-            self._keeper_wake.set()
-
-    @property
-    def _keeper_wake(self) -> asyncio.Event:
-        if not hasattr(self, "_keeper_event"):
-            self._keeper_event = asyncio.Event()
-        return self._keeper_event
+        self._keeper_wake.set()
 
     async def _keep(self) -> None:
         """Unload expired idle models; mark models whose engine died (the one-model server's
@@ -485,10 +505,17 @@ async def _in_daemon_thread(fn: Callable[[], Any], name: str, background: bool =
             future.set_result(result)
 
     def target() -> None:
+        import torch
+
         result, error = None, None
+        threads, switch = torch.get_num_threads(), sys.getswitchinterval()
         try:
             if background:
                 _lower_this_thread()
+                # A loader running Python holds the GIL for up to the switch interval (5 ms) each
+                # time the device worker or the event loop asks for it, many times a step: asked
+                # to hand it over ten times sooner, it delays them ten times less.
+                sys.setswitchinterval(min(switch, BACKGROUND_SWITCH_INTERVAL))
             result = fn()
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
             error = exc
@@ -496,6 +523,9 @@ async def _in_daemon_thread(fn: Callable[[], Any], name: str, background: bool =
             from quantserve.kernels.cpu import paged_attention as native
 
             native.release_openmp_threads()  # this thread's OpenMP pool is not needed any more
+            if background:  # torch keeps the last count set as the default of threads started later
+                torch.set_num_threads(threads)
+                sys.setswitchinterval(switch)
         try:
             loop.call_soon_threadsafe(settle, result, error)
         except RuntimeError:  # the event loop has closed: the server stopped meanwhile
@@ -506,6 +536,7 @@ async def _in_daemon_thread(fn: Callable[[], Any], name: str, background: bool =
 
 
 def _lower_this_thread() -> None:
+    """Nice 19 and one compute thread for the calling thread (see _in_daemon_thread)."""
     import torch
 
     try:

@@ -118,22 +118,7 @@ class DeviceWorker:
     def _rounds(self) -> None:
         """Until the last engine is let go (a later attach starts a new thread)."""
         while True:
-            did = False
-            for engine in self.engines:
-                if engine._stopping:
-                    self._let_go(engine, None)
-                    continue
-                if not engine._wants_step():
-                    continue
-                did = True
-                if self._cpu_load is not None:
-                    self._cpu_load.maybe_update()  # returns at once unless its interval has passed
-                try:
-                    engine._tick()
-                except BaseException as exc:  # noqa: BLE001 - this engine dies; the others go on
-                    logger.exception("engine for %s died", getattr(engine, "model_name", "?"))
-                    self._let_go(engine, exc)
-            if did:
+            if self._round():
                 continue
             self.wake.clear()
             # Set after the clear by whoever gave an engine work: checked again before sleeping.
@@ -144,6 +129,27 @@ class DeviceWorker:
                     self._thread = None
                     return
             self.wake.wait()
+
+    def _round(self) -> bool:
+        """One step of each engine with work; whether any had some. (A method of its own: its
+        locals, the engines it stepped, are gone when it returns, so that an engine let go is
+        not kept alive by a sleeping worker's frame.)"""
+        did = False
+        for engine in self.engines:
+            if engine._stopping:
+                self._let_go(engine, None)
+                continue
+            if not engine._wants_step():
+                continue
+            did = True
+            if self._cpu_load is not None:
+                self._cpu_load.maybe_update()  # returns at once unless its interval has passed
+            try:
+                engine._tick()
+            except BaseException as exc:  # noqa: BLE001 - this engine dies; the others go on
+                logger.exception("engine for %s died", getattr(engine, "model_name", "?"))
+                self._let_go(engine, exc)
+        return did
 
     def _let_go(self, engine: Any, exc: Optional[BaseException]) -> None:
         """Detach `engine`: stopped (its requests end with "abort") or died (they fail with exc)."""

@@ -113,7 +113,7 @@ def model_settings(settings: Settings, update: dict[str, Any], name: str) -> Set
     unknown = sorted(set(update) - set(Settings.model_fields))
     if unknown:
         raise ValueError(f"model {name!r}: unknown settings {', '.join(unknown)}")
-    values = {k: getattr(settings, k) for k in settings.model_fields}
+    values = {k: getattr(settings, k) for k in Settings.model_fields}
     values.update(update, served_model_name=name, models=[])
     try:
         return Settings(**values)
