@@ -324,7 +324,8 @@ def test_console_files_are_public_and_nothing_else_is():
     settings = Settings(api_key="k")
     with TestClient(create_app(settings, _Never())) as client:  # type: ignore[arg-type]
         assert client.get("/").status_code == 200
-        for name in ("app.js", "api.js", "chat.js", "charts.js", "live.js", "memory.js", "quant.js", "style.css"):
+        for name in ("app.js", "api.js", "chat.js", "charts.js", "live.js", "memory.js", "models.js", "quant.js",
+                     "style.css"):
             r = client.get(f"/console/{name}")
             assert r.status_code == 200 and r.headers["content-type"].split(";")[0] in ("text/javascript", "text/css")
         missing = client.get("/console/secret.py")
@@ -361,4 +362,137 @@ def test_adapter_picker_chats_with_the_adapter(browser, default_model_dir, tmp_p
         page.wait("window.quantserveConsole.live.charts.tokens.series[0].points.some((p) => p[1] > 0)")
         page.wait("document.querySelectorAll('#quant-body tbody tr').length > 0")
         assert page.errors == []
+        page.close()
+
+
+# ------------------------------------------------------------------ several models (a --models-dir)
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 10 * 2**30 else f"{n / 2**30:.1f} GiB"
+
+
+def _rows(page: Page) -> dict[str, dict]:
+    """The models panel as shown: per model its state badge, its error line and its memory text."""
+    return {r["model"]: r for r in page.js("""() => [...document.querySelectorAll('#models tbody tr')].map((tr) => ({
+        model: tr.cells[0].querySelector('.name').textContent, state: tr.querySelector('.badge').textContent,
+        error: (tr.querySelector('.reason') || {}).textContent || null,
+        memory: tr.querySelector('.memory').textContent,
+        load: !tr.querySelector('button.load').disabled, unload: !tr.querySelector('button.unload').disabled}))""")}
+
+
+def _listing(srv: ServerProcess) -> dict[str, dict]:
+    answer = httpx.get(srv.url + "/v1/models", headers=srv.headers(), timeout=30)
+    assert answer.status_code == 200
+    return {card["id"]: card for card in answer.json()["data"]}
+
+
+def _wait_state(page: Page, model: str, state: str) -> None:
+    page.wait(f"(document.querySelector('#models tr[data-model=\"{model}\"] .badge') || {{}}).textContent"
+              f" === '{state}'")
+
+
+@pytest.fixture(scope="module")
+def models_server(default_model_dir, tmp_path_factory):
+    """A registry of two models known from a --models-dir, neither loaded at startup: the default
+    model (a link to its folder) and a tiny random-weight qwen3 with the default tokenizer."""
+    import transformers
+
+    from .test_families_server import _save
+
+    root = tmp_path_factory.mktemp("console-models")
+    (root / "smol").symlink_to(default_model_dir, target_is_directory=True)
+    _save("qwen3", root / "tiny", transformers.AutoTokenizer.from_pretrained(default_model_dir), True)
+    with start_server("--models-dir", str(root)) as srv:
+        yield srv
+
+
+def _chat(page: Page, srv: ServerProcess, model: str, question: str, max_tokens: int) -> str:
+    """Picks `model`, sends `question` greedily and returns the reply the page streamed, after
+    checking it against the openai client's for the same request."""
+    page.page.select_option("#model", model)
+    page.page.fill("#temperature", "0")
+    page.page.fill("#max-tokens", str(max_tokens))
+    page.page.fill("#prompt", question)
+    done = page.js("document.querySelectorAll('.msg.assistant[data-done=true]').length")
+    with page.page.expect_request(lambda r: r.url.endswith("/v1/chat/completions")) as sent:
+        page.page.press("#prompt", "Enter")
+    assert sent.value.post_data_json["model"] == model
+    page.wait(f"document.querySelectorAll('.msg.assistant[data-done=true]').length > {done}")
+    shown = page.js("[...document.querySelectorAll('.msg.assistant .text')].pop().textContent")
+    expected = srv.client().chat.completions.create(
+        model=model, messages=[{"role": "user", "content": question}], temperature=0, top_p=1, max_tokens=max_tokens)
+    assert shown == expected.choices[0].message.content and shown
+    return shown
+
+
+def test_models_panel_loads_chats_and_unloads(browser, models_server):
+    """Both models listed as the server lists them; Load loads the tiny one (the server's own
+    listing says so, with its measured memory shown); the chat answers with it as the openai client
+    does; Unload unloads it (gone from /v1/memory too)."""
+    srv = models_server
+    page = Page(browser, srv, API_KEY)
+    try:
+        page.wait("document.querySelectorAll('#models tbody tr').length === 2")
+        listing = _listing(srv)
+        assert sorted(listing) == ["smol", "tiny"] and all(c["state"] == "unloaded" for c in listing.values())
+        rows = _rows(page)
+        assert {m: r["state"] for m, r in rows.items()} == {m: c["state"] for m, c in listing.items()}
+        assert all(r["load"] and not r["unload"] for r in rows.values())
+        # The picker offers every model, loaded or not.
+        options = page.js("[...document.querySelectorAll('#model option')].map((o) => o.value)")
+        assert sorted(options) == ["smol", "tiny"]
+
+        with page.page.expect_response(lambda r: r.url.endswith("/models/load")) as answer:
+            page.page.click('#models tr[data-model="tiny"] button.load')
+        assert answer.value.status == 200
+        assert answer.value.request.headers["authorization"] == f"Bearer {API_KEY}"
+        assert answer.value.request.post_data_json == {"model": "tiny"}
+        _wait_state(page, "tiny", "loaded")
+        listing = _listing(srv)
+        assert listing["tiny"]["state"] == "loaded" and listing["smol"]["state"] == "unloaded"
+        memory = listing["tiny"]["memory"]
+        assert memory["estimated"] is False
+        page.wait("document.querySelector('#models tr[data-model=\"tiny\"] .memory').textContent"
+                  ".includes('measured')")
+        shown = _rows(page)["tiny"]
+        assert shown["memory"].startswith(f"weights {_mib(memory['weight_bytes'])} · "
+                                          f"KV cache {_mib(memory['kv_cache_bytes'])} · "
+                                          f"{_mib(memory['total_bytes'])} in all")
+        assert not shown["load"] and shown["unload"]
+
+        _chat(page, srv, "tiny", "Say something.", 6)
+        assert _listing(srv)["smol"]["state"] == "unloaded"  # the chat touched the tiny model only
+
+        with page.page.expect_response(lambda r: r.url.endswith("/models/unload")) as answer:
+            page.page.click('#models tr[data-model="tiny"] button.unload')
+        assert answer.value.status == 200
+        _wait_state(page, "tiny", "unloaded")
+        assert _listing(srv)["tiny"]["state"] == "unloaded"
+        held = httpx.get(srv.url + "/v1/memory", headers=srv.headers(), timeout=30).json()["models"]
+        assert "tiny" not in [m["model"] for m in held]
+        assert page.errors == []
+    finally:
+        page.close()
+
+
+def test_chat_with_an_unloaded_model_loads_it(browser, models_server):
+    """The chat picks a model nobody loaded: its first message loads it (the server does), the
+    panel follows the state to loaded without a reload, and the reply is the openai client's."""
+    srv = models_server
+    if _listing(srv)["smol"]["state"] != "unloaded":
+        httpx.post(srv.url + "/models/unload", json={"model": "smol"}, headers=srv.headers(), timeout=60)
+    page = Page(browser, srv, API_KEY)
+    try:
+        page.wait("document.querySelectorAll('#models tbody tr').length === 2")
+        page.page.select_option("#model", "smol")
+        assert "the first message loads it" in page.js("document.querySelector('#status').textContent")
+        assert _rows(page)["smol"]["state"] == "unloaded"
+        reply = _chat(page, srv, "smol", "What is the capital of France?", 8)
+        assert "Paris" in reply
+        assert _listing(srv)["smol"]["state"] == "loaded"
+        _wait_state(page, "smol", "loaded")
+        page.wait("document.querySelector('#status').textContent.startsWith('ready')")
+        page.wait("document.querySelectorAll('#quant-body tbody tr').length > 0")  # its report, once loaded
+        assert page.errors == []
+    finally:
         page.close()

@@ -6,9 +6,10 @@ import { streamEvents } from "./api.js";
 const $ = (id) => document.getElementById(id);
 
 export class Chat {
-  constructor({ model, onAuthError }) {
+  constructor({ model, onAuthError, onStreaming = () => {} }) {
     this.model = model; // () => the selected model's id
     this.onAuthError = onAuthError;
+    this.onStreaming = onStreaming; // (true) when a reply starts, (false) when it ends
     this.history = []; // [{role, content}] of finished turns
     this.controller = null;
     $("chat-form").addEventListener("submit", (e) => { e.preventDefault(); this.send(); });
@@ -60,6 +61,7 @@ export class Chat {
     $("stop").disabled = false;
     const started = performance.now();
     let firstAt = null, usage = null, finish = null;
+    this.onStreaming(true);
     try {
       await streamEvents("/v1/chat/completions", {
         model, messages, stream: true, stream_options: { include_usage: true }, ...this.settings(),
@@ -100,6 +102,7 @@ export class Chat {
       this.controller = null;
       $("send").disabled = false;
       $("stop").disabled = true;
+      this.onStreaming(false);
     }
   }
 }

@@ -27,6 +27,16 @@ export class QuantReport {
     this.descending = false;
   }
 
+  // No report to ask for (the model is not loaded): say why instead.
+  clear(text) {
+    this.report = null;
+    document.getElementById("quant-summary").textContent = "";
+    const p = document.createElement("p");
+    p.className = "muted";
+    p.textContent = text;
+    document.getElementById("quant-body").replaceChildren(p);
+  }
+
   async load(model) {
     const body = document.getElementById("quant-body");
     const summary = document.getElementById("quant-summary");
