@@ -127,14 +127,26 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
-    """Memory the model would take, from its config and tensor index alone, and whether it fits."""
+    """Memory each model would take, from its config and tensor index alone, whether it fits, and
+    (several models, or --models-memory) whether they fit together."""
     import json
 
-    from .loading.estimate import estimate_from_args, format_estimate
+    from .loading.catalog import split_entry
+    from .loading.estimate import combine, estimate_from_args, format_combined, format_estimate, models_budget
 
-    est = estimate_from_args(args)
-    print(json.dumps(est.as_dict(), indent=2) if args.json else format_estimate(est))
-    return 0 if est.fits else 1
+    entries = [split_entry(entry) for entry in args.model_entries] or [(None, None)]  # none: the built-in default
+    estimates = [estimate_from_args(args, path) for _, path in entries]
+    if len(estimates) == 1 and args.models_memory is None:  # one model: the single estimate, as ever
+        est = estimates[0]
+        print(json.dumps(est.as_dict(), indent=2) if args.json else format_estimate(est))
+        return 0 if est.fits else 1
+    names = [name or path or est.model for (name, path), est in zip(entries, estimates)]
+    if len(set(names)) < len(names):
+        raise ValueError(f"two models are named alike ({', '.join(names)}): name them with NAME=PATH")
+    budget, source = models_budget(estimates[0].device, args.models_memory, args.gpu_memory_utilization)
+    combined = combine(names, estimates, budget, source)
+    print(json.dumps(combined.as_dict(), indent=2) if args.json else format_combined(combined))
+    return 0 if combined.fits else 1
 
 
 def _run_reporting_errors(func):
@@ -203,19 +215,27 @@ def _add_model_commands(sub: Any) -> None:
                            defaults={"matmul_precision": "highest"})
     _add_options(verify, "--blocksize", "--json", "--no-progress")
 
-    estimate = _command(
-        sub, "estimate", _cmd_estimate,
-        help="memory a model would take and whether it fits, before loading it",
+    estimate = sub.add_parser(
+        "estimate", help="memory models would take and whether they fit, alone and together, before loading them",
         description=(
-            "From MODEL's config and its checkpoint's tensor index alone (safetensors headers; no "
+            "From each MODEL's config and its checkpoint's tensor index alone (safetensors headers; no "
             "weight is read): the weight bytes after quantization, KV cache bytes per token and for "
             "the settings, the activation reserve, the peak while loading, and the verdict against "
-            "the device's free memory, with the longest context that fits. Exit status 1 when it "
-            "does not fit. `serve` runs the same check before loading."
+            "the device's free memory, with the longest context that fits. `serve` runs the same check "
+            "before loading. Several MODELs (or --models-memory): then a table of what they take "
+            "together, each priced as `serve` prices a model of its registry (weights + KV cache + "
+            "activations), against the models' budget (--models-memory, default as serve's), and "
+            "whether they fit together or which one to leave out. Exit status 1 when a model does not "
+            "fit, or the models do not fit together (as a failed check: scripts can test it)."
         ),
     )
+    estimate.add_argument("model_entries", nargs="*", metavar="MODEL",
+                          help="[NAME=]PATH_OR_ID, as serve takes them: an HF folder, hub id (org/name), .gguf "
+                          "file or prequantized checkpoint (none: the built-in SmolLM2-135M-Instruct)")
+    estimate.set_defaults(func=_run_reporting_errors(_cmd_estimate))
     add_settings_arguments(estimate, (*_LOAD_SETTINGS, "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-                                      "kv_cache_memory", "kv_cache_dtype", "block_size"))
+                                      "kv_cache_memory", "kv_cache_dtype", "block_size", "gpu_memory_utilization",
+                                      "models_memory"))
     _add_options(estimate, "--blocksize", "--json")
 
 

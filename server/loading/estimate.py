@@ -367,13 +367,15 @@ def parse_max_model_len(value: Any) -> Optional[int]:
     return None if value is None or value == "auto" else int(value)
 
 
-def estimate_from_args(args: Any) -> MemoryEstimate:
-    """`quantserve estimate`'s arguments -> the estimate."""
+def estimate_from_args(args: Any, model: Optional[str] = None) -> MemoryEstimate:
+    """`quantserve estimate`'s arguments -> the estimate of `model` (a path or hub id; None: the
+    built-in default)."""
     return estimate_memory(EstimateRequest(
-        model=args.model, revision=args.revision, quant=quant_config(args.quant, double_quant=args.double_quant, blocksize=args.blocksize),
+        model=model, revision=args.revision, quant=quant_config(args.quant, double_quant=args.double_quant, blocksize=args.blocksize),
         dtype=args.compute_dtype, device=args.device, max_model_len=parse_max_model_len(args.max_model_len),
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
+        gpu_memory_utilization=args.gpu_memory_utilization,
     ))
 
 
@@ -436,3 +438,85 @@ def format_estimate(est: MemoryEstimate) -> str:
         f"verdict     {est.verdict}",
     ]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ several models
+
+
+@dataclasses.dataclass
+class CombinedEstimate:
+    """Several models loaded together, each priced as `serve --models-dir` prices it (weights + KV
+    cache + one step's activations: its registry's cost), against the models' memory budget."""
+
+    names: list[str]
+    estimates: list[MemoryEstimate]
+    total_bytes: int  # the sum of the models' serving_bytes
+    budget_bytes: Optional[int]
+    budget_source: str  # where the budget comes from, in words
+    fits: bool  # together within the budget, and each model alone on its device
+    verdict: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """--json: the models (each estimate with its name) and the summary."""
+        return {
+            "models": [{"name": n, **e.as_dict()} for n, e in zip(self.names, self.estimates)],
+            "summary": {"models": [{"name": n, "total_bytes": e.serving_bytes}
+                                   for n, e in zip(self.names, self.estimates)],
+                        "total_bytes": self.total_bytes, "budget_bytes": self.budget_bytes,
+                        "budget_source": self.budget_source, "fits": self.fits, "verdict": self.verdict},
+        }
+
+
+def models_budget(device: str, models_memory: Optional[float], gpu_memory_utilization: float) -> tuple[Optional[int], str]:
+    """(bytes, where from) the loaded models may take together: --models-memory GiB when given, else
+    serve's default: --gpu-memory-utilization of the GPU's memory, or 90% of the host's available
+    memory (MemAvailable) on a CPU."""
+    if models_memory is not None:
+        return int(models_memory * GIB), f"--models-memory {models_memory:g}"
+    where = torch.device(device)
+    if where.type == "cuda":
+        total = torch.cuda.mem_get_info(where)[1]
+        return int(total * gpu_memory_utilization), \
+            f"--gpu-memory-utilization {gpu_memory_utilization:g} of {where}'s {_gib(total)}"
+    available = free_memory(where)
+    if available is None:
+        return None, "unknown (no MemAvailable): give --models-memory"
+    return int(available * 0.9), f"90% of the host's {_gib(available)} available"
+
+
+def combine(names: list[str], estimates: list[MemoryEstimate], budget_bytes: Optional[int],
+            budget_source: str) -> CombinedEstimate:
+    """Whether the models fit together, and if not which one to leave out."""
+    totals = [e.serving_bytes for e in estimates]
+    total = sum(totals)
+    alone = [f"{n} does not fit even alone: {'; '.join(e.problems)}" for n, e in zip(names, estimates) if not e.fits]
+    if budget_bytes is None:
+        together, why = True, "fit together (budget unknown)"
+    elif total <= budget_bytes:
+        together, why = True, f"fit together: {_gib(total)} of the {_gib(budget_bytes)} budget"
+    else:
+        # the smallest model whose leaving out is enough; none is: the largest
+        enough = [(t, n) for t, n in zip(totals, names) if total - t <= budget_bytes]
+        out = min(enough)[1] if enough else max(zip(totals, names))[1]
+        together = False
+        why = (f"do not fit together: {_gib(total)} needed, {_gib(budget_bytes)} budget ({budget_source}); "
+               f"unload {out} or lower --kv-cache-memory / --max-num-seqs / --max-num-batched-tokens "
+               "(serve unloads the least recently used idle model to make room)")
+    verdict = "; ".join(([] if together and alone else [why]) + alone)  # "fit together" only when all is well
+    return CombinedEstimate(names, estimates, total, budget_bytes, budget_source, together and not alone, verdict)
+
+
+def format_combined(combined: CombinedEstimate) -> str:
+    """Each model's estimate (format_estimate), then the table of what they take together."""
+    blocks = [f"[{n}]\n{format_estimate(e)}" for n, e in zip(combined.names, combined.estimates)]
+    width = max(len("budget"), *(len(n) for n in combined.names))
+    row = f"{{:<{width}}}  {{:>12}}  {{:>12}}  {{:>12}}  {{:>12}}"
+    table = [row.format("model", "weights", "KV cache", "activations", "total")]
+    for n, e in zip(combined.names, combined.estimates):
+        table.append(row.format(n, _gib(e.weight_bytes), _gib(e.kv_cache_bytes), _gib(e.activation_reserve_bytes),
+                                _gib(e.serving_bytes)))
+    table.append(row.format("sum", "", "", "", _gib(combined.total_bytes)))
+    table.append(row.format("budget", "", "", "", _gib(combined.budget_bytes)) + f"  ({combined.budget_source})")
+    table.append(f"verdict     {combined.verdict}")
+    return "\n\n".join(blocks) + "\n\ntogether (weights + KV cache + activations each, as serve counts them)\n" \
+        + "\n".join(table)

@@ -187,3 +187,54 @@ def test_loading_peak_matches_a_measured_load(tmp_path, setting):
     measured = min(run["peak"] for run in runs)
     assert est.loading_peak_bytes == pytest.approx(measured, rel=0.15), runs
     assert est.loading_peak_bytes < est.weight_bytes + 2 * 16000 * 384 * 4  # not the float model
+
+
+def _alone(capsys, folder: str) -> dict:
+    from quantserve.server.cli import main
+
+    assert main(["estimate", folder, "--json", "--kv-cache-memory", "0.05"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_estimate_of_several_models(default_model_dir, family_folders, capsys):
+    """Two real models: the summary's sum is the sum of each one's estimate made alone (weights +
+    KV cache + activations, added up here), the budget is --models-memory, and a budget below the
+    sum says which model to unload, with exit status 1."""
+    from quantserve.server.cli import main
+
+    folders = {"smol": str(default_model_dir), "tiny": str(family_folders["qwen3"])}
+    alone = {name: _alone(capsys, folder) for name, folder in folders.items()}
+    totals = {n: e["weight_bytes"] + e["kv_cache_bytes"] + e["activation_reserve_bytes"] for n, e in alone.items()}
+    total = sum(totals.values())
+    args = ["estimate", *(f"{n}={f}" for n, f in folders.items()), "--kv-cache-memory", "0.05"]
+
+    assert main([*args, "--json", "--models-memory", "64"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [m["name"] for m in out["models"]] == ["smol", "tiny"]
+    for m in out["models"]:  # each the same estimate as made alone
+        assert {k: v for k, v in m.items() if k not in ("name", "device_free_bytes", "verdict", "largest_context")} \
+            == {k: v for k, v in alone[m["name"]].items() if k not in ("device_free_bytes", "verdict", "largest_context")}
+    summary = out["summary"]
+    assert summary["total_bytes"] == total
+    assert [(s["name"], s["total_bytes"]) for s in summary["models"]] == list(totals.items())
+    assert summary["budget_bytes"] == 64 * GIB and summary["fits"] is True
+    assert summary["verdict"].startswith("fit together")
+
+    # Room for the larger one alone, not for both: the smaller is the one to leave out.
+    budget = (max(totals.values()) + 2**20) / GIB
+    assert main([*args, "--models-memory", f"{budget}"]) == 1
+    text = capsys.readouterr().out
+    assert text.startswith("[smol]\nmodel       ") and "\n[tiny]\nmodel       " in text
+    smaller = min(totals, key=totals.get)
+    verdict = text.splitlines()[-1]
+    assert verdict.startswith("verdict     do not fit together") and f"unload {smaller} " in verdict
+    sum_row = next(line for line in text.splitlines() if line.startswith("sum "))
+    assert sum_row.split()[-2:] == [f"{total / 2**20:,.1f}", "MiB"]
+
+    # No --models-memory: serve's default, 90% of the host's available memory on a CPU.
+    assert main([*args, "--json", "--device", "cpu"]) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    assert summary["budget_bytes"] == pytest.approx(0.9 * available, rel=0.05)
+    assert "90% of the host's" in summary["budget_source"]
