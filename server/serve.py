@@ -152,7 +152,8 @@ def build_registry(settings: Settings) -> Any:
     """The registry of every model these settings name (ValueError for a bad catalog)."""
     import torch
 
-    from .api.registry import ModelCost, Registry
+    from .api.model_entry import ModelCost
+    from .api.registry import Registry
     from .engine.device_worker import DeviceWorker
     from .loading.catalog import build_catalog
     from .loading.estimate import estimate_for_settings
@@ -169,10 +170,13 @@ def build_registry(settings: Settings) -> Any:
         return workers[device]
 
     budget = None
-    if settings.models_memory is not None:
-        budget = int(settings.models_memory * 2**30)
-    elif not catalog.single:
-        budget = default_models_budget(settings)
+    if settings.models_memory is not None or not catalog.single:  # a one-model server: fit_to_memory's check
+        from .loading.estimate import models_budget
+
+        device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        budget, source = models_budget(device, settings.models_memory, settings.gpu_memory_utilization)
+        logger.info("models' memory budget: %s (%s)", "none" if budget is None else f"{budget / 2**30:.2f} GiB",
+                    source)
     slots = settings.models_max or len(catalog.specs)
 
     def settings_for(spec: Any) -> Settings:
@@ -201,20 +205,6 @@ def build_registry(settings: Settings) -> Any:
 
     return Registry(catalog, loader, estimator if not catalog.single or budget is not None else None,
                     budget_bytes=budget, max_loaded=settings.models_max, workers=worker_for)
-
-
-def default_models_budget(settings: Settings) -> Optional[int]:
-    """The loaded models' memory budget when --models-memory is not given: on a GPU
-    --gpu-memory-utilization of its memory, on a CPU 90% of the host's available memory now."""
-    import torch
-
-    from .api.memory import host_memory
-
-    if torch.cuda.is_available() and (settings.device or "cuda").startswith("cuda"):
-        index = torch.device(settings.device or "cuda").index or 0
-        return int(torch.cuda.mem_get_info(index)[1] * settings.gpu_memory_utilization)
-    available = host_memory().get("available_bytes")
-    return None if available is None else int(available * 0.9)
 
 
 def fit_to_memory(settings: Settings, estimate: Any = None) -> Settings:

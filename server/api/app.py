@@ -16,7 +16,8 @@ from ..config import Settings
 from .errors import install_error_handlers
 from .guards import ApiKey, BodyLimit, HostCheck
 from .metrics import Metrics
-from .registry import ModelLeases, Registry
+from .model_entry import ModelLeases
+from .registry import Registry
 from .replica import ReplicaHeader, default_replica_id
 from .routes import console, embeddings, lora, messages, models, openai, ops, quantization, responses, tokenize
 from .routes.common import Services

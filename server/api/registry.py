@@ -24,96 +24,20 @@ All registry state is changed on the event loop's thread; loads run in threads a
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import dataclasses
-import gc
 import logging
-import os
-import sys
-import threading
 import time
 from typing import Any, Callable, Literal, Optional
 
 from ..engine.errors import ShuttingDownError
 from ..loading.catalog import Catalog, ModelSpec
 from .errors import APIError, model_not_found, unavailable
+from .load_thread import give_back_memory, in_daemon_thread
+from .model_entry import LEASES, ModelCost, ModelEntry
 from .served_model import ServedModel
 
 logger = logging.getLogger("quantserve.server")
 
 GIB = 2**30
-BACKGROUND_SWITCH_INTERVAL = 0.0005  # seconds: the GIL switch interval while a model loads beside serving ones
-State = Literal["unloaded", "loading", "loaded", "unloading", "error"]
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelCost:
-    """What a model takes while loaded, as `quantserve estimate` prices it (bytes)."""
-
-    weight_bytes: int
-    kv_cache_bytes: int
-    total_bytes: int  # weights + KV cache + one step's activations
-
-
-@dataclasses.dataclass(eq=False)
-class ModelEntry:
-    """One known model and its state (changed on the event loop's thread only)."""
-
-    spec: ModelSpec
-    state: State = "unloaded"
-    error: Optional[str] = None
-    served: Optional[ServedModel] = None
-    cost: Optional[ModelCost] = None
-    loading: Optional[asyncio.Future] = None  # the load in progress, awaited by every request for it
-    leases: int = 0  # HTTP requests holding it now
-    last_used: float = dataclasses.field(default_factory=time.monotonic)
-    keep_alive: Optional[float] = None  # a request's override; None: the spec's
-    load_seconds: Optional[float] = None
-    loads: int = 0  # loads started
-    unloads: int = 0
-    spec_created: int = dataclasses.field(default_factory=lambda: int(time.time()))  # known since
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def busy(self) -> bool:
-        return self.leases > 0 or (self.served is not None and self.served.engine.num_unfinished > 0)
-
-    def expires_at(self) -> Optional[float]:
-        """Monotonic time at which an idle loaded model is unloaded (None: never)."""
-        keep = self.keep_alive if self.keep_alive is not None else self.spec.keep_alive
-        if keep is None or keep < 0:
-            return None
-        return self.last_used + keep
-
-
-# The leases one HTTP request holds (ModelLeases sets a list per request; resolve() appends).
-_LEASES: contextvars.ContextVar[Optional[list[ModelEntry]]] = contextvars.ContextVar("quantserve_leases",
-                                                                                      default=None)
-
-
-class ModelLeases:
-    """ASGI middleware: the models a request resolved stay leased until its response is sent in
-    full (a stream's last byte, or the client gone), then count as used at that moment."""
-
-    def __init__(self, app: Any, registry: "Registry") -> None:
-        self.app = app
-        self.registry = registry
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        held: list[ModelEntry] = []
-        token = _LEASES.set(held)
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            _LEASES.reset(token)
-            for entry in held:
-                self.registry.release(entry)
 
 
 Loader = Callable[[ModelSpec, Any], ServedModel]  # (spec, its device's worker) -> the model, loaded and warm
@@ -181,7 +105,7 @@ class Registry:
                 if entry.cost is not None or entry.state != "unloaded":
                     continue
                 try:  # at the lowest priority once a model serves (the first estimate imports for ~2 s)
-                    entry.cost = await _in_daemon_thread(lambda: self._estimator(entry.spec), "quantserve-estimate",
+                    entry.cost = await in_daemon_thread(lambda: self._estimator(entry.spec), "quantserve-estimate",
                                                          background=bool(self.models()))
                 except Exception:  # noqa: BLE001 - priced (or refused with its reason) when first asked for
                     logger.debug("estimating model '%s' failed", entry.name, exc_info=True)
@@ -244,7 +168,7 @@ class Registry:
         entry, adapter = self._find(name)
         if keep_alive is not None:
             entry.keep_alive = keep_alive
-        leases = _LEASES.get()
+        leases = LEASES.get()
         if leases is not None:  # leased before any wait: nothing unloads it from here on
             entry.leases += 1
             leases.append(entry)
@@ -280,6 +204,8 @@ class Registry:
     def _not_loaded(self, entry: ModelEntry) -> APIError:
         if entry.state == "error":
             return unavailable(f"model '{entry.name}' is not available: {entry.error}")
+        if entry.state == "unloaded":
+            return unavailable(f"model '{entry.name}' is not loaded: a request for it, or POST /models/load, loads it")
         return unavailable(f"model '{entry.name}' is {entry.state}; retry shortly", retry_after=5)
 
     def release(self, entry: ModelEntry) -> None:
@@ -337,7 +263,7 @@ class Registry:
         async with self._room:
             if entry.cost is None and self._estimator is not None:
                 try:
-                    entry.cost = await _in_daemon_thread(lambda: self._estimator(entry.spec), "quantserve-estimate")
+                    entry.cost = await in_daemon_thread(lambda: self._estimator(entry.spec), "quantserve-estimate")
                 except (ValueError, OSError) as exc:  # the model cannot be read: loading would fail the same way
                     entry.state, entry.error = "error", _reason(exc)
                     logger.error("model '%s' cannot be loaded: %s", entry.name, entry.error)
@@ -352,7 +278,7 @@ class Registry:
             logger.info("loading model '%s'%s", entry.name,
                         "" if entry.cost is None else f" ({_gib(entry.cost.total_bytes)} estimated)")
             try:
-                served = await _in_daemon_thread(lambda: self._loader(entry.spec, self._workers(entry.spec)),
+                served = await in_daemon_thread(lambda: self._loader(entry.spec, self._workers(entry.spec)),
                                                  "quantserve-loader", background=not alone)
                 await served.engine.start()
             except asyncio.CancelledError:
@@ -410,7 +336,7 @@ class Registry:
             entry.keep_alive = None
             entry.unloads += 1
             del served
-            await _in_daemon_thread(_give_back_memory, "quantserve-unload")
+            await in_daemon_thread(give_back_memory, "quantserve-unload")
 
     # ------------------------------------------------------------------------------ keep-alive, health
 
@@ -457,21 +383,6 @@ class Registry:
         return True, "ok"
 
 
-def _give_back_memory() -> None:
-    """After an unload: collect the model's cycles and hand the freed heap back to the OS."""
-    gc.collect()
-    from ..loading.peak_memory import release_free_memory
-
-    release_free_memory()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # noqa: BLE001 - best effort
-        pass
-
-
 def _gib(n: Optional[float]) -> str:
     return "?" if n is None else f"{n / GIB:.2f} GiB"
 
@@ -485,62 +396,3 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, (ValueError, OSError)) and text:
         return text
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-async def _in_daemon_thread(fn: Callable[[], Any], name: str, background: bool = False) -> Any:
-    """fn() in a daemon thread. Not asyncio.to_thread: a process asked to stop while loading
-    (SIGTERM) would wait at exit for the executor's thread to finish loading, for minutes.
-    background: while other models serve, at the lowest CPU priority (nice 19: under autogroup a
-    thread's nice weighs against the threads of its own process) and with one compute thread (a
-    second OpenMP pool beside the device worker's would slow every one of its steps)."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future = loop.create_future()
-
-    def settle(result: Any, error: Optional[BaseException]) -> None:
-        if future.done():  # cancelled: nobody wants the result any more
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    def target() -> None:
-        import torch
-
-        result, error = None, None
-        threads, switch = torch.get_num_threads(), sys.getswitchinterval()
-        try:
-            if background:
-                _lower_this_thread()
-                # A loader running Python holds the GIL for up to the switch interval (5 ms) each
-                # time the device worker or the event loop asks for it, many times a step: asked
-                # to hand it over ten times sooner, it delays them ten times less.
-                sys.setswitchinterval(min(switch, BACKGROUND_SWITCH_INTERVAL))
-            result = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
-            error = exc
-        finally:
-            from quantserve.kernels.cpu import paged_attention as native
-
-            native.release_openmp_threads()  # this thread's OpenMP pool is not needed any more
-            if background:  # torch keeps the last count set as the default of threads started later
-                torch.set_num_threads(threads)
-                sys.setswitchinterval(switch)
-        try:
-            loop.call_soon_threadsafe(settle, result, error)
-        except RuntimeError:  # the event loop has closed: the server stopped meanwhile
-            pass
-
-    threading.Thread(target=target, name=name, daemon=True).start()
-    return await future
-
-
-def _lower_this_thread() -> None:
-    """Nice 19 and one compute thread for the calling thread (see _in_daemon_thread)."""
-    import torch
-
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (OSError, AttributeError):
-        pass
-    torch.set_num_threads(1)

@@ -12,7 +12,7 @@ from pydantic import Field
 from .. import protocol as p
 from ..errors import model_not_found
 from ..protocol import _Strict
-from ..registry import ModelEntry
+from ..model_entry import ModelEntry
 from .common import Services
 
 

@@ -1,0 +1,87 @@
+"""The threads models are priced, loaded and unloaded on (registry.py): daemon threads, at the
+lowest priority while other models serve."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import sys
+import threading
+from typing import Any, Callable, Optional
+
+BACKGROUND_SWITCH_INTERVAL = 0.0005  # seconds: the GIL switch interval while a model loads beside serving ones
+
+
+async def in_daemon_thread(fn: Callable[[], Any], name: str, background: bool = False) -> Any:
+    """fn() in a daemon thread. Not asyncio.to_thread: a process asked to stop while loading
+    (SIGTERM) would wait at exit for the executor's thread to finish loading, for minutes.
+    background: while other models serve, at the lowest CPU priority (nice 19: under autogroup a
+    thread's nice weighs against the threads of its own process) and with one compute thread (a
+    second OpenMP pool beside the device worker's would slow every one of its steps)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(result: Any, error: Optional[BaseException]) -> None:
+        if future.done():  # cancelled: nobody wants the result any more
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def target() -> None:
+        import torch
+
+        result, error = None, None
+        threads, switch = torch.get_num_threads(), sys.getswitchinterval()
+        try:
+            if background:
+                _lower_this_thread()
+                # A loader running Python holds the GIL for up to the switch interval (5 ms) each
+                # time the device worker or the event loop asks for it, many times a step: asked
+                # to hand it over ten times sooner, it delays them ten times less.
+                sys.setswitchinterval(min(switch, BACKGROUND_SWITCH_INTERVAL))
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            error = exc
+        finally:
+            from quantserve.kernels.cpu import paged_attention as native
+
+            native.release_openmp_threads()  # this thread's OpenMP pool is not needed any more
+            if background:  # torch keeps the last count set as the default of threads started later
+                torch.set_num_threads(threads)
+                sys.setswitchinterval(switch)
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the event loop has closed: the server stopped meanwhile
+            pass
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return await future
+
+
+def _lower_this_thread() -> None:
+    """Nice 19 and one compute thread for the calling thread (see _in_daemon_thread)."""
+    import torch
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (OSError, AttributeError):
+        pass
+    torch.set_num_threads(1)
+
+
+def give_back_memory() -> None:
+    """After an unload: collect the model's cycles and hand the freed heap back to the OS."""
+    gc.collect()
+    from ..loading.peak_memory import release_free_memory
+
+    release_free_memory()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - best effort
+        pass
