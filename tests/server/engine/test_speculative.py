@@ -264,3 +264,34 @@ def test_draft_model_that_guesses_badly_changes_nothing(smollm, highest):
     sampled = SamplingParams(max_tokens=16, temperature=0.9)
     got, stats = run(_with_draft(model, tokenizer, prompts[:3], sampled, spec, draft))
     assert stats["num_drafts"] > 0 and all(len(r.token_ids[0]) > 0 for r in got)
+
+
+def test_lora_requests_with_speculation(smollm, lora_adapters, highest):
+    """Requests with LoRA adapters (and one without) verify their drafts through the adapter:
+    the plain engine's greedy output, adapter for adapter."""
+    model, tokenizer = smollm
+    prompts = copy_prompts(tokenizer)[:2]
+    params = SamplingParams(max_tokens=24, temperature=0)
+
+    async def generate(spec):
+        engine = await started(model, tokenizer, kv_cache_dtype="float32", num_kv_blocks=512, speculative_config=spec)
+        try:
+            for name in ("attn", "all"):
+                engine.loras.load(name, str(lora_adapters[name]))
+            out = {}
+            for lora in (None, "attn", "all"):
+                for i, p in enumerate(prompts):
+                    tokens = []
+                    async for o in engine.generate(p, params, f"r{i}-{lora}", lora=lora):
+                        tokens += o.outputs[0].token_ids if o.outputs else []
+                    out[(lora, i)] = tokens
+            assert_blocks_all_free(engine)
+            return out, engine.spec.stats.snapshot() if engine.spec else None
+        finally:
+            await engine.shutdown()
+
+    plain, _ = run(generate(None))
+    spec, stats = run(generate(NGRAM))
+    assert spec == plain
+    assert stats["num_accepted_tokens"] > 0
+    assert plain[("attn", 0)] != plain[(None, 0)] or plain[("all", 0)] != plain[(None, 0)]  # the adapters matter
