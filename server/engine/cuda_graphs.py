@@ -120,7 +120,9 @@ class DecodeGraphs:
             self._run(size)  # warm-up outside the graph: kernels built and tuned, allocator primed
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread_local: a model is captured on its loader's thread while the device worker may be
+            # stepping other models on the same GPU; "global" would make their syncs fail meanwhile.
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 logits = self._run(size)
             if self.pool is None:
                 self.pool = graph.pool()
