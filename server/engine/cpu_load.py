@@ -1,31 +1,42 @@
-"""Follow the cores other processes leave us: the CPU thread count, adjusted while serving.
+"""Follow the cores we actually get: the CPU thread count, adjusted while serving.
 
-A decode step runs hundreds of OpenMP regions, each split over all our threads. When another
-process takes one of our cores, the thread that shares it runs only in scheduler time slices of
+A decode step runs hundreds of OpenMP regions, each split over all our threads. When something
+else takes one of our cores, the thread that shares it runs only in scheduler time slices of
 several milliseconds, and every region waits for it (while its partner spin-waits, burning the
-time the parked thread needs): on the 2-core Xeon a Python busy loop cut a stream to ~5% of its
-idle throughput. Computing with one thread fewer than the cores left over avoids that wait.
+time the parked thread needs): on the 2-core Xeon a busy loop cut a stream to 5-25% of its idle
+throughput, and a niced one in another session (autogroup: nice does not lower a process's share
+across sessions) to 4%. Computing with one thread fewer than the cores we get avoids that wait.
 
-How much CPU the others take, between two samples (every `interval` seconds, between steps):
+Who takes the core does not matter (a niced process, another session, another cgroup, a
+hypervisor), so the controller does not guess it from the others' CPU time: it asks the kernel
+whether our own threads waited. Between two samples (every `interval` seconds, between steps;
+a slow step is one sample by itself):
 
-    others = (busy time of the CPUs in our affinity mask, from /proc/stat)
-             - (our own process's CPU time, /proc/self/stat utime + stime)
+    wait  = sum over our compute threads of their run-queue delay (/proc/self/task/*/schedstat,
+            2nd field: ns runnable but not running)
+            - the CPU time our other threads ran (the HTTP loop, tokenizers: they displace a
+              compute thread by running, which is our own use, not a core taken from us)
+    lost  = wait / busy  +  throttled / wall * threads
 
-in CPUs (divided by the mask's total time per CPU over the interval). Busy is user + system +
-irq + softirq + steal (a hypervisor's steal is a core taken from us too); the `nice` column
-(user time of niced processes) counts by default only when we run niced ourselves: a process at a
-higher nice value than ours gets a sliver of a shared core (weight 15 vs 1024 at nice 19), so it
-costs us nothing. Our own user time sits in the nice column when we are niced, our system time
-always in the system column: each is subtracted only from the column it is in. Our own threads'
-spinning is ours, never counted as the others'.
+in CPUs, `busy` being the engine thread's own time on a CPU or waiting for one in the window (so
+a window in which the engine slept between requests is not diluted), `throttled` the cgroup
+cpu.stat throttled time along our cgroup path (a quota stops all our threads at once). Compute threads are the engine thread (the one that calls `maybe_update`) and the
+threads that were runnable at least half as long as it was in the window: its OpenMP workers,
+which spin-wait between regions and so are runnable whenever it is. With threads == the cores we
+get, `lost` is ~0; with one more thread than that, our own threads queue behind each other and
+the neighbour, which is exactly the signal.
 
-The others take `lost` whole cores, with hysteresis: `lost` moves only when `others` leaves the band
-[lost - 1 + UP_BELOW ... lost + DOWN_AT), i.e. a core is given up once the others use DOWN_AT
-(0.4) of it and taken back once they use less than UP_BELOW (0.25); and a new count must be seen
-on two samples in a row before it is applied, so one noisy sample does not flap. Threads =
-max(1, min(ceiling, cpus in the mask - lost)), the ceiling being the count the server started with
-(--cpu-threads pins the count: no controller then). torch.get_num_threads() stays the one count
-every kernel reads; this module only sets it.
+The rule (pure: ThreadCountPolicy):
+- Give up at once: lost >= DOWN_AT (0.4 CPUs) drops floor(lost - DOWN_AT) + 1 threads in that
+  sample (at least 1 thread stays). No second sample: one slow step is enough evidence.
+- Take back by probing: while threads < ceiling, once `backoff` seconds have passed since the
+  last change and the CPUs of our mask were idle for at least PROBE_IDLE (0.5) of a CPU in the
+  last sample (/proc/stat, nice column counted as busy: the only use of /proc/stat, so a core
+  held by a neighbour is not probed for), try one thread more for one sample. Keep it if
+  lost < UP_BELOW (0.25), else go back at once. A failed probe, or a kept count given up again
+  within HOLD_RESET (5 s), doubles the backoff (0.5 s up to 3 s); holding longer resets it.
+The ceiling is the count the server started with (--cpu-threads pins the count: no controller
+then). torch.get_num_threads() stays the one count every kernel reads; this module only sets it.
 """
 
 from __future__ import annotations
@@ -34,147 +45,172 @@ import dataclasses
 import logging
 import math
 import os
+import threading
 import time
-from typing import Callable, Iterable, Optional
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Optional
+
+from ..cpu_threads import CGROUP_ROOT, PROC_SELF_CGROUP, _ancestors, _cgroup_paths
 
 logger = logging.getLogger(__name__)
 
-DOWN_AT = 0.4  # the others' use of one more core (in CPUs) that makes us give it up
-UP_BELOW = 0.25  # ... and below which we take it back
-CONFIRM_SAMPLES = 2  # a new thread count must be proposed this many samples in a row
-# ... except giving a core up when the others clearly hold it: computing on a shared core stalls
-# every OpenMP region of every step (a one-stream step ~20x slower), while a thread given up
-# needlessly costs ~30% for a sample or two. bench/peers.py --systems quantserve --concurrency 1 16
-# --busy-concurrency 1 16, three runs in one window (2-core Xeon): busy / idle at one stream 0.45x
-# waiting for the second sample, 0.61x and 0.55x giving up at once (0.77x vs 0.82x, 0.82x at 16).
-GIVE_UP_AT_ONCE = 0.75
+DOWN_AT = 0.4  # CPUs' worth of waiting in a sample that makes us give a core up
+UP_BELOW = 0.25  # a probe at one thread more is kept when the waiting stays below this
+PROBE_IDLE = 0.5  # idle CPUs in our mask (last sample) before a probe is worth trying
+BACKOFF_MIN, BACKOFF_MAX = 0.5, 3.0  # seconds between a change and the next probe
+HOLD_RESET = 5.0  # a count held this long resets the backoff
+COMPUTE_SHARE = 0.5  # runnable at least this share of the engine thread's time: a compute thread
 DEFAULT_INTERVAL = 0.2  # seconds between samples
-STALE_AFTER = 2.0  # seconds: a longer gap (the engine idled) restarts the window instead of deciding
-
-# /proc/stat cpuN columns: user nice system idle iowait irq softirq steal guest guest_nice.
-# guest and guest_nice are already included in user and nice.
-_BUSY_COLUMNS = (0, 2, 5, 6, 7)  # user, system, irq, softirq, steal
-_NICE_COLUMN = 1
-_IDLE_COLUMNS = (3, 4)  # idle, iowait
+MIN_BUSY_NS = 20_000_000  # a window in which the engine thread was busy less than 20 ms decides nothing
 
 
-@dataclasses.dataclass(frozen=True)
-class CpuSample:
-    """Cumulative clock ticks: the mask's CPUs' busy and total time, and our own process's
-    user and system time."""
-
-    busy: int
-    total: int
-    own_user: int
-    own_system: int
+# ------------------------------------------------------------------------------ kernel readings
 
 
-def parse_proc_stat(text: str, cpus: Iterable[int], count_nice: bool) -> tuple[int, int]:
-    """(busy ticks, total ticks) summed over the `cpuN` lines of /proc/stat whose N is in `cpus`.
-    ValueError when one of them is missing or malformed."""
-    wanted = set(cpus)
-    busy = total = 0
-    seen: set[int] = set()
+def parse_schedstat(text: str) -> tuple[int, int]:
+    """(ns on a CPU, ns waiting on a run queue) from /proc/<pid>/task/<tid>/schedstat."""
+    fields = text.split()
+    return int(fields[0]), int(fields[1])
+
+
+def parse_cgroup_cpu_stat(text: str) -> Optional[int]:
+    """Throttled ns from a cgroup's cpu.stat: v2's throttled_usec, v1's throttled_time (ns);
+    None when neither is there (no CPU controller, or an old kernel)."""
+    values: dict[str, int] = {}
     for line in text.splitlines():
-        if not line.startswith("cpu") or line.startswith("cpu "):
-            continue
-        name, _, rest = line.partition(" ")
+        key, _, value = line.partition(" ")
         try:
-            cpu = int(name[3:])
+            values[key] = int(value)
         except ValueError:
             continue
-        if cpu not in wanted:
+    if "throttled_usec" in values:
+        return values["throttled_usec"] * 1000
+    if "throttled_time" in values:
+        return values["throttled_time"]
+    return None
+
+
+def parse_idle(proc_stat: str, cpus: Iterable[int]) -> tuple[int, int]:
+    """(idle + iowait ticks, total ticks) over the `cpuN` lines of /proc/stat whose N is in `cpus`
+    (every column but guest, which user already holds). ValueError when one is missing."""
+    wanted, seen = set(cpus), set()
+    idle = total = 0
+    for line in proc_stat.splitlines():
+        name, _, rest = line.partition(" ")
+        if not name.startswith("cpu") or name == "cpu" or not name[3:].isdigit() or int(name[3:]) not in wanted:
             continue
         fields = [int(f) for f in rest.split()[:8]]
         if len(fields) < 5:
-            raise ValueError(f"/proc/stat: too few columns for {name}: {line!r}")
-        fields += [0] * (8 - len(fields))  # old kernels lack irq/softirq/steal
-        line_busy = sum(fields[i] for i in _BUSY_COLUMNS) + (fields[_NICE_COLUMN] if count_nice else 0)
-        busy += line_busy
-        total += line_busy + sum(fields[i] for i in _IDLE_COLUMNS) + (0 if count_nice else fields[_NICE_COLUMN])
-        seen.add(cpu)
-    missing = wanted - seen
-    if missing:
-        raise ValueError(f"/proc/stat has no line for CPU(s) {sorted(missing)}")
-    return busy, total
+            raise ValueError(f"/proc/stat: too few columns: {line!r}")
+        idle += fields[3] + fields[4]
+        total += sum(fields)
+        seen.add(int(name[3:]))
+    if wanted - seen:
+        raise ValueError(f"/proc/stat has no line for CPU(s) {sorted(wanted - seen)}")
+    return idle, total
 
 
-def parse_self_stat(text: str) -> tuple[int, int]:
-    """(utime, stime) in clock ticks from /proc/<pid>/stat: fields 14 and 15, counted after the
-    command name, which is in parentheses and may itself hold spaces or parentheses."""
-    after = text[text.rindex(")") + 2:].split()  # field 3 (state) onwards
-    return int(after[11]), int(after[12])
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """One sample of the kernel's counters (cumulative)."""
+
+    time_ns: int
+    tasks: Mapping[int, tuple[int, int]]  # tid -> (run ns, wait ns)
+    throttled_ns: Mapping[str, int]  # cgroup folder -> throttled ns
+    idle: Optional[tuple[int, int]]  # (idle ticks, total ticks) over our mask; None if unreadable
+    num_cpus: int = 1  # CPUs in the mask
+
+
+@dataclasses.dataclass(frozen=True)
+class Contention:
+    """What one window between two readings says."""
+
+    lost_cpus: float  # wait_cpus + throttled_share * threads
+    wait_cpus: float  # our compute threads' run-queue delay beyond our other threads' running
+    delay_share: float  # of the compute threads' runnable time, the share spent waiting
+    throttled_share: float  # of the wall time, the share our cgroup (or a parent) was throttled
+    idle_cpus: Optional[float]  # idle CPUs in our mask
+    compute_threads: int
+
+
+def contention(before: Reading, after: Reading, engine_tid: int, threads: int) -> Optional[Contention]:
+    """Pure: the window between two readings, `threads` being the count computed with in it. The
+    waiting is per second of the engine thread's busy time (on a CPU or waiting for one), not of
+    wall time: a window in which the engine slept between requests is neither diluted nor stale.
+    None when the engine thread was busy for less than MIN_BUSY_NS (nothing to judge)."""
+    deltas = {tid: (run - before.tasks.get(tid, (0, 0))[0], wait - before.tasks.get(tid, (0, 0))[1])
+              for tid, (run, wait) in after.tasks.items()}
+    engine = deltas.get(engine_tid, (0, 0))
+    busy = engine[0] + engine[1]
+    if busy < MIN_BUSY_NS:
+        return None
+    wall = max(busy, after.time_ns - before.time_ns)
+    compute = {tid for tid, (run, wait) in deltas.items() if tid == engine_tid or run + wait >= COMPUTE_SHARE * busy}
+    waited = sum(deltas[t][1] for t in compute)
+    ran = sum(deltas[t][0] for t in compute)
+    others_ran = sum(run for tid, (run, _) in deltas.items() if tid not in compute)
+    wait_cpus = max(0, waited - others_ran) / busy
+    throttled = max([after.throttled_ns[k] - before.throttled_ns[k] for k in after.throttled_ns
+                     if k in before.throttled_ns] or [0])
+    throttled_share = min(1.0, max(0, throttled) / wall)
+    idle_cpus = None
+    if before.idle is not None and after.idle is not None and after.idle[1] > before.idle[1]:
+        idle_cpus = (after.idle[0] - before.idle[0]) / (after.idle[1] - before.idle[1]) * after.num_cpus
+    return Contention(lost_cpus=wait_cpus + throttled_share * threads, wait_cpus=wait_cpus,
+                      delay_share=waited / (waited + ran) if waited + ran > 0 else 0.0,
+                      throttled_share=throttled_share, idle_cpus=idle_cpus, compute_threads=len(compute))
+
+
+# ------------------------------------------------------------------------------ the decision
 
 
 class ThreadCountPolicy:
-    """Pure decision: the others' use in CPUs per sample -> the thread count to compute with."""
+    """Pure decision: one window's lost CPUs (and idle CPUs) -> the thread count to compute with.
+    See the module docstring for the rule."""
 
-    def __init__(self, num_cpus: int, ceiling: int) -> None:
-        if num_cpus < 1 or ceiling < 1:
-            raise ValueError(f"num_cpus and ceiling must be >= 1, got {num_cpus} and {ceiling}")
-        self.num_cpus = num_cpus
+    def __init__(self, ceiling: int) -> None:
+        if ceiling < 1:
+            raise ValueError(f"ceiling must be >= 1, got {ceiling}")
         self.ceiling = ceiling
-        self.lost = 0  # whole cores the others take, as last applied
-        self._proposal: Optional[int] = None
-        self._proposal_count = 0
+        self.threads = ceiling
+        self.probing = False  # the current count is a probe, judged by the next window
+        self.probes = 0
+        self.backoff = BACKOFF_MIN
+        self._changed_at: Optional[float] = None  # when the count last changed (None: never)
+        self._kept_at: Optional[float] = None  # when a probe was last kept
 
-    @property
-    def threads(self) -> int:
-        return max(1, min(self.ceiling, self.num_cpus - self.lost))
-
-    def _wanted_lost(self, others: float) -> int:
-        # Keep `lost` while lost - 1 + UP_BELOW <= others < lost + DOWN_AT; else the nearest value
-        # that satisfies it.
-        low = math.floor(others - DOWN_AT) + 1  # smallest lost with others < lost + DOWN_AT
-        high = math.floor(others - UP_BELOW) + 1  # largest lost with lost - 1 + UP_BELOW <= others
-        return max(0, min(self.num_cpus - 1, min(max(self.lost, low), high)))
-
-    def update(self, others: float) -> int:
-        """Feed one sample (the others' use in CPUs); returns the thread count to use now."""
-        wanted = self._wanted_lost(others)
-        if wanted == self.lost:
-            self._proposal, self._proposal_count = None, 0
+    def update(self, lost: float, idle: Optional[float], now: float) -> int:
+        """Feed one window (lost and idle CPUs, at time `now` in seconds); returns the count to use."""
+        if self.probing:
+            self.probing = False
+            if lost >= UP_BELOW:  # the extra thread waited: the core is still taken
+                self._set(self.threads - 1, now)
+                self.backoff = min(BACKOFF_MAX, self.backoff * 2)
+            else:
+                self._kept_at = now
             return self.threads
-        if wanted == self._proposal:
-            self._proposal_count += 1
-        else:
-            self._proposal, self._proposal_count = wanted, 1
-        at_once = wanted > self.lost and others >= wanted - 1 + GIVE_UP_AT_ONCE
-        if at_once or self._proposal_count >= CONFIRM_SAMPLES:
-            self.lost = wanted
-            self._proposal, self._proposal_count = None, 0
+        if lost >= DOWN_AT and self.threads > 1:
+            drop = min(self.threads - 1, math.floor(lost - DOWN_AT) + 1)
+            recently_kept = self._kept_at is not None and now - self._kept_at < HOLD_RESET
+            self.backoff = min(BACKOFF_MAX, self.backoff * 2) if recently_kept else BACKOFF_MIN
+            self._kept_at = None
+            self._set(self.threads - drop, now)
+            return self.threads
+        if self._kept_at is not None and now - self._kept_at >= HOLD_RESET:
+            self.backoff = BACKOFF_MIN
+        waited_enough = self._changed_at is None or now - self._changed_at >= self.backoff
+        if self.threads < self.ceiling and waited_enough and (idle is None or idle >= PROBE_IDLE):
+            self._set(self.threads + 1, now)
+            self.probing = True
+            self.probes += 1
         return self.threads
 
+    def _set(self, threads: int, now: float) -> None:
+        self.threads = max(1, min(self.ceiling, threads))
+        self._changed_at = now
 
-class CpuLoadSampler:
-    """Turns successive readings of /proc/stat and /proc/self/stat into the others' use in CPUs."""
 
-    def __init__(self, cpus: Iterable[int], count_nice: bool, we_are_niced: bool) -> None:
-        self.cpus = sorted(set(cpus))
-        if not self.cpus:
-            raise ValueError("no CPUs to watch")
-        self.count_nice = count_nice
-        # Our user time is in the busy sum unless it sits in a nice column that is left out.
-        self._own_user_counted = count_nice or not we_are_niced
-        self._last: Optional[CpuSample] = None
-
-    def reset(self) -> None:
-        self._last = None
-
-    def sample(self, proc_stat: str, self_stat: str) -> Optional[float]:
-        """The others' use in CPUs since the previous sample; None for the first one (or when no
-        tick elapsed)."""
-        busy, total = parse_proc_stat(proc_stat, self.cpus, self.count_nice)
-        user, system = parse_self_stat(self_stat)
-        current = CpuSample(busy=busy, total=total, own_user=user, own_system=system)
-        last, self._last = self._last, current
-        if last is None or current.total <= last.total:
-            return None
-        per_cpu = (current.total - last.total) / len(self.cpus)  # ticks of wall time per CPU
-        own = (current.own_system - last.own_system) + (
-            current.own_user - last.own_user if self._own_user_counted else 0)
-        others = (current.busy - last.busy) - own
-        return max(0.0, others / per_cpu)
+# ------------------------------------------------------------------------------ the real files
 
 
 def _read(path: str) -> str:
@@ -182,32 +218,46 @@ def _read(path: str) -> str:
         return f.read()
 
 
+def cgroup_cpu_stat_files(root: Path = CGROUP_ROOT, proc_self_cgroup: Path = PROC_SELF_CGROUP) -> list[str]:
+    """cpu.stat along this process's cgroup path (deepest first), those that exist: a quota on
+    any of them throttles us. cgroup v2 where root has cgroup.controllers, else v1's cpu controller."""
+    v2_path, v1_path = _cgroup_paths(proc_self_cgroup)
+    folders: list[Path] = []
+    if v2_path is not None and (root / "cgroup.controllers").exists():
+        folders = _ancestors(root, v2_path)
+    elif v1_path is not None:
+        for mount in (root / "cpu,cpuacct", root / "cpuacct,cpu", root / "cpu"):
+            if mount.is_dir():
+                folders = _ancestors(mount, v1_path)
+                break
+    return [str(f / "cpu.stat") for f in folders if (f / "cpu.stat").is_file()]
+
+
 class CpuLoadFollower:
-    """The controller wired to the real files and to torch: call `maybe_update()` between steps
-    (it returns at once unless `interval` has passed). Runs on the engine thread only."""
+    """The controller wired to the real files and to torch: call `maybe_update()` between steps,
+    on the engine thread (it returns at once unless `interval` has passed)."""
 
     def __init__(self, ceiling: int, cpus: Optional[Iterable[int]] = None, interval: float = DEFAULT_INTERVAL,
-                 count_nice: Optional[bool] = None, we_are_niced: Optional[bool] = None, set_threads: Optional[Callable[[int], None]] = None,
-                 read: Callable[[str], str] = _read, clock: Callable[[], float] = time.monotonic) -> None:
-        cpus = sorted(os.sched_getaffinity(0)) if cpus is None else sorted(set(cpus))
-        if we_are_niced is None:
-            we_are_niced = os.nice(0) > 0
-        if count_nice is None:
-            count_nice = we_are_niced  # niced processes compete with a niced server as equals
+                 set_threads: Optional[Callable[[int], None]] = None, read: Callable[[str], str] = _read,
+                 list_tasks: Optional[Callable[[], list[int]]] = None, cpu_stat_files: Optional[list[str]] = None,
+                 clock: Callable[[], float] = time.monotonic, engine_tid: Optional[Callable[[], int]] = None) -> None:
+        self.cpus = sorted(os.sched_getaffinity(0)) if cpus is None else sorted(set(cpus))
         if set_threads is None:
             import torch
 
             set_threads = torch.set_num_threads
-        self.policy = ThreadCountPolicy(len(cpus), ceiling)
-        self.sampler = CpuLoadSampler(cpus, count_nice, we_are_niced)
+        self.policy = ThreadCountPolicy(ceiling)
         self.interval = interval
-        self.others: Optional[float] = None  # the latest sample, for /health
+        self.last: Optional[Contention] = None  # the latest window, for /health
         self.changes = 0
         self._set_threads = set_threads
         self._read = read
+        self._list_tasks = list_tasks or (lambda: [int(t) for t in os.listdir("/proc/self/task")])
+        self._cpu_stat_files = cgroup_cpu_stat_files() if cpu_stat_files is None else cpu_stat_files
         self._clock = clock
+        self._engine_tid = engine_tid or threading.get_native_id
         self._next = 0.0
-        self._last_time: Optional[float] = None
+        self._reading: Optional[Reading] = None
         self._failed = False
 
     @classmethod
@@ -221,30 +271,53 @@ class CpuLoadFollower:
     def threads(self) -> int:
         return self.policy.threads
 
+    def _take_reading(self, now: float) -> Reading:
+        tasks = {}
+        for tid in self._list_tasks():
+            try:
+                tasks[tid] = parse_schedstat(self._read(f"/proc/self/task/{tid}/schedstat"))
+            except (OSError, IndexError, ValueError):
+                continue  # the thread ended meanwhile
+        throttled = {}
+        for path in self._cpu_stat_files:
+            try:
+                value = parse_cgroup_cpu_stat(self._read(path))
+            except OSError:
+                continue
+            if value is not None:
+                throttled[path] = value
+        try:
+            idle: Optional[tuple[int, int]] = parse_idle(self._read("/proc/stat"), self.cpus)
+        except (OSError, ValueError):
+            idle = None
+        return Reading(time_ns=int(now * 1e9), tasks=tasks, throttled_ns=throttled, idle=idle,
+                       num_cpus=len(self.cpus))
+
     def maybe_update(self) -> None:
         now = self._clock()
         if now < self._next or self._failed:
             return
         self._next = now + self.interval
-        if self._last_time is not None and now - self._last_time > STALE_AFTER:
-            self.sampler.reset()  # the engine slept: start a fresh window rather than average an old one
-        self._last_time = now
-        try:
-            others = self.sampler.sample(self._read("/proc/stat"), self._read("/proc/self/stat"))
-        except (OSError, ValueError, IndexError) as exc:
-            self._failed = True  # not Linux, or an unexpected format: keep the thread count as it is
-            logger.warning("CPU load: cannot read /proc (%s); the thread count stays %d", exc, self.threads)
+        reading = self._take_reading(now)
+        engine_tid = self._engine_tid()
+        if engine_tid not in reading.tasks:
+            self._failed = True  # not Linux, or no schedstat (CONFIG_SCHEDSTATS off): keep the count
+            logger.warning("CPU load: cannot read this thread's /proc/self/task/%d/schedstat; the thread count "
+                           "stays %d", engine_tid, self.threads)
             return
-        if others is None:
+        before, self._reading = self._reading, reading
+        window = None if before is None else contention(before, reading, engine_tid, self.policy.threads)
+        if window is None:
             return
-        self.others = others
-        before = self.threads
-        after = self.policy.update(others)
-        if after != before:
-            self._set_threads(after)
+        self.last = window
+        was = self.threads
+        now_threads = self.policy.update(window.lost_cpus, window.idle_cpus, now)
+        if now_threads != was:
+            self._set_threads(now_threads)
             self.changes += 1
-            logger.info("CPU threads: %d -> %d (other processes use %.2f of our %d CPUs)", before, after, others,
-                        self.policy.num_cpus)
+            why = "probe" if self.policy.probing else (
+                f"run-queue wait {window.wait_cpus:.2f} CPUs, throttled {window.throttled_share:.0%}")
+            logger.info("CPU threads: %d -> %d (%s)", was, now_threads, why)
 
     def close(self) -> None:
         """Back to the ceiling (the engine stops; the process's count is no longer ours to lower)."""
@@ -256,5 +329,10 @@ class CpuLoadFollower:
         """What /health shows next to the thread count."""
         # torch.get_num_threads() is per thread once a thread has used it (each keeps its own OpenMP
         # count): only the engine thread's count, this one, is what the kernels compute with.
+        last = self.last
         return {"threads": self.policy.threads, "follows_load": True, "threads_max": self.policy.ceiling,
-                "others_cpus": None if self.others is None else round(self.others, 2), "changes": self.changes}
+                "runqueue_delay_share": None if last is None else round(last.delay_share, 3),
+                "runqueue_wait_cpus": None if last is None else round(last.wait_cpus, 2),
+                "throttled_share": None if last is None else round(last.throttled_share, 3),
+                "idle_cpus": None if last is None or last.idle_cpus is None else round(last.idle_cpus, 2),
+                "changes": self.changes, "probes": self.policy.probes}

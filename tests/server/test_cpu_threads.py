@@ -122,4 +122,4 @@ def test_a_server_at_its_default_follows_the_load(default_model_dir):
         cpu = httpx.get(srv.url + "/health", timeout=10).json()["cpu"]
         assert cpu["follows_load"] is True and cpu["threads_max"] == budget
         assert 1 <= cpu["threads"] <= budget
-        assert cpu["others_cpus"] is None or cpu["others_cpus"] >= 0
+        assert cpu["runqueue_delay_share"] is None or 0 <= cpu["runqueue_delay_share"] <= 1

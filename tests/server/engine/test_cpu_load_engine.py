@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 from quantserve.server.engine import SamplingParams
-from quantserve.server.engine.cpu_load import UP_BELOW
+from quantserve.server.engine.cpu_load import PROBE_IDLE
 
 from .conftest import run
 from .helpers import started
@@ -52,7 +52,7 @@ def test_busy_core_lowers_threads_and_idle_raises_them(smollm):
 
             load = asyncio.create_task(keep_generating())
             try:
-                if not await _wait_for(engine, lambda r: r is not None and r["others_cpus"] is not None
+                if not await _wait_for(engine, lambda r: r is not None and r["runqueue_delay_share"] is not None
                                        and r["threads"] == 2, 20):
                     pytest.skip(f"the machine is busy before the test starts: {engine.cpu_load_report()}")
                 # On one of our CPUs, at our nice value: a niced test run makes a niced loop that
@@ -65,13 +65,12 @@ def test_busy_core_lowers_threads_and_idle_raises_them(smollm):
                 dropped = await _wait_for(engine, lambda r: r["threads"] == 1, 10)
                 report = engine.cpu_load_report()
                 assert dropped, f"no fewer threads with a busy core: {report}"
-                assert report["others_cpus"] >= 0.4
                 busy.kill()
                 busy.wait()
                 busy = None
                 back = await _wait_for(engine, lambda r: r["threads"] == 2, 30)
                 report = engine.cpu_load_report()
-                if not back and report["others_cpus"] >= UP_BELOW:
+                if not back and (report["idle_cpus"] or 0.0) < PROBE_IDLE:
                     # Right to stay down: another process took the core meanwhile (a shared
                     # machine); the unit tests check what counts as the others' use.
                     pytest.skip(f"other processes kept a core busy after the loop stopped: {report}")
