@@ -18,9 +18,11 @@ would set `needs_hidden_states` and read the target's last hidden rows, which th
 over after each step (not built yet).
 
 The adaptive rule (`SpecDecoder.plan`), per step and per sequence. The cost of a step with T rows
-is modelled as 1 + c (T - 1) single-row steps (c = `row_cost`: measured 0.12 for the fused CPU
-step of the default model, 7.1 ms for 1 row, 10.4 ms for 5, 13.7 ms for 8; 0.02 on a GPU, where a
-few more rows are nearly free). With B sequences running, a plain step yields B / (1 + c (B - 1))
+is modelled as 1 + c (T - 1) single-row steps (c = `row_cost`, 0.2 on a CPU: on the 2-core dev
+machine the default model's fused step took 7.1 ms for 1 row, 10.4 ms for 5 and 13.7 ms for 8 with
+one logit row (c = 0.12), and a verify step, which computes the 49k-token head for every row,
+7.4 ms for 1 row and 17.2 ms for 6 (c = 0.26); 0.02 on a GPU, where a few more rows are nearly
+free). With B sequences running, a plain step yields B / (1 + c (B - 1))
 tokens per unit of cost. Giving a sequence d drafts costs c d more and yields E(d) = a + a^2 + ...
 + a^d more tokens in expectation, a being its estimated acceptance rate per draft token (an
 exponential moving average, starting at `initial_acceptance`). A sequence gets the largest d <= k
@@ -234,7 +236,7 @@ class SpecDecoder:
 
 def default_row_cost(device_type: str) -> float:
     """c of the adaptive rule: the cost of one more row in a step, in single-row steps."""
-    return 0.12 if device_type == "cpu" else 0.02
+    return 0.2 if device_type == "cpu" else 0.02
 
 
 def build_spec_decoder(config: Any, runner: Any, draft_model: Any = None) -> Optional[SpecDecoder]:
