@@ -79,13 +79,10 @@ class Registry:
             except asyncio.CancelledError:
                 raise
             except APIError as exc:
-                if self.catalog.single:
-                    self._fail(exc.message)
+                if self.catalog.single:  # the loader's own words (a one-model server's exit line), else ours
+                    self._fail(entry.error or exc.message)
                     return
                 logger.error("model '%s' was not loaded at startup: %s", entry.name, exc.message)
-            if self.catalog.single and entry.state == "error":
-                self._fail(entry.error or "loading the model failed")
-                return
         if self.state == "loading":
             self.state = "ready"
         self._keeper = asyncio.create_task(self._keep())

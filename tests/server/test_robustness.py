@@ -216,7 +216,7 @@ import threading
 import quantserve.server.serve as serve
 from quantserve.server.cli import main
 
-serve.load_served_model = lambda settings: threading.Event().wait()
+serve.load_served_model = lambda *args, **kwargs: threading.Event().wait()
 sys.exit(main(["serve", *sys.argv[1:]]))
 """
 
