@@ -365,7 +365,8 @@ class Registry:
             self._keeper_wake.clear()
 
     def health(self) -> tuple[bool, str]:
-        """(serving, reason). A one-model server serves only while its model does; a registry of
+        """(serving, reason). A one-model server serves while its model's engine lives (unloaded by
+        POST /models/unload or its keep_alive, it loads again on the next request); a registry of
         several serves while it runs (each model's state is in /v1/models)."""
         if self.state != "ready":
             return False, self.error or self.state
@@ -374,9 +375,9 @@ class Registry:
                 alive, error = served.engine.health()
                 if not alive:
                     return False, f"engine for '{served.name}' stopped: {error}"
-            if not self.models():
-                entry = next(iter(self._entries.values()))
-                return False, entry.error or f"model '{entry.name}' is {entry.state}"
+            entry = next(iter(self._entries.values()))
+            if entry.state == "error":
+                return False, entry.error or "loading the model failed"
         return True, "ok"
 
 
