@@ -241,5 +241,11 @@ def test_greedy_text_equals_a_one_model_server(server, models_dir, model):
     root, _ = models_dir
     with start_server(str(root / model), "--kv-cache-memory", "0.05", *ONE_THREAD) as single:
         expected = _complete(single, str(root / model), max_tokens=16).json()["choices"][0]["text"]
+        if model == "qwen3":  # a one-model server whose model is unloaded stays up and loads it again
+            with _http(single) as http:
+                assert http.post("/models/unload", json={"model": str(root / model)}).status_code == 200
+                assert http.get("/health").status_code == 200
+            again = _complete(single, str(root / model), max_tokens=16).json()["choices"][0]["text"]
+            assert again == expected and _loads(single, str(root / model)) == 2
     got = _complete(server, model, max_tokens=16).json()["choices"][0]["text"]
     assert got == expected and got
