@@ -42,9 +42,25 @@ def highest():
     torch.set_float32_matmul_precision("highest")
 
 
+def _check_blocks_after_each_step(engine) -> None:
+    """After every step, each running sequence holds exactly the blocks its computed tokens need,
+    as in the plain engine (the drafts' extra blocks rolled back)."""
+    postprocess = engine.scheduler.postprocess
+    bm = engine.block_manager
+
+    def checked(batch, sampled):
+        updated = postprocess(batch, sampled)
+        for seq in engine.scheduler.running:
+            assert len(seq.block_table) == bm.blocks_needed(seq.num_computed_tokens), seq
+        return updated
+
+    engine.scheduler.postprocess = checked
+
+
 async def _generate(model, tokenizer, prompts, params, spec=None, stagger=0.02, **config):
     engine = await started(model, tokenizer, **{"kv_cache_dtype": "float32", "num_kv_blocks": 512,
                                                  "speculative_config": spec, **config})
+    _check_blocks_after_each_step(engine)
     try:
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
