@@ -212,3 +212,25 @@ def test_greedy_verification_accepts_the_argmax_prefix():
     seq = _seqs(1, SamplingParams(temperature=0, repetition_penalty=1.5), [5])[0]  # the general path
     assert sampler.verify(logits[:2], [seq], [1])[0] == [[2]]
     assert math.isfinite(float(logits.sum()))
+
+
+def test_grammar_cuts_the_drafts_it_refuses(default_model_dir):
+    """Drafts for a constrained sequence stop at the first token its grammar would refuse
+    (GrammarBank.accepted_prefix), and the matcher is left where it was."""
+    from transformers import AutoTokenizer
+
+    from quantserve.server.engine.grammar import GrammarCompiler, StructuredOutput
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    compiler = GrammarCompiler(tokenizer, len(tokenizer), {tokenizer.eos_token_id})
+    sampler = Sampler(torch.device("cpu"))
+    sampler.use_grammars(compiler)
+    spec = StructuredOutput("regex", "[0-9]{1,6}-[a-z]{1,6}")
+    seq = Sequence("r", [1, 2, 3], SamplingParams(temperature=0, structured=spec, max_tokens=20))
+    digits = [tokenizer.convert_tokens_to_ids(c) for c in "12"]
+    dash, letter = tokenizer.convert_tokens_to_ids("-"), tokenizer.convert_tokens_to_ids("a")
+    bank = sampler.grammars
+    assert bank.accepted_prefix(seq, digits + [dash, letter]) == 4
+    assert bank.accepted_prefix(seq, digits + [letter, dash]) == 2  # a letter before the dash: refused
+    seq.append_token(digits[0])
+    assert bank.accepted_prefix(seq, [dash, dash]) == 1  # the matcher followed the sequence, not the drafts
