@@ -62,11 +62,15 @@ async def in_daemon_thread(fn: Callable[[], Any], name: str, background: bool = 
 
 
 def _lower_this_thread() -> None:
-    """Nice 19 and one compute thread for the calling thread (see _in_daemon_thread)."""
+    """The lowest CPU priority and one compute thread for the calling thread (see in_daemon_thread)."""
     import torch
 
+    tid = threading.get_native_id()
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        os.setpriority(os.PRIO_PROCESS, tid, 19)
+        # SCHED_IDLE: runs only on a core nothing else of normal priority wants (a nice-19 thread
+        # still gets slices beside the device worker's OpenMP threads, and each one stalls a region).
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
     except (OSError, AttributeError):
         pass
     torch.set_num_threads(1)

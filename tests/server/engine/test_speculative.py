@@ -86,8 +86,10 @@ def test_ngram_greedy_equals_plain_engine(smollm, highest, forward):
     for i, (a, b) in enumerate(zip(plain, spec)):
         assert b.token_ids == a.token_ids, f"request {i}"
         assert b.text == a.text and b.finish_reason == a.finish_reason, f"request {i}"
-    # Both branches were taken: drafts accepted, and drafts rejected (rolled back).
-    assert stats["num_accepted_tokens"] > 20, stats
+    # Both branches were taken: drafts accepted, and drafts rejected (rolled back). (How many drafts
+    # are made depends on the batches the staggered arrivals form, so on the machine's speed: a
+    # clean-clone run on a loaded 2-core machine saw 27 drafted, 13 accepted.)
+    assert stats["num_accepted_tokens"] >= 5, stats
     assert stats["num_draft_tokens"] > stats["num_accepted_tokens"], stats
 
 
