@@ -496,3 +496,47 @@ def test_chat_with_an_unloaded_model_loads_it(browser, models_server):
         assert page.errors == []
     finally:
         page.close()
+
+
+# ------------------------------------------------------------------ speculative decoding
+
+def test_speculation_line_matches_the_servers_counters(browser):
+    """A server with n-gram speculation: after a copy-heavy chat the Live panel's line gives the
+    verifications, the draft tokens accepted of those drafted and the acceptance by position, as
+    /metrics has them (parsed here in Python); a server without speculation shows no such line."""
+    import re
+
+    config = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}'
+    text = "alpha, beta, gamma, delta, epsilon, zeta, eta, theta, iota, kappa"
+    with start_server("--speculative-config", config) as srv:
+        srv.client().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Repeat exactly: {text}. Again: {text}."}],
+            temperature=0, max_tokens=48)
+        page = Page(browser, srv, API_KEY)
+        _ready(page)
+        page.wait("!document.getElementById('spec').hidden")
+        shown = page.js("document.getElementById('spec').textContent")
+        lines = httpx.get(srv.url + "/metrics", timeout=30).text.splitlines()
+
+        def value(name: str) -> float:
+            return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{"))
+
+        drafts, drafted = value("vllm:spec_decode_num_drafts_total"), value("vllm:spec_decode_num_draft_tokens_total")
+        accepted = value("vllm:spec_decode_num_accepted_tokens_total")
+        per_pos = sorted((int(re.search(r'position="(\d+)"', line)[1]), float(line.rsplit(" ", 1)[1]))
+                         for line in lines if line.startswith("vllm:spec_decode_num_accepted_tokens_per_pos_total{"))
+        assert drafts > 0 and drafted >= accepted > 0
+        expected = (f"Speculative decoding: {drafts:.0f} verifications, {accepted:.0f} of {drafted:.0f} draft tokens "
+                    f"accepted ({100 * accepted / drafted:.0f}%)")
+        assert shown.startswith(expected), (shown, expected)
+        assert shown.endswith(", ".join(f"{100 * n / drafts:.0f}%" for _, n in per_pos))
+        assert page.errors == []
+        page.close()
+
+
+def test_no_speculation_line_without_it(open_page):
+    page = open_page()
+    _ready(page)
+    page.wait("window.quantserveConsole.live.previous !== null")
+    assert page.js("document.getElementById('spec').hidden") is True
+    assert page.errors == []

@@ -28,6 +28,31 @@ function total(samples, name, model) {
     .reduce((sum, s) => sum + s.value, 0);
 }
 
+// Speculative decoding (vLLM's counters), shown only for a model that speculates: verifications,
+// draft tokens accepted, and the acceptance at each draft position (accepted there / verifications).
+export function speculation(samples, model) {
+  const mine = (s) => !model || !s.labels.model_name || s.labels.model_name === model;
+  if (!samples.some((s) => s.name === "vllm:spec_decode_num_drafts_total" && mine(s))) return null;
+  const drafts = total(samples, "vllm:spec_decode_num_drafts_total", model);
+  const drafted = total(samples, "vllm:spec_decode_num_draft_tokens_total", model);
+  const accepted = total(samples, "vllm:spec_decode_num_accepted_tokens_total", model);
+  const positions = samples
+    .filter((s) => s.name === "vllm:spec_decode_num_accepted_tokens_per_pos_total" && mine(s))
+    .sort((a, b) => Number(a.labels.position) - Number(b.labels.position))
+    .map((s) => (drafts ? s.value / drafts : 0));
+  return { drafts, drafted, accepted, positions };
+}
+
+function renderSpeculation(el, spec) {
+  el.hidden = spec === null;
+  if (spec === null) return;
+  const pct = (v) => `${(100 * v).toFixed(0)}%`;
+  const rate = spec.drafted ? ` (${pct(spec.accepted / spec.drafted)})` : "";
+  const byPosition = spec.positions.length ? `; accepted by draft position: ${spec.positions.map(pct).join(", ")}` : "";
+  el.textContent = `Speculative decoding: ${spec.drafts} verifications, ${spec.accepted} of ${spec.drafted} draft ` +
+    `tokens accepted${rate}${byPosition}`;
+}
+
 export class Live {
   constructor({ model, onAuthError, onStatus, onRecover }) {
     this.model = model; // () => the base model whose figures to show
@@ -108,6 +133,7 @@ export class Live {
       total(samples, "vllm:num_requests_waiting", model),
     ]);
     this.charts.latency.push(t, [mean("ttftSum", "ttftCount"), mean("itlSum", "itlCount")]);
+    renderSpeculation(document.getElementById("spec"), speculation(samples, model));
     const served = memory.models.find((m) => m.model === model) || memory.models[0];
     this.charts.kv.push(t, [served ? served.kv_cache.blocks_used : null]);
     renderMemory(document.getElementById("memory"), memory, served);
