@@ -98,3 +98,16 @@ def test_durations():
         with pytest.raises(ValueError, match="not a duration"):
             parse_duration(bad)
     assert Settings(keep_alive="2m").keep_alive == 120.0
+
+
+def test_speculation_is_set_per_model(tmp_path):
+    """The flag's speculative config is every model's default; a models-config entry sets its own
+    or none (a draft model must share its target's tokenizer)."""
+    config = tmp_path / "models.yaml"
+    config.write_text("a:\n  model: /m/a\n  speculative_config: {method: ngram, num_speculative_tokens: 4}\n"
+                      "b:\n  model: /m/b\n  speculative_config: null\nc:\n  model: /m/c\n")
+    flag = '{"method": "ngram", "num_speculative_tokens": 2}'
+    specs = {s.name: s.settings.speculative_config for s in
+             build_catalog(Settings(models_config=str(config), speculative_config=flag)).specs}
+    assert specs["a"].num_speculative_tokens == 4 and specs["b"] is None
+    assert specs["c"].num_speculative_tokens == 2
