@@ -236,7 +236,8 @@ def test_unloading_a_busy_model_is_refused(server):
     assert busy.status_code == 409 and "in flight" in busy.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("model", ["qwen3", "smol"])
+# smol (the default model, 16 s for its own one-model server) with -m slow; qwen3 in every run.
+@pytest.mark.parametrize("model", ["qwen3", pytest.param("smol", marks=pytest.mark.slow)])
 def test_greedy_text_equals_a_one_model_server(server, models_dir, model):
     root, _ = models_dir
     with start_server(str(root / model), "--kv-cache-memory", "0.05", *ONE_THREAD) as single:

@@ -26,6 +26,10 @@ from typing import Iterator, Optional
 import pytest
 from quantserve.server.engine.cpu_load import PROBE_IDLE
 
+# Real neighbours and a 1.5 s deadline: on a shared CI machine a timing test like this one flakes
+# (a clean-clone run saw the niced loop go unnoticed for 1.5 s), so it runs with -m slow.
+pytestmark = pytest.mark.slow
+
 CHILD = Path(__file__).with_name("cpu_load_child.py")
 BENCH = Path(__file__).resolve().parents[3] / "bench"
 DROP_WITHIN = 1.5  # seconds from the neighbour's start to one thread
