@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from .engine import family_models as fm
-from .serving import API_KEY, start_server
+from .serving import start_server
 
 TINY = ("qwen3", "llama3", "mistral")
 PROMPT = "The three primary colours are"
