@@ -52,12 +52,9 @@ def main() -> int:
     url = server.url
     stop = threading.Event()
     try:
-        try:
-            server.wait_ready()
-        except (ServerExited, TimeoutError) as exc:
-            print(exc, file=sys.stderr)
+        model = served_model(server)
+        if model is None:
             return 2
-        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
 
         def load() -> None:  # one stream after another, so the engine keeps stepping
             body = {"model": model, "prompt": "Once upon a time", "max_tokens": 64, "ignore_eos": True}
@@ -100,6 +97,16 @@ NEIGHBOURS = {
 }
 
 
+def served_model(server: ServerProcess) -> "str | None":
+    """The model id of `server` once it is ready; None (the reason printed) if it never was."""
+    try:
+        server.wait_ready()
+    except (ServerExited, TimeoutError) as exc:
+        print(exc, file=sys.stderr)
+        return None
+    return httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
+
+
 def neighbours(args: argparse.Namespace) -> int:
     """Idle / niced in another session / plain, at each of --streams, against one server."""
     from peers import closed_loop, machine_line, make_text_prompts  # bench/peers.py: the same load
@@ -110,12 +117,9 @@ def neighbours(args: argparse.Namespace) -> int:
           f"python bench/busy_core.py {' '.join(sys.argv[1:])}\n# server log: {server.log}", flush=True)
     results: dict[tuple[str, int], dict] = {}
     try:
-        try:
-            server.wait_ready()
-        except (ServerExited, TimeoutError) as exc:
-            print(exc, file=sys.stderr)
+        model = served_model(server)
+        if model is None:
             return 2
-        model = httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
         asyncio.run(closed_loop(server.url, model, prompts, 1, 1, 4, 120))  # warm-up
         for label, neighbour in NEIGHBOURS.items():
             for c in args.streams:

@@ -34,7 +34,7 @@ def main() -> int:
     hold()
     import torch
 
-    from quantserve.server.api.load_thread import BACKGROUND_SWITCH_INTERVAL, _lower_this_thread
+    from quantserve.server.api.load_thread import BACKGROUND_SWITCH_INTERVAL, lower_this_thread
     from quantserve.server.config import Settings
     from quantserve.server.engine.sequence import SamplingParams
     from quantserve.server.loading.default_model import default_model_folder
@@ -47,7 +47,7 @@ def main() -> int:
 
     def background(work):
         def run() -> None:
-            _lower_this_thread()
+            lower_this_thread()
             sys.setswitchinterval(BACKGROUND_SWITCH_INTERVAL)
             while not stop.is_set():
                 work()

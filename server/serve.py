@@ -178,6 +178,7 @@ def build_registry(settings: Settings) -> Any:
         logger.info("models' memory budget: %s (%s)", "none" if budget is None else f"{budget / 2**30:.2f} GiB",
                     source)
     slots = settings.models_max or len(catalog.specs)
+    shares: dict[str, Settings] = {}
 
     def settings_for(spec: Any) -> Settings:
         """A model's settings, with its KV cache share on a GPU shared by several models: an
@@ -189,11 +190,14 @@ def build_registry(settings: Settings) -> Any:
         device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if catalog.single or budget is None or s.kv_cache_memory is not None or not device.startswith("cuda"):
             return s
+        if spec.name in shares:  # priced once: the estimator and the loader both ask
+            return shares[spec.name]
         probe = estimate_for_settings(s.model_copy(update={"kv_cache_memory": 1 / 1024}))
         share = max(budget / slots - probe.weight_bytes - probe.activation_reserve_bytes, 2**28)
         logger.info("model '%s': KV cache %.2f GiB (its share of %.2f GiB over %d models)", spec.name, share / 2**30,
                     budget / 2**30, slots)
-        return s.model_copy(update={"kv_cache_memory": share / 2**30})
+        shares[spec.name] = s.model_copy(update={"kv_cache_memory": share / 2**30})
+        return shares[spec.name]
 
     def estimator(spec: Any) -> ModelCost:
         est = estimate_for_settings(settings_for(spec))

@@ -37,7 +37,7 @@ async def in_daemon_thread(fn: Callable[[], Any], name: str, background: bool = 
         threads, switch = torch.get_num_threads(), sys.getswitchinterval()
         try:
             if background:
-                _lower_this_thread()
+                lower_this_thread()
                 # A loader running Python holds the GIL for up to the switch interval (5 ms) each
                 # time the device worker or the event loop asks for it, many times a step: asked
                 # to hand it over ten times sooner, it delays them ten times less.
@@ -61,7 +61,7 @@ async def in_daemon_thread(fn: Callable[[], Any], name: str, background: bool = 
     return await future
 
 
-def _lower_this_thread() -> None:
+def lower_this_thread() -> None:
     """The lowest CPU priority and one compute thread for the calling thread (see in_daemon_thread)."""
     import torch
 

@@ -145,14 +145,10 @@ class Registry:
         return [e.served for e in self._entries.values() if e.state == "loaded" and e.served is not None]
 
     def get(self, name: Optional[str]) -> ServedModel:
-        """A loaded model by name, without loading it (503 while it is not loaded)."""
+        """A loaded model (or the base of an adapter) by name, without loading it (503 while it is
+        not loaded)."""
         self.check_serving()
-        entry = self._default() if name is None else self._entries.get(name)
-        if entry is None:
-            for e in self._entries.values():
-                if e.served is not None and e.served.engine.loras.get(name) is not None:
-                    return e.served
-            raise model_not_found(name or "")
+        entry, _ = self._find(name)
         if entry.state != "loaded" or entry.served is None:
             raise self._not_loaded(entry)
         return entry.served
