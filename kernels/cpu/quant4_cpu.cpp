@@ -754,11 +754,14 @@ T512BF void bf16_direct(const GemmArgs& g, i64 m0, i64 n0) {
 // for one sequential stream. NF4 GEMV, GB/s of weight + absmax, old (bf16_direct<1, 8>) -> this,
 // alternating builds, best of 9: 2 threads 6144x2048 11.5-16.5 -> 20-23, 16384x2048 12-17 -> 20-25,
 // 2048x8192 14-18 -> 20, 3072x576 11-17 -> 16-21; one thread 2048x8192 is 12 -> 10, the others
-// gain 20-45%. A row's products and their order are bf16_direct's (one accumulator, al then ah
+// gain 20-45%. Interleaved calls of both builds in one process, 2 threads, time of this / the
+// interleaved walk: 0.76-0.79 for 2048-wide rows, 0.77-0.92 for 576 and 1536, 1.07 for 8192 (kept
+// interleaved above kRowsMaxK). A row's products and their order are bf16_direct's (one accumulator, al then ah
 // per 64 weights), so its result is the same bits whatever the number of rows (batch invariance).
 // Not for more activation rows: walking the weight rows one by one re-reads the activations for
 // each, and with 4 or 8 rows (bound by compute there) that measured 0-40% slower than bf16_direct.
 const i64 kRowsPrefetch = 2048;
+const i64 kRowsMaxK = 4096;
 
 template <int NT>
 T512BF void bf16_rows(const GemmArgs& g, i64 n0) {
@@ -826,7 +829,12 @@ T512BF void bf16_block_tile(const GemmArgs& g, i64 m0, i64 k0, i64 kl, const uin
 template <int NT>
 T512BF void bf16_group_512(const GemmArgs& g, i64 n0, void* scratch) {
     if constexpr (NT == 8) {
-        bf16_rows<8>(g, n0);  // used for M == 1 only
+        // used for M == 1 only; rows of 8192 (4 KB of weights, 16 KB of activations) measured 7%
+        // slower walked one by one than interleaved
+        if (g.K <= kRowsMaxK)
+            bf16_rows<8>(g, n0);
+        else
+            bf16_direct<1, 8>(g, 0, n0);
     } else if (g.M <= kDirectRowsBf16) {
         i64 m0 = 0;
         for (; m0 + 4 <= g.M; m0 += 4) bf16_direct<4, NT>(g, m0, n0);
