@@ -125,6 +125,7 @@ def load_served_model(settings: Settings, worker: Any = None, estimate: Any = No
     from .engine import AsyncEngine, EngineConfig
     from .loading.loader import load_for_serving
     from .loading.peak_memory import release_free_memory
+    from .api.load_thread import freeze_loaded_objects
     from .api.served_model import ServedModel
 
     settings = fit_to_memory(settings, estimate)
@@ -139,6 +140,7 @@ def load_served_model(settings: Settings, worker: Any = None, estimate: Any = No
         adapter = engine.loras.load(name, path, reserved=(settings.display_name(),))
         logger.info("LoRA adapter '%s' (rank %d, %s) from %s", name, adapter.rank, ", ".join(adapter.target_modules),
                     path)
+    freeze_loaded_objects()
     return ServedModel(
         name=settings.display_name(),
         engine=engine,
