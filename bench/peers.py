@@ -372,9 +372,8 @@ def _ratio(a: Optional[float], b: Optional[float]) -> str:
 
 def tables(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     cs = args.concurrency
-    mid, top = (16 if 16 in cs else cs[-1]), cs[-1]
-    head = ("| system | " + " | ".join(f"tok/s @{c}" for c in cs) + f" | TTFT p50 @{mid} / @{top} | ITL p50 @{cs[0]} "
-            f"| peak RSS |")
+    head = ("| system | " + " | ".join(f"tok/s @{c}" for c in cs) + " | TTFT p50 " + " / ".join(f"@{c}" for c in cs)
+            + f" | ITL p50 @{cs[0]} | peak RSS |")
     lines = [head, "|---|" + "---|" * (len(cs) + 3)]
 
     def get(system: str, mode: str, c: int, key: str, sub: Optional[str] = None) -> Optional[float]:
@@ -388,7 +387,7 @@ def tables(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
         r = results[system]
         tps = [f"{get(system, 'idle', c, 'tokens_per_s') or '–'}{' (cut)' if get(system, 'idle', c, 'cut') else ''}"
                for c in cs]
-        ttft = f"{_ms(get(system, 'idle', mid, 'ttft_s', 'p50'))} / {_ms(get(system, 'idle', top, 'ttft_s', 'p50'))}"
+        ttft = " / ".join(_ms(get(system, "idle", c, "ttft_s", "p50")) for c in cs)
         itl = get(system, "idle", cs[0], "itl_ms", "p50")
         rss = r.get("peak_rss_bytes")
         lines.append(f"| {system} | " + " | ".join(tps) + f" | {ttft} | {itl if itl is not None else '–'} ms | "
@@ -396,8 +395,8 @@ def tables(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     if len(results) == 2 and all(results.values()):
         ours, theirs = "quantserve", "llama-server"
         cells = [_ratio(get(ours, "idle", c, "tokens_per_s"), get(theirs, "idle", c, "tokens_per_s")) for c in cs]
-        ttft = (f"{_ratio(get(ours, 'idle', mid, 'ttft_s', 'p50'), get(theirs, 'idle', mid, 'ttft_s', 'p50'))} / "
-                f"{_ratio(get(ours, 'idle', top, 'ttft_s', 'p50'), get(theirs, 'idle', top, 'ttft_s', 'p50'))}")
+        ttft = " / ".join(_ratio(get(ours, "idle", c, "ttft_s", "p50"), get(theirs, "idle", c, "ttft_s", "p50"))
+                          for c in cs)
         itl = _ratio(get(ours, "idle", cs[0], "itl_ms", "p50"), get(theirs, "idle", cs[0], "itl_ms", "p50"))
         rss = _ratio(results[ours].get("peak_rss_bytes"), results[theirs].get("peak_rss_bytes"))
         lines.append("| ours / theirs | " + " | ".join(cells) + f" | {ttft} | {itl} | {rss} |")
