@@ -133,11 +133,15 @@ class Contention:
     compute_threads: int
 
 
-def contention(before: Reading, after: Reading, engine_tid: int, threads: int) -> Optional[Contention]:
+def contention(before: Reading, after: Reading, engine_tid: int, threads: int,
+               never_compute: frozenset[int] = frozenset()) -> Optional[Contention]:
     """Pure: the window between two readings, `threads` being the count computed with in it. The
     waiting is per second of the engine thread's busy time (on a CPU or waiting for one), not of
     wall time: a window in which the engine slept between requests is neither diluted nor stale.
-    None when the engine thread was busy for less than MIN_BUSY_NS (nothing to judge)."""
+    None when the engine thread was busy for less than MIN_BUSY_NS (nothing to judge).
+    never_compute: threads of ours that are never compute threads however busy (the HTTP event
+    loop: streaming 16 answers keeps it runnable over half the time, and its queueing behind our own
+    OpenMP threads is our own use of the cores, not a core taken from us)."""
     deltas = {tid: (run - before.tasks.get(tid, (0, 0))[0], wait - before.tasks.get(tid, (0, 0))[1])
               for tid, (run, wait) in after.tasks.items()}
     engine = deltas.get(engine_tid, (0, 0))
@@ -145,7 +149,8 @@ def contention(before: Reading, after: Reading, engine_tid: int, threads: int) -
     if busy < MIN_BUSY_NS:
         return None
     wall = max(busy, after.time_ns - before.time_ns)
-    compute = {tid for tid, (run, wait) in deltas.items() if tid == engine_tid or run + wait >= COMPUTE_SHARE * busy}
+    compute = {tid for tid, (run, wait) in deltas.items()
+               if tid == engine_tid or (run + wait >= COMPUTE_SHARE * busy and tid not in never_compute)}
     waited = sum(deltas[t][1] for t in compute)
     ran = sum(deltas[t][0] for t in compute)
     others_ran = sum(run for tid, (run, _) in deltas.items() if tid not in compute)
@@ -306,7 +311,9 @@ class CpuLoadFollower:
                            "stays %d", engine_tid, self.threads)
             return
         before, self._reading = self._reading, reading
-        window = None if before is None else contention(before, reading, engine_tid, self.policy.threads)
+        # The main thread runs the HTTP event loop (uvicorn) unless it is the engine thread itself.
+        loop = frozenset({os.getpid()} - {engine_tid})
+        window = None if before is None else contention(before, reading, engine_tid, self.policy.threads, loop)
         if window is None:
             return
         self.last = window

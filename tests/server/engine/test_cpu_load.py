@@ -79,6 +79,18 @@ def test_our_own_other_threads_running_is_not_a_core_taken():
     assert window.wait_cpus == pytest.approx(0.0)
 
 
+def test_a_busy_http_loop_is_never_a_compute_thread():
+    # Streaming 16 answers, the HTTP loop (tid 7) ran 0.5 s and queued 0.3 s behind our two compute
+    # threads, which each waited 0.25 s behind it: all our own use of the two cores.
+    before = reading(0, {ENGINE: (0, 0), 101: (0, 0), 7: (0, 0)})
+    after = reading(1, {ENGINE: (0.75, 0.25), 101: (0.75, 0.25), 7: (0.5, 0.3)})
+    judged_by_time = contention(before, after, ENGINE, threads=2)
+    assert judged_by_time.compute_threads == 3 and judged_by_time.lost_cpus >= 0.4  # would give a core up
+    window = contention(before, after, ENGINE, threads=2, never_compute=frozenset({7}))
+    assert window.compute_threads == 2 and window.lost_cpus == pytest.approx(0.0)
+    assert contention(before, after, ENGINE, threads=2, never_compute=frozenset({ENGINE})).compute_threads == 3
+
+
 def test_a_thread_new_in_the_window_counts_from_zero_and_an_ended_one_is_dropped():
     before = reading(0, {ENGINE: (5, 1), 55: (3, 3)})  # 55 ends in the window
     after = reading(1, {ENGINE: (5.6, 1.4), 102: (0.5, 0.4)})  # 102 is an OpenMP worker started in it
