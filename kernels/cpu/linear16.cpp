@@ -57,16 +57,9 @@ T512 void rows_exact(const float* x, i64 T, i64 K, const uint16_t* w, i64 v0, i6
     });
 }
 
-// As rows_exact, with x already rounded to bf16 (rows of Kp). One row of x (decode at one stream)
-// takes the weight rows one after another, one sequential stream of bytes: interleaving 4 rows
-// read at a K stride measured slower on a 2-core AMD EPYC (see quant4_cpu.cpp's bf16_rows); an
-// output's operations are the same in either order (batch invariance holds).
+// As rows_exact, with x already rounded to bf16 (rows of Kp).
 T512BF void rows_bf16(const uint16_t* xb, i64 Kp, i64 T, i64 K, const uint16_t* w, i64 v0, i64 v1, const float* bias,
                       float* out, i64 V) {
-    if (T == 1) {
-        for (i64 v = v0; v < v1; ++v) tile_bf16<1, 1>(xb, Kp, K, w, v, bias, out, V);
-        return;
-    }
     sweep_tiles(T, v0, v1, [&](auto tr, auto vr, i64 t, i64 v) {
         tile_bf16<decltype(tr)::value, decltype(vr)::value>(xb + t * Kp, Kp, K, w, v, bias, out + t * V, V);
     });
