@@ -22,7 +22,8 @@ in CPUs, `busy` being the engine thread's own time on a CPU or waiting for one i
 a window in which the engine slept between requests is not diluted), `throttled` the cgroup
 cpu.stat throttled time along our cgroup path (a quota stops all our threads at once). Compute threads are the engine thread (the one that calls `maybe_update`) and the
 threads that were runnable at least half as long as it was in the window: its OpenMP workers,
-which spin-wait between regions and so are runnable whenever it is. With threads == the cores we
+which spin-wait between regions and so are runnable whenever it is. The main thread (the HTTP
+event loop) is never one, however busy streaming keeps it. With threads == the cores we
 get, `lost` is ~0; with one more thread than that, our own threads queue behind each other and
 the neighbour, which is exactly the signal.
 
