@@ -4,6 +4,7 @@ lowest priority while other models serve."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import gc
 import os
 import sys
@@ -83,9 +84,18 @@ def freeze_loaded_objects() -> None:
     full (generation 2) collection while serving walks all of them with the GIL held, every stream
     waiting: 8 full collections of up to 232 ms each in one default-model engine benchmark run.
     Frozen, they are skipped (vLLM freezes after startup too); freeing by reference count still
-    works, and an unload unfreezes first so that the model's cycles are collected."""
+    works, and an unload unfreezes first so that the model's cycles are collected. At exit they
+    are unfrozen again: the interpreter's last collection then frees them as before (frozen, the
+    native extensions' objects among them are reported as leaks, nanobind's on stderr)."""
     gc.collect()
     gc.freeze()
+    global _unfreeze_at_exit
+    if not _unfreeze_at_exit:
+        atexit.register(gc.unfreeze)
+        _unfreeze_at_exit = True
+
+
+_unfreeze_at_exit = False
 
 
 def give_back_memory() -> None:
