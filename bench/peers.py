@@ -327,7 +327,10 @@ def _run_cell(name: str, server: Server, model: str, prompts: list[str], c: int,
                                           args.max_seconds))
         except httpx.TransportError as exc:
             print(f"{name} {mode} c={c}: {exc!r} (attempt {attempt})", file=sys.stderr, flush=True)
-            asyncio.run(_warm_up(server.url, model))
+            try:
+                asyncio.run(_warm_up(server.url, model))
+            except httpx.TransportError:
+                return None  # not answering at all: the exit status is printed when it is stopped
             continue
         _print_run(name, mode, c, res)
         if res["cut"]:
