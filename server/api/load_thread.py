@@ -89,13 +89,9 @@ def freeze_loaded_objects() -> None:
     native extensions' objects among them are reported as leaks, nanobind's on stderr)."""
     gc.collect()
     gc.freeze()
-    global _unfreeze_at_exit
-    if not _unfreeze_at_exit:
-        atexit.register(gc.unfreeze)
-        _unfreeze_at_exit = True
 
 
-_unfreeze_at_exit = False
+atexit.register(gc.unfreeze)  # see freeze_loaded_objects; a no-op when nothing was frozen
 
 
 def give_back_memory() -> None:
